@@ -1,0 +1,85 @@
+"""PILL's configuration: which trainable modules exist, how they are initialised, and which stage trains them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+AdapterAct = Literal["swiglu", "gelu", "none"]
+AttnBackend = Literal["eager", "sdpa", "triton"]
+AdapterBackend = Literal["eager", "triton"]
+
+
+@dataclass
+class PILLConfig:
+    """Everything PILL adds to a frozen Llama-family LLM. Defaults reproduce the paper (PILL_SPEC.md)."""
+
+    stage: int = 2
+    """1 = modality alignment (train P and every A_v, no gate); 2 = fine-tuning (P, A_v, A_t, A_attn, W_g)."""
+    rank: int = 32
+    """Bottleneck width r of every adapter."""
+    adapter_act: AdapterAct = "swiglu"
+    """Adapter activation (paper Table 3): swiglu = U(SiLU(D1 x) * D2 x); gelu = U(GELU(D1 x)); none = U(D1 x)."""
+    momae: bool = True
+    """Mixture of modality adapter experts: A_v for visual tokens, A_t for text. False = one shared FFN adapter."""
+    mag: bool = True
+    """Modality attention gate: tanh(W_g a) scales the values of visual tokens per head (applied in stage 2)."""
+    attn_adapter: bool = True
+    """Shared SwiGLU adapter in front of the attention projections (trained in stage 2)."""
+    num_query_tokens: int = 32
+    """K: visual tokens per image (BLIP-2's Q-former queries)."""
+    vpg_width: int = 768
+    """Width of the Q-former output that the projection P maps to d_model."""
+    invert_last_layer_routing: bool = True
+    """Reference-code quirk: in stage 1 the LAST layer routes text tokens to A_v and visual tokens to A_t, so
+    that A_v of the last layer gets a gradient (a visual token's last-layer output reaches no loss term)."""
+    attn_backend: AttnBackend = "sdpa"
+    """eager = plain PyTorch reference; sdpa = pre-gated values into scaled_dot_product_attention;
+    triton = kernels.gated_attention (gate applied inside the kernel)."""
+    adapter_backend: AdapterBackend = "eager"
+    """eager = PILL's reference formulation (every expert on every token, then select);
+    triton = kernels.routed_swiglu_adapter (each token computes only its own expert). swiglu only."""
+    projection_init_std: float = 0.02
+    adapter_init_std: float = 0.02
+    """Std of D2 (the linear branch); D1 keeps PyTorch's Linear init and U starts at zero."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError(f"PILLConfig.stage must be 1 or 2, got {self.stage!r}")
+        if self.rank < 1:
+            raise ValueError(f"PILLConfig.rank must be >= 1, got {self.rank}")
+        if self.adapter_act not in ("swiglu", "gelu", "none"):
+            raise ValueError(f"PILLConfig.adapter_act must be swiglu|gelu|none, got {self.adapter_act!r}")
+        if self.attn_backend not in ("eager", "sdpa", "triton"):
+            raise ValueError(f"PILLConfig.attn_backend must be eager|sdpa|triton, got {self.attn_backend!r}")
+        if self.adapter_backend not in ("eager", "triton"):
+            raise ValueError(f"PILLConfig.adapter_backend must be eager|triton, got {self.adapter_backend!r}")
+        if self.adapter_backend == "triton" and self.adapter_act != "swiglu":
+            raise ValueError("PILLConfig.adapter_backend='triton' fuses the SwiGLU adapter only; "
+                             f"adapter_act={self.adapter_act!r} needs adapter_backend='eager'")
+        if self.num_query_tokens < 1 or self.vpg_width < 1:
+            raise ValueError("PILLConfig.num_query_tokens and vpg_width must be >= 1")
+
+    @property
+    def gate_active(self) -> bool:
+        """MAG scales visual values only in stage 2 (stage 1 leaves them unscaled)."""
+        return self.mag and self.stage == 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PILLConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown PILLConfig field(s): {unknown}; known: {sorted(known)}")
+        return cls(**d)

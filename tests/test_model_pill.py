@@ -1,0 +1,191 @@
+"""PILL on a tiny random Llama: init equals the frozen LLM, backends agree, stages train exactly their set."""
+
+import pytest
+import torch
+
+from pipeline.model import PILLConfig, is_trainable, load_pill
+from pipeline.model.pill import PILL
+
+K, W = 8, 64  # the tiny VPG: 8 query tokens of width 64
+
+
+def make(dirs, vpg=True, **kw):
+    kw.setdefault("attn_backend", "eager")
+    cfg = PILLConfig(rank=8, num_query_tokens=K, vpg_width=W, **kw)
+    torch.manual_seed(1)
+    return load_pill(dirs["llm"], dirs["vpg"] if vpg else None, cfg, dtype=torch.float32)
+
+
+def randomize(model: PILL, seed=0):
+    """Every adapter/gate/projection weight random and non-zero, so no path hides behind a zero init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith(("llm.", "vpg.")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def batch_with_images(vocab, B=2, T=40, seed=0):
+    """Sample 0: two images at positions 3 and 20; sample 1: text only, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (B, T), generator=g)
+    mm = torch.zeros(B, T, dtype=torch.bool)
+    mm[0, 3:3 + K] = True
+    mm[0, 20:20 + K] = True
+    attn = torch.ones(B, T, dtype=torch.long)
+    attn[1, 30:] = 0
+    labels = torch.full_like(ids, -100)  # only the answer (the last tokens) is in the loss, as in real data
+    labels[0, 34:] = ids[0, 34:]
+    labels[1, 24:30] = ids[1, 24:30]
+    feats = torch.randn(2, K, W, generator=g)
+    return dict(input_ids=ids, modality_mask=mm, attention_mask=attn, labels=labels, image_features=feats)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_text_only_init_equals_frozen_llm(tiny_dirs, stage):
+    model = make(tiny_dirs, stage=stage)
+    ids = torch.randint(5, 400, (2, 33), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(ids).logits
+        ref = model.llm(ids).logits
+    torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
+
+
+def test_init_with_images_stage1_equals_llm_stage2_zero_gate(tiny_dirs):
+    m1 = make(tiny_dirs, stage=1)
+    b = batch_with_images(len(m1.tokenizer))
+    emb = m1.llm.get_input_embeddings()(b["input_ids"])
+    vis = m1.projection(b["image_features"]).reshape(-1, emb.shape[-1])
+    emb = emb.masked_scatter(b["modality_mask"].unsqueeze(-1), vis)
+    with torch.no_grad():
+        ours1 = m1(**{k: v for k, v in b.items() if k != "labels"}).logits
+        ref = m1.llm(inputs_embeds=emb).logits
+        torch.testing.assert_close(ours1, ref, rtol=0, atol=2e-5)
+
+        # Stage 2 at init: the zero gate multiplies every visual value row by 0 -- the same as the frozen LLM
+        # with v_proj's output zeroed at visual positions.
+        m1.set_stage(2)
+        m1.cfg.stage = 2
+        ours2 = m1(**{k: v for k, v in b.items() if k != "labels"}).logits
+        keep = (~b["modality_mask"]).unsqueeze(-1).float()
+        hooks = [layer.self_attn.v_proj.register_forward_hook(lambda mod, inp, out: out * keep)
+                 for layer in m1.llm.model.layers]
+        ref2 = m1.llm(inputs_embeds=emb).logits
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(ours2, ref2, rtol=0, atol=2e-5)
+    assert (ours2 - ours1).abs().max() > 1e-3, "the zero gate must change outputs after the first visual token"
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_eager_and_sdpa_agree_in_output_and_every_gradient(tiny_dirs, tiny_gqa_dirs, gqa, stage):
+    dirs = tiny_gqa_dirs if gqa else tiny_dirs
+    results = {}
+    for backend in ("eager", "sdpa"):
+        model = make(dirs, stage=stage, attn_backend=backend)
+        randomize(model)
+        b = batch_with_images(len(model.tokenizer))
+        out = model(**b)
+        out.loss.backward()
+        results[backend] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()})
+    (le, ge), (ls, gs) = results["eager"], results["sdpa"]
+    torch.testing.assert_close(ls, le, rtol=1e-4, atol=1e-5)
+    assert ge.keys() == gs.keys() and len(ge) > 0
+    for n in ge:
+        torch.testing.assert_close(gs[n], ge[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradients_reach_exactly_the_stage_set(tiny_dirs, stage):
+    model = make(tiny_dirs, stage=stage)
+    randomize(model)
+    b = batch_with_images(len(model.tokenizer))
+    model(**b).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    expected = {n for n, _ in model.named_parameters() if is_trainable(n, stage)}
+    assert {n for n, _ in model.trainable_parameters()} == expected
+    if stage == 2:
+        # A visual token's last-layer output reaches no loss term (answers come after the prompt), so the last
+        # A_v has no gradient in stage 2; stage 1 inverts the last layer's routing for exactly this reason.
+        last = len(model.blocks) - 1
+        expected = {n for n in expected if not n.startswith(f"blocks.{last}.adapter_v.")}
+    assert with_grad == expected, (sorted(expected - with_grad)[:5], sorted(with_grad - expected)[:5])
+    assert not any(n.startswith(("llm.", "vpg.")) for n in with_grad)
+    groups = {n.split(".")[2] for n in expected if n.startswith("blocks.")}
+    assert groups == ({"adapter_v"} if stage == 1 else {"adapter_v", "adapter_t", "attn_adapter", "gate"})
+
+
+def test_stage1_last_layer_routing_flag(tiny_dirs):
+    """With the flag off, stage 1 leaves the last layer's A_v without gradient (the reason the flag exists)."""
+    for flag, expect_grad in ((True, True), (False, False)):
+        model = make(tiny_dirs, stage=1, invert_last_layer_routing=flag)
+        randomize(model)
+        model(**batch_with_images(len(model.tokenizer))).loss.backward()
+        last = model.blocks[-1].adapter_v.u.weight.grad
+        assert (last is not None and last.abs().sum() > 0) == expect_grad
+
+
+def test_pixels_through_vpg_equal_precomputed_features(tiny_dirs):
+    model = make(tiny_dirs, stage=2)
+    randomize(model)
+    b = batch_with_images(len(model.tokenizer))
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    b.pop("image_features")
+    with torch.no_grad():
+        feats = model.vpg(pixels)
+        a = model(**b, pixel_values=pixels).logits
+        c = model(**b, image_features=feats).logits
+    assert feats.shape == (2, K, W)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+    model.train()
+    assert not model.vpg.training and not model.llm.training  # Q-former dropout stays off
+
+
+@pytest.mark.parametrize("variant", [dict(momae=False), dict(mag=False), dict(adapter_act="gelu"),
+                                     dict(adapter_act="none"), dict(attn_adapter=False)])
+def test_ablation_variants_run_and_keep_init_identity(tiny_dirs, variant):
+    model = make(tiny_dirs, stage=2, **variant)
+    ids = torch.randint(5, 400, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model.llm(ids).logits, rtol=0, atol=2e-5)
+    randomize(model)
+    model(**batch_with_images(len(model.tokenizer))).loss.backward()
+    names = {n.split(".")[2] for n, _ in model.trainable_parameters() if n.startswith("blocks.")}
+    assert ("adapter_ffn" in names) == (variant.get("momae") is False)
+    assert ("gate" in names) == variant.get("mag", True)
+    assert ("attn_adapter" in names) == variant.get("attn_adapter", True)
+
+
+def test_save_and_reload_trainables_only_bit_exact(tiny_dirs, tmp_path):
+    model = make(tiny_dirs, stage=2)
+    randomize(model, seed=7)
+    path = model.save_adapter(tmp_path / "export")
+    size = (path / "adapter_model.safetensors").stat().st_size
+    n_trainable = sum(p.numel() for _, p in model.trainable_parameters())
+    assert size < n_trainable * 4 + 64 * 1024  # trainables only, fp32, plus a small header
+    other = make(tiny_dirs, stage=2)
+    other.load_adapter(path)
+    for (n, p), (n2, p2) in zip(model.trainable_parameters(), other.trainable_parameters()):
+        assert n == n2 and torch.equal(p, p2), n
+    b = batch_with_images(len(model.tokenizer))
+    with torch.no_grad():
+        assert torch.equal(model(**b).logits, other(**b).logits)
+    # A stage-1 export loads into a stage-2 model (stage 2 starts from stage 1) and sets only P and A_v.
+    s1 = make(tiny_dirs, stage=1)
+    randomize(s1, seed=9)
+    s1.save_adapter(tmp_path / "s1")
+    fresh = make(tiny_dirs, stage=2)
+    before = fresh.blocks[0].attn_adapter.d1.weight.clone()
+    assert fresh.load_adapter(tmp_path / "s1")["pill_config"]["stage"] == 1
+    assert torch.equal(fresh.projection.weight, s1.projection.weight)
+    assert torch.equal(fresh.blocks[1].adapter_v.u.weight, s1.blocks[1].adapter_v.u.weight)
+    assert torch.equal(fresh.blocks[0].attn_adapter.d1.weight, before)
+
+
+def test_adapter_from_different_config_is_rejected(tiny_dirs, tmp_path):
+    model = make(tiny_dirs, stage=2)
+    model.save_adapter(tmp_path / "e")
+    other = make(tiny_dirs, stage=2, momae=False)
+    with pytest.raises(ValueError, match="missing=.*adapter_ffn"):
+        other.load_adapter(tmp_path / "e")
