@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.model import PILLConfig, VPG, load_pill
+from pipeline.model import VPG, PILLConfig, load_pill
 from pipeline.model.lavis import hf_to_lavis
 from pipeline.params import main as params_main
 

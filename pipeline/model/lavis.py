@@ -50,7 +50,8 @@ def _map_vit_key(key: str) -> str | None:
     m = re.match(r"blocks\.(\d+)\.(.*)", key)
     if not m:
         return None
-    rest = re.sub(r"^attn\.", "self_attn.", m.group(2).replace("norm1.", "layer_norm1.").replace("norm2.", "layer_norm2."))
+    rest = m.group(2).replace("norm1.", "layer_norm1.").replace("norm2.", "layer_norm2.")
+    rest = re.sub(r"^attn\.", "self_attn.", rest)
     rest = rest.replace("self_attn.proj.", "self_attn.projection.")
     return f"vision_model.encoder.layers.{m.group(1)}.{rest}"
 
@@ -117,7 +118,8 @@ def hf_to_lavis(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
         elif key.startswith("vision_model.post_layernorm."):
             qformer["ln_vision." + key.rsplit(".", 1)[1]] = t
         elif key.startswith("qformer."):
-            k = key.replace("qformer.layernorm", "Qformer.bert.embeddings.LayerNorm").replace("qformer.", "Qformer.bert.")
+            k = key.replace("qformer.layernorm", "Qformer.bert.embeddings.LayerNorm")
+            k = k.replace("qformer.", "Qformer.bert.")
             k = k.replace(".attention.attention.", ".attention.self.").replace(".crossattention.attention.",
                                                                                ".crossattention.self.")
             qformer[k] = t

@@ -13,8 +13,14 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import (Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    Blip2Config,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from pipeline.model.vpg import VPG
 

@@ -128,5 +128,6 @@ def _load_strict(vpg: VPG, state: dict[str, torch.Tensor], source: str) -> None:
                          f"({len(missing)} in all), unexpected={unexpected[:20]} ({len(unexpected)} in all)")
     bad = [k for k in state if tuple(state[k].shape) != tuple(expected[k].shape)]
     if bad:
-        raise ValueError(f"{source}: shape mismatch for {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in bad[:10]]}")
+        shapes = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in bad[:10]]
+        raise ValueError(f"{source}: shape mismatch (key, file, model): {shapes}")
     vpg.load_state_dict(state, strict=True)
