@@ -92,3 +92,12 @@ def test_params_cli_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "pipeline.params", "--llm-preset", "llama3-8b", "--stage", "2"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip().splitlines()[-1] == "trainable=45088768"  # GQA: W_g still maps d -> n_heads (query heads)
+
+
+def test_tiny_vpg_features_depend_on_the_image(tiny_dirs):
+    """The demo learns only what the random VPG passes on: different images must give different features."""
+    vpg = VPG.from_pretrained(tiny_dirs["vpg"])
+    red, blue = torch.zeros(1, 3, 224, 224), torch.zeros(1, 3, 224, 224)
+    red[:, 0], blue[:, 2] = 1.5, 1.5
+    f = vpg(torch.cat([red, blue]))
+    assert (f[0] - f[1]).abs().mean() > 0.1 * f.std()

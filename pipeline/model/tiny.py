@@ -24,6 +24,7 @@ from transformers import (
 
 from pipeline.model.vpg import VPG
 
+TINY_RECIPE_VERSION = 2  # bump when a tiny model's recipe changes, so cached directories are rebuilt
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 _CORPUS = [
     "[INST] <<SYS>>\nYou are a helpful assistant. Answer the question about the image.\n<</SYS>>\n\n",
@@ -75,11 +76,16 @@ def build_tiny_llm(out_dir: str | Path, tokenizer_dir: str | Path | None = None,
     return out_dir
 
 
-def tiny_vpg_config(width: int = 64, num_query_tokens: int = 8, patch_size: int = 32) -> Blip2Config:
+def tiny_vpg_config(width: int = 64, num_query_tokens: int = 8, patch_size: int = 16) -> Blip2Config:
+    # transformers' Blip2VisionConfig defaults to initializer_range=1e-10: a ViT built from it maps every image
+    # to (almost) the same features, so the tiny VPG sets 0.02 explicitly. The random Q-former gets 0.1: at 0.02
+    # its cross-attention adds a ~2% image-dependent part to the layer-normed queries (measured: a linear probe
+    # on the features cannot tell the shape's colour), at 0.1 the between-image std is ~0.6 and colour is 100%.
     vision = Blip2VisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                               num_attention_heads=4, image_size=224, patch_size=patch_size)
+                               num_attention_heads=4, image_size=224, patch_size=patch_size, initializer_range=0.02)
     qformer = Blip2QFormerConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                                 num_attention_heads=4, encoder_hidden_size=width, cross_attention_frequency=1)
+                                 num_attention_heads=4, encoder_hidden_size=width, cross_attention_frequency=1,
+                                 initializer_range=0.1)
     return Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                        num_query_tokens=num_query_tokens)
 
@@ -98,8 +104,9 @@ def build_tiny_vpg(out_dir: str | Path, *, width: int = 64, num_query_tokens: in
 def build_tiny_pill_dirs(root: str | Path, **llm_kwargs) -> dict[str, Path]:
     """{"llm": dir, "vpg": dir} under root, rebuilt only when the recipe changed (tests share them)."""
     root = Path(root)
-    key = hashlib.sha1(json.dumps(llm_kwargs, sort_keys=True).encode()).hexdigest()[:10]
-    llm_dir, vpg_dir = root / f"llm-{key}", root / "vpg"
+    recipe = json.dumps({"v": TINY_RECIPE_VERSION, **llm_kwargs}, sort_keys=True)
+    key = hashlib.sha1(recipe.encode()).hexdigest()[:10]
+    llm_dir, vpg_dir = root / f"llm-{key}", root / f"vpg-{TINY_RECIPE_VERSION}"
     if not (llm_dir / "config.json").is_file():
         build_tiny_llm(llm_dir, **llm_kwargs)
     if not (vpg_dir / "config.json").is_file():
