@@ -1,0 +1,390 @@
+"""Benchmarks of the PILL kernels against their baselines: ``python -m kernels.bench [--quick] [--out DIR]``.
+
+Attention (LLaMA-2-7B: 32 heads x 128, causal, gate from a visual fraction): Triton gated attention vs SDPA on
+gated V (v * g computed inside the timed call, as the model would) per available backend (flash, cuDNN,
+efficient), the eager reference, and flash-attn's ``flash_attn_func`` when installed. TFLOP/s counts the causal
+half only: fwd = 2 matmuls x 2 B H Tq Tk D / 2, bwd = 2.5 x fwd.
+Adapter (d 4096, r 32, 2 experts, fp32 weights, bf16 activations): Triton routed adapter vs PILL's reference
+formulation (every expert, then select), the routed eager version, and torch.compile(reference). GB/s counts the
+activation traffic the op cannot avoid: fwd reads x and writes y, bwd reads x and dy and writes dx (+ weights).
+
+Modes fwd, bwd (backward only, graph retained) and fwd+bwd; median times from triton.testing.do_bench; peak memory
+is the allocator's peak above the inputs during one call. Results go to DIR/kernels_bench.{json,md} with the
+device, versions and the command. Without CUDA this says so, runs a Triton-interpreter smoke check of both ops on
+tiny shapes against the references (in a child process, since TRITON_INTERPRET must be set before triton is
+imported), writes the smoke result and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SMOKE_OK = "SMOKE OK"
+NO_CUDA = "No CUDA device: GPU benchmark skipped; running the Triton-interpreter smoke check instead"
+
+ATTN_SHAPES = [(4, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]
+ATTN_SHAPES_QUICK = [(4, 512), (1, 2048)]
+ADAPTER_SHAPES = [(4, 512), (2, 2048), (1, 8192)]
+ADAPTER_SHAPES_QUICK = [(4, 512)]
+VISUAL_FRACTIONS = [0.1, 0.3, 0.5]
+MODES = ["fwd", "bwd", "fwd+bwd"]
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+def _route(bsz: int, seq: int, frac: float, device) -> torch.Tensor:
+    """PILL-like modality mask: runs of K = 32 visual tokens (one image each) spread over the sequence (shorter runs
+    for the tiny smoke shapes)."""
+    route = torch.zeros(bsz, seq, dtype=torch.long)
+    run = min(32, max(1, seq // 4))
+    n_img = max(1, round(frac * seq / run))
+    for s in torch.linspace(0, seq - run, n_img).long().tolist():
+        route[:, s:s + run] = 1
+    return route.to(device)
+
+
+def _attn_inputs(bsz, seq, heads, kv_heads, dim, frac, dtype, device):
+    q = torch.randn(bsz, seq, heads, dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(bsz, seq, kv_heads, dim, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(bsz, seq, kv_heads, dim, device=device, dtype=dtype, requires_grad=True)
+    visual = _route(bsz, seq, frac, device).bool()
+    g = torch.where(visual[..., None], torch.tanh(torch.randn(bsz, seq, heads, device=device)), 1.0)
+    return q, k, v, g.to(dtype).requires_grad_()
+
+
+def _adapter_inputs(bsz, seq, d, r, experts, frac, dtype, device):
+    x = torch.randn(bsz, seq, d, device=device, dtype=dtype, requires_grad=True)
+    route = _route(bsz, seq, frac, device).clamp(max=experts - 1)
+    ws = [torch.randn(experts, r, d, device=device) / d ** 0.5, torch.randn(experts, r, d, device=device) / d ** 0.5,
+          torch.randn(experts, d, r, device=device) / r ** 0.5]
+    return x, route, [w.requires_grad_() for w in ws]
+
+
+# ---------------------------------------------------------------------------------------------------------- baselines
+def _attention_providers(causal: bool) -> dict:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels.gated_attention import gated_attention, gated_attention_ref
+
+    def sdpa(backend):
+        def fn(q, k, v, g):
+            vg = v * g[..., None]  # pre-gated V; the sweep is multi-head (Hq == Hkv), so no expansion needed
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), vg.transpose(1, 2),
+                                                   is_causal=causal)
+            return o.transpose(1, 2)
+        return fn
+
+    providers = {
+        "triton": lambda q, k, v, g: gated_attention(q, k, v, g, causal=causal),
+        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "eager_ref": lambda q, k, v, g: gated_attention_ref(q, k, v, g, causal=causal),
+    }
+    try:
+        from flash_attn import flash_attn_func
+
+        providers["flash_attn"] = lambda q, k, v, g: flash_attn_func(q, k, v * g[..., None], causal=causal)
+    except ImportError:
+        pass
+    return providers
+
+
+def _adapter_providers() -> dict:
+    from kernels.routed_adapter import routed_swiglu_adapter, routed_swiglu_adapter_eager, routed_swiglu_adapter_ref
+
+    return {
+        "triton": routed_swiglu_adapter,
+        "reference": routed_swiglu_adapter_ref,
+        "routed_eager": routed_swiglu_adapter_eager,
+        "compiled_reference": torch.compile(routed_swiglu_adapter_ref, dynamic=False),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- timing
+def _measure(fn, args, leaves, mode):
+    """Median ms and peak extra MiB of one provider in one mode; (None, None, reason) when it cannot run."""
+    from triton.testing import do_bench
+
+    try:
+        if mode == "fwd":
+            def call():
+                with torch.no_grad():
+                    fn(*args)
+        else:
+            out = fn(*args)
+            dout = torch.randn_like(out)
+            if mode == "bwd":
+                def call():
+                    out.backward(dout, retain_graph=True)
+            else:
+                def call():
+                    fn(*args).backward(dout)
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        ms = do_bench(call, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")
+        return ms, peak, None
+    except Exception as exc:  # noqa: BLE001 - a backend that does not support the shape/dtype: record why, keep going
+        torch.cuda.empty_cache()
+        return None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def bench_attention(shapes, modes, dtype=torch.bfloat16, causal=True, device="cuda"):
+    rows = []
+    providers = _attention_providers(causal)
+    heads, kv_heads, dim = 32, 32, 128
+    for bsz, seq in shapes:
+        frac = 0.3
+        q, k, v, g = _attn_inputs(bsz, seq, heads, kv_heads, dim, frac, dtype, device)
+        fwd_flops = 4 * bsz * heads * seq * seq * dim * (0.5 if causal else 1.0)
+        for mode in modes:
+            flops = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode] * fwd_flops
+            times = {}
+            for name, fn in providers.items():
+                if name == "eager_ref" and seq > 4096:
+                    rows.append({"op": "attention", "shape": f"{bsz}x{seq}", "mode": mode, "provider": name,
+                                     "skipped": "T > 4096: the (T, T) score matrices do not fit"})
+                    continue
+                ms, peak, err = _measure(fn, (q, k, v, g), [q, k, v, g], mode)
+                row = {"op": "attention", "shape": f"{bsz}x{seq}", "B": bsz, "T": seq, "H": heads, "D": dim,
+                       "causal": causal, "dtype": str(dtype), "mode": mode, "provider": name, "visual_fraction": frac}
+                if err:
+                    row["skipped"] = err
+                else:
+                    times[name] = ms
+                    row.update(ms=ms, tflops=flops / ms / 1e9, peak_mib=peak)
+                rows.append(row)
+            _add_ratios(rows, times)
+        del q, k, v, g
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_adapter(shapes, modes, fracs, dtype=torch.bfloat16, device="cuda"):
+    rows = []
+    providers = _adapter_providers()
+    d, r, experts = 4096, 32, 2
+    elt = torch.finfo(dtype).bits // 8
+    w_bytes = 3 * experts * r * d * 4
+    for bsz, seq in shapes:
+        for frac in fracs:
+            x, route, ws = _adapter_inputs(bsz, seq, d, r, experts, frac, dtype, device)
+            n = bsz * seq
+            for mode in modes:
+                nbytes = {"fwd": 2 * n * d * elt + w_bytes, "bwd": 3 * n * d * elt + 2 * w_bytes,
+                          "fwd+bwd": 5 * n * d * elt + 3 * w_bytes}[mode]
+                times = {}
+                for name, fn in providers.items():
+                    ms, peak, err = _measure(fn, (x, route, *ws), [x, *ws], mode)
+                    row = {"op": "adapter", "shape": f"{bsz}x{seq}", "B": bsz, "T": seq, "d": d, "r": r,
+                           "experts": experts, "dtype": str(dtype), "mode": mode, "provider": name,
+                           "visual_fraction": frac}
+                    if err:
+                        row["skipped"] = err
+                    else:
+                        times[name] = ms
+                        row.update(ms=ms, gbps=nbytes / ms / 1e6, peak_mib=peak)
+                    rows.append(row)
+                _add_ratios(rows, times)
+            del x, route, ws
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _add_ratios(rows, times):
+    """speedup = baseline time / triton time, written on the triton row of this (shape, mode) group."""
+    if "triton" not in times:
+        return
+    for row in reversed(rows):
+        if row.get("provider") == "triton":
+            row["speedup_vs"] = {k: t / times["triton"] for k, t in times.items() if k != "triton"}
+            return
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+def _env(argv) -> dict:
+    import triton
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA; Triton interpreter smoke)"
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                "command": "python -m kernels.bench " + " ".join(argv),
+                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _markdown(env, rows, smoke=None) -> str:
+    lines = [(f"# Kernel benchmark\n\n- device: {env['device']}\n- torch {env['torch']}, triton {env['triton']}, "
+             f"CUDA {env['cuda']}\n- command: `{env['command']}`\n- time: {env['time_utc']}\n")]
+    if smoke is not None:
+        lines.append(f"{NO_CUDA}.\n\nSmoke check: {smoke}\n")
+    for op, metric in (("attention", "tflops"), ("adapter", "gbps")):
+        sel = [r for r in rows if r["op"] == op]
+        if not sel:
+            continue
+        unit = "TFLOP/s" if metric == "tflops" else "GB/s"
+        lines.append(f"\n## {op}\n\n| shape | vis | mode | provider | ms | {unit} | peak MiB | triton speedup |\n"
+                     "|---|---|---|---|---|---|---|---|")
+        for r in sel:
+            if "skipped" in r:
+                lines.append(f"| {r['shape']} | {r.get('visual_fraction', '')} | {r['mode']} | {r['provider']} | "
+                             f"skipped: {r['skipped']} | | | |")
+                continue
+            sp = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("speedup_vs", {}).items())
+            lines.append(f"| {r['shape']} | {r['visual_fraction']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} | "
+                         f"{r[metric]:.1f} | {r['peak_mib']:.0f} | {sp} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(out: Path, env, rows, smoke=None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels_bench.json").write_text(json.dumps({"env": env, "smoke": smoke, "rows": rows}, indent=1))
+    (out / "kernels_bench.md").write_text(_markdown(env, rows, smoke))
+    print(f"wrote {out / 'kernels_bench.json'} and {out / 'kernels_bench.md'}")
+
+
+# ---------------------------------------------------------------------------------------------------------- smoke
+def smoke() -> str:
+    """Both ops, forward and every gradient, through the Triton interpreter on tiny shapes vs the references."""
+    from kernels import GatedAttentionFunction, RoutedSwiGLUAdapterFunction, gated_attention_ref
+    from kernels.routed_adapter import routed_swiglu_adapter_ref
+
+    torch.manual_seed(0)
+    worst = {}
+    q, k, v, g = _attn_inputs(2, 21, 4, 2, 32, 0.3, torch.float32, "cpu")
+    for causal in (True, False):
+        out = GatedAttentionFunction.apply(q, k, v, g, causal)
+        ref = gated_attention_ref(q, k, v, g, causal=causal)
+        do = torch.randn_like(out)
+        got = [out, *torch.autograd.grad(out, [q, k, v, g], do)]
+        want = [ref, *torch.autograd.grad(ref, [q, k, v, g], do)]
+        worst[f"attention causal={causal}"] = max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
+    x, route, ws = _adapter_inputs(2, 40, 64, 16, 2, 0.5, torch.float32, "cpu")
+    out = RoutedSwiGLUAdapterFunction.apply(x, route, *ws)
+    ref = routed_swiglu_adapter_ref(x, route, *ws)
+    dy = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, [x, *ws], dy)]
+    want = [ref, *torch.autograd.grad(ref, [x, *ws], dy)]
+    worst["adapter"] = max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
+    summary = ", ".join(f"{k}: max abs err {v:.1e}" for k, v in worst.items())
+    if max(worst.values()) > 1e-4:
+        raise SystemExit(f"SMOKE FAILED: {summary}")
+    return f"{SMOKE_OK}: interpreter results match the references (forward and all gradients; {summary})"
+
+
+def compile_check(arch: int = 90, quick: bool = False) -> str:
+    """Compile every kernel variant ahead of time for an sm_<arch> GPU (Triton's bundled ptxas; no GPU needed).
+
+    The interpreter does not type-check like the compiler does (loop-carried types, dot operand dtypes, shared
+    memory limits), so this catches GPU-only build failures on a CPU machine. Needs TRITON_INTERPRET unset.
+    quick: only the production variants (bf16, head dim 128, causal, gated GQA; adapter with split weight grads)."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ga = importlib.import_module("kernels.gated_attention")
+    ra = importlib.import_module("kernels.routed_adapter")
+    target, cuda, n = GPUTarget("cuda", arch, 32), torch.device("cuda"), 0
+
+    def build(fn, ptr_types, constexprs):
+        nonlocal n
+        constexprs = dict(constexprs)
+        opts = {"num_warps": constexprs.pop("num_warps"), "num_stages": constexprs.pop("num_stages", 2)}
+        sig = {a: "constexpr" if a in constexprs else ptr_types.get(a, "i32") for a in fn.arg_names}
+        consts = {(fn.arg_names.index(a),): v for a, v in constexprs.items()}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts)
+        if kernel.metadata.shared > 227 * 1024:
+            raise RuntimeError(f"{fn.__name__} {constexprs}: {kernel.metadata.shared} B shared memory")
+        n += 1
+
+    dtypes = ((torch.bfloat16, "bf16"),) if quick else ((torch.bfloat16, "bf16"), (torch.float16, "fp16"),
+                                                        (torch.float32, "fp32"))
+    for dtype, name in dtypes:
+        ptrs = {a: f"*{name}" for a in ("Q", "K", "V", "G", "OUT", "DO", "DQ", "DK", "DV")}
+        ptrs.update({a: "*fp32" for a in ("LSE", "DELTA", "DG")}, CU_Q="*i32", CU_K="*i32", KV_LENS="*i32",
+                    qk_scale="fp32", sm_scale="fp32")
+        for head_dim in (128,) if quick else (64, 128) if dtype != torch.float32 else (64,):
+            cfgs = ga._configs(head_dim, dtype, cuda)
+            for causal, gate, group in ((True, True, 4),) if quick else ((True, True, 4), (False, False, 1)):
+                flags = {"GROUP": group, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "CAUSAL": causal,
+                         "HAS_GATE": gate, "HAS_KV_LENS": gate, **ga._dot_flags(dtype, cuda)}
+                build(ga._gated_attn_fwd_kernel, ptrs, {**flags, **cfgs["fwd"]})
+                build(ga._gated_attn_bwd_dkdv_kernel, ptrs, {**flags, **cfgs["dkdv"]})
+                build(ga._gated_attn_bwd_dq_kernel, ptrs, {**flags, **cfgs["dq"]})
+        if dtype == torch.float16:
+            continue
+        ptrs = {a: f"*{name}" for a in ("X", "Y", "DY", "DX")}
+        ptrs.update({a: "*fp32" for a in ("WG", "WD", "WU", "HG", "HD", "DHG", "DHD", "DWG", "DWD", "DWU")},
+                    PERM="*i32", OFFS="*i32", BCUM="*i32")
+        cfg = {**ra._config(4096, 32, cuda), "COMPUTE_F32": dtype == torch.float32,
+               "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
+        build(ra._routed_adapter_fwd_kernel, ptrs, {**cfg, "NUM_EXPERTS": 2, "SAVE_H": True})
+        build(ra._routed_adapter_bwd_dx_kernel, ptrs, {**cfg, "NUM_EXPERTS": 2})
+        for split in (4,) if quick else (1, 4):
+            build(ra._routed_adapter_bwd_dw_kernel, ptrs, {**cfg, "SPLIT": split})
+    return f"COMPILE OK: {n} kernel variants built for sm_{arch}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="two attention shapes, one adapter shape, one fraction")
+    ap.add_argument("--out", type=Path, default=Path("results"), help="directory for kernels_bench.{json,md}")
+    ap.add_argument("--ops", default="attention,adapter", help="comma list of attention, adapter")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, fwd+bwd")
+    ap.add_argument("--compile-check", action="store_true",
+                    help="only build every kernel for sm_90 ahead of time (no GPU needed; TRITON_INTERPRET unset)")
+    ap.add_argument("--smoke-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.compile_check:
+        print(compile_check(quick=args.quick))
+        return 0
+
+    if args.smoke_child:  # runs with TRITON_INTERPRET=1 set before triton was imported
+        print(smoke())
+        return 0
+    if not torch.cuda.is_available():
+        print(NO_CUDA, flush=True)
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--smoke-child"], env=env, text=True, check=False,
+                              capture_output=True)
+        sys.stdout.write(proc.stdout)
+        sys.stderr.write(proc.stderr)
+        if proc.returncode != 0:
+            return proc.returncode
+        _write(args.out, _env(argv), [], smoke=proc.stdout.strip().splitlines()[-1])
+        return 0
+
+    ops = args.ops.split(",")
+    modes = args.modes.split(",")
+    rows = []
+    if "attention" in ops:
+        rows += bench_attention(ATTN_SHAPES_QUICK if args.quick else ATTN_SHAPES, modes)
+    if "adapter" in ops:
+        rows += bench_adapter(ADAPTER_SHAPES_QUICK if args.quick else ADAPTER_SHAPES, modes,
+                              [0.3] if args.quick else VISUAL_FRACTIONS)
+    env = _env(argv)
+    _write(args.out, env, rows)
+    print(_markdown(env, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,572 @@
+"""Gated FlashAttention: softmax attention whose value rows are scaled by PILL's modality-aware gate.
+
+Paper: PILL (arXiv 2311.02126), "Modality-Attention-Gating" (MAG); kernel after FlashAttention-2 (Dao, 2023)
+and the Triton fused-attention tutorial.
+
+    o[i, h] = sum_j softmax_j(q[i, h] . k[j, hk] * scale + mask) * g[j, h] * v[j, hk]      hk = h // (Hq // Hkv)
+
+Design choices
+- The gate argument is the gate VALUE g (already ``tanh``'d, 1 at text tokens), shape (B, T, Hq) or (N, Hq),
+  not the logit plus a modality mask: the caller (the model) owns W_g and the mask, the kernel only needs one
+  multiplier per (key, query head). The softmax is not renormalised (PILL scales V rows, i.e. columns of P).
+- The gate is per QUERY head. With GQA several query heads share one K/V row but may scale it differently, so
+  the gate is applied to the V tile after it is loaded, inside the program of the query head; no gated copy of V
+  is ever materialised (the eager reference must expand K/V per query head instead).
+- Forward: online softmax in base 2 (log2(e) folded into the scale), fp32 accumulators, only the row
+  log-sum-exp (base 2, fp32, shape (N, Hq)) is saved. Key blocks fully inside the causal/length mask run an
+  unmasked specialisation; only the boundary blocks pay for the mask.
+- Backward: delta = rowsum(O * dO) (PyTorch preprocess), one kernel per key block for dK/dV and the gate
+  gradient (looping over the query heads of its KV group, so GQA needs no atomics), one kernel per query block
+  for dQ. dg[j, h] = sum_i P[i, j] * (dO[i] . v[j]) uses the UNgated V; dP = g * (dO V^T).
+- Layouts: padded (B, T, H, D) is flattened to the packed (N, H, D) layout with synthetic cu_seqlens, so one
+  kernel serves both. Per sequence, queries are aligned to the END of the keys (bottom-right causal, as in
+  flash-attn), which makes the KV-cache decode step (Tq < Tk) work natively: query i sees key j iff
+  j <= i + Tk - Tq. Query rows that see no key (Tq > Tk, or an empty sequence) output 0.
+- Right padding: either pass ``kv_seqlens`` (B,) (keys at positions >= kv_seqlens[b] are masked; padded query
+  rows still compute something and must be ignored by the loss), or unpad and use the varlen path. The causal
+  alignment stays Tk - Tq of the TENSORS, which is right for training batches (Tq == Tk) and for one-token decode
+  against a right-padded static cache; a multi-token chunk into a padded static cache needs the reference.
+- Head dims: any D; tiles use the next power of two >= 16 with masked loads (64 and 128 are the tuned cases).
+
+Caveats
+- Under TRITON_INTERPRET=1, ``tl.dot`` on bf16 is wrong (triton issue 11584): the launcher then upcasts tiles
+  to fp32 (``DOT_F32``). fp32 on GPU uses IEEE dots (slow; bf16/fp16 are the GPU paths).
+- The Triton path is picked when the tensors are on CUDA, or when TRITON_INTERPRET=1 was set before this module
+  was imported (the ``@triton.jit`` decorator reads it then); otherwise the PyTorch reference runs.
+- Block sizes for the GPU are chosen by shape, not autotuned, and were not measured on this machine (no GPU).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# The decorator decides at import time whether kernels are interpreted; remember it for the backend switch.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _seq_info(CU_Q, CU_K, KV_LENS, b, HAS_KV_LENS: tl.constexpr):
+    """Start rows and lengths of sequence b; diag is the bottom-right causal offset (Tk - Tq)."""
+    q_start = tl.load(CU_Q + b)
+    q_len = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    k_full = tl.load(CU_K + b + 1) - k_start
+    diag = k_full - q_len
+    k_len = k_full
+    if HAS_KV_LENS:
+        k_len = tl.minimum(tl.load(KV_LENS + b), k_full)
+    return q_start.to(tl.int64), q_len, k_start.to(tl.int64), k_len, diag
+
+
+@triton.jit
+def _key_bounds(start_m, k_len, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key range [0, hi) that query block start_m may see; [0, full_end) needs no mask."""
+    if CAUSAL:
+        hi = tl.minimum(k_len, tl.maximum(start_m + BLOCK_M + diag, 0))
+        full_end = tl.minimum(k_len, tl.maximum(start_m + diag + 1, 0))
+    else:
+        hi = k_len
+        full_end = k_len
+    return (full_end // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+               offs_m, offs_d, lo, hi, k_len, diag, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            valid = offs_n[None, :] < k_len
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
+            # a row may have seen no key yet: keep exp2(-inf - -inf) from producing NaN
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.exp2(qk - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the gate does not enter the normaliser
+        acc = acc * alpha[:, None]
+        if HAS_GATE:
+            # gate applied while the V tile sits in registers: this query head's own multiplier per key row
+            g = tl.load(g_base + offs_n.to(tl.int64) * stride_gt, mask=offs_n < k_len, other=0.0)
+            v = (v.to(tl.float32) * g.to(tl.float32)[:, None]).to(v.dtype)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _gated_attn_fwd_kernel(Q, K, V, G, OUT, LSE, CU_Q, CU_K, KV_LENS,
+                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                           stride_gt, stride_gh, stride_ot, stride_oh, stride_lt, stride_lh,
+                           qk_scale,
+                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                           HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
+                           DOT_PREC: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len, diag = _seq_info(CU_Q, CU_K, KV_LENS, b, HAS_KV_LENS)
+    if start_m >= q_len:
+        return
+    h_kv = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row = (q_start + offs_m)[:, None].to(tl.int64)
+    q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + row * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = K + k_start * stride_kt + h_kv * stride_kh
+    v_base = V + k_start * stride_vt + h_kv * stride_vh
+    g_base = G + k_start * stride_gt + h * stride_gh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full_end, hi = _key_bounds(start_m, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+                               offs_m, offs_d, 0, full_end, k_len, diag, qk_scale,
+                               HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+                               offs_m, offs_d, full_end, hi, k_len, diag, qk_scale,
+                               HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    empty = l_i == 0.0  # no visible key: output 0, LSE +inf so the backward sees P = 0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    tl.store(OUT + row * stride_ot + h * stride_oh + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + (q_start + offs_m).to(tl.int64) * stride_lt + h * stride_lh, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
+                    stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_lh,
+                    offs_n, offs_d, lo, hi, q_len, diag, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < q_len
+        row = (q_start + offs_m).to(tl.int64)
+        # rows past q_len load zeros: their dO and delta are 0, so they add nothing even unmasked
+        q_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(Q + row[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + row[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + row * stride_lt + h * stride_lh, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + row * stride_lt + h * stride_lh, mask=m_valid, other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(qk - lse[:, None])
+        if MASKED and CAUSAL:
+            p = tl.where(offs_n[None, :] <= offs_m[:, None] + diag, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # dO . v with the UNgated v
+        if HAS_GATE:
+            dg += tl.sum(p * dp, 0)
+            dp = dp * g[None, :]
+            pg = p * g[None, :]
+        else:
+            pg = p
+        dv = tl.dot(tl.trans(pg.to(do.dtype)), do, dv, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
+    return dk, dv, dg
+
+
+@triton.jit
+def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU_K, KV_LENS,
+                                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                stride_gt, stride_gh, stride_dot, stride_doh, stride_lt, stride_lh,
+                                stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dgt, stride_dgh,
+                                qk_scale, sm_scale,
+                                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                                HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
+                                DOT_PREC: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    h_kv = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len, diag = _seq_info(CU_Q, CU_K, KV_LENS, b, HAS_KV_LENS)
+    if start_n >= k_len:  # padded keys keep the zeros the launcher allocated
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < k_len
+    krow = (k_start + offs_n).to(tl.int64)
+    kv_mask = n_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + krow[:, None] * stride_kt + h_kv * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + krow[:, None] * stride_vt + h_kv * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    # Query blocks [lo, mid) straddle the causal diagonal: masked; [mid, q_len) are not. Keys past k_len need no
+    # mask here: column j of P only feeds dK/dV/dg row j, and those rows are never stored.
+    q_end = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = q_end * 0
+        mid = q_end * 0
+    lo = tl.minimum(lo, q_end)
+    mid = tl.minimum(tl.maximum(mid, lo), q_end)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for hg in range(GROUP):  # every query head of this KV group adds into the same dK/dV tile
+        h = h_kv * GROUP + hg
+        dg = tl.zeros([BLOCK_N], tl.float32)
+        if HAS_GATE:
+            g = tl.load(G + krow * stride_gt + h * stride_gh, mask=n_valid, other=0.0).to(tl.float32)
+        else:
+            g = dg
+        dk, dv, dg = _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
+                                     stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_lh,
+                                     offs_n, offs_d, lo, mid, q_len, diag, qk_scale,
+                                     HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+        dk, dv, dg = _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
+                                     stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_lh,
+                                     offs_n, offs_d, mid, q_len, q_len, diag, qk_scale,
+                                     HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+        if HAS_GATE:
+            tl.store(DG + krow * stride_dgt + h * stride_dgh, dg, mask=n_valid)
+    dk = dk * sm_scale
+    tl.store(DK + krow[:, None] * stride_dkt + h_kv * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + krow[:, None] * stride_dvt + h_kv * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+                  offs_m, offs_d, lo, hi, k_len, diag, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.exp2(qk - lse[:, None])
+        if MASKED:
+            valid = offs_n[None, :] < k_len
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_GATE:
+            g = tl.load(g_base + offs_n.to(tl.int64) * stride_gt, mask=offs_n < k_len, other=0.0)
+            dp = dp * g.to(tl.float32)[None, :]
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _gated_attn_bwd_dq_kernel(Q, K, V, G, DO, LSE, DELTA, DQ, CU_Q, CU_K, KV_LENS,
+                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                              stride_gt, stride_gh, stride_dot, stride_doh, stride_lt, stride_lh,
+                              stride_dqt, stride_dqh, qk_scale, sm_scale,
+                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                              HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
+                              DOT_PREC: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len, diag = _seq_info(CU_Q, CU_K, KV_LENS, b, HAS_KV_LENS)
+    if start_m >= q_len:
+        return
+    h_kv = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < q_len
+    row = (q_start + offs_m).to(tl.int64)
+    q_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + row[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + row[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + row * stride_lt + h * stride_lh, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + row * stride_lt + h * stride_lh, mask=m_valid, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    k_base = K + k_start * stride_kt + h_kv * stride_kh
+    v_base = V + k_start * stride_vt + h_kv * stride_vh
+    g_base = G + k_start * stride_gt + h * stride_gh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full_end, hi = _key_bounds(start_m, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+                       offs_m, offs_d, 0, full_end, k_len, diag, qk_scale,
+                       HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+                       offs_m, offs_d, full_end, hi, k_len, diag, qk_scale,
+                       HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + row[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _configs(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes. The interpreter runs programs one by one, so small tiles keep it fast; GPU sizes follow the
+    Triton tutorial for Hopper (fwd 128 queries x 64 keys; bwd dK/dV 32 x 64, dQ 64 x 32) and were not tuned
+    here (no GPU)."""
+    interpret = device.type != "cuda"
+    if interpret:
+        small = {"BLOCK_M": 16, "BLOCK_N": 16}
+        return {"fwd": dict(small, num_warps=1, num_stages=1), "dkdv": dict(small, num_warps=1, num_stages=1),
+                "dq": dict(small, num_warps=1, num_stages=1)}
+    warps = 8 if block_d >= 128 else 4
+    big_d = block_d > 128
+    fwd = {"BLOCK_M": 128, "BLOCK_N": 32 if big_d else 64, "num_warps": warps, "num_stages": 2 if big_d else 3}
+    if dtype == torch.float32:  # IEEE fp32 tiles are twice the size: halve them
+        fwd.update(BLOCK_M=64, BLOCK_N=32, num_stages=2)
+    bwd_n = 64 if block_d <= 128 and dtype != torch.float32 else 32
+    dkdv = {"BLOCK_M": 32, "BLOCK_N": bwd_n, "num_warps": warps, "num_stages": 2}
+    dq = {"BLOCK_M": bwd_n, "BLOCK_N": 32, "num_warps": warps, "num_stages": 2}
+    return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
+
+
+def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
+    interpret = device.type != "cuda"
+    return {"DOT_F32": interpret and dtype == torch.bfloat16, "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
+    """q (Nq, Hq, D), k/v (Nk, Hkv, D), g (Nk, Hq) or None -> o (Nq, Hq, D), lse2 (Nq, Hq) fp32 base 2.
+
+    zero_init: some rows may be visited by no program (packed tokens past cu_seqlens[-1], padded keys)."""
+    n_q, h_q, d = q.shape
+    group = h_q // k.shape[1]
+    n_seq = cu_q.numel() - 1
+    o = torch.zeros_like(q) if zero_init else torch.empty_like(q)
+    lse = torch.empty((n_q, h_q), device=q.device, dtype=torch.float32)
+    block_d = _block_d(d)
+    cfg = _configs(block_d, q.dtype, q.device)["fwd"]
+    g_arg = g if g is not None else q
+    g_strides = (g.stride(0), g.stride(1)) if g is not None else (0, 0)
+    grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), h_q, n_seq)
+    _gated_attn_fwd_kernel[grid](
+        q, k, v, g_arg, o, lse, cu_q, cu_k, kv_lens if kv_lens is not None else cu_q,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *g_strides,
+        o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), sm_scale * LOG2E,
+        GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_GATE=g is not None,
+        HAS_KV_LENS=kv_lens is not None, **_dot_flags(q.dtype, q.device), **cfg)
+    return o, lse
+
+
+def _bwd(do, q, k, v, g, o, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_scale, zero_init):
+    _n_q, h_q, d = q.shape
+    h_kv = k.shape[1]
+    n_seq = cu_q.numel() - 1
+    do = do.contiguous()
+    # delta_i = rowsum(O_i * dO_i) = sum_j P_ij dP_ij also with the gate inside dP (see module docstring)
+    delta = (o.float() * do.float()).sum(-1)
+    alloc = torch.zeros_like if zero_init else torch.empty_like  # rows no program visits must get 0
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    dg = alloc(g, dtype=torch.float32) if g is not None else None
+    block_d = _block_d(d)
+    cfgs = _configs(block_d, q.dtype, q.device)
+    flags = dict(GROUP=h_q // h_kv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_GATE=g is not None,
+                 HAS_KV_LENS=kv_lens is not None, **_dot_flags(q.dtype, q.device))
+    g_arg = g if g is not None else q
+    g_strides = (g.stride(0), g.stride(1)) if g is not None else (0, 0)
+    dg_arg = dg if dg is not None else q
+    dg_strides = (dg.stride(0), dg.stride(1)) if dg is not None else (0, 0)
+    kv_arg = kv_lens if kv_lens is not None else cu_q
+    common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *g_strides,
+              do.stride(0), do.stride(1), lse.stride(0), lse.stride(1))
+    grid = (triton.cdiv(max_k, cfgs["dkdv"]["BLOCK_N"]), h_kv, n_seq)
+    _gated_attn_bwd_dkdv_kernel[grid](
+        q, k, v, g_arg, do, lse, delta, dk, dv, dg_arg, cu_q, cu_k, kv_arg, *common,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dg_strides, sm_scale * LOG2E, sm_scale,
+        **flags, **cfgs["dkdv"])
+    grid = (triton.cdiv(max_q, cfgs["dq"]["BLOCK_M"]), h_q, n_seq)
+    _gated_attn_bwd_dq_kernel[grid](
+        q, k, v, g_arg, do, lse, delta, dq, cu_q, cu_k, kv_arg, *common,
+        dq.stride(0), dq.stride(1), sm_scale * LOG2E, sm_scale, **flags, **cfgs["dq"])
+    return dq, dk, dv, (dg.to(g.dtype) if dg is not None else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument handling shared by the Triton path and the reference
+# --------------------------------------------------------------------------------------------------------------
+def _check(q, k, v, value_gate, cu_seqlens, kv_seqlens) -> None:
+    packed = cu_seqlens is not None
+    want = 3 if packed else 4
+    if q.dim() != want or k.dim() != want or v.dim() != want:
+        layout = "packed (N, H, D) with cu_seqlens" if packed else "padded (B, T, H, D)"
+        raise ValueError(f"gated_attention: expected {layout} q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[:-3] != k.shape[:-3]:
+        raise ValueError(f"gated_attention: incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"gated_attention: q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them first "
+                         "(autocast does not reach into custom autograd Functions)")
+    if packed and q.shape[0] != k.shape[0]:
+        raise ValueError("gated_attention: packed q and k/v must hold the same tokens (one cu_seqlens)")
+    if q.shape[-2] % k.shape[-2] != 0:
+        raise ValueError(f"gated_attention: Hq={q.shape[-2]} is not a multiple of Hkv={k.shape[-2]}")
+    if value_gate is not None and value_gate.shape != k.shape[:-2] + (q.shape[-2],):
+        raise ValueError(f"gated_attention: value_gate must have shape {tuple(k.shape[:-2]) + (q.shape[-2],)} "
+                         f"(keys x query heads), got {tuple(value_gate.shape)}")
+    if kv_seqlens is not None and packed:
+        raise ValueError("gated_attention: kv_seqlens is for the padded layout; packed input is unpadded already")
+
+
+def _scale(softmax_scale: float | None, head_dim: int) -> float:
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+class GatedAttentionFunction(torch.autograd.Function):
+    """Triton forward/backward; inputs as for ``gated_attention`` (positional)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, value_gate=None, causal=True, cu_seqlens=None, max_seqlen=None, softmax_scale=None,
+                kv_seqlens=None):
+        _check(q, k, v, value_gate, cu_seqlens, kv_seqlens)
+        dev = q.device
+        if cu_seqlens is None:  # padded: flatten to packed rows with synthetic cu_seqlens
+            bsz, t_q, h_q, d = q.shape
+            t_k = k.shape[1]
+            cu_q = torch.arange(0, (bsz + 1) * t_q, t_q, device=dev, dtype=torch.int32)
+            cu_k = torch.arange(0, (bsz + 1) * t_k, t_k, device=dev, dtype=torch.int32)
+            max_q, max_k = t_q, t_k
+            kv_lens = kv_seqlens.to(device=dev, dtype=torch.int32).contiguous() if kv_seqlens is not None else None
+        else:
+            cu_q = cu_k = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
+            if max_seqlen is None:  # one host sync; pass max_seqlen to avoid it
+                max_seqlen = int((cu_q[1:] - cu_q[:-1]).max().item()) if cu_q.numel() > 1 else 0
+            max_q = max_k = int(max_seqlen)
+            kv_lens = None
+        h_q, d = q.shape[-2:]
+        h_kv = k.shape[-2]
+        q2 = q.contiguous().view(-1, h_q, d)
+        k2 = k.contiguous().view(-1, h_kv, d)
+        v2 = v.contiguous().view(-1, h_kv, d)
+        g2 = value_gate.contiguous().view(-1, h_q) if value_gate is not None else None
+        sm_scale = _scale(softmax_scale, d)
+        ctx.zero_init = cu_seqlens is not None or kv_lens is not None
+        if q2.shape[0] == 0 or cu_q.numel() < 2:
+            o2, lse = torch.zeros_like(q2), torch.zeros(q2.shape[:2], device=dev)
+        else:
+            o2, lse = _fwd(q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, ctx.zero_init)
+        ctx.save_for_backward(q2, k2, v2, g2, o2, lse, cu_q, cu_k, kv_lens)
+        ctx.meta = (causal, sm_scale, max_q, max_k, q.shape, k.shape, value_gate is not None)
+        return o2.view(q.shape)
+
+    @staticmethod
+    def backward(ctx, do):
+        q2, k2, v2, g2, o2, lse, cu_q, cu_k, kv_lens = ctx.saved_tensors
+        causal, sm_scale, max_q, max_k, q_shape, k_shape, has_gate = ctx.meta
+        do2 = do.reshape(q2.shape)
+        if q2.shape[0] == 0 or cu_q.numel() < 2:
+            dq, dk, dv = torch.zeros_like(q2), torch.zeros_like(k2), torch.zeros_like(v2)
+            dg = torch.zeros_like(g2) if has_gate else None
+        else:
+            dq, dk, dv, dg = _bwd(do2, q2, k2, v2, g2, o2, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_scale,
+                                  ctx.zero_init)
+        dg = dg.view(k_shape[:-2] + (q_shape[-2],)) if dg is not None else None
+        return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), dg, None, None, None, None, None
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or (_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None = None, *,
+                    causal: bool = True, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                    softmax_scale: float | None = None, kv_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Gated attention (see module docstring). ``value_gate`` is the gate value g, (B, Tk, Hq) or (N, Hq).
+
+    ``kv_seqlens`` (B,) (padded layout only, an extension of the team contract): valid key count per batch row
+    for right-padded batches. Triton on CUDA or under TRITON_INTERPRET=1, else the PyTorch reference.
+    """
+    if _use_triton(q):
+        return GatedAttentionFunction.apply(q, k, v, value_gate, causal, cu_seqlens, max_seqlen, softmax_scale,
+                                            kv_seqlens)
+    return gated_attention_ref(q, k, v, value_gate, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                               softmax_scale=softmax_scale, kv_seqlens=kv_seqlens)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------------
+def _ref_padded(q, k, v, g, causal, sm_scale, kv_seqlens):
+    # q (B, Tq, Hq, D), k/v (B, Tk, Hkv, D), g (B, Tk, Hq)
+    bsz, t_q, h_q, _ = q.shape
+    t_k, h_kv = k.shape[1], k.shape[2]
+    rep = h_q // h_kv
+    k = k.repeat_interleave(rep, dim=2)  # unfused GQA: expand K/V so each query head can gate its own copy
+    v = v.repeat_interleave(rep, dim=2)
+    if g is not None:
+        v = v * g.to(v.dtype).unsqueeze(-1)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * sm_scale  # scores in the input dtype, softmax in fp32
+    i = torch.arange(t_q, device=q.device)[:, None]
+    j = torch.arange(t_k, device=q.device)[None, :]
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device)
+    if causal:
+        mask = j <= i + (t_k - t_q)  # bottom-right alignment (KV-cache decode)
+    mask = mask.expand(bsz, 1, t_q, t_k)
+    if kv_seqlens is not None:
+        mask = mask & (j < kv_seqlens.to(q.device).view(bsz, 1, 1, 1))
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(mask.any(-1, keepdim=True), p, torch.zeros_like(p))  # rows with no key output 0
+    return torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)
+
+
+def gated_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None = None,
+                        *, causal: bool = True, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                        softmax_scale: float | None = None, kv_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager PyTorch reference: materialises the (Tq, Tk) scores, expands K/V per query head, gates V rows."""
+    _check(q, k, v, value_gate, cu_seqlens, kv_seqlens)
+    sm_scale = _scale(softmax_scale, q.shape[-1])
+    if cu_seqlens is None:
+        return _ref_padded(q, k, v, value_gate, causal, sm_scale, kv_seqlens)
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for s, e in itertools.pairwise(bounds):
+        g = value_gate[None, s:e] if value_gate is not None else None
+        outs.append(_ref_padded(q[None, s:e], k[None, s:e], v[None, s:e], g, causal, sm_scale, None)[0])
+    out = torch.cat(outs) if outs else q.new_zeros((0,) + q.shape[1:])
+    if out.shape[0] != q.shape[0]:  # tokens past cu_seqlens[-1] belong to no sequence
+        out = torch.cat([out, q.new_zeros((q.shape[0] - out.shape[0],) + q.shape[1:])])
+    return out

@@ -1,0 +1,152 @@
+"""Stage: a group of raw records -> one model batch (decode, prompt, tokenise, pad or pack).
+
+Runs inside the DataLoader worker on the whole group, so tokenisation is one batched call and image normalisation one
+tensor op. A record that fails here (undecodable image, bad features, unusable json, too long) is dropped from its
+batch and counted; batches therefore hold between 1 and batch_size samples. A batch whose every record failed becomes
+one dummy text row (`meta == [{"dummy": True}]`, loss on a single EOS) so that every rank still steps together.
+
+Batch keys (docs/INTERFACES.md): input_ids, attention_mask, labels, modality_mask, exactly one of pixel_values
+(N,3,S,S) / image_features (N,K,W), meta (list of dicts: key, shard, task + the json fields); packed batches add
+cu_seqlens (B'+1,) int32 and position_ids (1,T). Plus `stats` (tokens, pad fractions) for logging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data.config import DataConfig
+from pipeline.data.prompts import PromptError, detect_task, render
+from pipeline.data.records import SkipCounter
+from pipeline.data.tokenize import IGNORE, Encoded, conversation_pieces, encode_pieces
+from pipeline.data.transforms import decode_features, decode_image, feature_ext, image_ext, normalise
+
+
+class Collator:
+    def __init__(self, cfg: DataConfig, tokenizer: Any, mean: tuple, std: tuple):
+        self.cfg, self.tok, self.mean, self.std = cfg, tokenizer, mean, std
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+
+    def __call__(self, records: list[dict[str, Any]], counter: SkipCounter) -> dict[str, Any]:
+        kept, pieces, visuals = [], [], []
+        for r in records:
+            item = self._prepare(r, counter)
+            if item is not None:
+                kept.append(r)
+                pieces.append(item[0])
+                visuals.append(item[1])
+        encoded = encode_pieces(pieces, self.tok, self.cfg.num_query_tokens, self.cfg.max_len) if pieces else []
+        rows: list[Encoded] = []
+        images: list[np.ndarray] = []
+        meta: list[dict[str, Any]] = []
+        for r, enc, vis in zip(kept, encoded, visuals):
+            if enc is None:
+                counter.skip("too_long", r["__shard__"], r["__key__"], f"max_len={self.cfg.max_len}")
+                continue
+            rows.append(enc)
+            images += vis[: enc.n_images]  # images cut by truncation leave with their positions
+            meta.append({"key": r["__key__"], "shard": r["__shard__"], "task": r["__task__"], **r["json"]})
+        if not rows:
+            counter.skip("empty_batch", records[0]["__shard__"] if records else "", "", "every record failed")
+            return self._dummy()
+        kinds = {"features" if v.ndim == 2 else "pixels" for v in images}
+        if len(kinds) > 1:
+            raise ValueError("a batch mixes pixel and feature samples; mix sources of one kind only "
+                             f"(shards {sorted({m['shard'] for m in meta})})")
+        batch = self._pack(rows) if self.cfg.pack else self._pad(rows)
+        if kinds == {"features"}:
+            batch["image_features"] = torch.from_numpy(np.stack(images)).float()
+        else:
+            batch["pixel_values"] = normalise(images, self.mean, self.std, self.cfg.image_size)
+        batch["meta"] = meta
+        return batch
+
+    def _prepare(self, r: dict[str, Any], counter: SkipCounter) -> tuple[list[tuple], list[np.ndarray]] | None:
+        """Prompt pieces and decoded visual input of one record, or None (counted) when it cannot be used."""
+        meta, shard, key = r["json"], r["__shard__"], r["__key__"]
+        task = r.get("__task__", "auto")
+        task = detect_task(meta) if task == "auto" else task
+        r["__task__"] = task
+        img_e, feat_e = image_ext(r), feature_ext(r)
+        if self.cfg.image_input == "pixels":
+            feat_e = None
+        elif self.cfg.image_input == "features":
+            img_e = None
+        has_visual = img_e is not None or feat_e is not None
+        if (meta.get("has_image") or task == "caption") and not has_visual:
+            counter.skip("missing_image", shard, key)
+            return None
+        try:
+            conv = render(meta, _txt(r), task, has_visual, self.cfg)
+        except (PromptError, KeyError, TypeError, AttributeError) as e:
+            counter.skip(getattr(e, "reason", "bad_json"), shard, key, str(e))
+            return None
+        visual: list[np.ndarray] = []
+        if feat_e is not None:
+            try:
+                f = decode_features(r[feat_e], feat_e)
+                if f.shape[0] != self.cfg.num_query_tokens:
+                    raise ValueError(f"{f.shape[0]} query tokens, expected {self.cfg.num_query_tokens}")
+                visual.append(f)
+            except Exception as e:  # numpy/torch raise many types on bad bytes
+                counter.skip("bad_features", shard, key, f"{type(e).__name__}: {e}")
+                return None
+        elif img_e is not None:
+            try:
+                visual.append(decode_image(r[img_e], self.cfg.image_size))
+            except Exception as e:  # PIL raises many types on bad bytes
+                counter.skip("undecodable_image", shard, key, f"{type(e).__name__}: {e}")
+                return None
+        return conversation_pieces(conv), visual
+
+    def _pad(self, rows: list[Encoded]) -> dict[str, Any]:
+        B, T = len(rows), max(len(e.input_ids) for e in rows)
+        ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        labels = np.full((B, T), IGNORE, dtype=np.int64)
+        mm = np.zeros((B, T), dtype=bool)
+        att = np.zeros((B, T), dtype=np.int64)
+        for i, e in enumerate(rows):
+            n = len(e.input_ids)
+            ids[i, :n], labels[i, :n], mm[i, :n], att[i, :n] = e.input_ids, e.labels, e.modality_mask, 1
+        real = int(att.sum())
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(att),
+                "labels": torch.from_numpy(labels), "modality_mask": torch.from_numpy(mm),
+                "stats": {"tokens": real, "pad_fraction": 1.0 - real / (B * T), "pad_fraction_saved": 0.0}}
+
+    def _pack(self, rows: list[Encoded]) -> dict[str, Any]:
+        lens = np.array([len(e.input_ids) for e in rows])
+        cu = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum(lens, out=cu[1:])
+        total = int(cu[-1])
+        pos = np.arange(total) - np.repeat(cu[:-1], lens)  # restarts at 0 at every sample
+        cat = {k: np.concatenate([getattr(e, k) for e in rows])[None] for k in ("input_ids", "labels", "modality_mask")}
+        padded_fraction = 1.0 - total / (len(rows) * int(lens.max()))
+        return {"input_ids": torch.from_numpy(cat["input_ids"]),
+                "attention_mask": torch.ones(1, total, dtype=torch.long),
+                "labels": torch.from_numpy(cat["labels"]), "modality_mask": torch.from_numpy(cat["modality_mask"]),
+                "cu_seqlens": torch.from_numpy(cu), "position_ids": torch.from_numpy(pos[None].astype(np.int64)),
+                "stats": {"tokens": total, "pad_fraction": 0.0, "pad_fraction_saved": padded_fraction}}
+
+    def _dummy(self) -> dict[str, Any]:
+        bos, eos = self.tok.bos_token_id, self.tok.eos_token_id
+        batch = {"input_ids": torch.tensor([[bos, eos]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+                 "labels": torch.tensor([[IGNORE, eos]]), "modality_mask": torch.zeros(1, 2, dtype=torch.bool),
+                 "pixel_values": torch.empty(0, 3, self.cfg.image_size, self.cfg.image_size),
+                 "meta": [{"dummy": True}], "stats": {"tokens": 2, "pad_fraction": 0.0, "pad_fraction_saved": 0.0}}
+        if self.cfg.pack:
+            batch["cu_seqlens"] = torch.tensor([0, 2], dtype=torch.int32)
+            batch["position_ids"] = torch.arange(2)[None]
+        return batch
+
+
+def _txt(r: dict[str, Any]) -> str | None:
+    raw = r.get("txt")
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace")

@@ -1,0 +1,68 @@
+"""Small builders of on-the-fly shard sets for tests (open_clip style: tests write tiny tars themselves)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from shards.writer import Sample, write_tar
+
+
+def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 32, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def sqa_meta(i: int, **over: Any) -> dict[str, Any]:
+    meta = {"question": f"Question number {i}?", "choices": ["red", "blue", "green"], "answer": i % 3,
+            "hint": " ".join(["context"] * (i % 4)), "lecture": "", "solution": f"Because {i}.", "has_image": True,
+            "qtype": "color", "split": "train", "subject": "demo", "grade": "grade1"}
+    meta.update(over)
+    return meta
+
+
+def sqa_sample(key: str, i: int, image: bool = True, features: tuple[int, int] | None = None,
+               **over: Any) -> Sample:
+    files: dict[str, bytes] = {}
+    if features is not None:
+        buf = io.BytesIO()
+        np.save(buf, np.full(features, i, dtype=np.float16))
+        files["feat.npy"] = buf.getvalue()
+    elif image:
+        files["png"] = png_bytes(((i * 37) % 256, 30, 30))
+    files["json"] = json.dumps(sqa_meta(i, has_image=image or features is not None, **over)).encode()
+    return Sample(key, files)
+
+
+def write_sqa_shards(out: Path, n_shards: int, per_shard: list[int] | int, name: str = "s", **kw: Any) -> list[str]:
+    """n_shards tars of ScienceQA-style samples with globally unique keys `{name}{shard}_{i}`; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    counts = per_shard if isinstance(per_shard, list) else [per_shard] * n_shards
+    paths, g = [], 0
+    for s, n in enumerate(counts):
+        samples = []
+        for _ in range(n):
+            samples.append(sqa_sample(f"{name}{s:03d}_{g:05d}", g, **kw))
+            g += 1
+        p = out / f"{name}-{s:06d}.tar"
+        write_tar(p, samples)
+        paths.append(str(p))
+    return paths
+
+
+def tiny_tokenizer(cache_dir: Path) -> Any:
+    """The lead's tiny byte-level BPE tokenizer (pipeline.model.tiny), loaded as a PreTrainedTokenizerFast."""
+    from transformers import PreTrainedTokenizerFast
+
+    cache_dir = Path(cache_dir)
+    if not (cache_dir / "tokenizer.json").is_file():
+        from pipeline.model.tiny import build_tiny_tokenizer
+
+        build_tiny_tokenizer(cache_dir)
+    return PreTrainedTokenizerFast.from_pretrained(str(cache_dir))

@@ -1,0 +1,126 @@
+"""Conversations -> token ids, labels and modality_mask, for a whole batch with one tokenizer call.
+
+Layout (LLaMA-2 chat; <s>/</s> are the tokenizer's BOS/EOS ids, never tokenised text):
+    <s>[INST] {sys block}{user text} [/INST]{answer}</s><s>[INST] {user 2} [/INST]{answer 2}</s> ...
+Each `<image>` marker becomes K placeholder positions (`image_placeholder_id`, overwritten by the model), with
+modality_mask True there. Labels equal input_ids on answer tokens and their EOS, -100 elsewhere (HF shift convention:
+the model shifts). Text pieces are tokenised separately (boundaries at images and answers), so the prompt used at
+generation (`encode_prompt`) is token-for-token the training prompt.
+
+Truncation to max_len drops trailing tokens but never part of an image: a cut inside a visual run moves to the run's
+start and that image is dropped. A sample left without any answer token is skipped ("too_long").
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.prompts import IMAGE, Conversation
+
+IGNORE = -100
+SYS_BLOCK = "<<SYS>>\n{}\n<</SYS>>\n\n"
+
+
+def placeholder_id(tokenizer: Any) -> int:
+    """pipeline.model.image_placeholder_id's rule: unk, else pad, else 0.
+
+    Used from the model when it is already imported (the trainer); otherwise the same rule here, because importing
+    pipeline.model pulls in transformers' Llama (seconds per process) for one integer. A test checks both agree."""
+    model = sys.modules.get("pipeline.model")
+    if model is not None and hasattr(model, "image_placeholder_id"):
+        return int(model.image_placeholder_id(tokenizer))
+    for tid in (tokenizer.unk_token_id, tokenizer.pad_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+@dataclass
+class Encoded:
+    input_ids: np.ndarray  # (L,) int64
+    labels: np.ndarray  # (L,) int64
+    modality_mask: np.ndarray  # (L,) bool
+    n_images: int  # images kept after truncation (0 or 1 per marker)
+
+
+# piece kinds: ("bos",), ("eos", train), ("text", str, train), ("image",)
+def conversation_pieces(conv: Conversation, with_answer: bool = True) -> list[tuple]:
+    pieces: list[tuple] = []
+    for k, (user, answer) in enumerate(conv.turns):
+        last = k == len(conv.turns) - 1
+        sys = SYS_BLOCK.format(conv.system) if (k == 0 and conv.system) else ""
+        head = f"[INST] {sys}"
+        parts = user.split(IMAGE)
+        pieces.append(("bos",))
+        for j, part in enumerate(parts):
+            text = (head if j == 0 else "") + part + (" [/INST]" if j == len(parts) - 1 else "")
+            if j < len(parts) - 1:
+                text = text.rstrip(" ")
+            if text:
+                pieces.append(("text", text, False))
+            if j < len(parts) - 1:
+                pieces.append(("image",))
+        if last and not with_answer:
+            break
+        pieces.append(("text", answer, True))
+        pieces.append(("eos", True))
+    return pieces
+
+
+def encode_pieces(batch_pieces: list[list[tuple]], tokenizer: Any, num_query_tokens: int, max_len: int | None,
+                  ) -> list[Encoded | None]:
+    """One batched tokenizer call for every text piece of the batch; None for samples truncated to no answer."""
+    texts = [p[1] for pieces in batch_pieces for p in pieces if p[0] == "text"]
+    ids_list = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise ValueError("the tokenizer needs bos_token_id and eos_token_id (LLaMA-style <s> and </s>)")
+    ph = placeholder_id(tokenizer)
+    K = num_query_tokens
+    out: list[Encoded | None] = []
+    t = 0
+    for pieces in batch_pieces:
+        ids: list[int] = []
+        train: list[bool] = []
+        vis: list[bool] = []
+        img_starts: list[int] = []
+        for p in pieces:
+            if p[0] == "text":
+                seg = ids_list[t]
+                t += 1
+                ids += seg
+                train += [p[2]] * len(seg)
+                vis += [False] * len(seg)
+            elif p[0] == "image":
+                img_starts.append(len(ids))
+                ids += [ph] * K
+                train += [False] * K
+                vis += [True] * K
+            else:
+                ids.append(bos if p[0] == "bos" else eos)
+                train.append(p[0] == "eos" and p[1])
+                vis.append(False)
+        n_img = len(img_starts)
+        if max_len is not None and len(ids) > max_len:
+            cut = max_len
+            for s in img_starts:
+                if s < cut < s + K:  # never a partial image
+                    cut = s
+            n_img = sum(1 for s in img_starts if s + K <= cut)
+            ids, train, vis = ids[:cut], train[:cut], vis[:cut]
+        arr = np.asarray(ids, dtype=np.int64)
+        tr = np.asarray(train, dtype=bool)
+        if max_len is not None and not tr.any() and any(p[0] == "eos" for p in pieces):
+            out.append(None)
+            continue
+        out.append(Encoded(arr, np.where(tr, arr, IGNORE), np.asarray(vis, dtype=bool), n_img))
+    return out
+
+
+def encode_prompt(conv: Conversation, tokenizer: Any, num_query_tokens: int) -> Encoded:
+    """The generation prompt: everything up to and including the last `[/INST]`, no answer, no truncation."""
+    return encode_pieces([conversation_pieces(conv, with_answer=False)], tokenizer, num_query_tokens, None)[0]

@@ -1,0 +1,82 @@
+"""Helpers shared by the builders: input validation with clear errors, image checks, JSON encoding."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from shards.writer import SkipSample
+
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif"}
+
+
+def require_file(path: Path | str, what: str) -> Path:
+    """Fail before any expensive work, naming the file and what it should be."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    return p
+
+
+def require_dir(path: Path | str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} is not a directory: {p}")
+    return p
+
+
+def load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def require_fields(rec: Any, fields: tuple[str, ...], where: str) -> None:
+    """`where` names the file and record, e.g. 'chat.json[17]'."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected an object, got {type(rec).__name__}")
+    missing = [f for f in fields if f not in rec]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}; has {sorted(rec)}")
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True).encode()
+
+
+def read_image(path: Path, max_side: int | None = None, key: str = "") -> tuple[bytes, str]:
+    """Return (bytes, ext) of a decodable image; raise SkipSample('missing_image' | 'undecodable_image').
+
+    The original bytes are kept unless `max_side` asks for a downscale (saves shard space for 224 px training).
+    """
+    if not path.is_file():
+        raise SkipSample("missing_image", f"{key}: {path}")
+    data = path.read_bytes()
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = (img.format or "").lower()
+        if max_side is None or max(img.size) <= max_side:
+            img.draft("RGB", (224, 224))  # JPEG: decode at reduced scale; still reads the whole entropy stream
+            img.load()
+            if fmt in ("jpeg", "png"):
+                return data, "jpg" if fmt == "jpeg" else "png"
+        img = img.convert("RGB")
+        if max_side is not None and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.BICUBIC)
+    except Exception as e:  # PIL raises many types for bad files
+        raise SkipSample("undecodable_image", f"{key}: {path}: {type(e).__name__}: {e}") from None
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue(), "jpg"
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

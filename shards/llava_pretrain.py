@@ -1,0 +1,78 @@
+"""LLaVA stage-1 (image-caption) JSON -> WebDataset shards.
+
+Input: LLaVA's pretrain JSON (`chat.json` of CC3M-595K or `blip_laion_cc_sbu_558k.json`): a list of
+`{id, image, conversations: [{from: human, value: '...<image>...'}, {from: gpt, value: caption}]}` plus the image
+folder that `image` is relative to. Output per sample: `{key}.jpg|png` (original bytes unless --max-image-side),
+`{key}.txt` (the caption), `{key}.json` (id, image, conversations, caption, has_image, source).
+
+    python -m shards.llava_pretrain --json chat.json --images images/ --out shards/cc595k --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from shards.common import file_size, json_bytes, load_json, read_image, require_dir, require_fields, require_file
+from shards.writer import Sample, SkipSample, add_writer_args, sanitize_key, summary, write_shards, writer_config
+
+
+def validate_records(records: Any, json_path: Path) -> None:
+    """Structural errors stop the build before any image is read (a wrong file is not a data-quality issue)."""
+    if not isinstance(records, list):
+        raise ValueError(f"{json_path}: expected a JSON list of records, got {type(records).__name__}")
+    for i, r in enumerate(records):
+        require_fields(r, ("id", "image", "conversations"), f"{json_path}[{i}]")
+        conv = r["conversations"]
+        if not isinstance(conv, list) or len(conv) < 2:
+            raise ValueError(f"{json_path}[{i}] (id {r['id']}): 'conversations' needs a human turn and a gpt turn")
+        for j, turn in enumerate(conv[:2]):
+            require_fields(turn, ("from", "value"), f"{json_path}[{i}].conversations[{j}]")
+
+
+def check_image_root(records: list[dict], root: Path, field: str = "image") -> None:
+    """A wrong --images path would skip every sample as missing: catch it from the first few records."""
+    probe = [r[field] for r in records[:50] if r.get(field)]
+    if probe and not any((root / p).is_file() for p in probe):
+        raise FileNotFoundError(f"none of the first {len(probe)} images exist under --images {root} "
+                                f"(e.g. {root / probe[0]}); is the image folder right?")
+
+
+def make_sample(rec: dict, root: Path, max_side: int | None) -> Sample:
+    key = sanitize_key(rec["id"])
+    caption = str(rec["conversations"][1]["value"]).strip()
+    if not caption:
+        raise SkipSample("empty_answer", key)
+    data, ext = read_image(root / rec["image"], max_side, key)
+    meta = {"id": rec["id"], "key": key, "image": rec["image"], "conversations": rec["conversations"][:2],
+            "caption": caption, "has_image": True, "source": "llava_pretrain"}
+    return Sample(key, {ext: data, "json": json_bytes(meta), "txt": caption.encode()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shards.llava_pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", required=True, type=Path, help="chat.json / blip_laion_cc_sbu_558k.json")
+    p.add_argument("--images", required=True, type=Path, help="folder the records' 'image' paths are relative to")
+    p.add_argument("--max-image-side", type=int, default=None, help="downscale larger images (JPEG re-encode)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records (smoke runs)")
+    add_writer_args(p, default_max_samples=10000)
+    a = p.parse_args(argv)
+    require_file(a.json, "--json (LLaVA pretrain JSON)")
+    root = require_dir(a.images, "--images")
+    records = load_json(a.json, "--json")
+    validate_records(records, a.json)
+    records = records[: a.limit] if a.limit else records
+    check_image_root(records, root)
+    cfg = writer_config(a, "llava_pretrain", {"builder": "llava_pretrain", "content": "pixels",
+                                              "source_json": str(a.json)})
+    keys = [sanitize_key(r["id"]) for r in records]
+    sizes = [file_size(root / r["image"]) for r in records]
+    index = write_shards(records, keys, sizes, partial(make_sample, root=root, max_side=a.max_image_side), cfg)
+    print(summary(index))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""ScienceQA -> WebDataset shards, one split at a time.
+
+Input: `problems.json` ({qid: problem}), `pid_splits.json` ({split: [qid, ...]}), optional `captions.json`
+({"captions": {qid: caption}}) and the image root holding `<split>/<qid>/image.png`. Every field evaluation needs
+is kept in `{key}.json`: qid, question, choices, answer (index), hint, subject, topic, category, skill, grade, task,
+lecture, solution, has_image, caption (if given), split.
+
+    python -m shards.scienceqa --problems problems.json --pid-splits pid_splits.json --images images/ \
+        --split train --out shards/scienceqa
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from shards.common import file_size, json_bytes, load_json, read_image, require_dir, require_fields, require_file
+from shards.writer import Sample, SkipSample, add_writer_args, summary, write_shards, writer_config
+
+REQUIRED = ("question", "choices", "answer", "hint", "image", "subject", "grade", "lecture", "solution")
+KEEP = REQUIRED + ("topic", "category", "skill", "task", "split")
+
+
+def load_split(problems: Any, splits: Any, split: str, problems_path: Path, splits_path: Path) -> list[str]:
+    if not isinstance(problems, dict):
+        raise ValueError(f"{problems_path}: expected an object {{qid: problem}}, got {type(problems).__name__}")
+    if not isinstance(splits, dict) or split not in splits:
+        have = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
+        raise ValueError(f"{splits_path}: no split {split!r} (has {have})")
+    qids = [str(q) for q in splits[split]]
+    unknown = [q for q in qids if q not in problems]
+    if unknown:
+        raise ValueError(f"{splits_path}[{split!r}] lists {len(unknown)} qid(s) absent from {problems_path}, "
+                         f"e.g. {unknown[:3]}")
+    for q in qids:
+        require_fields(problems[q], REQUIRED, f"{problems_path}[{q!r}]")
+    return qids
+
+
+def make_sample(qid: str, problems: dict, captions: dict, root: Path, split: str, img_split: str) -> Sample:
+    prob = problems[qid]
+    key = f"sqa_{qid}"
+    choices = prob["choices"]
+    if not isinstance(choices, list) or not 2 <= len(choices) <= 26:
+        raise SkipSample("bad_choices", f"{key}: {choices!r}")
+    if not isinstance(prob["answer"], int) or not 0 <= prob["answer"] < len(choices):
+        raise SkipSample("empty_answer", f"{key}: answer {prob['answer']!r} for {len(choices)} choices")
+    files: dict[str, bytes] = {}
+    has_image = bool(prob.get("image"))
+    if has_image:
+        data, ext = read_image(root / img_split / qid / prob["image"], None, key)
+        files[ext] = data
+    meta: dict[str, Any] = {k: prob.get(k) for k in KEEP}
+    meta.update(qid=qid, key=key, id=qid, has_image=has_image, split=split, source="scienceqa")
+    if qid in captions:
+        meta["caption"] = captions[qid]
+    files["json"] = json_bytes(meta)
+    return Sample(key, files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shards.scienceqa", description=__doc__.split("\n\n")[0])
+    p.add_argument("--problems", required=True, type=Path, help="ScienceQA problems.json")
+    p.add_argument("--pid-splits", required=True, type=Path, help="ScienceQA pid_splits.json")
+    p.add_argument("--captions", type=Path, default=None, help="optional captions.json")
+    p.add_argument("--images", required=True, type=Path, help="root holding <split>/<qid>/image.png")
+    p.add_argument("--split", required=True, help="train | val | test | minival | minitest")
+    add_writer_args(p, default_max_samples=2000)
+    a = p.parse_args(argv)
+    require_file(a.problems, "--problems (problems.json)")
+    require_file(a.pid_splits, "--pid-splits (pid_splits.json)")
+    root = require_dir(a.images, "--images")
+    problems = load_json(a.problems, "--problems")
+    qids = load_split(problems, load_json(a.pid_splits, "--pid-splits"), a.split, a.problems, a.pid_splits)
+    captions: dict = {}
+    if a.captions:
+        require_file(a.captions, "--captions (captions.json)")
+        cap = load_json(a.captions, "--captions")
+        captions = cap.get("captions", cap) if isinstance(cap, dict) else {}
+    img_split = "val" if a.split == "minival" else "test" if a.split == "minitest" else a.split
+    if any(problems[q].get("image") for q in qids):
+        require_dir(root / img_split, f"--images {root}: image folder for split {img_split!r}")
+    cfg = writer_config(a, f"scienceqa-{a.split}", {"builder": "scienceqa", "split": a.split,
+                                                     "content": "pixels", "source_json": str(a.problems)})
+    sizes = [file_size(root / img_split / q / str(problems[q].get("image") or "")) + 4096 for q in qids]
+    fn = partial(make_sample, problems=problems, captions=captions, root=root, split=a.split, img_split=img_split)
+    index = write_shards(qids, [f"sqa_{q}" for q in qids], sizes, fn, cfg)
+    print(summary(index))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+# shellcheck shell=bash
+# Shared logic of slurm/stage1.sh and slurm/stage2.sh; sourced by them, never run on its own.
+#
+# pill_run_stage STAGE DEFAULT_CONFIG   (PILL_REPO set by the stage script)
+#   1. finds the python, the configs and the run dir (env overrides, see docs/slurm.md);
+#   2. exports the rendezvous contract of pipeline/train.py: MASTER_ADDR = first host of the
+#      allocation, MASTER_PORT = 10000 + job id % 50000 (same on every node and after a requeue);
+#      slurm/task.sh derives RANK / WORLD_SIZE / LOCAL_RANK per task from SLURM_PROCID / SLURM_NTASKS /
+#      SLURM_LOCALID;
+#   3. starts one task per GPU (or per CPU slot with PILL_CPU=1) with srun, in the background, so
+#      that this shell can take signals while training runs;
+#   4. on SIGUSR1 (sbatch --signal=B:USR1@N before the time limit, or `scancel --signal=USR1 --batch`)
+#      or SIGTERM (scancel, preemption, the time limit itself), forwards SIGUSR1 to every task through
+#      srun; train.py then finishes its step, saves a checkpoint on all ranks and exits 99;
+#   5. when training exits 99 after SIGUSR1 (or after a signal sent to the tasks only, e.g.
+#      --signal=USR1@N without B:), it requeues the job (`scontrol requeue`); the requeued job runs this
+#      script again with the same job id, hence the same run dir, and train.py resumes from
+#      <run dir>/checkpoints/latest by itself (--resume auto is its default). After SIGTERM it does not
+#      requeue unless PILL_REQUEUE_ON_TERM=1 (a plain scancel must stay cancelled).
+
+pill_log() { echo "[pill-slurm $(date -u +%H:%M:%S)] $*"; }
+
+# First host of the allocation: the rank-0 node, where torch.distributed's TCP store listens.
+pill_master_addr() {
+  local first
+  first=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n1)
+  echo "${first:-$(hostname -s)}"
+}
+
+pill_master_port() { echo $((10000 + ${SLURM_JOB_ID:-0} % 50000)); }
+
+_pill_on_signal() {
+  local sig=$1
+  pill_log "got SIG$sig: asking the training tasks to checkpoint and stop (SIGUSR1 -> exit 99)"
+  PILL_SIGNALED=$sig
+  if [[ -n ${PILL_SRUN_PID:-} ]] && kill -0 "$PILL_SRUN_PID" 2>/dev/null; then
+    # srun forwards SIGUSR1 to every task of the step, on every node.
+    kill -USR1 "$PILL_SRUN_PID" 2>/dev/null || true
+  fi
+}
+
+pill_run_stage() {
+  local stage=$1 default_config=$2
+  local repo python config ds_config run_dir rc=0 restarts=${SLURM_RESTART_COUNT:-0}
+  repo=${PILL_REPO:?stage script sets PILL_REPO before sourcing common.sh}
+  cd "$repo" || return 1
+
+  python=${PILL_PYTHON:-}
+  if [[ -z $python ]]; then
+    if [[ -x $repo/.venv/bin/python ]]; then python=$repo/.venv/bin/python; else python=python3; fi
+  fi
+  config=${PILL_CONFIG:-$default_config}
+  ds_config=${PILL_DS_CONFIG:-ds_configs/zero2.json}
+  # Job id survives a requeue, so the default run dir does too: the resumed job finds its checkpoint.
+  run_dir=${PILL_RUN_DIR:-runs/${SLURM_JOB_NAME:-pill-stage$stage}-${SLURM_JOB_ID:-local}}
+  [[ -f $config ]] || { pill_log "ERROR: config $config not found (set PILL_CONFIG)"; return 2; }
+  [[ -f $ds_config ]] || { pill_log "ERROR: DeepSpeed config $ds_config not found (set PILL_DS_CONFIG)"; return 2; }
+
+  # Always from the allocation (a MASTER_* left in the submitting shell must not leak in); PILL_MASTER_* override.
+  export MASTER_ADDR=${PILL_MASTER_ADDR:-$(pill_master_addr)}
+  export MASTER_PORT=${PILL_MASTER_PORT:-$(pill_master_port)}
+  # Multi-homed nodes: the interface for gloo/NCCL traffic (e.g. ib0, eth1), when the hostname resolves elsewhere.
+  if [[ -n ${PILL_SOCKET_IFNAME:-} ]]; then
+    export GLOO_SOCKET_IFNAME=$PILL_SOCKET_IFNAME NCCL_SOCKET_IFNAME=$PILL_SOCKET_IFNAME
+  fi
+  export PYTHONUNBUFFERED=1
+  if [[ ${PILL_CPU:-0} == 1 ]]; then
+    export DS_ACCELERATOR=cpu              # DeepSpeed picks gloo on the CPU accelerator
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  else
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+  fi
+
+  # PILL_SET: whitespace-separated key=value overrides, each passed as `--set key=value`.
+  local -a args=(--ds_config "$ds_config" --config "$config" --output-dir "$run_dir")
+  local kv
+  for kv in ${PILL_SET:-}; do args+=(--set "$kv"); done
+
+  pill_log "job ${SLURM_JOB_ID:-?} stage $stage restart $restarts: ${SLURM_NTASKS:-1} tasks on" \
+    "${SLURM_JOB_NUM_NODES:-1} node(s) [${SLURM_JOB_NODELIST:-$(hostname -s)}]," \
+    "master $MASTER_ADDR:$MASTER_PORT, $([[ ${PILL_CPU:-0} == 1 ]] && echo 'CPU/gloo' || echo 'GPU/NCCL')"
+  pill_log "run dir $([[ $run_dir == /* ]] || echo "$repo/")$run_dir; $python pipeline/train.py ${args[*]}"
+
+  PILL_SIGNALED=
+  trap '_pill_on_signal USR1' USR1
+  trap '_pill_on_signal TERM' TERM
+  # --kill-on-bad-exit=0: ranks leave at slightly different moments after a joint checkpoint (exit 99);
+  # killing the others at the first non-zero exit could cut a rank short.
+  srun --kill-on-bad-exit=0 bash "$repo/slurm/task.sh" "$python" pipeline/train.py "${args[@]}" &
+  PILL_SRUN_PID=$!
+  # `wait` returns early (status > 128) whenever a trapped signal arrives: wait again while srun lives;
+  # the last `wait` returns srun's own status (bash keeps it), i.e. the highest exit code of the tasks.
+  while kill -0 "$PILL_SRUN_PID" 2>/dev/null; do wait "$PILL_SRUN_PID"; done
+  wait "$PILL_SRUN_PID"; rc=$?
+  trap - USR1 TERM
+
+  if ((rc == 99)); then
+    if [[ $PILL_SIGNALED == TERM && ${PILL_REQUEUE_ON_TERM:-0} != 1 ]]; then
+      # SIGTERM to the batch shell means scancel, the time limit itself, or preemption; the job state
+      # (COMPLETING in all three) does not tell them apart, so do not bring back a job someone cancelled.
+      # PreemptMode=REQUEUE requeues preempted jobs by itself.
+      pill_log "checkpoint saved after SIGTERM; not requeueing (PILL_REQUEUE_ON_TERM=1 would)." \
+        "Resume: PILL_RUN_DIR=$run_dir sbatch ..."
+      return 99
+    fi
+    if ((restarts >= ${PILL_MAX_RESTARTS:-50})); then
+      # A time limit too short to make progress between two signals would otherwise requeue forever.
+      pill_log "checkpoint saved; not requeueing: already restarted $restarts times (PILL_MAX_RESTARTS)." \
+        "Resume: PILL_RUN_DIR=$run_dir sbatch ..."
+      return 99
+    fi
+    pill_log "training checkpointed and stopped (exit 99${PILL_SIGNALED:+ after SIG$PILL_SIGNALED}); requeueing job $SLURM_JOB_ID"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+      # The job goes back to pending with the same id, hence the same run dir, and train.py resumes.
+      return 0
+    fi
+    pill_log "ERROR: scontrol requeue failed (job not --requeue, or JobRequeue=0?); resubmit with" \
+      "PILL_RUN_DIR=$run_dir to resume from $run_dir/checkpoints/latest"
+    return 99
+  fi
+  if ((rc != 0)); then pill_log "training failed with exit code $rc"; return "$rc"; fi
+  pill_log "training finished"
+  return 0
+}
