@@ -7,6 +7,9 @@ import sys
 
 def test_transformers_does_not_see_a_kernels_package_and_llama_runs(tiny_dirs):
     code = f"""
+import sys
+import transformers.models.llama.modeling_llama
+assert 'kernels.gated_attention' not in sys.modules, 'the probe imported our kernels package'
 import kernels, torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import import_utils
@@ -15,6 +18,7 @@ assert not import_utils.is_kernels_available(), 'transformers believes the PyPI 
 m = AutoModelForCausalLM.from_pretrained({str(tiny_dirs['llm'])!r}, local_files_only=True)
 out = m(torch.tensor([[1, 5, 9, 12]]))
 assert out.logits.shape[-1] == m.config.vocab_size and torch.isfinite(out.logits).all()
+assert callable(kernels.gated_attention) and callable(kernels.routed_swiglu_adapter)
 print('ok')
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
