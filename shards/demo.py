@@ -58,6 +58,10 @@ class DemoConfig:
     """count questions show 1..max_count shapes"""
     min_options: int = 2
     max_options: int = 4
+    fixed_options: bool = False
+    """every question of a type lists all its values in one fixed order, so the answer letter is a function of
+    the image alone; with shuffled options a model must also bind the image to the option words, which a tiny
+    random LLM cannot learn in a CPU-minutes budget"""
     shape_frac: float = 0.42
     """single-shape scenes: shape side as a fraction of the image side (big = survives a random ViT)"""
     background: tuple[int, int, int] = (128, 128, 128)
@@ -104,6 +108,8 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: 
 
 
 def _options(rng: random.Random, cfg: DemoConfig, answer: str, pool: list[str]) -> tuple[list[str], int]:
+    if cfg.fixed_options:
+        return list(pool), pool.index(answer)
     n = min(rng.randint(cfg.min_options, cfg.max_options), len(pool))
     others = [p for p in pool if p != answer]
     choices = [answer] + rng.sample(others, n - 1)
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--colors", default=",".join(DemoConfig.colors), help=f"comma list from {sorted(COLORS)}")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list from {SHAPES}")
     p.add_argument("--max-options", type=int, default=4)
+    p.add_argument("--fixed-options", action="store_true", help="all values of a type, in one fixed order")
     p.add_argument("--format", choices=("png", "jpg"), default="png")
     # 250 -> 12 train shards: divisible by 1, 2, 3, 4, 6 and 12 (ranks x workers), so every worker holds exactly
     # its quota and no sample is repeated or left out in an epoch.
@@ -216,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     cfg = DemoConfig(n_train=a.n_train, n_val=a.n_val, seed=a.seed, image_size=a.image_size,
                      qtypes=tuple(a.qtypes.split(",")), colors=tuple(a.colors.split(",")),
-                     shapes=tuple(a.shapes.split(",")), max_options=a.max_options, image_format=a.format)
+                     shapes=tuple(a.shapes.split(",")), max_options=a.max_options, image_format=a.format,
+                     fixed_options=a.fixed_options)
     for idx in build_demo(cfg, a.out, a.max_samples, a.workers, progress=not a.no_progress).values():
         print(summary(idx))
     return 0

@@ -75,3 +75,13 @@ def test_parametrised_and_validated(tmp_path):
         DemoConfig(colors=("red",))
     assert main(["--out", str(tmp_path), "--n-train", "8", "--n-val", "4", "--image-size", "48", "--no-progress"]) == 0
     assert json.loads((tmp_path / "val-index.json").read_text())["total_samples"] == 4
+
+
+def test_fixed_options_make_the_letter_a_function_of_the_image():
+    cfg = DemoConfig(n_train=40, n_val=0, qtypes=("color",), fixed_options=True)
+    for i in range(40):
+        _, fields, _ = make_scene(cfg, "train", i)
+        assert fields["choices"] == list(cfg.colors)
+        assert fields["choices"][fields["answer"]] in fields["solution"] if "solution" in fields else True
+    shuffled = DemoConfig(n_train=40, n_val=0, qtypes=("color",))
+    assert any(make_scene(shuffled, "train", i)[1]["choices"] != list(shuffled.colors) for i in range(40))

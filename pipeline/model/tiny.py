@@ -24,7 +24,7 @@ from transformers import (
 
 from pipeline.model.vpg import VPG
 
-TINY_RECIPE_VERSION = 2  # bump when a tiny model's recipe changes, so cached directories are rebuilt
+TINY_RECIPE_VERSION = 3  # bump when a tiny model's recipe changes, so cached directories are rebuilt
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 _CORPUS = [
     "[INST] <<SYS>>\nYou are a helpful assistant. Answer the question about the image.\n<</SYS>>\n\n",
@@ -59,8 +59,12 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
 
 def build_tiny_llm(out_dir: str | Path, tokenizer_dir: str | Path | None = None, *, hidden_size: int = 64,
                    num_layers: int = 2, num_heads: int = 4, n_kv_heads: int | None = None,
-                   intermediate_size: int = 128, seed: int = 0) -> Path:
-    """A random LlamaForCausalLM (+ its tokenizer) saved with save_pretrained."""
+                   intermediate_size: int = 128, seed: int = 0, initializer_range: float | None = None) -> Path:
+    """A random LlamaForCausalLM (+ its tokenizer) saved with save_pretrained.
+
+    Weights ~ N(0, 1/d) by default (not transformers' 0.02): at d=64, 0.02 makes every frozen projection shrink
+    its input ~8x, so the adapters, which act only through the frozen sublayers, barely move the logits and the
+    demo cannot learn. A trained LLM's sublayers have O(1) gain; 1/sqrt(d) gives a random one the same."""
     out_dir = Path(out_dir)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else build_tiny_tokenizer(out_dir)
     tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
@@ -68,7 +72,8 @@ def build_tiny_llm(out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=n_kv_heads or num_heads, max_position_embeddings=1024,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         tie_word_embeddings=False, rms_norm_eps=1e-5)
+                         tie_word_embeddings=False, rms_norm_eps=1e-5,
+                         initializer_range=initializer_range or hidden_size ** -0.5)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(str(out_dir))
