@@ -53,7 +53,7 @@ def probe(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Te
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shards.demo_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--vpg", default="tiny", help="VPG dir or 'tiny'")
-    p.add_argument("--tiny-dir", type=Path, default=Path(".cache/tiny_pill/vpg"))
+    p.add_argument("--tiny-dir", type=Path, default=Path(".cache/tiny_pill"))
     p.add_argument("--n-train", type=int, default=800)
     p.add_argument("--n-val", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)

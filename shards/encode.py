@@ -33,18 +33,17 @@ log = logging.getLogger(__name__)
 
 def load_vpg(spec: str, tiny_dir: Path, dtype: torch.dtype = torch.float32,
              lavis: dict[str, str] | None = None) -> Any:
-    """`tiny`: the random tiny BLIP-2 of pipeline.model.tiny (built once into tiny_dir); a transformers BLIP-2 dir;
+    """`tiny`: the random tiny BLIP-2 of pipeline.model.tiny (built once under tiny_dir, the same one training's
+    `tiny` uses); a transformers BLIP-2 dir;
     or LAVIS checkpoints (`lavis` = {"qformer": pth, "vit": pth, "config": dir}) via pipeline.model.load_vpg."""
     from pipeline.model import load_vpg as model_load_vpg
 
     if lavis:
         return model_load_vpg(lavis, dtype)
     if spec == "tiny":
-        from pipeline.model.tiny import build_tiny_vpg
+        from pipeline.model.tiny import build_tiny_pill_dirs
 
-        if not (tiny_dir / "config.json").is_file():
-            build_tiny_vpg(tiny_dir)
-        spec = str(tiny_dir)
+        spec = str(build_tiny_pill_dirs(tiny_dir)["vpg"])
     return model_load_vpg(spec, dtype)
 
 
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="ViT compute dtype (the Q-former stays fp32; features are stored fp16 either way)")
-    p.add_argument("--tiny-dir", type=Path, default=Path(".cache/tiny_pill/vpg"), help="where 'tiny' is built")
+    p.add_argument("--tiny-dir", type=Path, default=Path(".cache/tiny_pill"), help="where 'tiny' is built")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
