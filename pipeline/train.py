@@ -1,0 +1,167 @@
+"""PILL training entry point (DeepSpeed).
+
+    deepspeed --num_gpus N pipeline/train.py --ds_config ds_configs/zero2.json [--config FILE.yaml]
+        [--set key=value ...] [--output-dir DIR] [--resume auto|never|PATH]
+
+Also runs under `torchrun` and `srun` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT) and as a plain
+`python -m pipeline.train` (a world of one). With no --config it runs the embedded default, configs/demo.yaml:
+the tiny PILL on the synthetic demo shards, stage 1 then stage 2, then the held-out multiple-choice evaluation
+with and without images, printed and written to <output_dir>/eval.json.
+
+Exit codes: 0 done, 2 configuration error (before any process spends time), 3 non-finite losses,
+99 preempted by SIGTERM/SIGUSR1 after writing a checkpoint (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `deepspeed pipeline/train.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.training.config import ConfigError, TrainConfig, load_config  # noqa: E402
+from pipeline.training.dist import EXIT_PREEMPTED  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+EXIT_CONFIG, EXIT_NONFINITE = 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline/train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ds_config", "--ds-config", default=str(REPO / "ds_configs" / "zero2.json"),
+                   help="DeepSpeed JSON; \"auto\" fields are filled from the training config")
+    p.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); default: the embedded demo")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set stages.0.max_steps=100 or --set stages.*.lr=1e-3")
+    p.add_argument("--output-dir", "--output_dir", default=None, help="run directory (default: output_dir)")
+    p.add_argument("--resume", default=None, help="auto (default: continue from the run dir), never, or a "
+                                                  "checkpoint directory")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    if args.resume:
+        cfg.checkpoint.resume = args.resume
+    return cfg
+
+
+def validate_before_launch(cfg: TrainConfig, raw_ds: dict, world_size: int) -> None:
+    """Everything that can be checked without a model: batch arithmetic and the DeepSpeed combination."""
+    import torch
+
+    from pipeline.training.ds_config import fill_ds_config, plan_batch
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    for i, s in enumerate(cfg.stages):
+        fill_ds_config(raw_ds, cfg, s, plan_batch(s, world_size, f"stages[{i}]"), device)
+
+
+def stage_dirs(cfg: TrainConfig) -> list[Path]:
+    """A single-stage job writes into the run dir itself; a multi-stage run uses run_dir/stage{N}/."""
+    out = Path(cfg.output_dir)
+    if len(cfg.stages) == 1:
+        return [out]
+    names = [f"stage{s.stage}" for s in cfg.stages]
+    return [out / (n if names.count(n) == 1 else f"{n}_{i}") for i, n in enumerate(names)]
+
+
+def prepare_demo_data(cfg: TrainConfig, is_main: bool) -> None:
+    """Generate the synthetic demo shards once (global rank 0; deterministic, so a rebuild is identical)."""
+    import torch.distributed as dist
+
+    if cfg.demo_data and is_main:
+        from shards.demo import DemoConfig, build_demo
+
+        spec = dict(cfg.demo_data)
+        out = Path(spec.pop("out"))
+        max_samples = spec.pop("max_samples", 1000)
+        build_demo(DemoConfig(**spec), out, max_samples=max_samples)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    try:
+        cfg = resolve_config(args)
+        from pipeline.training.ds_config import load_ds_config
+
+        raw_ds = load_ds_config(args.ds_config)
+        validate_before_launch(cfg, raw_ds, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
+    except ConfigError as e:
+        if rank == 0:
+            print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from pipeline.training.dist import Preempted, PreemptionFlag, init_distributed
+    from pipeline.training.loop import NonFiniteLossError, run_stage
+
+    ctx = init_distributed(args.local_rank)
+    preempt = PreemptionFlag().install()
+    t0 = time.time()
+    try:
+        prepare_demo_data(cfg, ctx.is_main)
+        if ctx.is_main:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        results, init_from = [], None
+        for i, (s, sdir) in enumerate(zip(cfg.stages, stage_dirs(cfg))):
+            init = s.init_from or init_from
+            done = sdir / "result.json"
+            if len(cfg.stages) > 1 and done.is_file() and cfg.checkpoint.resume == "auto":
+                # A finished earlier stage of a multi-stage run is not repeated after a restart.
+                from pipeline.training.loop import StageResult
+
+                results.append(StageResult(**json.loads(done.read_text())))
+                init_from = results[-1].export_dir
+                continue
+            results.append(run_stage(cfg, i, raw_ds, ctx, sdir, init, preempt, cfg.checkpoint.resume))
+            init_from = results[-1].export_dir
+        eval_result = None
+        if cfg.eval.enabled and cfg.stages[-1].eval_shards:
+            from pipeline.training.evaluate import evaluate_export
+
+            last = results[-1]
+            eval_result = evaluate_export(cfg, last.export_dir, ctx, last.llm_path, last.vpg_path)
+        if ctx.is_main:
+            write_summary(cfg, results, eval_result, time.time() - t0)
+        return 0
+    except Preempted:
+        return EXIT_PREEMPTED
+    except NonFiniteLossError as e:
+        if ctx.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except ConfigError as e:
+        if ctx.is_main:
+            print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        preempt.uninstall()
+
+
+def write_summary(cfg: TrainConfig, results: list, eval_result: dict | None, wall: float) -> None:
+    lines = [f"run {cfg.name}: {len(results)} stage(s) in {wall:.1f}s, output {cfg.output_dir}"]
+    lines += [r.summary() for r in results]
+    if eval_result is not None:
+        lines.append(f"held-out accuracy {eval_result['accuracy']:.3f} with images, "
+                     f"{eval_result['accuracy_no_image']:.3f} with images removed, chance {eval_result['chance']:.3f} "
+                     f"(n={eval_result['n']}); {Path(cfg.output_dir) / 'eval.json'}")
+    text = "\n".join(lines)
+    (Path(cfg.output_dir) / "summary.txt").write_text(text + "\n")
+    print("\n" + "=" * 80 + "\n" + text + "\n" + "=" * 80, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Training configuration: nested dataclasses, YAML presets, `--set key=value` overrides, validation.
+
+One source of truth: every number that DeepSpeed also needs (micro-batch, accumulation, lr, clipping) lives
+here and is written into the DeepSpeed JSON by `pipeline.training.ds_config.fill_ds_config`; the JSON carries
+"auto" for those fields. User errors raise `ConfigError` (a ValueError) naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    llm_path: str = "tiny"
+    """Directory of a Hugging Face Llama-family LLM, or "tiny" for the random tiny test model."""
+    vpg_path: str | None = "tiny"
+    """BLIP-2 ViT + Q-former directory (or "tiny"); None when the shards carry precomputed image_features."""
+    pill: dict[str, Any] = field(default_factory=dict)
+    """Overrides of pipeline.model.PILLConfig (rank, adapter_act, momae, mag, ...); `stage` comes from the stage."""
+    tiny_llm: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of pipeline.model.tiny.build_tiny_llm for llm_path "tiny" (hidden_size, num_layers, ...)."""
+    tiny_dir: str = ".cache/tiny_pill"
+    """Where the tiny LLM/VPG are built (cached by content) when llm_path/vpg_path is "tiny"."""
+
+
+@dataclass
+class DataConfig:
+    max_length: int = 512
+    """Tokens per sample after the visual tokens are inserted; longer samples are truncated (counted)."""
+    num_workers: int = 1
+    """DataLoader workers per rank."""
+    shuffle_buffer: int = 1000
+    """WebDataset sample shuffle buffer (0 = no shuffling)."""
+    image_input: str = "auto"
+    """"pixels" (VPG runs each step), "features" (shards hold precomputed Q-former output), or "auto"."""
+    sqa_format: str = "QCM-ALE"
+    """ScienceQA answer format: QCM-ALE (answer + lecture + solution, the reference default) or QCM-A."""
+    use_captions: bool = False
+    """ScienceQA context = hint + the image caption (json field `caption`)."""
+    pack: bool = False
+    """Pack several samples into one row (cu_seqlens); needs an attention backend that supports it."""
+
+
+@dataclass
+class StageConfig:
+    stage: int = 2
+    """1 = modality alignment (captions), 2 = instruction fine-tuning (PILL_SPEC.md "Two-stage training")."""
+    task: str = "auto"
+    """Prompt template of pipeline.data: caption (stage 1), scienceqa, chat (LLaVA conversations), auto (from
+    each sample's json fields)."""
+    train_shards: list[str] = field(default_factory=list)
+    """WebDataset URLs (brace patterns allowed), one entry per source."""
+    train_weights: list[float] | None = None
+    """Sampling weight per entry of train_shards (None = equal)."""
+    eval_shards: list[str] = field(default_factory=list)
+    """Held-out shards for the multiple-choice evaluation after the stage (empty = none)."""
+    samples_per_epoch: int | None = None
+    """Samples in one epoch of train_shards; None = counted by pipeline.data (the builders' *-index.json, else
+    img2dataset stats, else a tar scan)."""
+    epochs: float | None = None
+    """Passes over samples_per_epoch; exactly one of epochs / max_steps sets the length of the stage."""
+    max_steps: int | None = None
+    """Optimizer steps of the stage."""
+    micro_batch_size: int = 4
+    """Samples per rank per forward (DeepSpeed train_micro_batch_size_per_gpu)."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all ranks; None = micro_batch_size x grad_accum x world size."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; derived from global_batch_size when that is set."""
+    base_lr: float = 2e-3
+    """lr for an effective batch of 256 (spec: 1e-3 stage 1, 2e-3 ScienceQA); see `scale_lr`."""
+    lr: float | None = None
+    """Explicit peak lr; overrides base_lr and the scaling rule."""
+    scale_lr: bool = True
+    """Spec's rule: peak lr = base_lr x effective_batch / 256."""
+    warmup_ratio: float = 0.05
+    """Linear warmup over this fraction of the stage's steps (or `warmup_steps`)."""
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    """Cosine decays from the peak to peak x min_lr_ratio."""
+    init_from: str | None = None
+    """Stage-1 export dir (adapter_model.safetensors + adapter_config.json) to start from; in a multi-stage
+    run, stage 2 starts from stage 1's export automatically when this is None."""
+
+
+@dataclass
+class OptimConfig:
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.02
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (DeepSpeed gradient_clipping); 0 disables."""
+    no_decay_patterns: list[str] = field(default_factory=lambda: ["gate", "norm", "bias"])
+    """Trainable parameters whose name contains one of these get no weight decay."""
+    max_nonfinite_in_a_row: int = 10
+    """Skip a micro-batch whose loss is NaN/Inf (all ranks agree); stop after this many in a row."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    """Save a DeepSpeed checkpoint every N optimizer steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Keep the K most recent checkpoints."""
+    resume: str = "auto"
+    """auto = continue from <output_dir>/.../checkpoints/latest if present; never; or a checkpoint path."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    """Text log line, metrics.jsonl row and TensorBoard scalars every N optimizer steps."""
+    progress_bar: bool = True
+    tensorboard: bool = True
+    gate_image_every: int = 0
+    """Stage 2: write the per-layer |tanh gate| bar chart image every N steps (0 = at log steps only at end)."""
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    """Run the multiple-choice evaluation on eval_shards of the last stage at the end."""
+    max_samples: int | None = None
+    batch_size: int = 8
+    mode: str = "generate"
+    """generate = the paper's protocol (greedy decoding, first "The answer is X"); logits = the option letter with
+    the highest logit after "The answer is" (one forward per batch; cheap on CPU; not the paper's protocol)."""
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    precision: str = "bf16"
+    """bf16 (DeepSpeed bf16: frozen weights bf16, fp32 master copy of trainables) or fp32."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo_data: dict[str, Any] | None = None
+    """Build the synthetic demo shards before training (global rank 0, cached): {"out": dir, "max_samples": n per
+    shard, plus shards.demo.DemoConfig fields such as n_train, n_val, seed, qtypes}. Used by configs/demo.yaml."""
+    debug: dict[str, Any] = field(default_factory=dict)
+    """Test hooks: nan_loss_at (list of micro-step indices whose loss is replaced by NaN; only on rank
+    nan_loss_rank if given),
+    sleep_per_step (seconds, to let a test kill a run mid-way)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        validate(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building from dicts, with typo detection (an unknown key is an error, not silently ignored).
+
+def _from_dict(cls: type, d: Any, path: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{path or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        kwargs[k] = _coerce(hints[k], v, f"{path}.{k}" if path else k)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, v: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, v, path)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if v is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], v, path)
+    if origin is list:
+        if not isinstance(v, (list, tuple)):
+            v = [v]
+        return [_coerce(args[0], x, f"{path}[{i}]") for i, x in enumerate(v)]
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)) or len(v) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {v!r}")
+        return tuple(_coerce(a, x, path) for a, x in zip(args, v))
+    if origin is dict or tp is Any:
+        return v
+    if tp is bool:
+        if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return v.lower() in ("true", "1", "yes")
+        if not isinstance(v, bool):
+            raise ConfigError(f"{path}: expected true/false, got {v!r}")
+        return v
+    if tp in (int, float):
+        try:
+            out = tp(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected {tp.__name__}, got {v!r}") from None
+        if tp is int and isinstance(v, float) and v != out:
+            raise ConfigError(f"{path}: expected an integer, got {v!r}")
+        return out
+    if tp is str:
+        if not isinstance(v, str):
+            return str(v)
+        return v
+    return v
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    return _from_dict(TrainConfig, d, "")
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """`stages.0.max_steps=5` or `stages.*.max_steps=5` (every stage)."""
+    parts = key.split(".")
+    cur: Any = d
+    for i, p in enumerate(parts[:-1]):
+        if p == "*":
+            if not isinstance(cur, list):
+                raise ConfigError(f"--set {key}: '*' only indexes a list")
+            for item in cur:
+                _set_dotted(item, ".".join(parts[i + 1:]), value)
+            return
+        if isinstance(cur, list):
+            try:
+                cur = cur[int(p)]
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {key}: no list item {p!r} (have {len(cur)})") from None
+        else:
+            if p not in cur or cur[p] is None:
+                cur[p] = {}
+            cur = cur[p]
+    last = parts[-1]
+    if isinstance(cur, list):
+        cur[int(last)] = value
+    else:
+        cur[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML preset (or `base` dict) + `key=value` overrides -> validated TrainConfig."""
+    d: dict[str, Any] = json.loads(json.dumps(base)) if base is not None else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: file not found")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping")
+        d.update(loaded)
+    if "stages" not in d:
+        d["stages"] = [{}]
+    for o in overrides:
+        k, v = parse_override(o)
+        _set_dotted(d, k, v)
+    cfg = config_from_dict(d)
+    cfg.validate()
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation of things that do not depend on the world size (see ds_config.validate_combination for the rest).
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"precision must be bf16 or fp32, got {cfg.precision!r}")
+    if not cfg.stages:
+        raise ConfigError("stages: at least one stage is needed")
+    for i, s in enumerate(cfg.stages):
+        at = f"stages[{i}]"
+        if s.stage not in (1, 2):
+            raise ConfigError(f"{at}.stage must be 1 or 2, got {s.stage!r}")
+        if (s.epochs is None) == (s.max_steps is None):
+            raise ConfigError(f"{at}: set exactly one of epochs / max_steps (got epochs={s.epochs}, "
+                              f"max_steps={s.max_steps})")
+        if s.epochs is not None and s.epochs <= 0:
+            raise ConfigError(f"{at}.epochs must be > 0, got {s.epochs}")
+        if s.samples_per_epoch is not None and s.samples_per_epoch < 1:
+            raise ConfigError(f"{at}.samples_per_epoch must be >= 1, got {s.samples_per_epoch}")
+        if s.max_steps is not None and s.max_steps < 1:
+            raise ConfigError(f"{at}.max_steps must be >= 1, got {s.max_steps}")
+        if s.micro_batch_size < 1:
+            raise ConfigError(f"{at}.micro_batch_size must be >= 1, got {s.micro_batch_size}")
+        if s.grad_accum < 1:
+            raise ConfigError(f"{at}.grad_accum must be >= 1, got {s.grad_accum}")
+        if not s.train_shards:
+            raise ConfigError(f"{at}.train_shards is empty: give WebDataset URLs (e.g. data/cc595k-{{000..099}}.tar)")
+        if s.train_weights is not None and len(s.train_weights) != len(s.train_shards):
+            raise ConfigError(f"{at}.train_weights has {len(s.train_weights)} entries for "
+                              f"{len(s.train_shards)} train_shards")
+        if s.lr is not None and s.lr <= 0 or s.base_lr <= 0:
+            raise ConfigError(f"{at}: lr/base_lr must be > 0")
+        if not 0 <= s.warmup_ratio < 1:
+            raise ConfigError(f"{at}.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
+        if not 0 <= s.min_lr_ratio <= 1:
+            raise ConfigError(f"{at}.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+        if i > 0 and s.stage < cfg.stages[i - 1].stage:
+            raise ConfigError(f"{at}: stages must run in order (stage {cfg.stages[i - 1].stage} then {s.stage})")
+    if cfg.data.max_length < 8:
+        raise ConfigError(f"data.max_length must be >= 8, got {cfg.data.max_length}")
+    if cfg.data.image_input not in ("auto", "pixels", "features"):
+        raise ConfigError(f"data.image_input must be auto|pixels|features, got {cfg.data.image_input!r}")
+    if cfg.eval.mode not in ("generate", "logits"):
+        raise ConfigError(f"eval.mode must be generate or logits, got {cfg.eval.mode!r}")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps}")
+    if cfg.log.every_steps < 1:
+        raise ConfigError(f"log.every_steps must be >= 1, got {cfg.log.every_steps}")
+    b1, b2 = cfg.optim.betas
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ConfigError(f"optim.betas must be in [0, 1), got {cfg.optim.betas}")
+    if cfg.optim.max_nonfinite_in_a_row < 1:
+        raise ConfigError("optim.max_nonfinite_in_a_row must be >= 1")

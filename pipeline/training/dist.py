@@ -1,0 +1,125 @@
+"""Process-group setup for every launcher, and the preemption signal contract.
+
+Launchers: `deepspeed` and `torchrun` set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; the Slurm scripts
+export the same (falling back to SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when they do not); a bare `python`
+run is a world of one. CPU runs use gloo (DS_ACCELERATOR=cpu), CUDA runs nccl: the same code path otherwise.
+
+Signals: SIGTERM (Slurm's pre-preemption warning) and SIGUSR1 only set a flag. The loop checks it after each
+optimizer step with an all-reduce, so every rank agrees on the step at which to stop, all ranks join the save,
+and the process exits with EXIT_PREEMPTED (99, "preempted, resumable").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 99
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the only writer of shared files (not every node's local rank 0)."""
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(local_rank_arg: int | None = None) -> DistContext:
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", str(local_rank_arg or 0))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if int(env["WORLD_SIZE"]) > 1:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with deepspeed/torchrun, or export "
+                               "MASTER_ADDR and MASTER_PORT (the Slurm scripts do)")
+        env["MASTER_PORT"] = str(_free_port())
+    rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        device, backend = torch.device("cpu"), "gloo"
+        if "OMP_NUM_THREADS" not in env:
+            # Ranks on one host share its cores; oversubscribed intra-op threads make every rank slower.
+            per_host = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env.get("SLURM_NTASKS_PER_NODE", 1))))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, per_host)))
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return DistContext(rank, world, local, device)
+
+
+def all_agree_any(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank (collective)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_mean(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1; read (collectively) by the loop at step boundaries."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old = {}
+
+    def install(self) -> PreemptionFlag:
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; main() turns it into exit code 99."""

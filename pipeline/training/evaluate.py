@@ -1,0 +1,60 @@
+"""End-of-run held-out evaluation, from the exported weights, without DeepSpeed.
+
+Global rank 0 rebuilds the frozen LLM/VPG, loads <stage dir>/export (adapter_model.safetensors) and runs
+pipeline.eval's multiple-choice evaluator twice: with the images and with every image removed (the prompt
+re-rendered as "Image:N/A."). The gap between the two says the model uses the image. Going through the export
+(not the engine's module) also proves the export is complete and loadable on its own. The other ranks wait.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.training.config import TrainConfig
+from pipeline.training.dist import DistContext
+
+
+def evaluate_export(cfg: TrainConfig, export_dir: str | Path, ctx: DistContext, llm_path: str,
+                    vpg_path: str | None) -> dict[str, Any] | None:
+    result = None
+    if ctx.is_main:
+        result = _evaluate(cfg, Path(export_dir), llm_path, vpg_path)
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def _evaluate(cfg: TrainConfig, export_dir: Path, llm: str, vpg: str | None) -> dict[str, Any]:
+    from pipeline.eval.inputs import default_data_config, shard_prompts
+    from pipeline.eval.multiple_choice import evaluate_multiple_choice
+    from pipeline.training.loop import build_model
+
+    s = cfg.stages[-1]
+    meta = json.loads((export_dir / "adapter_config.json").read_text())
+    model = build_model(cfg, meta["pill_config"]["stage"], llm, vpg)
+    model.load_adapter(export_dir)
+    model.eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    data_cfg = default_data_config(max_len=cfg.data.max_length, num_query_tokens=model.cfg.num_query_tokens,
+                                   sqa_format=cfg.data.sqa_format, use_captions=cfg.data.use_captions)
+    out_dir = Path(cfg.output_dir)
+    prompts = shard_prompts(s.eval_shards, model, data_cfg, limit=cfg.eval.max_samples, batch_size=cfg.eval.batch_size)
+    kw = dict(mode=cfg.eval.mode, data_cfg=data_cfg, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+    with_img = evaluate_multiple_choice(model, prompts, predictions_path=out_dir / "eval_predictions.jsonl", **kw)
+    no_img = evaluate_multiple_choice(model, prompts, drop_images=True,
+                                      predictions_path=out_dir / "eval_predictions_no_image.jsonl", **kw)
+    result = {"accuracy": with_img["accuracy"], "accuracy_no_image": no_img["accuracy"],
+              "chance": with_img["chance"], "n": with_img["n"], "units": "percent", "mode": cfg.eval.mode,
+              "export": str(export_dir), "eval_shards": s.eval_shards, "llm_path": llm, "vpg_path": vpg,
+              "with_image": with_img, "without_image": no_img}
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"held-out accuracy: {result['accuracy']:.1f}% with images, {result['accuracy_no_image']:.1f}% with "
+          f"images removed (chance {result['chance']:.1f}%, n={result['n']}, {cfg.eval.mode})", flush=True)
+    return result
+

@@ -1,0 +1,124 @@
+"""What a user sees: rank-0 progress bar, a text log line every N steps, TensorBoard scalars, metrics.jsonl.
+
+All sinks get the same dict of numbers per logging step, so scripts reading metrics.jsonl and people reading
+TensorBoard see identical values. Every method is a no-op on ranks other than global rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def gate_bar_image(values: list[float], height: int = 96, bar_w: int = 8) -> np.ndarray:
+    """(3, H, W) uint8 bar chart of the per-layer mean |tanh gate| on a 0..1 scale (paper Figure 4)."""
+    n = max(1, len(values))
+    img = np.full((3, height, n * bar_w), 255, dtype=np.uint8)
+    for i, v in enumerate(values):
+        h = int(round(min(1.0, max(0.0, float(v))) * (height - 1)))
+        if h:
+            img[:, height - h:, i * bar_w + 1:(i + 1) * bar_w - 1] = np.array([31, 119, 180], np.uint8)[:, None, None]
+    img[:, height - 1, :] = 0  # baseline
+    return img
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, progress_bar: bool = True,
+                 total_steps: int = 0, initial_step: int = 0, desc: str = "train"):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.tb = None
+        self.bar = None
+        self.jsonl = None
+        self.text = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self.text = open(self.run_dir / "train.log", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            # The bar goes to stderr; log lines go to stdout via tqdm.write so they do not tear the bar.
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
+                            file=sys.stderr, mininterval=1.0, smoothing=0.1)
+
+    def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+        self.text.write(line + "\n")
+        self.text.flush()
+
+    def progress(self, step: int, loss: float, lr: float, samples_per_s: float | None) -> None:
+        """tqdm shows step/total and ETA itself; samples/s is refreshed at logging steps."""
+        if self.bar is None:
+            return
+        self.bar.n = step
+        if samples_per_s is not None:
+            self._sps = samples_per_s
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{getattr(self, '_sps', 0.0):.1f}",
+                             refresh=False)
+        self.bar.refresh()
+
+    def log(self, step: int, scalars: dict[str, Any], gates: list[float] | None = None) -> None:
+        """One logging step: metrics.jsonl row, TensorBoard scalars (+ gate image), one text line."""
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in scalars.items()}}
+        if gates is not None:
+            row["gate_abs"] = [round(float(g), 6) for g in gates]
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+            if gates is not None:
+                for i, g in enumerate(gates):
+                    self.tb.add_scalar(f"gate_abs/layer_{i:02d}", g, step)
+                self.tb.add_image("gate_abs/per_layer", gate_bar_image(gates), step)
+            self.tb.flush()
+        keys = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "pad_frac", "skipped_nonfinite")
+        parts = [f"step {step}"] + [f"{k} {_fmt(scalars[k])}" for k in keys if k in scalars]
+        if gates is not None and gates:
+            parts.append(f"gate_abs[last] {gates[-1]:.3f}")
+        self.info(" | ".join(parts))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()
+        self.text.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/Inf
+    return v
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3e}" if (v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5)) else f"{v:.4f}"
+    return str(v)
