@@ -129,6 +129,7 @@ def plot_gates(records: list[dict], out: Path) -> Path | None:
     fig, (ax_bar, ax_line) = plt.subplots(1, 2, figsize=(11, 3.8))
     last_step, last = rows[-1]
     ax_bar.bar(layers, last, color="tab:green")
+    ax_bar.set_xticks(layers)  # layers are integers; matplotlib would otherwise tick at halves
     ax_bar.set_xlabel("layer")
     ax_bar.set_ylabel("mean |tanh gate|")
     ax_bar.set_title(f"attention gate per layer (step {last_step})")

@@ -32,6 +32,7 @@ def evaluate_export(cfg: TrainConfig, export_dir: str | Path, ctx: DistContext, 
 def _evaluate(cfg: TrainConfig, export_dir: Path, llm: str, vpg: str | None) -> dict[str, Any]:
     from pipeline.eval.inputs import default_data_config, shard_prompts
     from pipeline.eval.multiple_choice import evaluate_multiple_choice
+    from pipeline.eval.sqa_scoring import markdown_table
     from pipeline.training.loop import build_model
 
     s = cfg.stages[-1]
@@ -54,6 +55,10 @@ def _evaluate(cfg: TrainConfig, export_dir: Path, llm: str, vpg: str | None) -> 
               "export": str(export_dir), "eval_shards": s.eval_shards, "llm_path": llm, "vpg_path": vpg,
               "with_image": with_img, "without_image": no_img}
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2, default=str))
+    tables = markdown_table(with_img, "Held-out evaluation, with images") + "\n" + markdown_table(
+        no_img, "Held-out evaluation, images removed (Image:N/A.)")
+    (out_dir / "eval.md").write_text(tables)
+    print(tables, flush=True)
     print(f"held-out accuracy: {result['accuracy']:.1f}% with images, {result['accuracy_no_image']:.1f}% with "
           f"images removed (chance {result['chance']:.1f}%, n={result['n']}, {cfg.eval.mode})", flush=True)
     return result
