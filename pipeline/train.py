@@ -17,9 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+
+# Install the preemption handlers before anything slow is imported (torch, deepspeed: seconds): Slurm may send
+# its warning signal while a task is still starting, and the default action of SIGUSR1/SIGTERM kills the process
+# with no checkpoint and no requeue. PreemptionFlag takes these over once it is installed.
+_EARLY_SIGNALS: list[int] = []
+for _sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(_sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
 if __package__ in (None, ""):  # `deepspeed pipeline/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -109,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = init_distributed(args.local_rank)
     preempt = PreemptionFlag().install()
+    if _EARLY_SIGNALS:
+        preempt.signum = _EARLY_SIGNALS[0]
     t0 = time.time()
     try:
         prepare_demo_data(cfg, ctx.is_main)
