@@ -80,3 +80,30 @@ def file_size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def check_image_root(records: list[dict], root: Path, field: str = "image") -> None:
+    """A wrong --images path would skip every sample as missing: catch it from the first few records."""
+    probe = [r[field] for r in records[:50] if r.get(field)]
+    if probe and not any((root / p).is_file() for p in probe):
+        raise FileNotFoundError(f"none of the first {len(probe)} images exist under --images {root} "
+                                f"(e.g. {root / probe[0]}); is the image folder right?")
+
+
+def add_llava_args(p: Any, json_help: str) -> None:
+    """The inputs every LLaVA-format builder takes: the conversation JSON and the image folder."""
+    p.add_argument("--json", required=True, type=Path, help=json_help)
+    p.add_argument("--images", required=True, type=Path, help="folder the records' 'image' paths are relative to")
+    p.add_argument("--max-image-side", type=int, default=None, help="downscale larger images (JPEG re-encode)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records (smoke runs)")
+
+
+def load_llava_records(a: Any, what: str, validate: Any) -> tuple[list[dict], Path]:
+    """Check the paths, read and validate the JSON, apply --limit; fail before any image is read."""
+    require_file(a.json, f"--json ({what})")
+    root = require_dir(a.images, "--images")
+    records = load_json(a.json, "--json")
+    validate(records, a.json)
+    records = records[: a.limit] if a.limit else records
+    check_image_root(records, root)
+    return records, root

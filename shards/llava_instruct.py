@@ -13,8 +13,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shards.common import file_size, json_bytes, load_json, read_image, require_dir, require_fields, require_file
-from shards.llava_pretrain import check_image_root
+from shards.common import (
+    add_llava_args,
+    file_size,
+    json_bytes,
+    load_llava_records,
+    read_image,
+    require_fields,
+)
 from shards.writer import Sample, SkipSample, add_writer_args, sanitize_key, summary, write_shards, writer_config
 
 
@@ -56,18 +62,10 @@ def make_sample(item: tuple[int, dict], root: Path, max_side: int | None) -> Sam
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shards.llava_instruct", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", required=True, type=Path, help="llava_v1_5_mix665k.json or the like")
-    p.add_argument("--images", required=True, type=Path, help="folder the records' 'image' paths are relative to")
-    p.add_argument("--max-image-side", type=int, default=None, help="downscale larger images (JPEG re-encode)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records (smoke runs)")
+    add_llava_args(p, "llava_v1_5_mix665k.json or the like")
     add_writer_args(p, default_max_samples=5000)
     a = p.parse_args(argv)
-    require_file(a.json, "--json (instruction JSON)")
-    root = require_dir(a.images, "--images")
-    records = load_json(a.json, "--json")
-    validate_records(records, a.json)
-    records = records[: a.limit] if a.limit else records
-    check_image_root(records, root)
+    records, root = load_llava_records(a, "instruction JSON", validate_records)
     cfg = writer_config(a, "llava_instruct", {"builder": "llava_instruct", "content": "pixels",
                                               "source_json": str(a.json)})
     items = list(enumerate(records))

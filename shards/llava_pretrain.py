@@ -15,7 +15,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shards.common import file_size, json_bytes, load_json, read_image, require_dir, require_fields, require_file
+from shards.common import (
+    add_llava_args,
+    file_size,
+    json_bytes,
+    load_llava_records,
+    read_image,
+    require_fields,
+)
 from shards.writer import Sample, SkipSample, add_writer_args, sanitize_key, summary, write_shards, writer_config
 
 
@@ -32,14 +39,6 @@ def validate_records(records: Any, json_path: Path) -> None:
             require_fields(turn, ("from", "value"), f"{json_path}[{i}].conversations[{j}]")
 
 
-def check_image_root(records: list[dict], root: Path, field: str = "image") -> None:
-    """A wrong --images path would skip every sample as missing: catch it from the first few records."""
-    probe = [r[field] for r in records[:50] if r.get(field)]
-    if probe and not any((root / p).is_file() for p in probe):
-        raise FileNotFoundError(f"none of the first {len(probe)} images exist under --images {root} "
-                                f"(e.g. {root / probe[0]}); is the image folder right?")
-
-
 def make_sample(rec: dict, root: Path, max_side: int | None) -> Sample:
     key = sanitize_key(rec["id"])
     caption = str(rec["conversations"][1]["value"]).strip()
@@ -53,18 +52,10 @@ def make_sample(rec: dict, root: Path, max_side: int | None) -> Sample:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shards.llava_pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", required=True, type=Path, help="chat.json / blip_laion_cc_sbu_558k.json")
-    p.add_argument("--images", required=True, type=Path, help="folder the records' 'image' paths are relative to")
-    p.add_argument("--max-image-side", type=int, default=None, help="downscale larger images (JPEG re-encode)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records (smoke runs)")
+    add_llava_args(p, "chat.json / blip_laion_cc_sbu_558k.json")
     add_writer_args(p, default_max_samples=10000)
     a = p.parse_args(argv)
-    require_file(a.json, "--json (LLaVA pretrain JSON)")
-    root = require_dir(a.images, "--images")
-    records = load_json(a.json, "--json")
-    validate_records(records, a.json)
-    records = records[: a.limit] if a.limit else records
-    check_image_root(records, root)
+    records, root = load_llava_records(a, "LLaVA pretrain JSON", validate_records)
     cfg = writer_config(a, "llava_pretrain", {"builder": "llava_pretrain", "content": "pixels",
                                               "source_json": str(a.json)})
     keys = [sanitize_key(r["id"]) for r in records]
