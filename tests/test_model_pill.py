@@ -195,3 +195,15 @@ def test_adapter_from_different_config_is_rejected(tiny_dirs, tmp_path):
     other = make(tiny_dirs, stage=2, momae=False)
     with pytest.raises(ValueError, match="missing=.*adapter_ffn"):
         other.load_adapter(tmp_path / "e")
+
+
+def test_save_adapter_with_external_master_weights(tiny_dirs, tmp_path):
+    """The trainer exports DeepSpeed's fp32 master copies through save_adapter(state_dict=...)."""
+    model = make(tiny_dirs, stage=1)
+    master = {n: torch.full_like(p, 0.5) for n, p in model.trainable_parameters()}
+    model.save_adapter(tmp_path / "m", state_dict=master)
+    other = make(tiny_dirs, stage=1)
+    other.load_adapter(tmp_path / "m")
+    assert all(torch.equal(p, master[n]) for n, p in other.trainable_parameters())
+    with pytest.raises(ValueError, match="missing=.*projection.weight"):
+        model.save_adapter(tmp_path / "bad", state_dict={k: v for k, v in master.items() if k != "projection.weight"})

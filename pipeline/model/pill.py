@@ -164,13 +164,21 @@ class PILL(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if is_trainable(n, self.cfg.stage)}
 
-    def save_adapter(self, path: str | Path) -> Path:
-        """adapter_model.safetensors (the stage's trainable weights, fp32) + adapter_config.json."""
+    def save_adapter(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """adapter_model.safetensors (the stage's trainable weights, fp32) + adapter_config.json.
+
+        `state_dict` overrides the module's own values (e.g. DeepSpeed's fp32 master weights when the module holds
+        bf16 copies); its keys must be exactly the stage's trainable set."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {n: t.float().contiguous().cpu() for n, t in self.adapter_state_dict().items()}
+        own = self.adapter_state_dict()
+        if state_dict is not None and set(state_dict) != set(own):
+            raise ValueError(f"save_adapter: state_dict keys differ from the stage-{self.cfg.stage} trainable set: "
+                             f"missing={sorted(set(own) - set(state_dict))[:5]} "
+                             f"extra={sorted(set(state_dict) - set(own))[:5]}")
+        state = {n: t.float().contiguous().cpu() for n, t in (state_dict or own).items()}
         tmp = path / (ADAPTER_WEIGHTS + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
         tmp.replace(path / ADAPTER_WEIGHTS)

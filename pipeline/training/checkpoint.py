@@ -257,13 +257,5 @@ class CheckpointManager:
 def export_adapter(model, consolidated_params: dict[str, torch.Tensor] | None, out_dir: str | Path) -> Path:
     """model.save_adapter with the fp32 master weights (the module holds bf16 copies under DeepSpeed bf16).
 
-    Only global rank 0 calls it. save_adapter reads model.adapter_state_dict(); we shadow that method on the
-    instance for the duration of the call so the file format stays the model's own.
-    """
-    if consolidated_params is None:
-        return model.save_adapter(out_dir)
-    model.adapter_state_dict = lambda: dict(consolidated_params)
-    try:
-        return model.save_adapter(out_dir)
-    finally:
-        del model.adapter_state_dict
+    Only global rank 0 calls it."""
+    return model.save_adapter(out_dir, state_dict=consolidated_params)
