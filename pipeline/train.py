@@ -72,6 +72,31 @@ def validate_before_launch(cfg: TrainConfig, raw_ds: dict, world_size: int) -> N
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     for i, s in enumerate(cfg.stages):
         fill_ds_config(raw_ds, cfg, s, plan_batch(s, world_size, f"stages[{i}]"), device)
+    check_paths(cfg)
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Local inputs that do not exist fail here, naming the field, before any process group or model load."""
+    from pipeline.data.shardlists import check_exists, expand_shards
+
+    m = cfg.model
+    if m.llm_path != "tiny" and not (Path(m.llm_path) / "config.json").is_file():
+        raise ConfigError(f"model.llm_path={m.llm_path!r}: no config.json there (give a local transformers "
+                          "checkpoint directory of a Llama-family LLM)")
+    if m.vpg_path not in (None, "tiny") and not Path(m.vpg_path).is_dir():
+        raise ConfigError(f"model.vpg_path={m.vpg_path!r} does not exist (a transformers BLIP-2 directory; "
+                          "null to train on precomputed-feature shards)")
+    for i, s in enumerate(cfg.stages):
+        if s.init_from is not None and not (Path(s.init_from) / "adapter_model.safetensors").is_file():
+            raise ConfigError(f"stages[{i}].init_from={s.init_from!r}: no adapter_model.safetensors there")
+        if cfg.demo_data:
+            continue  # generated at start-up
+        for field_name in ("train_shards", "eval_shards"):
+            for spec in getattr(s, field_name):
+                try:
+                    check_exists(expand_shards(spec), f"stages[{i}].{field_name}")
+                except FileNotFoundError as e:
+                    raise ConfigError(f"stages[{i}].{field_name}: {e}") from e
 
 
 def stage_dirs(cfg: TrainConfig) -> list[Path]:

@@ -116,6 +116,26 @@ def test_main_reports_config_error_before_launch(capsys):
     assert "stages[0].global_batch_size=10 is not divisible" in capsys.readouterr().err
 
 
+
+def test_missing_inputs_are_named_before_launch(capsys, tmp_path, tiny_dirs):
+    """A real job's missing LLM, VPG, stage-1 export or shards fail with the field's name, exit 2, no launch."""
+    from pipeline.train import main
+
+    base = ["--config", "configs/stage2_scienceqa.yaml"]
+    llm, vpg = ["--set", f"model.llm_path={tiny_dirs['llm']}"], ["--set", f"model.vpg_path={tiny_dirs['vpg']}"]
+    cases = [
+        (base, "model.llm_path='checkpoints/llama-2-7b-chat-hf': no config.json"),
+        (base + llm + ["--set", f"model.vpg_path={tmp_path / 'nope'}"], "model.vpg_path="),
+        (base + llm + vpg, "stages[0].init_from='runs/stage1_cc595k/export'"),
+        (base + llm + vpg + ["--set", "stages.0.init_from=null", "--set",
+                             f"stages.0.train_shards=['{tmp_path}/sqa-{{000000..000003}}.tar']"],
+         "stages[0].train_shards: source stages[0].train_shards: none of its 4 shard(s) exist"),
+    ]
+    cases.append((base + ["--set", "stages.0.train_shards=[a-{0..3}.tar]"], "--set stages.0.train_shards: the value"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, message
+
 class _Toy(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -261,7 +261,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key.strip()}: the value {raw!r} is not valid YAML (quote strings holding "
+                          f"braces or colons): {str(e).splitlines()[0]}") from e
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> TrainConfig:
@@ -271,7 +275,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[s
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"--config {path}: file not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping")
         d.update(loaded)
