@@ -35,4 +35,4 @@ def test_cached_decode_equals_full_forward_with_left_padding(tiny_gqa_dirs):
     stepped = torch.cat(steps, dim=1)
     real = attn.bool()
     torch.testing.assert_close(stepped[real], full[real], rtol=1e-4, atol=1e-5)
-    assert cache[0][0].shape[2] == T and cache[0][2].shape == (B, T, 4)  # gate per query head, cached
+    assert cache[0][0].shape[1] == T and cache[0][2].shape == (B, T, 4)  # gate per query head, cached

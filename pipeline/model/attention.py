@@ -1,8 +1,8 @@
 """Attention backends for PILL's gated attention: one signature, three implementations that must agree.
 
     attend(q, k, v, value_gate, mask, scale) -> o
-    q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with Hq % Hkv == 0 (GQA); value_gate: (B, Tk, Hq) or None
-    o: (B, Hq, Tq, D)
+    flash-attn layout: q: (B, Tq, Hq, D); k, v: (B, Tk, Hkv, D) with Hq % Hkv == 0 (GQA);
+    value_gate: (B, Tk, Hq) or None; o: (B, Tq, Hq, D)
 
 value_gate[b, j, h] scales value row j as seen by QUERY head h (PILL's W_g maps d -> n_heads), 1 at text
 tokens. Scaling V rows is the same as scaling the visual columns of the attention matrix after the softmax,
@@ -61,6 +61,7 @@ def _expand_and_gate(k, v, value_gate, n_rep):
 
 def eager_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch.Tensor:
     """The reference: materialised scores, softmax in fp32."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     Tq, Tk = q.shape[2], k.shape[2]
     k, v = _expand_and_gate(k, v, value_gate, q.shape[1] // k.shape[1])
     scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale  # (B, Hq, Tq, Tk)
@@ -68,16 +69,18 @@ def eager_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch.
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(p, v)
+    return torch.matmul(p, v).transpose(1, 2)
 
 
 def sdpa_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch.Tensor:
     """Pre-gated values into PyTorch's fused attention (flash / cuDNN / memory-efficient on GPU)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     Tq, Tk = q.shape[2], k.shape[2]
     k, v = _expand_and_gate(k, v, value_gate, q.shape[1] // k.shape[1])
     simple_causal = mask.causal and mask.key_padding is None and mask.doc_ids is None and Tq == Tk
     attn_mask = None if simple_causal else dense_mask(mask, Tq, Tk, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=simple_causal, scale=scale)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=simple_causal, scale=scale)
+    return o.transpose(1, 2)
 
 
 def triton_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch.Tensor:
@@ -88,17 +91,11 @@ def triton_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch
         # Left padding only occurs in batched generation; the reference path is exact there.
         return sdpa_attention(q, k, v, value_gate, mask, scale)
     if mask.cu_seqlens is not None:
-        B, Hq, T, D = q.shape
-        assert B == 1, "packed batches hold all documents in one row"
-        o = gated_attention(
-            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-            None if value_gate is None else value_gate[0],
-            causal=mask.causal, cu_seqlens=mask.cu_seqlens, max_seqlen=mask.max_seqlen, softmax_scale=scale,
-        )  # (N, Hq, D)
-        return o.transpose(0, 1).unsqueeze(0)
-    o = gated_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), value_gate,
-                        causal=mask.causal, softmax_scale=scale)  # (B, Tq, Hq, D)
-    return o.transpose(1, 2)
+        assert q.shape[0] == 1, "packed batches hold all documents in one row"
+        o = gated_attention(q[0], k[0], v[0], None if value_gate is None else value_gate[0], causal=mask.causal,
+                            cu_seqlens=mask.cu_seqlens, max_seqlen=mask.max_seqlen, softmax_scale=scale)  # (N, Hq, D)
+        return o.unsqueeze(0)
+    return gated_attention(q, k, v, value_gate, causal=mask.causal, softmax_scale=scale)  # (B, Tq, Hq, D)
 
 
 ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "triton": triton_attention}

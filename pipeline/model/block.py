@@ -25,7 +25,7 @@ from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask
 from pipeline.model.config import PILLConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-"""Per layer: k after RoPE (B, Hkv, S, Dh), v UNgated (B, Hkv, S, Dh), value_gate (B, S, H) or None.
+"""Per layer: k after RoPE (B, S, Hkv, Dh), v UNgated (B, S, Hkv, Dh), value_gate (B, S, H) or None.
 Values are cached ungated because the gate is per query head while v is per key/value head."""
 
 
@@ -69,11 +69,12 @@ class PILLBlock(nn.Module):
 
         x_n = base.input_layernorm(x)
         a = self.attn_adapter(x_n) if self.attn_adapter is not None else x_n
-        q = attn.q_proj(a).view(B, T, -1, Dh).transpose(1, 2)  # (B, H, T, Dh)
-        k = attn.k_proj(a).view(B, T, -1, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = attn.v_proj(a).view(B, T, -1, Dh).transpose(1, 2)
+        # flash layout throughout: the Triton kernel reads these without a copy
+        q = attn.q_proj(a).view(B, T, -1, Dh)  # (B, T, H, Dh)
+        k = attn.k_proj(a).view(B, T, -1, Dh)  # (B, T, Hkv, Dh)
+        v = attn.v_proj(a).view(B, T, -1, Dh)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
         value_gate = None
         if cfg.gate_active:
@@ -81,14 +82,14 @@ class PILLBlock(nn.Module):
             self.last_gate_abs = _visual_mean(g.detach().abs(), modality_mask)
             value_gate = torch.where(modality_mask.unsqueeze(-1), g, torch.ones_like(g)).to(v.dtype)
         if cache is not None:
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
+            k = torch.cat([cache[0], k], dim=1)
+            v = torch.cat([cache[1], v], dim=1)
             if value_gate is not None:
                 value_gate = torch.cat([cache[2], value_gate], dim=1)
         new_cache = (k, v, value_gate)
 
-        o = ATTENTION_BACKENDS[cfg.attn_backend](q, k, v, value_gate, mask, attn.scaling)  # (B, H, T, Dh)
-        h = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        o = ATTENTION_BACKENDS[cfg.attn_backend](q, k, v, value_gate, mask, attn.scaling)  # (B, T, H, Dh)
+        h = x + attn.o_proj(o.reshape(B, T, -1))
 
         h_n = base.post_attention_layernorm(h)
         if self.adapter_ffn is not None:

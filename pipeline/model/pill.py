@@ -131,7 +131,7 @@ class PILL(nn.Module):
                                 "modality_mask must mark exactly N_images * K visual tokens")
             x = x.masked_scatter(modality_mask.unsqueeze(-1), vis)
 
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        past_len = past_key_values[0][0].shape[1] if past_key_values else 0
         cached = past_key_values is not None or use_cache
         if position_ids is None:
             if cached and attention_mask is not None:  # left padding in batched generation
