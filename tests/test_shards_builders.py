@@ -4,21 +4,11 @@ arguments rejected with the file and field named before any work."""
 import json
 import subprocess
 import sys
-import tarfile
 
 import pytest
 
-from pipeline.data.testing import png_bytes
+from pipeline.data.testing import png_bytes, read_tar_samples
 from shards import llava_instruct, llava_pretrain, scienceqa
-
-
-def _read(tar_path):
-    out = {}
-    with tarfile.open(tar_path) as tar:
-        for m in tar:
-            key, ext = m.name.split(".", 1)
-            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return out
 
 
 @pytest.mark.parametrize("mod", ["llava_pretrain", "scienceqa", "llava_instruct", "demo", "encode", "demo_probe"])
@@ -62,7 +52,7 @@ def test_llava_pretrain(tmp_path):
     assert idx["skipped"] == {"missing_image": 1, "undecodable_image": 1, "empty_answer": 1}
     samples = {}
     for p in sorted(out.glob("*.tar")):
-        samples.update(_read(p))
+        samples.update(read_tar_samples(p))
     assert set(samples) == {"a_1", "b"}
     assert samples["a_1"]["txt"] == b"a red square" and "jpg" in samples["a_1"] and "png" in samples["b"]
     meta = json.loads(samples["a_1"]["json"])
@@ -107,7 +97,7 @@ def test_scienceqa(tmp_path):
     assert scienceqa.main(args + ["--split", "train", "--captions", str(tmp_path / "captions.json")]) == 0
     idx = json.loads((out / "scienceqa-train-index.json").read_text())
     assert idx["total_samples"] == 2 and idx["skipped"] == {"empty_answer": 1, "missing_image": 1}
-    s = _read(out / "scienceqa-train-000000.tar")
+    s = read_tar_samples(out / "scienceqa-train-000000.tar")
     m1, m2 = json.loads(s["sqa_1"]["json"]), json.loads(s["sqa_2"]["json"])
     for f in ("question", "choices", "answer", "hint", "subject", "grade", "lecture", "solution", "topic",
               "category", "skill", "has_image", "split", "qid"):
@@ -138,7 +128,7 @@ def test_llava_instruct(tmp_path):
                                 "--no-progress"]) == 0
     idx = json.loads((out / "llava_instruct-index.json").read_text())
     assert idx["total_samples"] == 2 and idx["skipped"] == {"bad_conversation": 1, "empty_answer": 1}
-    s = _read(out / "llava_instruct-000000.tar")
+    s = read_tar_samples(out / "llava_instruct-000000.tar")
     assert set(s) == {"00000000_1", "00000001_1"}  # repeated ids stay distinct
     assert json.loads(s["00000000_1"]["json"])["conversations"] == conv and "jpg" in s["00000000_1"]
     assert json.loads(s["00000001_1"]["json"])["has_image"] is False

@@ -2,22 +2,13 @@
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.data.testing import read_tar_samples
 from shards.demo import COLORS, DemoConfig, build_demo, main, make_scene
-
-
-def _samples(tar_path):
-    out = {}
-    with tarfile.open(tar_path) as tar:
-        for m in tar:
-            key, ext = m.name.split(".", 1)
-            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return out
 
 
 def test_deterministic_and_split(tmp_path):
@@ -28,8 +19,8 @@ def test_deterministic_and_split(tmp_path):
     assert names == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar"]
     for n in names:
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
-    val = _samples(tmp_path / "a" / "val-000000.tar")
-    train = _samples(tmp_path / "a" / "train-000000.tar")
+    val = read_tar_samples(tmp_path / "a" / "val-000000.tar")
+    train = read_tar_samples(tmp_path / "a" / "train-000000.tar")
     assert len(val) == 12 and all(k.startswith("val_") for k in val)
     assert all(json.loads(s["json"])["split"] == "train" for s in train.values())
     # other seed -> other data; resume keeps nothing made with other settings
@@ -40,7 +31,7 @@ def test_deterministic_and_split(tmp_path):
 def test_fields_and_answers_match_the_image(tmp_path):
     cfg = DemoConfig(n_train=80, n_val=0, image_size=96)
     build_demo(cfg, tmp_path, max_samples=100)
-    samples = _samples(tmp_path / "train-000000.tar")
+    samples = read_tar_samples(tmp_path / "train-000000.tar")
     qtypes = set()
     for key, s in samples.items():
         m = json.loads(s["json"])

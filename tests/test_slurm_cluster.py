@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.helpers import tiny_stage2_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -36,17 +37,6 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 CPU_JOB = ["--gres=none", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
 
 
-def tiny_stage2_config(path: Path, steps: int) -> Path:
-    """The smallest run of the repo's demo preset: its stage 2 alone, a few steps, no eval, no progress bar."""
-    d = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    st = dict(d["stages"][-1], max_steps=steps, micro_batch_size=2)
-    st.pop("eval_shards", None)
-    d["stages"] = [st]
-    d["checkpoint"] = {"every_steps": 2, "keep_last": 2}
-    d["log"] = {"every_steps": 1, "progress_bar": False, "tensorboard": False}
-    d["eval"] = {"enabled": False}
-    path.write_text(yaml.safe_dump(d))
-    return path
 
 
 class Cluster:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +67,13 @@ def tiny_tokenizer(cache_dir: Path) -> Any:
 
         build_tiny_tokenizer(cache_dir)
     return PreTrainedTokenizerFast.from_pretrained(str(cache_dir))
+
+
+def read_tar_samples(tar_path: str | Path) -> dict[str, dict[str, bytes]]:
+    """{key: {ext: bytes}} of one shard, in the order the tar holds them."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out

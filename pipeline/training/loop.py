@@ -201,8 +201,10 @@ def run_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistConte
         if micro_total in nan_at and cfg.debug.get("nan_loss_rank", ctx.rank) == ctx.rank:  # test hook
             loss = loss * float("nan")
         micro_total += 1
-        # All ranks must take the same branch (a rank that skips backward would hang the others' all-reduce).
-        if all_agree_any(not bool(torch.isfinite(loss.detach()).item()), ctx.device):
+        # The one host sync of a micro-step, after the forward: the loss value serves both the non-finite check and
+        # the logged mean. All ranks must take the same branch (a rank that skips backward would hang the others).
+        loss_value = float(loss.detach().float())
+        if all_agree_any(not math.isfinite(loss_value), ctx.device):
             state["skipped_nonfinite"] += 1
             nonfinite_in_a_row += 1
             log.info(f"step {state['global_step']}: non-finite loss, micro-batch skipped "
@@ -219,11 +221,11 @@ def run_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistConte
         engine.backward(loss)
         engine.step()
         micro_in_step += 1
-        loss_sum += float(loss.detach().float().item())
+        loss_sum += loss_value
         n_loss += 1
         am = batch["attention_mask"]
         local["samples"] += len(batch.get("meta") or am)
-        local["tokens"] += int(am.sum().item())
+        local["tokens"] += int(am.sum())  # the host copy of the batch: no device sync
         local["positions"] += am.numel()
         if micro_in_step < plan.grad_accum:
             continue
