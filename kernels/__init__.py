@@ -9,8 +9,8 @@ the range transformers accepts), so the probe reads that metadata and reports th
 importing it; there is deliberately no `__version__` here for the case where no metadata is found.
 """
 
-from kernels.gated_attention import GatedAttentionFunction, gated_attention, gated_attention_ref
-from kernels.routed_adapter import (
+from .gated_attention import GatedAttentionFunction, gated_attention, gated_attention_ref
+from .routed_adapter import (
     RoutedSwiGLUAdapterFunction,
     routed_swiglu_adapter,
     routed_swiglu_adapter_eager,

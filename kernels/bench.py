@@ -72,7 +72,7 @@ def _attention_providers(causal: bool) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.gated_attention import gated_attention, gated_attention_ref
+    from .gated_attention import gated_attention, gated_attention_ref
 
     def sdpa(backend):
         def fn(q, k, v, g):
@@ -100,7 +100,7 @@ def _attention_providers(causal: bool) -> dict:
 
 
 def _adapter_providers() -> dict:
-    from kernels.routed_adapter import routed_swiglu_adapter, routed_swiglu_adapter_eager, routed_swiglu_adapter_ref
+    from .routed_adapter import routed_swiglu_adapter, routed_swiglu_adapter_eager, routed_swiglu_adapter_ref
 
     return {
         "triton": routed_swiglu_adapter,
@@ -260,8 +260,8 @@ def _write(out: Path, env, rows, smoke=None) -> None:
 # ---------------------------------------------------------------------------------------------------------- smoke
 def smoke() -> str:
     """Both ops, forward and every gradient, through the Triton interpreter on tiny shapes vs the references."""
-    from kernels import GatedAttentionFunction, RoutedSwiGLUAdapterFunction, gated_attention_ref
-    from kernels.routed_adapter import routed_swiglu_adapter_ref
+    from . import GatedAttentionFunction, RoutedSwiGLUAdapterFunction, gated_attention_ref
+    from .routed_adapter import routed_swiglu_adapter_ref
 
     torch.manual_seed(0)
     worst = {}
