@@ -6,9 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # No GPU: the local CPU build of torch (any other spec pulls several GB of CUDA wheels) and DeepSpeed on CPU.
-TORCH_SPEC := $(if $(HAS_CUDA),torch>=2.4,torch==2.13.0)
+TORCH_SPEC := $(if $(HAS_CUDA),torch,torch==2.13.0)
 export DS_ACCELERATOR ?= $(if $(HAS_CUDA),cuda,cpu)
 export DS_BUILD_OPS ?= 0
 TRAIN_ARGS ?=
@@ -17,13 +18,16 @@ NUM_PROCS ?= 2
 .PHONY: train test venv clean
 venv: $(STAMP)
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip wheel setuptools
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -c $(CONSTRAINTS) "$(TORCH_SPEC)"
 	# DeepSpeed builds from source against the installed torch, so no build isolation.
-	$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install --no-build-isolation "deepspeed>=0.16"
-	$(PIP) install --no-build-isolation -e ".[test]" --config-settings editable_mode=compat
+	$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install -c $(CONSTRAINTS) --no-build-isolation deepspeed
+	# A plain editable install: the package finder maps pipeline/shards/pill_kernels; the repo root is not put
+	# on sys.path (a top-level `kernels` there would shadow Hugging Face's package of that name).
+	$(PIP) uninstall -y pill-train >/dev/null 2>&1 || true
+	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 train: $(STAMP)

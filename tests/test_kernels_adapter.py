@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from kernels import (
+from pill_kernels import (
     RoutedSwiGLUAdapterFunction,
     routed_swiglu_adapter,
     routed_swiglu_adapter_eager,

@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from kernels import GatedAttentionFunction, gated_attention, gated_attention_ref
+from pill_kernels import GatedAttentionFunction, gated_attention, gated_attention_ref
 
 ga = importlib.import_module("kernels.gated_attention")  # the package attribute of that name is the function
 CUDA = torch.cuda.is_available()

@@ -66,7 +66,7 @@ def routed_adapter(x: torch.Tensor, route: torch.Tensor, experts: list[Adapter],
     if len(experts) == 1:
         route = None
     if backend == "triton":
-        from kernels import routed_swiglu_adapter
+        from pill_kernels import routed_swiglu_adapter
 
         ws = [e.stacked_weights() for e in experts]
         w_gate = torch.stack([w[0] for w in ws])

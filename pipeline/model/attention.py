@@ -85,7 +85,7 @@ def sdpa_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch.T
 
 def triton_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch.Tensor:
     """kernels.gated_attention: the gate is applied while V tiles are loaded, no gated copy of V exists."""
-    from kernels import gated_attention
+    from pill_kernels import gated_attention
 
     if mask.key_padding is not None or (mask.doc_ids is not None and mask.cu_seqlens is None):
         # Left padding only occurs in batched generation; the reference path is exact there.
