@@ -286,59 +286,21 @@ def smoke() -> str:
     return f"{SMOKE_OK}: interpreter results match the references (forward and all gradients; {summary})"
 
 
-def compile_check(arch: int = 90, quick: bool = False) -> str:
-    """Compile every kernel variant ahead of time for an sm_<arch> GPU (Triton's bundled ptxas; no GPU needed).
+def compile_report(head_dims, ops, arch: int = 90, json_path: Path | None = None) -> str:
+    """Compile every launch the launchers pick at the headline shapes for sm_<arch>a and print the PTX/ptxas
+    figures (kernels/compile_report.py; no GPU needed). Needs TRITON_INTERPRET unset."""
+    from . import compile_report as cr
 
-    The interpreter does not type-check like the compiler does (loop-carried types, dot operand dtypes, shared
-    memory limits), so this catches GPU-only build failures on a CPU machine. Needs TRITON_INTERPRET unset.
-    quick: only the production variants (bf16, head dim 128, causal, gated GQA; adapter with split weight grads)."""
-    import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ga = importlib.import_module("kernels.gated_attention")
-    ra = importlib.import_module("kernels.routed_adapter")
-    target, cuda, n = GPUTarget("cuda", arch, 32), torch.device("cuda"), 0
-
-    def build(fn, ptr_types, constexprs):
-        nonlocal n
-        constexprs = dict(constexprs)
-        opts = {"num_warps": constexprs.pop("num_warps"), "num_stages": constexprs.pop("num_stages", 2)}
-        sig = {a: "constexpr" if a in constexprs else ptr_types.get(a, "i32") for a in fn.arg_names}
-        consts = {(fn.arg_names.index(a),): v for a, v in constexprs.items()}
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts)
-        if kernel.metadata.shared > 227 * 1024:
-            raise RuntimeError(f"{fn.__name__} {constexprs}: {kernel.metadata.shared} B shared memory")
-        n += 1
-
-    dtypes = ((torch.bfloat16, "bf16"),) if quick else ((torch.bfloat16, "bf16"), (torch.float16, "fp16"),
-                                                        (torch.float32, "fp32"))
-    for dtype, name in dtypes:
-        ptrs = {a: f"*{name}" for a in ("Q", "K", "V", "G", "OUT", "DO", "DQ", "DK", "DV")}
-        ptrs.update({a: "*fp32" for a in ("LSE", "DELTA", "DG")}, CU_Q="*i32", CU_K="*i32", KV_LENS="*i32",
-                    qk_scale="fp32", sm_scale="fp32")
-        for head_dim in (128,) if quick else (64, 128) if dtype != torch.float32 else (64,):
-            cfgs = ga._configs(head_dim, dtype, cuda)
-            for causal, gate, group in ((True, True, 4),) if quick else ((True, True, 4), (False, False, 1)):
-                flags = {"GROUP": group, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "CAUSAL": causal,
-                         "HAS_GATE": gate, "HAS_KV_LENS": gate, **ga._dot_flags(dtype, cuda)}
-                build(ga._gated_attn_fwd_kernel, ptrs, {**flags, **cfgs["fwd"]})
-                build(ga._gated_attn_bwd_dkdv_kernel, ptrs, {**flags, **cfgs["dkdv"]})
-                build(ga._gated_attn_bwd_dq_kernel, ptrs, {**flags, **cfgs["dq"]})
-        if dtype == torch.float16:
-            continue
-        ptrs = {a: f"*{name}" for a in ("X", "Y", "DY", "DX")}
-        ptrs.update({a: "*fp32" for a in ("WG", "WD", "WU", "HG", "HD", "DHG", "DHD", "DWG", "DWD", "DWU")},
-                    PERM="*i32", OFFS="*i32", BCUM="*i32")
-        cfg = {**ra._config(4096, 32, cuda), "COMPUTE_F32": dtype == torch.float32,
-               "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
-        build(ra._routed_adapter_fwd_kernel, ptrs, {**cfg, "NUM_EXPERTS": 2, "SAVE_H": True})
-        build(ra._routed_adapter_bwd_dx_kernel, ptrs, {**cfg, "NUM_EXPERTS": 2})
-        for split in (4,) if quick else (1, 4):
-            build(ra._routed_adapter_bwd_dw_kernel, ptrs, {**cfg, "SPLIT": split})
-    return f"COMPILE OK: {n} kernel variants built for sm_{arch}"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("--compile-report compiles for the GPU: unset TRITON_INTERPRET")
+    print(f"Compile report: sm_{arch}a, bf16, runtime specialisation (16-byte alignment, ints % 16), "
+          f"ptxas -v; grid vs {cr.H100_SMS} SMs\n\n{cr.HEADER}", flush=True)
+    rows = cr.report(head_dims=head_dims, ops=ops, arch=arch, echo=lambda r: print(r, flush=True))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"env": _env(sys.argv[1:]), "arch": f"sm_{arch}a",
+                                         "kernels": cr.as_json(rows)}, indent=1))
+    return f"COMPILE OK: {len(rows)} kernel launches built for sm_{arch}a"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,13 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("results"), help="directory for kernels_bench.{json,md}")
     ap.add_argument("--ops", default="attention,adapter", help="comma list of attention, adapter")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, fwd+bwd")
-    ap.add_argument("--compile-check", action="store_true",
-                    help="only build every kernel for sm_90 ahead of time (no GPU needed; TRITON_INTERPRET unset)")
+    ap.add_argument("--compile-report", action="store_true",
+                    help="compile every headline launch for sm_90a and print wgmma/registers/spills/occupancy "
+                         "(no GPU needed; TRITON_INTERPRET unset)")
+    ap.add_argument("--head-dims", default="64,80,96,128,256", help="attention head dims of the compile report")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     ap.add_argument("--smoke-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if args.compile_check:
-        print(compile_check(quick=args.quick))
+    if args.compile_report:
+        head_dims = [int(x) for x in args.head_dims.split(",") if x]
+        print(compile_report(head_dims, args.ops.split(","), json_path=args.json))
         return 0
 
     if args.smoke_child:  # runs with TRITON_INTERPRET=1 set before triton was imported

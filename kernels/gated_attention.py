@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch, on_gpu
+
 LOG2E = 1.4426950408889634
 # The decorator decides at import time whether kernels are interpreted; remember it for the backend switch.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -348,8 +350,7 @@ def _configs(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes. The interpreter runs programs one by one, so small tiles keep it fast; GPU sizes follow the
     Triton tutorial for Hopper (fwd 128 queries x 64 keys; bwd dK/dV 32 x 64, dQ 64 x 32) and were not tuned
     here (no GPU)."""
-    interpret = device.type != "cuda"
-    if interpret:
+    if not on_gpu(device):
         small = {"BLOCK_M": 16, "BLOCK_N": 16}
         return {"fwd": dict(small, num_warps=1, num_stages=1), "dkdv": dict(small, num_warps=1, num_stages=1),
                 "dq": dict(small, num_warps=1, num_stages=1)}
@@ -365,8 +366,7 @@ def _configs(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
 
 
 def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
-    interpret = device.type != "cuda"
-    return {"DOT_F32": interpret and dtype == torch.bfloat16, "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
+    return {"DOT_F32": not on_gpu(device) and dtype == torch.bfloat16, "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
 
 
 def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
@@ -383,8 +383,8 @@ def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
     g_arg = g if g is not None else q
     g_strides = (g.stride(0), g.stride(1)) if g is not None else (0, 0)
     grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), h_q, n_seq)
-    _gated_attn_fwd_kernel[grid](
-        q, k, v, g_arg, o, lse, cu_q, cu_k, kv_lens if kv_lens is not None else cu_q,
+    launch(
+        _gated_attn_fwd_kernel, grid, q, k, v, g_arg, o, lse, cu_q, cu_k, kv_lens if kv_lens is not None else cu_q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *g_strides,
         o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), sm_scale * LOG2E,
         GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_GATE=g is not None,
@@ -414,15 +414,24 @@ def _bwd(do, q, k, v, g, o, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_s
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *g_strides,
               do.stride(0), do.stride(1), lse.stride(0), lse.stride(1))
     grid = (triton.cdiv(max_k, cfgs["dkdv"]["BLOCK_N"]), h_kv, n_seq)
-    _gated_attn_bwd_dkdv_kernel[grid](
-        q, k, v, g_arg, do, lse, delta, dk, dv, dg_arg, cu_q, cu_k, kv_arg, *common,
+    launch(
+        _gated_attn_bwd_dkdv_kernel, grid, q, k, v, g_arg, do, lse, delta, dk, dv, dg_arg, cu_q, cu_k, kv_arg, *common,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dg_strides, sm_scale * LOG2E, sm_scale,
         **flags, **cfgs["dkdv"])
     grid = (triton.cdiv(max_q, cfgs["dq"]["BLOCK_M"]), h_q, n_seq)
-    _gated_attn_bwd_dq_kernel[grid](
-        q, k, v, g_arg, do, lse, delta, dq, cu_q, cu_k, kv_arg, *common,
+    launch(
+        _gated_attn_bwd_dq_kernel, grid, q, k, v, g_arg, do, lse, delta, dq, cu_q, cu_k, kv_arg, *common,
         dq.stride(0), dq.stride(1), sm_scale * LOG2E, sm_scale, **flags, **cfgs["dq"])
     return dq, dk, dv, (dg.to(g.dtype) if dg is not None else None)
+
+
+def plan_launches(q, k, v, g, bsz: int, t: int, causal: bool) -> None:
+    """Forward and backward launches for bsz sequences of t tokens packed as q (bsz*t, Hq, D) (for the compile
+    report, on meta tensors inside ``launch.capture``)."""
+    cu = torch.arange(0, (bsz + 1) * t, t, device=q.device, dtype=torch.int32)
+    sm_scale = _scale(None, q.shape[-1])
+    o, lse = _fwd(q, k, v, g, cu, cu, None, t, causal, sm_scale, False)
+    _bwd(o, q, k, v, g, o, lse, cu, cu, None, t, t, causal, sm_scale, False)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import launch, on_gpu
+
+H100_SMS = 132  # SM count the launchers plan for when they only plan (meta tensors, compile report)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -214,13 +217,13 @@ def _routed_adapter_bwd_dw_kernel(X, DY, HG, HD, DHG, DHD, DWG, DWD, DWU, PERM, 
 def _config(d: int, r: int, device: torch.device) -> dict:
     block_r = max(16, triton.next_power_of_2(r))
     block_d = max(16, triton.next_power_of_2(d))
-    if device.type != "cuda":  # interpreter: few, small programs
+    if not on_gpu(device):  # interpreter: few, small programs
         return {"BLOCK_M": 16, "BLOCK_D": min(64, block_d), "BLOCK_R": block_r, "num_warps": 1}
     return {"BLOCK_M": 64, "BLOCK_D": min(128, block_d), "BLOCK_R": block_r, "num_warps": 4}
 
 
 def _flags(x: torch.Tensor) -> dict:
-    f32 = x.device.type != "cuda" or x.dtype == torch.float32
+    f32 = not on_gpu(x.device) or x.dtype == torch.float32
     return {"COMPUTE_F32": f32, "DOT_PREC": "ieee" if f32 else "tf32"}
 
 
@@ -238,10 +241,58 @@ def _schedule(route: torch.Tensor, num_experts: int, block_m: int):
 
 def _dw_split(n: int, num_experts: int, n_dtiles: int, block_m: int, device: torch.device) -> int:
     """Token splits per (d-tile, expert) of the weight-gradient kernel: ~4 programs per SM on a GPU, else 1."""
-    if device.type != "cuda":
+    if not on_gpu(device):
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
     return max(1, min(triton.cdiv(n, block_m * num_experts), 4 * sms // (n_dtiles * num_experts)))
+
+
+def _forward(x2, route, wg, wd, wu):
+    """x2 (N, d) -> y (N, d), the saved pre-activations hg, hd (N, r) fp32 and the expert schedule."""
+    num_experts, r, d = wg.shape
+    n = x2.shape[0]
+    cfg = _config(d, r, x2.device)
+    perm, offs, bcum = _schedule(route.reshape(-1).to(x2.device), num_experts, cfg["BLOCK_M"])
+    y = torch.empty_like(x2)
+    hg = torch.empty((n, r), device=x2.device, dtype=torch.float32)
+    hd = torch.empty_like(hg)
+    if n > 0:
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]) + num_experts,)  # upper bound on per-expert blocks
+        launch(_routed_adapter_fwd_kernel, grid, x2, y, wg, wd, wu, hg, hd, perm, offs, bcum, x2.stride(0),
+               y.stride(0), d, r, NUM_EXPERTS=num_experts, SAVE_H=True, **_flags(x2), **cfg)
+    return y, hg, hd, (perm, offs, bcum)
+
+
+def _backward(dy2, x2, wg, wd, wu, hg, hd, schedule):
+    perm, offs, bcum = schedule
+    num_experts, r, d = wg.shape
+    n = x2.shape[0]
+    cfg = _config(d, r, x2.device)
+    flags = _flags(x2)
+    dx = torch.empty_like(x2)
+    dhg, dhd = torch.empty_like(hg), torch.empty_like(hd)
+    dwg = torch.zeros(wg.shape, device=x2.device, dtype=torch.float32)
+    dwd = torch.zeros_like(dwg)
+    dwu = torch.zeros(wu.shape, device=x2.device, dtype=torch.float32)
+    if n > 0:
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]) + num_experts,)
+        launch(_routed_adapter_bwd_dx_kernel, grid, dy2, dx, wg, wd, wu, hg, hd, dhg, dhd, perm, offs, bcum,
+               dy2.stride(0), dx.stride(0), d, r, NUM_EXPERTS=num_experts, **flags, **cfg)
+        n_dtiles = triton.cdiv(d, cfg["BLOCK_D"])
+        split = _dw_split(n, num_experts, n_dtiles, cfg["BLOCK_M"], x2.device)
+        launch(_routed_adapter_bwd_dw_kernel, (n_dtiles, num_experts, split),
+               x2, dy2, hg, hd, dhg, dhd, dwg, dwd, dwu, perm, offs, x2.stride(0), dy2.stride(0), d, r,
+               SPLIT=split, **flags, **cfg)
+    return dx, dwg, dwd, dwu
+
+
+def plan_launches(x2: torch.Tensor, w_rd: torch.Tensor, w_dr: torch.Tensor) -> None:
+    """Forward and backward launches for x2 (N, d) with E = w_rd.shape[0] experts, tokens split evenly (for the
+    compile report, on meta tensors inside ``launch.capture``)."""
+    n = x2.shape[0]
+    route = torch.arange(n, device=x2.device) * w_rd.shape[0] // max(n, 1)
+    y, hg, hd, schedule = _forward(x2, route, w_rd, w_rd, w_dr)
+    _backward(y, x2, w_rd, w_rd, w_dr, hg, hd, schedule)
 
 
 class RoutedSwiGLUAdapterFunction(torch.autograd.Function):
@@ -250,46 +301,19 @@ class RoutedSwiGLUAdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, route, w_gate, w_down, w_up):
         _check(x, route, w_gate, w_down, w_up)
-        num_experts, r, d = w_gate.shape
+        d = w_gate.shape[-1]
         x2 = x.reshape(-1, d).contiguous()
-        n = x2.shape[0]
         wg, wd, wu = w_gate.contiguous(), w_down.contiguous(), w_up.contiguous()
-        cfg = _config(d, r, x.device)
-        perm, offs, bcum = _schedule(route.reshape(-1).to(x.device), num_experts, cfg["BLOCK_M"])
-        y = torch.empty_like(x2)
-        hg = torch.empty((n, r), device=x.device, dtype=torch.float32)
-        hd = torch.empty_like(hg)
-        if n > 0:
-            grid = (triton.cdiv(n, cfg["BLOCK_M"]) + num_experts,)  # upper bound on per-expert blocks
-            _routed_adapter_fwd_kernel[grid](x2, y, wg, wd, wu, hg, hd, perm, offs, bcum, x2.stride(0), y.stride(0),
-                                             d, r, NUM_EXPERTS=num_experts, SAVE_H=True, **_flags(x2), **cfg)
-        ctx.save_for_backward(x2, wg, wd, wu, hg, hd, perm, offs, bcum)
+        y, hg, hd, schedule = _forward(x2, route, wg, wd, wu)
+        ctx.save_for_backward(x2, wg, wd, wu, hg, hd, *schedule)
         ctx.x_shape = x.shape
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, wg, wd, wu, hg, hd, perm, offs, bcum = ctx.saved_tensors
-        num_experts, r, d = wg.shape
-        n = x2.shape[0]
-        dy2 = dy.reshape(-1, d).contiguous()
-        cfg = _config(d, r, x2.device)
-        flags = _flags(x2)
-        dx = torch.empty_like(x2)
-        dhg, dhd = torch.empty_like(hg), torch.empty_like(hd)
-        dwg = torch.zeros(wg.shape, device=x2.device, dtype=torch.float32)
-        dwd = torch.zeros_like(dwg)
-        dwu = torch.zeros(wu.shape, device=x2.device, dtype=torch.float32)
-        if n > 0:
-            grid = (triton.cdiv(n, cfg["BLOCK_M"]) + num_experts,)
-            _routed_adapter_bwd_dx_kernel[grid](dy2, dx, wg, wd, wu, hg, hd, dhg, dhd, perm, offs, bcum,
-                                                dy2.stride(0), dx.stride(0), d, r, NUM_EXPERTS=num_experts,
-                                                **flags, **cfg)
-            n_dtiles = triton.cdiv(d, cfg["BLOCK_D"])
-            split = _dw_split(n, num_experts, n_dtiles, cfg["BLOCK_M"], x2.device)
-            _routed_adapter_bwd_dw_kernel[(n_dtiles, num_experts, split)](
-                x2, dy2, hg, hd, dhg, dhd, dwg, dwd, dwu, perm, offs, x2.stride(0), dy2.stride(0), d, r,
-                SPLIT=split, **flags, **cfg)
+        x2, wg, wd, wu, hg, hd, *schedule = ctx.saved_tensors
+        dy2 = dy.reshape(-1, x2.shape[1]).contiguous()
+        dx, dwg, dwd, dwu = _backward(dy2, x2, wg, wd, wu, hg, hd, schedule)
         return (dx.view(ctx.x_shape), None, dwg.to(wg.dtype), dwd.to(wd.dtype), dwu.to(wu.dtype))
 
 

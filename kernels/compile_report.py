@@ -1,0 +1,230 @@
+"""Compile report: what the launchers' kernels become on Hopper, without a GPU.
+
+``python -m kernels.bench --compile-report`` calls the real launchers on ``meta`` tensors of the headline shapes
+(``kernels.launch.capture`` records the launches instead of running them), compiles each recorded launch for
+sm_90a with the specialisation the Triton runtime applies at launch (16-byte-aligned pointers and integers
+divisible by 16 get ``tt.divisibility = 16``, integers equal to 1 become constants: without this the compiler
+builds a different kernel, e.g. without async copies), runs Triton's bundled ``ptxas -v --gpu-name=sm_90a`` on
+the PTX and reports per kernel: wgmma vs. mma.sync instructions, registers, spill bytes, shared memory, CTAs per
+SM (H100: 64 K registers, 228 KB shared memory, 2048 threads, 32 CTAs per SM), async-copy / TMA use, and the
+grid of the headline launch against the 132 SMs of an H100 SXM.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .launch import Launch, capture
+
+H100_SMS = 132
+REGS_PER_SM = 64 * 1024
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED_PER_CTA = 1024
+THREADS_PER_SM = 2048
+CTAS_PER_SM_MAX = 32
+
+
+@dataclass
+class KernelStats:
+    kernel: str
+    case: str
+    config: str
+    wgmma: int
+    mma_sync: int
+    regs: int
+    spill_bytes: int
+    shared_bytes: int
+    ctas_per_sm: int
+    cp_async: int
+    tma: int
+    programs: int
+    waves: float
+
+    def row(self) -> str:
+        return (f"| {self.case} | {self.kernel} | {self.config} | {self.wgmma} | {self.mma_sync} | {self.regs} | "
+                f"{self.spill_bytes} | {self.shared_bytes // 1024} | {self.ctas_per_sm} | {self.cp_async} | "
+                f"{self.tma} | {self.programs} | {self.waves:.2f} |")
+
+
+HEADER = ("| case | kernel | config | wgmma | mma.sync | regs | spill B | smem KB | CTA/SM | cp.async | TMA | "
+          "grid | waves |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+# ----------------------------------------------------------------------------------------------- specialisation
+def _specialize(arg):
+    """(type, spec) as the runtime computes them for a launch argument (pointer / int / float / bool)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend
+        from triton.runtime.jit import native_specialize_impl
+
+        return native_specialize_impl(CUDABackend, arg, False, True, True)
+    except ImportError:  # older triton: the same rules, written out
+        if isinstance(arg, torch.Tensor):
+            name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+                    torch.int64: "i64"}[arg.dtype]
+            return f"*{name}", "D" if arg.data_ptr() % 16 == 0 else ""
+        if isinstance(arg, bool):
+            return "u1", None
+        if isinstance(arg, int):
+            if arg == 1:
+                return "constexpr", 1
+            return ("i32" if -2 ** 31 <= arg < 2 ** 31 else "i64"), "D" if arg % 16 == 0 else ""
+        return "fp32", None
+
+
+def compile_launch(rec: Launch, arch: int = 90):
+    """triton.compile of one recorded launch, specialised like the runtime would specialise it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = rec.kernel
+    kwargs = dict(rec.kwargs)
+    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = dict(zip(fn.arg_names, rec.args, strict=False)) | kwargs
+    sig, consts, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
+        val = values[name]
+        if param.is_constexpr:
+            sig[name], consts[(i,)] = "constexpr", val
+            continue
+        ty, spec = _specialize(val)
+        if ty == "constexpr":
+            sig[name], consts[(i,)] = "constexpr", spec
+            continue
+        sig[name] = ty
+        if isinstance(spec, str) and "D" in spec:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for this arch (its PTX version must match)."""
+    import triton
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, TypeError):
+        try:
+            from triton import knobs
+
+            return knobs.nvidia.ptxas.path
+        except (ImportError, AttributeError):
+            return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+
+
+def ptxas_usage(ptx: str, arch: int = 90) -> tuple[int, int]:
+    """(registers per thread, spill bytes = stores + loads) from ``ptxas -v --gpu-name=sm_<arch>a``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([_ptxas(arch), "-v", f"--gpu-name=sm_{arch}a", str(src), "-o", str(Path(tmp) / "k.o")],
+                              capture_output=True, text=True, check=False)
+    log = proc.stderr + proc.stdout
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed ({proc.returncode}): {log[-2000:]}")
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(m) for m in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return regs, spills
+
+
+def ctas_per_sm(regs: int, num_warps: int, shared: int) -> int:
+    """Occupancy limit on an H100 SM (registers are allocated per warp in units of 256)."""
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = (REGS_PER_SM // regs_per_warp) // num_warps
+    by_smem = SMEM_PER_SM // (shared + SMEM_RESERVED_PER_CTA)
+    by_threads = THREADS_PER_SM // (32 * num_warps)
+    return min(by_regs, by_smem, by_threads, CTAS_PER_SM_MAX)
+
+
+def stats(rec: Launch, case: str, arch: int = 90) -> KernelStats:
+    kernel = compile_launch(rec, arch)
+    ptx = kernel.asm["ptx"]
+    regs, spills = ptxas_usage(ptx, arch)
+    num_warps = rec.kwargs.get("num_warps", 4)
+    shared = kernel.metadata.shared
+    occ = ctas_per_sm(regs, num_warps, shared)
+    programs = math.prod(rec.grid)
+    cfg = ",".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in rec.kwargs.items()
+                   if k.startswith("BLOCK_") or k in ("num_warps", "num_stages"))
+    cfg = cfg.replace("num_warps", "w").replace("num_stages", "s")
+    return KernelStats(
+        kernel=rec.tag, case=case, config=cfg,
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+        regs=regs, spill_bytes=spills, shared_bytes=shared, ctas_per_sm=occ,
+        cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)", ptx)),
+        tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)), programs=programs,
+        waves=programs / (H100_SMS * max(occ, 1)))
+
+
+# ----------------------------------------------------------------------------------------------- headline launches
+ATTN_HEAD_DIMS = (64, 80, 96, 128, 256)
+# (causal, gated, q heads, kv heads): PILL's MAG (causal, gated, Llama-3-8B GQA) and plain non-causal MHA
+ATTN_CASES = ((True, True, 32, 8), (False, False, 32, 32))
+ATTN_SHAPE = (2, 2048)  # B x T
+ADAPTER_TOKENS = (2048, 8192)
+ADAPTER_SHAPE = (4096, 32, 2)  # d, r, E
+
+
+def attention_launches(head_dim: int, causal: bool, gated: bool, h_q: int, h_kv: int,
+                       dtype=torch.bfloat16) -> list[Launch]:
+    ga = importlib.import_module(f"{__package__}.gated_attention")  # the package attribute is the function
+
+    bsz, t = ATTN_SHAPE
+    meta = torch.device("meta")
+    q = torch.empty(bsz * t, h_q, head_dim, device=meta, dtype=dtype)
+    k = torch.empty(bsz * t, h_kv, head_dim, device=meta, dtype=dtype)
+    with capture() as recs:
+        ga.plan_launches(q, k, k, q.new_empty(bsz * t, h_q) if gated else None, bsz, t, causal)
+    return recs
+
+
+def adapter_launches(n: int, dtype=torch.bfloat16) -> list[Launch]:
+    ra = importlib.import_module(f"{__package__}.routed_adapter")
+
+    d, r, experts = ADAPTER_SHAPE
+    meta = torch.device("meta")
+    x = torch.empty(n, d, device=meta, dtype=dtype)
+    with capture() as recs:
+        ra.plan_launches(x, torch.empty(experts, r, d, device=meta), torch.empty(experts, d, r, device=meta))
+    return recs
+
+
+def report(head_dims=ATTN_HEAD_DIMS, adapter_tokens=ADAPTER_TOKENS, arch: int = 90, ops=("attention", "adapter"),
+           echo=None) -> list[KernelStats]:
+    """Compile every headline launch; ``echo(row)`` is called as each kernel finishes (progress)."""
+    out = []
+
+    def add(rec, case):
+        s = stats(rec, case, arch)
+        out.append(s)
+        if echo:
+            echo(s.row())
+
+    if "attention" in ops:
+        for d in head_dims:
+            for causal, gated, h_q, h_kv in ATTN_CASES:
+                case = (f"attn d{d} {'causal' if causal else 'full'} {'gated' if gated else 'nogate'} "
+                        f"{h_q}/{h_kv}h {ATTN_SHAPE[0]}x{ATTN_SHAPE[1]}")
+                for rec in attention_launches(d, causal, gated, h_q, h_kv):
+                    add(rec, case)
+    if "adapter" in ops:
+        for n in adapter_tokens:
+            for rec in adapter_launches(n):
+                add(rec, f"adapter n{n} d{ADAPTER_SHAPE[0]} r{ADAPTER_SHAPE[1]} E{ADAPTER_SHAPE[2]}")
+    return out
+
+
+def as_json(rows: list[KernelStats]) -> list[dict]:
+    return [asdict(r) for r in rows]
