@@ -9,19 +9,19 @@ Design choices:
 - A shard is written to `{final}.tmp` and renamed when closed: a crash never leaves a half shard under its final name.
 - The index is rewritten (atomically) after every finished shard; resume keeps a shard when its index entry, plan
   hash and file size all match.
-- Tar members get fixed mtime/uid/gid so the same input gives byte-identical shards (the demo set relies on it).
+- Tar members get fixed mtime/uid/gid so the same input gives byte-identical shards (the demo set relies on it);
+  the tar primitive itself is pipeline.data.tarwrite (the loader bench writes tars too, and pipeline never imports
+  shards).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import multiprocessing as mp
 import os
 import re
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -31,19 +31,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pipeline.data.tarwrite import Sample, write_tar  # re-exported: the builders' API
+
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "pill-shards/1"
 TAR_OVERHEAD = 1536  # header + padding per member, enough for an estimate
 MAX_SKIP_EXAMPLES = 20  # per reason, kept in the index so a user can look at them
-
-
-@dataclass
-class Sample:
-    """One sample to write: `files` maps an extension (`jpg`, `json`, `txt`, `feat.npy`) to its bytes."""
-
-    key: str
-    files: dict[str, bytes]
 
 
 class SkipSample(Exception):
@@ -111,28 +105,8 @@ def plan_shards(sizes: Sequence[int], max_samples: int, max_size: int) -> list[t
     return plan
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uname = info.gname = "pill"
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _plan_hash(keys: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
-
-
-def write_tar(path: Path, samples: Sequence[Sample]) -> int:
-    """Write samples to `path` via a temp name + rename; returns the file size."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-        for s in samples:
-            for ext, data in s.files.items():
-                _add_member(tar, f"{s.key}.{ext}", data)
-    os.replace(tmp, path)
-    return path.stat().st_size
 
 
 def _write_one_shard(job: tuple[int, Path, list[Any], Callable[[Any], Sample]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shards.writer import Sample, write_tar
+from pipeline.data.tarwrite import Sample, write_tar
 
 
 def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 32, fmt: str = "PNG") -> bytes:
@@ -77,3 +77,26 @@ def read_tar_samples(tar_path: str | Path) -> dict[str, dict[str, bytes]]:
             key, ext = m.name.split(".", 1)
             out.setdefault(key, {})[ext] = tar.extractfile(m).read()
     return out
+
+
+def split_loader_kwargs(kw: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """One flat dict of test settings -> (DataConfig, the other build_loader keyword arguments)."""
+    import dataclasses
+
+    from pipeline.data import DataConfig
+
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{k: v for k, v in kw.items() if k in names}), {k: v for k, v in kw.items() if k not in names}
+
+
+def make_loader(tok: Any, urls: Any, task: str = "scienceqa", **kw: Any) -> Any:
+    """build_loader from flat test settings; `urls` is a shard spec or a list of SourceConfig."""
+    from pipeline.data import SourceConfig, build_loader
+
+    kw.setdefault("sources", urls if isinstance(urls, list) and urls and isinstance(urls[0], SourceConfig)
+                  else [SourceConfig(urls, task=task)])
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("num_query_tokens", 4)
+    kw.setdefault("with_meta", True)
+    cfg, rest = split_loader_kwargs(kw)
+    return build_loader(cfg, tok, **rest)

@@ -8,12 +8,12 @@ import tarfile
 import pytest
 import torch
 
-from pipeline.data import DataConfig, SourceConfig, build_loader
+from pipeline.data import DataConfig, SourceConfig
 from pipeline.data.collate import Collator
 from pipeline.data.records import SkipCounter, iter_tar
-from pipeline.data.testing import png_bytes, sqa_meta, tiny_tokenizer
+from tests.datagen import make_loader, png_bytes, sqa_meta, tiny_tokenizer
 from pipeline.data.transforms import default_mean_std
-from shards.writer import Sample, write_tar
+from pipeline.data.tarwrite import Sample, write_tar
 
 K = 4
 
@@ -37,10 +37,14 @@ def _bad_shard(path, tag):
 
 
 def _cfg(urls, **kw):
-    base = dict(sources=[SourceConfig(urls, task="scienceqa")], num_query_tokens=K, max_len=512, shuffle_buffer=0,
-                rank=0, world_size=1)
+    base = dict(num_query_tokens=K, max_length=512, shuffle_buffer=0, rank=0, world_size=1)
     base.update(kw)
-    return DataConfig(**base)
+    return urls, base
+
+
+def build_loader(cfg, tok):
+    urls, base = cfg
+    return make_loader(tok, urls, **base)
 
 
 def test_each_corruption_is_skipped_and_counted(tmp_path, tok, caplog):
@@ -64,7 +68,6 @@ def test_each_corruption_is_skipped_and_counted(tmp_path, tok, caplog):
     sk = ld.skipped()
     assert sk["undecodable_image"] == 1 and sk["bad_json"] == 1 and sk["missing_json"] == 1
     assert sk["bad_tar"] == 2 and sk["unreadable_shard"] == 1
-    assert batches[-1]["skipped"] == sk
     assert "shard=" in caplog.text and "key=abadjson" in caplog.text and "c-000002.tar" in caplog.text
     for b in batches:
         assert int(b["modality_mask"].sum()) == b["pixel_values"].shape[0] * K
@@ -77,16 +80,16 @@ def test_counters_are_summed_over_workers(tmp_path, tok):
     ld = build_loader(_cfg(urls, batch_size=3, num_workers=2, samples_per_epoch=6), tok)
     batches = list(ld)
     assert len(batches) == 2
-    assert {b["shards"][0] for b in batches} == set(urls)  # one shard per worker, reported with the batch
-    assert batches[-1]["skipped"] == {"undecodable_image": 2, "bad_json": 2, "missing_json": 2} == ld.skipped()
+    assert set(ld.shards_read) == set(urls)  # one shard per worker
+    assert {b["meta"][0]["shard"] for b in batches} == set(urls)
+    assert ld.skipped() == {"undecodable_image": 2, "bad_json": 2, "missing_json": 2}
 
 
 def test_all_bad_batch_becomes_a_dummy_row(tok):
-    cfg = _cfg(["x"], batch_size=1)
     rec = {"__key__": "k", "__shard__": "s", "__task__": "scienceqa", "png": b"broken", "json": sqa_meta(0)}
     counter = SkipCounter()
-    b = Collator(cfg, tok, *default_mean_std())([rec], counter)
-    assert b["meta"] == [{"dummy": True}] and (b["labels"] != -100).sum() == 1
+    b = Collator(DataConfig(), tok, K, *default_mean_std())([rec], counter)
+    assert b["num_samples"] == 0 and "meta" not in b and (b["labels"] != -100).sum() == 1
     assert counter.counts == {"undecodable_image": 1, "empty_batch": 1}
 
 
@@ -101,9 +104,8 @@ def test_img2dataset_output_reads_as_is(tmp_path, tok):
     write_tar(tmp_path / "00000.tar", samples)
     (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 7, "successes": 6, "failed_to_download": 1}))
     (tmp_path / "00000.parquet").write_bytes(b"PAR1")
-    cfg = DataConfig(sources=[SourceConfig(str(tmp_path), task="auto")], batch_size=3, num_query_tokens=K,
-                     max_len=128, num_workers=0, shuffle_buffer=0)
-    ld = build_loader(cfg, tok)
+    ld = make_loader(tok, str(tmp_path), task="auto", batch_size=3, num_query_tokens=K, max_length=128,
+                     num_workers=0, shuffle_buffer=0)
     assert ld.samples_per_epoch == 6 and len(ld) == 2
     for b in ld:
         assert b["pixel_values"].shape == (3, 3, 224, 224)
@@ -121,7 +123,7 @@ def test_too_long_and_missing_image_are_dropped_from_the_batch(tmp_path, tok):
         Sample("long", {"png": png_bytes(), "json": json.dumps(sqa_meta(1, question=long_q)).encode()}),
         Sample("noimg", {"json": json.dumps(sqa_meta(2, has_image=True)).encode()}),
         _good("ok1", 3)])
-    ld = build_loader(_cfg([str(tmp_path / "l-000000.tar")], batch_size=4, num_workers=0, max_len=256), tok)
+    ld = build_loader(_cfg([str(tmp_path / "l-000000.tar")], batch_size=4, num_workers=0, max_length=256), tok)
     (b,) = list(ld)
     assert [m["key"] for m in b["meta"]] == ["ok0", "ok1"] and b["pixel_values"].shape[0] == 2
     assert b["input_ids"].shape[1] <= 256

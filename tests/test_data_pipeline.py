@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from pipeline.data import DataConfig, SourceConfig, build_loader
+from pipeline.data import SourceConfig
 from pipeline.data.loader import split_batches
 from pipeline.data.shardlists import assign_shards, expand_shards
-from pipeline.data.testing import tiny_tokenizer, write_sqa_shards
+from tests.datagen import make_loader, tiny_tokenizer, write_sqa_shards
 
 K = 4
 
@@ -27,10 +27,16 @@ def shards(tmp_path_factory):
 
 
 def _cfg(urls, **kw):
-    base = dict(sources=[SourceConfig(urls, task="scienceqa")], batch_size=4, num_query_tokens=K, max_len=512,
-                shuffle_buffer=8, num_workers=2, rank=0, world_size=1)
+    """Flat loader settings (DataConfig fields and build_loader arguments); see tests.datagen.make_loader."""
+    base = dict(batch_size=4, num_query_tokens=K, max_length=512, shuffle_buffer=8, num_workers=2, rank=0,
+                world_size=1)
     base.update(kw)
-    return DataConfig(**base)
+    return urls, base
+
+
+def build(cfg, tok, **kw):
+    urls, base = cfg
+    return make_loader(tok, urls, **{**base, **kw})
 
 
 def _keys(loader):
@@ -59,10 +65,11 @@ def test_explicit_rank_splitter_where_webdataset_default_raises(shards, tok, mon
     with pytest.raises(ValueError, match="nodesplitter"):  # the trap: webdataset's default single_node_only
         next(iter(wds.WebDataset(urls, shardshuffle=False)))
     cfg = _cfg(urls, rank=None, world_size=None, num_workers=0)
-    assert (cfg.rank, cfg.world_size) == (1, 2)
+    spec = build(cfg, tok).cfg
+    assert (spec.rank, spec.world_size) == (1, 2)
     other = _cfg(urls, rank=0, world_size=2, num_workers=0)
-    k1 = {k for b in _keys(build_loader(cfg, tok)) for k in b}
-    k0 = {k for b in _keys(build_loader(other, tok)) for k in b}
+    k1 = {k for b in _keys(build(cfg, tok)) for k in b}
+    k0 = {k for b in _keys(build(other, tok)) for k in b}
     assert k1 and k0 and not (k1 & k0)
 
 
@@ -70,7 +77,7 @@ def test_every_rank_yields_the_same_number_of_batches(shards, tok):
     urls, _ = shards  # 44 samples in uneven shards
     counts, shards_read = [], []
     for rank in range(3):
-        ld = build_loader(_cfg(urls, rank=rank, world_size=3, shuffle_buffer=0), tok)
+        ld = build(_cfg(urls, rank=rank, world_size=3, shuffle_buffer=0), tok)
         n = sum(1 for _ in ld)
         counts.append((n, len(ld)))
         shards_read.append(set(ld.shards_read))
@@ -83,7 +90,7 @@ def test_fewer_shards_than_workers_splits_by_sample(tmp_path, tok, caplog):
     seen = []
     with caplog.at_level(logging.WARNING):
         for rank in range(2):
-            ld = build_loader(_cfg(urls, rank=rank, world_size=2, batch_size=2, shuffle_buffer=0), tok)
+            ld = build(_cfg(urls, rank=rank, world_size=2, batch_size=2, shuffle_buffer=0), tok)
             batches = _keys(ld)
             assert len(batches) == len(ld) == 4  # 16 / (2 ranks x 2)
             seen += [k for b in batches for k in b]
@@ -93,41 +100,41 @@ def test_fewer_shards_than_workers_splits_by_sample(tmp_path, tok, caplog):
 
 def test_deterministic_given_seed_epoch_rank(shards, tok):
     urls, _ = shards
-    a = _keys(build_loader(_cfg(urls), tok))
-    b = _keys(build_loader(_cfg(urls), tok))
+    a = _keys(build(_cfg(urls), tok))
+    b = _keys(build(_cfg(urls), tok))
     assert a == b
-    ld = build_loader(_cfg(urls), tok)
+    ld = build(_cfg(urls), tok)
     e0, e1 = _keys(ld), _keys(ld)  # iterating again = next epoch
     assert e0 == a and e1 != e0 and ld.state_dict()["epoch"] == 2
-    assert _keys(build_loader(_cfg(urls, seed=1), tok)) != a
+    assert _keys(build(_cfg(urls, seed=1), tok)) != a
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_continues_the_same_sequence(shards, tok, num_workers):
     urls, _ = shards
     cfg = _cfg(urls, num_workers=num_workers, batch_size=3)
-    full = _keys(build_loader(cfg, tok))
-    ld = build_loader(cfg, tok)
+    full = _keys(build(cfg, tok))
+    ld = build(cfg, tok)
     it = iter(ld)
     head = [[m["key"] for m in next(it)["meta"]] for _ in range(5)]
     state = ld.state_dict()
     del it
     assert state["batch"] == 5 and state["epoch"] == 0
-    resumed = build_loader(cfg, tok)
+    resumed = build(cfg, tok)
     resumed.load_state_dict(state)
     tail = _keys(resumed)
     assert head + tail == full
-    assert _keys(build_loader(cfg, tok, start_batch=5)) == tail
+    assert _keys(build(cfg, tok, start_batch=5)) == tail
     assert resumed.state_dict()["epoch"] == 1
 
 
 def test_resampled_mode_has_the_requested_length(shards, tok):
     urls, _ = shards
     cfg = _cfg(urls, resampled=True, samples_per_epoch=40, world_size=2, rank=1)
-    a, b = _keys(build_loader(cfg, tok)), _keys(build_loader(cfg, tok))
+    a, b = _keys(build(cfg, tok)), _keys(build(cfg, tok))
     assert a == b and len(a) == 40 // (2 * 4)
-    with pytest.raises(ValueError, match="samples_per_epoch"):
-        _cfg(urls, resampled=True)
+    with pytest.raises(ValueError, match="data.resampled needs samples_per_epoch"):
+        build(_cfg(urls, resampled=True), tok)
 
 
 def test_sources_mixed_by_weight(tmp_path, tok):
@@ -135,15 +142,15 @@ def test_sources_mixed_by_weight(tmp_path, tok):
     b = write_sqa_shards(tmp_path / "b", 2, 20, name="b", image=False)
     cfg = _cfg(a, sources=[SourceConfig(a, task="scienceqa", weight=3), SourceConfig(b, task="scienceqa", weight=1)],
                samples_per_epoch=400, shuffle_buffer=0, batch_size=8)
-    keys = [k for ks in _keys(build_loader(cfg, tok)) for k in ks]
+    keys = [k for ks in _keys(build(cfg, tok)) for k in ks]
     frac_a = sum(k.startswith("a") for k in keys) / len(keys)
     assert len(keys) == 400 and 0.65 < frac_a < 0.85
 
 
 def test_packing_matches_padding(shards, tok):
     urls, _ = shards
-    padded = next(iter(build_loader(_cfg(urls, num_workers=0), tok)))
-    packed = next(iter(build_loader(_cfg(urls, num_workers=0, pack=True), tok)))
+    padded = next(iter(build(_cfg(urls, num_workers=0), tok)))
+    packed = next(iter(build(_cfg(urls, num_workers=0, pack=True), tok)))
     lens = padded["attention_mask"].sum(1)
     assert packed["cu_seqlens"].dtype == torch.int32
     assert packed["cu_seqlens"].tolist() == [0] + torch.cumsum(lens, 0).tolist()
@@ -153,8 +160,7 @@ def test_packing_matches_padding(shards, tok):
         for k in ("input_ids", "labels", "modality_mask"):
             assert torch.equal(packed[k][0, s:s + n], padded[k][i, :n]), k
         assert packed["position_ids"][0, s:s + n].tolist() == list(range(n))
-    saved = packed["stats"]["pad_fraction_saved"]
-    assert saved == pytest.approx(padded["stats"]["pad_fraction"]) and saved > 0
+    assert packed["num_samples"] == padded["num_samples"] == len(lens)
     # right padding: real tokens first
     m = padded["attention_mask"]
     assert torch.equal(m, (torch.arange(m.shape[1])[None] < lens[:, None]).long())
@@ -173,8 +179,8 @@ def test_eval_samples_are_the_training_prompts_in_order(shards, tok):
 
     urls, _ = shards
     cfg = _cfg(urls[:2], num_workers=0, shuffle_buffer=0, shuffle_shards=False, batch_size=11)
-    evals = list(iter_eval_samples(urls[:2], tok, cfg, task="scienceqa"))
-    train = next(iter(build_loader(cfg, tok)))
+    evals = list(iter_eval_samples(urls[:2], tok, build(cfg, tok).cfg.data, K, task="scienceqa"))
+    train = next(iter(build(cfg, tok)))
     assert [e["meta"]["key"] for e in evals] == [m["key"] for m in train["meta"]]
     for i, e in enumerate(evals):
         n = e["input_ids"].shape[1]

@@ -4,9 +4,9 @@ never cuts an image."""
 import pytest
 import torch
 
-from pipeline.data import DataConfig, SourceConfig, render
+from pipeline.data import DataConfig, render
 from pipeline.data.prompts import PromptError, with_image_marker
-from pipeline.data.testing import sqa_meta, tiny_tokenizer
+from tests.datagen import sqa_meta, tiny_tokenizer
 from pipeline.data.tokenize import IGNORE, conversation_pieces, encode_pieces, encode_prompt, placeholder_id
 
 K = 8
@@ -18,7 +18,7 @@ def tok(tmp_path_factory):
 
 
 def _cfg(**kw):
-    return DataConfig(sources=[SourceConfig("x")], num_query_tokens=K, **kw)
+    return DataConfig(**kw)
 
 
 def _text(tok, ids, mm=None):
@@ -35,10 +35,10 @@ def _text(tok, ids, mm=None):
 
 
 def test_scienceqa_prompt_labels_and_visual_positions(tok):
-    cfg = _cfg(max_len=512)
+    cfg = _cfg(max_length=512)
     meta = sqa_meta(1, hint="a hint", lecture="Lec.", solution="Sol.")
     conv = render(meta, None, "scienceqa", True, cfg)
-    enc = encode_pieces([conversation_pieces(conv)], tok, K, cfg.max_len)[0]
+    enc = encode_pieces([conversation_pieces(conv)], tok, K, cfg.max_length)[0]
     text = _text(tok, enc.input_ids, enc.modality_mask)
     assert text == ("<s>[INST] <<SYS>>\n" + cfg.system_message + "\n<</SYS>>\n\nImage:<image>\nQuestion: Question "
                     "number 1?\nContext: a hint\nOptions: (A) red (B) blue (C) green\n [/INST]The answer is B. "
@@ -58,7 +58,7 @@ def test_scienceqa_prompt_labels_and_visual_positions(tok):
 def test_scienceqa_without_image_and_qcm_a(tok):
     cfg = _cfg(sqa_format="QCM-A")
     conv = render(sqa_meta(2, has_image=False, solution="S"), None, "scienceqa", False, cfg)
-    enc = encode_pieces([conversation_pieces(conv)], tok, K, cfg.max_len)[0]
+    enc = encode_pieces([conversation_pieces(conv)], tok, K, cfg.max_length)[0]
     text = _text(tok, enc.input_ids)
     assert "Image:N/A.\nQuestion" in text and text.endswith("[/INST]The answer is C.</s>")
     assert not enc.modality_mask.any() and enc.n_images == 0
@@ -118,17 +118,11 @@ def test_truncation_never_cuts_an_image(tok):
 
 
 def test_constants_agree_with_the_model(tok):
-    from pipeline.data import tokenize
-    from pipeline.data.transforms import _CLIP_MEAN, _CLIP_STD
+    """pipeline.constants is the one source; the model exports the same values (until it imports them itself)."""
+    from pipeline import constants
+    from pipeline.data.transforms import default_mean_std
     from pipeline.model import IMAGE_MEAN, IMAGE_STD, image_placeholder_id
 
-    assert tuple(IMAGE_MEAN) == _CLIP_MEAN and tuple(IMAGE_STD) == _CLIP_STD
-    assert placeholder_id(tok) == image_placeholder_id(tok)
-    # the local fallback rule (used when pipeline.model is not imported) is the model's rule
-    import sys
-
-    saved = sys.modules.pop("pipeline.model")
-    try:
-        assert tokenize.placeholder_id(tok) == image_placeholder_id(tok)
-    finally:
-        sys.modules["pipeline.model"] = saved
+    assert tuple(IMAGE_MEAN) == constants.IMAGE_MEAN and tuple(IMAGE_STD) == constants.IMAGE_STD
+    assert default_mean_std() == (constants.IMAGE_MEAN, constants.IMAGE_STD)
+    assert placeholder_id(tok) == image_placeholder_id(tok) == constants.image_placeholder_id(tok)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline.data.testing import png_bytes, read_tar_samples
+from tests.datagen import png_bytes, read_tar_samples
 from shards import llava_instruct, llava_pretrain, scienceqa
 
 

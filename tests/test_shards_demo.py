@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.testing import read_tar_samples
+from tests.datagen import read_tar_samples
 from shards.demo import COLORS, DemoConfig, build_demo, main, make_scene
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.data import DataConfig, SourceConfig, build_loader
-from pipeline.data.testing import tiny_tokenizer
+from tests.datagen import tiny_tokenizer
 from pipeline.data.transforms import decode_image, default_mean_std, normalise
 from shards.demo import DemoConfig, build_demo
 from shards.encode import load_vpg, main
@@ -47,16 +47,17 @@ def test_encode_demo_and_train_on_features(tmp_path):
     assert (tmp_path / "ft" / "train-000000.tar").stat().st_mtime_ns == mtime
 
     tok = tiny_tokenizer(tmp_path / "tok")
-    cfg = DataConfig(sources=[SourceConfig(str(tmp_path / "ft" / "train-index.json"), task="scienceqa")],
-                     batch_size=4, num_query_tokens=K, max_len=256, num_workers=0, shuffle_buffer=0)
-    batches = list(build_loader(cfg, tok))
+    cfg = DataConfig(max_length=256, num_workers=0, shuffle_buffer=0)
+    batches = list(build_loader(cfg, tok, sources=[SourceConfig(str(tmp_path / "ft" / "train-index.json"),
+                                                                task="scienceqa")],
+                                batch_size=4, num_query_tokens=K))
     assert len(batches) == 7 // 4
     for b in batches:
-        assert "pixel_values" not in b and b["image_features"].shape == (len(b["meta"]), K, W)
-        assert int(b["modality_mask"].sum()) == len(b["meta"]) * K
+        assert "pixel_values" not in b and b["image_features"].shape == (b["num_samples"], K, W)
+        assert int(b["modality_mask"].sum()) == b["num_samples"] * K
 
 
 def _png():
-    from pipeline.data.testing import png_bytes
+    from tests.datagen import png_bytes
 
     return png_bytes()

@@ -22,8 +22,7 @@ from PIL import Image
 
 from pipeline.data.config import DataConfig, SourceConfig
 from pipeline.data.loader import build_loader
-from pipeline.data.testing import tiny_tokenizer
-from shards.writer import Sample, write_tar
+from pipeline.data.tarwrite import Sample, write_tar
 
 
 def _photo_like(rng: np.random.Generator, w: int, h: int) -> bytes:
@@ -59,15 +58,26 @@ def make_shards(out: Path, kind: str, n: int, per_shard: int = 500, size: tuple[
     return str(out / f"{kind}-{{000000..{n_sh - 1:06d}}}.tar")
 
 
+def tiny_tokenizer(cache_dir: Path):
+    """The tiny byte-level BPE tokenizer of pipeline.model.tiny (the bench measures data work, not vocabulary)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.model.tiny import build_tiny_tokenizer
+
+    if not (cache_dir / "tokenizer.json").is_file():
+        build_tiny_tokenizer(cache_dir)
+    return PreTrainedTokenizerFast.from_pretrained(str(cache_dir))
+
+
 def measure(pattern: str, task: str, workers: int, tok, K: int, max_len: int, batch_size: int = 16) -> dict:
-    cfg = DataConfig(sources=[SourceConfig(pattern, task=task)], batch_size=batch_size, num_query_tokens=K,
-                     max_len=max_len, num_workers=workers, shuffle_buffer=256, rank=0, world_size=1)
-    ld = build_loader(cfg, tok)
+    cfg = DataConfig(max_length=max_len, num_workers=workers, shuffle_buffer=256)
+    ld = build_loader(cfg, tok, sources=[SourceConfig(pattern, task=task)], batch_size=batch_size,
+                      num_query_tokens=K, rank=0, world_size=1)
     it = iter(ld)
     first = next(it)  # startup (worker fork, shuffle-buffer fill) is not steady-state throughput
     t0, n = time.perf_counter(), 0
     for b in it:
-        n += len(b["meta"])
+        n += b["num_samples"]
     dt = time.perf_counter() - t0
     assert first["input_ids"].shape[0] > 0
     return {"samples": n, "seconds": round(dt, 2), "samples_per_s": round(n / dt, 1),

@@ -3,11 +3,12 @@
 Runs inside the DataLoader worker on the whole group, so tokenisation is one batched call and image normalisation one
 tensor op. A record that fails here (undecodable image, bad features, unusable json, too long) is dropped from its
 batch and counted; batches therefore hold between 1 and batch_size samples. A batch whose every record failed becomes
-one dummy text row (`meta == [{"dummy": True}]`, loss on a single EOS) so that every rank still steps together.
+one dummy text row (`num_samples == 0`, loss on a single EOS) so that every rank still steps together.
 
-Batch keys (docs/INTERFACES.md): input_ids, attention_mask, labels, modality_mask, exactly one of pixel_values
-(N,3,S,S) / image_features (N,K,W), meta (list of dicts: key, shard, task + the json fields); packed batches add
-cu_seqlens (B'+1,) int32 and position_ids (1,T). Plus `stats` (tokens, pad fractions) for logging.
+Batch keys (docs/data.md): input_ids, attention_mask, labels, modality_mask, exactly one of pixel_values
+(N,3,S,S) / image_features (N,K,W), num_samples (int, 0 for the dummy row); packed batches add cu_seqlens (B'+1,)
+int32 and position_ids (1,T). with_meta=True (evaluation, tests) adds meta: one dict per sample (key, shard, task +
+the json fields; `[{"dummy": True}]` for the dummy row).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from pipeline.data.transforms import decode_features, decode_image, feature_ext,
 
 
 class Collator:
-    def __init__(self, cfg: DataConfig, tokenizer: Any, mean: tuple, std: tuple):
+    def __init__(self, cfg: DataConfig, tokenizer: Any, num_query_tokens: int, mean: tuple, std: tuple,
+                 with_meta: bool = False):
         self.cfg, self.tok, self.mean, self.std = cfg, tokenizer, mean, std
+        self.K, self.with_meta = num_query_tokens, with_meta
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
 
@@ -38,13 +41,13 @@ class Collator:
                 kept.append(r)
                 pieces.append(item[0])
                 visuals.append(item[1])
-        encoded = encode_pieces(pieces, self.tok, self.cfg.num_query_tokens, self.cfg.max_len) if pieces else []
+        encoded = encode_pieces(pieces, self.tok, self.K, self.cfg.max_length) if pieces else []
         rows: list[Encoded] = []
         images: list[np.ndarray] = []
         meta: list[dict[str, Any]] = []
         for r, enc, vis in zip(kept, encoded, visuals):
             if enc is None:
-                counter.skip("too_long", r["__shard__"], r["__key__"], f"max_len={self.cfg.max_len}")
+                counter.skip("too_long", r["__shard__"], r["__key__"], f"max_length={self.cfg.max_length}")
                 continue
             rows.append(enc)
             images += vis[: enc.n_images]  # images cut by truncation leave with their positions
@@ -61,7 +64,9 @@ class Collator:
             batch["image_features"] = torch.from_numpy(np.stack(images)).float()
         else:
             batch["pixel_values"] = normalise(images, self.mean, self.std, self.cfg.image_size)
-        batch["meta"] = meta
+        batch["num_samples"] = len(rows)
+        if self.with_meta:
+            batch["meta"] = meta
         return batch
 
     def _prepare(self, r: dict[str, Any], counter: SkipCounter) -> tuple[list[tuple], list[np.ndarray]] | None:
@@ -88,8 +93,8 @@ class Collator:
         if feat_e is not None:
             try:
                 f = decode_features(r[feat_e], feat_e)
-                if f.shape[0] != self.cfg.num_query_tokens:
-                    raise ValueError(f"{f.shape[0]} query tokens, expected {self.cfg.num_query_tokens}")
+                if f.shape[0] != self.K:
+                    raise ValueError(f"{f.shape[0]} query tokens, expected {self.K}")
                 visual.append(f)
             except Exception as e:  # numpy/torch raise many types on bad bytes
                 counter.skip("bad_features", shard, key, f"{type(e).__name__}: {e}")
@@ -111,10 +116,8 @@ class Collator:
         for i, e in enumerate(rows):
             n = len(e.input_ids)
             ids[i, :n], labels[i, :n], mm[i, :n], att[i, :n] = e.input_ids, e.labels, e.modality_mask, 1
-        real = int(att.sum())
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(att),
-                "labels": torch.from_numpy(labels), "modality_mask": torch.from_numpy(mm),
-                "stats": {"tokens": real, "pad_fraction": 1.0 - real / (B * T), "pad_fraction_saved": 0.0}}
+                "labels": torch.from_numpy(labels), "modality_mask": torch.from_numpy(mm)}
 
     def _pack(self, rows: list[Encoded]) -> dict[str, Any]:
         lens = np.array([len(e.input_ids) for e in rows])
@@ -123,19 +126,19 @@ class Collator:
         total = int(cu[-1])
         pos = np.arange(total) - np.repeat(cu[:-1], lens)  # restarts at 0 at every sample
         cat = {k: np.concatenate([getattr(e, k) for e in rows])[None] for k in ("input_ids", "labels", "modality_mask")}
-        padded_fraction = 1.0 - total / (len(rows) * int(lens.max()))
         return {"input_ids": torch.from_numpy(cat["input_ids"]),
                 "attention_mask": torch.ones(1, total, dtype=torch.long),
                 "labels": torch.from_numpy(cat["labels"]), "modality_mask": torch.from_numpy(cat["modality_mask"]),
-                "cu_seqlens": torch.from_numpy(cu), "position_ids": torch.from_numpy(pos[None].astype(np.int64)),
-                "stats": {"tokens": total, "pad_fraction": 0.0, "pad_fraction_saved": padded_fraction}}
+                "cu_seqlens": torch.from_numpy(cu), "position_ids": torch.from_numpy(pos[None].astype(np.int64))}
 
     def _dummy(self) -> dict[str, Any]:
         bos, eos = self.tok.bos_token_id, self.tok.eos_token_id
         batch = {"input_ids": torch.tensor([[bos, eos]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
                  "labels": torch.tensor([[IGNORE, eos]]), "modality_mask": torch.zeros(1, 2, dtype=torch.bool),
                  "pixel_values": torch.empty(0, 3, self.cfg.image_size, self.cfg.image_size),
-                 "meta": [{"dummy": True}], "stats": {"tokens": 2, "pad_fraction": 0.0, "pad_fraction_saved": 0.0}}
+                 "num_samples": 0}
+        if self.with_meta:
+            batch["meta"] = [{"dummy": True}]
         if self.cfg.pack:
             batch["cu_seqlens"] = torch.tensor([0, 2], dtype=torch.int32)
             batch["position_ids"] = torch.arange(2)[None]

@@ -1,12 +1,18 @@
-"""Configuration of the data pipeline (dataclasses, validated on construction)."""
+"""Configuration of the data pipeline (dataclasses, validated on construction).
+
+`DataConfig` is the user-facing `data:` section of a training YAML (every field settable from YAML / `--set`).
+What changes per stage or per rank (the sources, batch size, K, seed, rank) are arguments of `build_loader`, which
+bundles them with the DataConfig into one `LoaderSpec` for the workers.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 TASKS = ("auto", "caption", "scienceqa", "chat")
 SQA_FORMATS = ("QCM-A", "QCM-ALE")
+IMAGE_INPUTS = ("auto", "pixels", "features")
 DEFAULT_SYSTEM = (
     "You are a helpful assistant. Look at the image (if any), read the question, context and options, "
     "and answer with the letter of the correct option."
@@ -36,64 +42,91 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig]
-    batch_size: int = 4
-    """samples per batch before bad samples are dropped (a batch never grows back; see docs/data.md)"""
-    max_len: int = 512
+    """The `data:` section of a training YAML."""
+
+    max_length: int = 512
     """tokens per sample, visual positions included; truncation never cuts an image"""
-    num_query_tokens: int = 32
-    """K: placeholder positions per image"""
-    image_size: int = 224
-    image_mean: tuple[float, float, float] | None = None
-    """None: pipeline.model.IMAGE_MEAN (BLIP-2/CLIP)"""
-    image_std: tuple[float, float, float] | None = None
-    seed: int = 0
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0: read in the training process)"""
     shuffle_buffer: int = 1000
-    """sample shuffle buffer per worker (0 disables)"""
+    """sample shuffle window per worker (0 disables); the epoch stays an exact permutation (docs/data.md)"""
     shuffle_shards: bool = True
     resampled: bool = False
     """draw shards with replacement (infinite stream); needs samples_per_epoch"""
-    samples_per_epoch: int | None = None
-    """global samples per epoch over all ranks; None: the shard counts (index / img2dataset stats / tar scan)"""
-    num_workers: int = 2
-    rank: int | None = None
-    """None: $RANK (else 0). Passed explicitly so webdataset's single_node_only splitter never runs"""
-    world_size: int | None = None
-    pack: bool = False
-    """concatenate the batch into one row with cu_seqlens / position_ids instead of padding"""
+    image_input: str = "auto"
+    """pixels: use `{key}.jpg|png` (VPG runs in the model); features: use `{key}.feat.npy|pth` (precomputed);
+    auto: features when the sample has them, else pixels"""
+    image_size: int = 224
+    image_mean: tuple[float, float, float] | None = None
+    """None: pipeline.constants.IMAGE_MEAN (BLIP-2/CLIP)"""
+    image_std: tuple[float, float, float] | None = None
     sqa_format: str = "QCM-ALE"
     use_captions: bool = False
     """ScienceQA context = hint + image caption (json field `caption`)"""
     system_message: str = DEFAULT_SYSTEM
     caption_instruction: str = "Describe the image briefly."
     """stage-1 instruction when a sample has no LLaVA conversation (e.g. img2dataset output)"""
-    image_input: str = "auto"
-    """pixels: use `{key}.jpg|png` (VPG runs in the model); features: use `{key}.feat.npy|pth` (precomputed);
-    auto: features when the sample has them, else pixels"""
+    pack: bool = False
+    """concatenate the batch into one row with cu_seqlens / position_ids instead of padding"""
     log_skips: int = 20
     """log the first N skips per reason and worker with shard and key (all are counted)"""
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, lo in (("max_length", 8), ("num_workers", 0), ("shuffle_buffer", 0), ("image_size", 8),
+                         ("log_skips", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"data.{name} must be an integer >= {lo}, got {v!r}")
+        if self.image_input not in IMAGE_INPUTS:
+            raise ValueError(f"data.image_input must be {'|'.join(IMAGE_INPUTS)}, got {self.image_input!r}")
+        if self.sqa_format not in SQA_FORMATS:
+            raise ValueError(f"data.sqa_format must be {'|'.join(SQA_FORMATS)}, got {self.sqa_format!r}")
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+                raise ValueError(f"data.{name} must be three numbers (R, G, B), got {v!r}")
+            if name == "image_std" and min(v) <= 0:
+                raise ValueError(f"data.image_std must be > 0 per channel, got {v!r}")
+            setattr(self, name, tuple(float(x) for x in v))
+        for name in ("system_message", "caption_instruction"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"data.{name} must be a string, got {getattr(self, name)!r}")
+
+
+@dataclass
+class LoaderSpec:
+    """Everything one rank's loader needs: the data config plus the per-stage / per-rank arguments of
+    build_loader. Internal (built by build_loader); the workers read it."""
+
+    data: DataConfig
+    sources: list[SourceConfig]
+    batch_size: int
+    """samples per batch before bad samples are dropped (a batch never grows back; see docs/data.md)"""
+    num_query_tokens: int
+    """K: placeholder positions per image"""
+    seed: int = 0
+    samples_per_epoch: int | None = None
+    """global samples per epoch over all ranks; None: the shard counts (index / img2dataset stats / tar scan)"""
+    rank: int | None = None
+    """None: $RANK (else 0). Passed explicitly so webdataset's single_node_only splitter never runs"""
+    world_size: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, SourceConfig):
             self.sources = [self.sources]
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
         if not self.sources:
-            raise ValueError("DataConfig.sources is empty")
-        for name, v, lo in (("batch_size", self.batch_size, 1), ("max_len", self.max_len, 8),
-                            ("num_query_tokens", self.num_query_tokens, 1), ("image_size", self.image_size, 8),
-                            ("shuffle_buffer", self.shuffle_buffer, 0), ("num_workers", self.num_workers, 0)):
-            if v < lo:
-                raise ValueError(f"DataConfig.{name} must be >= {lo}, got {v}")
-        if self.max_len <= self.num_query_tokens + 4:
-            raise ValueError(f"max_len {self.max_len} leaves no room for text around {self.num_query_tokens} "
-                             "visual positions")
-        if self.image_input not in ("auto", "pixels", "features"):
-            raise ValueError(f"DataConfig.image_input must be auto, pixels or features, got {self.image_input!r}")
-        if self.sqa_format not in SQA_FORMATS:
-            raise ValueError(f"DataConfig.sqa_format must be one of {SQA_FORMATS}, got {self.sqa_format!r}")
-        if self.resampled and not self.samples_per_epoch:
-            raise ValueError("DataConfig.resampled needs samples_per_epoch (the stream is infinite)")
+            raise ValueError("build_loader: sources is empty")
+        for name, lo in (("batch_size", 1), ("num_query_tokens", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"build_loader: {name} must be >= {lo}, got {getattr(self, name)}")
+        if self.data.max_length <= self.num_query_tokens + 4:
+            raise ValueError(f"data.max_length {self.data.max_length} leaves no room for text around "
+                             f"{self.num_query_tokens} visual positions")
+        if self.data.resampled and not self.samples_per_epoch:
+            raise ValueError("data.resampled needs samples_per_epoch (the stream is infinite)")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
         if self.rank is None:
@@ -106,4 +139,4 @@ class DataConfig:
     @property
     def workers_for_split(self) -> int:
         """num_workers=0 reads in the main process: one reader."""
-        return max(1, self.num_workers)
+        return max(1, self.data.num_workers)

@@ -27,7 +27,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.collate import Collator
-from pipeline.data.config import DataConfig
+from pipeline.data.config import DataConfig, LoaderSpec, SourceConfig
 from pipeline.data.records import SkipCounter, iter_tar, parse_json
 from pipeline.data.shardlists import (
     assign_shards,
@@ -37,7 +37,7 @@ from pipeline.data.shardlists import (
     shard_counts,
     warn_if_few_shards,
 )
-from pipeline.data.transforms import default_mean_std
+from pipeline.constants import IMAGE_MEAN, IMAGE_STD
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,15 @@ def split_batches(n_batches: int, num_workers: int, worker: int) -> int:
 class PillDataset(IterableDataset):
     """One rank's stream of batches for one epoch (`epoch` and `start_batch` are set by PillLoader before iter)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Any):
+    def __init__(self, cfg: LoaderSpec, tokenizer: Any, with_meta: bool = False):
         super().__init__()
         self.cfg = cfg
         self.urls = [expand_shards(s.shards) for s in cfg.sources]
         for s, urls in zip(cfg.sources, self.urls):
             check_exists(urls, s.name)
-            if not cfg.resampled:
+            if not cfg.data.resampled:
                 warn_if_few_shards(urls, cfg.world_size, cfg.workers_for_split, s.name)
-        self.counts = [dict(zip(urls, shard_counts(urls))) for urls in self.urls] if not cfg.resampled else None
+        self.counts = [dict(zip(urls, shard_counts(urls))) for urls in self.urls] if not cfg.data.resampled else None
         if cfg.samples_per_epoch:
             self.samples_per_epoch = cfg.samples_per_epoch
         else:
@@ -66,8 +66,9 @@ class PillDataset(IterableDataset):
             if self.samples_per_epoch == 0:
                 raise ValueError(f"sources {[s.name for s in cfg.sources]} hold no samples")
         self.batches_per_rank = max(1, self.samples_per_epoch // (cfg.world_size * cfg.batch_size))
-        mean, std = default_mean_std()
-        self.collate = Collator(cfg, tokenizer, cfg.image_mean or mean, cfg.image_std or std)
+        d = cfg.data
+        self.collate = Collator(d, tokenizer, cfg.num_query_tokens, d.image_mean or IMAGE_MEAN, d.image_std or IMAGE_STD,
+                                with_meta=with_meta)
         self.epoch = 0
         self.start_batch = 0
 
@@ -75,11 +76,12 @@ class PillDataset(IterableDataset):
     def _source_records(self, i: int, worker: int, nw: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         """Infinite record stream of source i for this slot: its shard share, wrapped; or resampled shards."""
         c, urls, task = self.cfg, self.urls[i], self.cfg.sources[i].task
-        if c.resampled:
+        if c.data.resampled:
             shards: Any = resampled_shards(urls, c.seed, self.epoch, c.rank, worker, salt=i)
             stride, offset = 1, 0
         else:
-            a = assign_shards(urls, c.seed, self.epoch, c.rank, c.world_size, worker, nw, c.shuffle_shards, salt=i)
+            a = assign_shards(urls, c.seed, self.epoch, c.rank, c.world_size, worker, nw, c.data.shuffle_shards,
+                              salt=i)
             shards, stride, offset = a.shards, a.sample_stride, a.sample_offset
         while True:
             got = 0
@@ -108,7 +110,7 @@ class PillDataset(IterableDataset):
             yield next(streams[rng.choices(range(len(streams)), weights)[0]])
 
     def _shuffle(self, src: Iterator[dict[str, Any]], worker: int) -> Iterator[dict[str, Any]]:
-        size = self.cfg.shuffle_buffer
+        size = self.cfg.data.shuffle_buffer
         if size <= 1:
             yield from src
             return
@@ -133,7 +135,7 @@ class PillDataset(IterableDataset):
             return []
         plan = []
         for w in range(nw):
-            a = assign_shards(self.urls[0], c.seed, epoch, c.rank, c.world_size, w, nw, c.shuffle_shards, salt=0)
+            a = assign_shards(self.urls[0], c.seed, epoch, c.rank, c.world_size, w, nw, c.data.shuffle_shards, salt=0)
             avail = sum(self.counts[0][u] for u in a.shards) // a.sample_stride
             plan.append({"worker": w, "available": avail, "quota": split_batches(self.batches_per_rank, nw, w) *
                          c.batch_size})
@@ -167,7 +169,7 @@ class PillDataset(IterableDataset):
         if nw != self.cfg.workers_for_split:
             raise RuntimeError(f"dataset built for {self.cfg.workers_for_split} workers runs under {nw}; "
                                "iterate it through PillLoader")
-        counter = SkipCounter(self.cfg.log_skips)
+        counter = SkipCounter(self.cfg.data.log_skips)
         it: Any = None
         for stage in self.stages(worker, nw, counter):
             it = stage(it)
@@ -193,11 +195,11 @@ class PillLoader:
     iteration continue exactly there (same config, world size and num_workers required).
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer: Any, start_epoch: int = 0, start_batch: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int | None = None):
+    def __init__(self, cfg: LoaderSpec, tokenizer: Any, start_epoch: int = 0, start_batch: int = 0,
+                 pin_memory: bool = False, prefetch_factor: int | None = None, with_meta: bool = False):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers + rust threads deadlock otherwise
         self.cfg = cfg
-        self.dataset = PillDataset(cfg, tokenizer)
+        self.dataset = PillDataset(cfg, tokenizer, with_meta=with_meta)
         self.epoch, self.batch = start_epoch, start_batch
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self._skips_done: Counter[str] = Counter()  # finished iterations
@@ -250,7 +252,7 @@ class PillLoader:
         for snap in self._skips_now.values():  # an earlier iteration left early (break): keep its counts
             self._skips_done.update(snap)
         self._skips_now = {}
-        nw = self.cfg.num_workers
+        nw = self.cfg.data.num_workers
         kwargs: dict[str, Any] = {}
         if nw > 0:
             kwargs.update(persistent_workers=False, multiprocessing_context="fork")
@@ -261,10 +263,7 @@ class PillLoader:
                         **kwargs)
         for b in dl:
             self._skips_now[b.pop("_worker")] = b.pop("_skipped")
-            shards = b.pop("_shards")
-            self.shards_read.extend(shards)
-            b["shards"] = shards
-            b["skipped"] = self.skipped()
+            self.shards_read.extend(b.pop("_shards"))
             self.batch += 1
             yield b
         for snap in self._skips_now.values():
@@ -274,7 +273,14 @@ class PillLoader:
             self.epoch, self.batch = self.epoch + 1, 0
 
 
-def build_loader(cfg: DataConfig, tokenizer: Any, start_epoch: int = 0, start_batch: int = 0,
+def build_loader(cfg: DataConfig, tokenizer: Any, *, sources: list[SourceConfig], batch_size: int,
+                 num_query_tokens: int, seed: int = 0, samples_per_epoch: int | None = None, rank: int | None = None,
+                 world_size: int | None = None, start_epoch: int = 0, start_batch: int = 0, with_meta: bool = False,
                  **kwargs: Any) -> PillLoader:
-    """The trainer's entry point; `start_*` (or load_state_dict) resume mid-epoch."""
-    return PillLoader(cfg, tokenizer, start_epoch=start_epoch, start_batch=start_batch, **kwargs)
+    """The trainer's entry point: `cfg` is the `data:` section, the rest is per stage / per rank.
+
+    rank / world_size None: $RANK / $WORLD_SIZE. `start_*` (or load_state_dict) resume mid-epoch. with_meta: batches
+    also carry `meta` (key, shard, task and json of each sample; for tests and debugging, not needed to train)."""
+    spec = LoaderSpec(cfg, sources, batch_size, num_query_tokens, seed, samples_per_epoch, rank, world_size)
+    return PillLoader(spec, tokenizer, start_epoch=start_epoch, start_batch=start_batch, with_meta=with_meta,
+                      **kwargs)

@@ -18,6 +18,20 @@ from pipeline.data.shardlists import split_member
 
 log = logging.getLogger(__name__)
 
+SKIP_REASONS = (
+    # shards and records
+    "unreadable_shard",  # cannot be opened: missing file, refused connection, 404, failing pipe
+    "bad_tar",  # not a tar, or the stream broke mid-file (the records complete before the break are kept)
+    "missing_json", "bad_json",
+    # prompt
+    "missing_field", "bad_choices", "empty_answer", "bad_conversation", "bad_task",
+    # visual input
+    "missing_image", "undecodable_image", "unsupported_image", "image_count_mismatch", "bad_features",
+    # batch
+    "too_long", "empty_batch",
+)
+"""Every reason the loader counts a skip under (the trainer sums counters over ranks in this order)."""
+
 
 class SkipCounter:
     """Per-worker counts of skipped inputs by reason, plus the shards opened since the last batch."""
@@ -28,6 +42,8 @@ class SkipCounter:
         self.shards_opened: list[str] = []
 
     def skip(self, reason: str, shard: str, key: str = "", detail: str = "") -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; add it to SKIP_REASONS")
         self.counts[reason] += 1
         n = self.counts[reason]
         if n <= self.log_first:

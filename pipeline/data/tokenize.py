@@ -13,30 +13,19 @@ start and that image is dropped. A sample left without any answer token is skipp
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from pipeline.constants import image_placeholder_id
 from pipeline.data.prompts import IMAGE, Conversation
 
 IGNORE = -100
 SYS_BLOCK = "<<SYS>>\n{}\n<</SYS>>\n\n"
 
 
-def placeholder_id(tokenizer: Any) -> int:
-    """pipeline.model.image_placeholder_id's rule: unk, else pad, else 0.
-
-    Used from the model when it is already imported (the trainer); otherwise the same rule here, because importing
-    pipeline.model pulls in transformers' Llama (seconds per process) for one integer. A test checks both agree."""
-    model = sys.modules.get("pipeline.model")
-    if model is not None and hasattr(model, "image_placeholder_id"):
-        return int(model.image_placeholder_id(tokenizer))
-    for tid in (tokenizer.unk_token_id, tokenizer.pad_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
+placeholder_id = image_placeholder_id  # the model's rule, from the dependency-free constants module
 
 
 @dataclass

@@ -2,33 +2,27 @@
 whole batch in one tensor op. Precomputed features (`{key}.feat.npy` / `.feat.pth`) are loaded instead of pixels.
 
 The transform is BLIP-2's eval transform: resize to size x size (bicubic, no crop), scale to [0, 1], normalise with
-IMAGE_MEAN / IMAGE_STD from pipeline.model (the CLIP constants BLIP-2 uses).
+IMAGE_MEAN / IMAGE_STD from pipeline.constants (the CLIP constants BLIP-2 uses).
 """
 
 from __future__ import annotations
 
 import io
-import sys
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.constants import IMAGE_MEAN, IMAGE_STD
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 FEATURE_EXTS = ("feat.npy", "feat.pth")
-# BLIP-2 / CLIP normalisation; used only until pipeline.model provides its own (it is the same numbers).
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def default_mean_std() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """pipeline.model's IMAGE_MEAN/IMAGE_STD when it is imported (the trainer), else the same constants (a test
-    checks they agree): importing pipeline.model costs seconds of transformers imports in every data process."""
-    model = sys.modules.get("pipeline.model")
-    if model is not None and hasattr(model, "IMAGE_MEAN"):
-        return tuple(model.IMAGE_MEAN), tuple(model.IMAGE_STD)
-    return _CLIP_MEAN, _CLIP_STD
+    """The BLIP-2 / CLIP normalisation (pipeline.constants), the default of data.image_mean / image_std."""
+    return IMAGE_MEAN, IMAGE_STD
 
 
 def image_ext(record: dict[str, Any]) -> str | None:

@@ -14,22 +14,32 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.data.config import DataConfig
 from pipeline.eval.prompts import Prompt
 
 
-def default_data_config(**overrides):
-    """A DataConfig for evaluation: the training defaults (system message, sqa_format), no shuffling, no packing,
-    and a max_len large enough that no prompt is truncated (the collator would otherwise drop long samples)."""
-    from pipeline.data.config import DataConfig, SourceConfig
+@dataclass
+class EvalDataConfig(DataConfig):
+    """DataConfig + what evaluation decides itself: K (the model's) and the batch size of eval_batches."""
 
-    kw = {"sources": [SourceConfig(shards="<eval>")], "shuffle_buffer": 0, "shuffle_shards": False, "pack": False,
-          "num_workers": 0, "rank": 0, "world_size": 1, "max_len": 8192}
+    num_query_tokens: int = 32
+    batch_size: int = 16
+
+
+def default_data_config(**overrides) -> EvalDataConfig:
+    """The data config of evaluation: the training defaults (system message, sqa_format), no shuffling, no
+    packing, a max_length large enough that no prompt is truncated (the collator would otherwise drop long
+    samples), plus K and the batch size of `eval_batches`. `max_len` is accepted as the old name of max_length."""
+    if "max_len" in overrides:
+        overrides["max_length"] = overrides.pop("max_len")
+    kw = {"shuffle_buffer": 0, "shuffle_shards": False, "pack": False, "num_workers": 0, "max_length": 8192}
     kw.update(overrides)
-    return DataConfig(**kw)
+    return EvalDataConfig(**kw)
 
 
 def eval_batches(shards, tokenizer, data_cfg=None, task: str = "auto", batch_size: int | None = None,
@@ -37,14 +47,14 @@ def eval_batches(shards, tokenizer, data_cfg=None, task: str = "auto", batch_siz
     """Collated batches over every sample of `shards` (pattern, list, dir or index json), in order.
     Samples the collator cannot use are skipped, logged with shard and key, and counted in `counter`
     (a pipeline.data SkipCounter; pass one to read ``counter.counts`` afterwards)."""
+    from pipeline.constants import IMAGE_MEAN, IMAGE_STD
     from pipeline.data.collate import Collator
     from pipeline.data.records import SkipCounter, iter_tar, parse_json
     from pipeline.data.shardlists import expand_shards
-    from pipeline.data.transforms import default_mean_std
 
     cfg = data_cfg or default_data_config()
-    mean, std = default_mean_std()
-    collate = Collator(cfg, tokenizer, tuple(cfg.image_mean or mean), tuple(cfg.image_std or std))
+    collate = Collator(cfg, tokenizer, cfg.num_query_tokens, tuple(cfg.image_mean or IMAGE_MEAN),
+                       tuple(cfg.image_std or IMAGE_STD), with_meta=True)
     counter = counter if counter is not None else SkipCounter(cfg.log_skips)
     urls = expand_shards(shards)
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
@@ -70,8 +80,8 @@ def iter_shard_prompts(shards, model, data_cfg=None, task: str = "auto", drop_im
     from pipeline.data.eval import iter_eval_samples
 
     cfg = data_cfg or default_data_config(num_query_tokens=model.cfg.num_query_tokens)
-    samples = iter_eval_samples(shards, model.tokenizer, cfg, task=task, rank=rank, world_size=world_size,
-                                counter=counter)
+    samples = iter_eval_samples(shards, model.tokenizer, cfg, model.cfg.num_query_tokens, task=task, rank=rank,
+                                world_size=world_size, counter=counter)
     for s in itertools.islice(samples, limit):
         kind = "image_features" if "image_features" in s else "pixel_values"
         images = s[kind] if s[kind].numel() else None
