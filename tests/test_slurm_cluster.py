@@ -139,15 +139,20 @@ STUB = textwrap.dedent('''
 ''')
 
 
-def test_script_env_contract_and_scancel_is_not_requeued(cluster, tmp_path):
+def _fake_repo(tmp_path: Path, stub: str) -> Path:
     fake = tmp_path / "repo"
     (fake / "pipeline").mkdir(parents=True)
     (fake / "configs").mkdir()
     (fake / "ds_configs").mkdir()
     shutil.copytree(REPO / "slurm", fake / "slurm")
-    (fake / "pipeline" / "train.py").write_text(STUB)
+    (fake / "pipeline" / "train.py").write_text(stub)
     (fake / "configs" / "stage2_scienceqa.yaml").write_text("name: stub\n")
     (fake / "ds_configs" / "zero2.json").write_text("{}\n")
+    return fake
+
+
+def test_script_env_contract_and_scancel_is_not_requeued(cluster, tmp_path):
+    fake = _fake_repo(tmp_path, STUB)
     run_dir = tmp_path / "run"
     # --chdir=/: the script must find its repo from the submitted path, not from the working directory.
     job = cluster.sbatch(fake / "slurm" / "stage2.sh", *CPU_JOB, f"--output={tmp_path}/%x-%j.out",
@@ -162,13 +167,47 @@ def test_script_env_contract_and_scancel_is_not_requeued(cluster, tmp_path):
     assert "not requeueing" in log, log
     # Both tasks stopped through their handler (SIGTERM from slurmstepd or SIGUSR1 forwarded by the script).
     assert {(run_dir / f"ckpt{r}").read_text() for r in (0, 1)} <= {"10", "15"}
-    port = str(10000 + int(job) % 50000)
+    port = str(10000 + int(job) % 20000)
     for r in (0, 1):
         rec = json.loads((run_dir / f"rank{r}.json").read_text())
         assert rec["env"] == {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": os.uname()[1],
                               "MASTER_PORT": port, "DS_ACCELERATOR": "cpu", "SLURM_JOB_ID": job}, rec
         assert rec["set"] == ["stages.0.max_steps=7", "debug.sleep_per_step=0.5"]
         assert rec["config"] == "configs/stage2_scienceqa.yaml" and rec["ds"] == "ds_configs/zero2.json"
+
+
+# A rank that dies while the other waits (in a collective, in the real trainer): rank 1 exits 3 at once, rank 0
+# would sleep 60 s; it leaves on the SIGTERM that ends the step (a blocked NCCL rank would be SIGKILLed after
+# KillWait), recording when it got it.
+DYING_STUB = textwrap.dedent('''
+    import os, signal, sys, time
+    out = sys.argv[sys.argv.index("--output-dir") + 1]
+    os.makedirs(out, exist_ok=True)
+    def on_term(n, f):
+        open(os.path.join(out, "term%s" % os.environ["RANK"]), "w").write(str(time.time()))
+        sys.exit(1)
+    signal.signal(signal.SIGTERM, on_term)
+    open(os.path.join(out, "start%s" % os.environ["RANK"]), "w").write(str(time.time()))
+    if os.environ["RANK"] == "1":
+        time.sleep(2)
+        sys.exit(3)
+    time.sleep(60)
+''')
+
+
+def test_a_dead_rank_ends_the_step_at_once(cluster, tmp_path):
+    fake = _fake_repo(tmp_path, DYING_STUB)
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    job = cluster.sbatch(fake / "slurm" / "stage2.sh", *CPU_JOB, f"--output={tmp_path}/%x-%j.out", PILL_CPU="1",
+                         PILL_RUN_DIR=str(run_dir), PILL_PYTHON=sys.executable)
+    j = cluster.wait(job, 90)
+    log = Path(j["StdOut"]).read_text()
+    assert j["JobState"] == "FAILED" and j["Restarts"] == "0", (j, log)
+    assert "training failed" in log and "requeueing" not in log, log
+    assert (run_dir / "term0").is_file(), log  # rank 0 was ended by Slurm, not by its 60 s running out
+    assert float((run_dir / "term0").read_text()) - float((run_dir / "start0").read_text()) < 20, log
+    print(f"dead-rank job {job}: {time.time() - t0:.1f}s")
 
 
 # ---- 2-3. the real trainer ---------------------------------------------------------------------------------------

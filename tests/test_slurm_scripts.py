@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slurm
 # exit with the highest task exit code (as srun does).
 FAKE_SRUN = textwrap.dedent('''\
     #!/usr/bin/env bash
+    echo "$*" >> "$FAKE_SRUN_LOG"
     while [[ $1 == -* ]]; do shift; done
     pids=()
     for ((i = 0; i < SLURM_NTASKS; i++)); do
@@ -115,6 +116,7 @@ def fake(tmp_path):
         (repo / "bin" / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PILL_", "MASTER_"))}
     env.update(PATH=f"{repo / 'bin'}:{env['PATH']}", FAKE_LOG=str(tmp_path / "scontrol.log"),
+               FAKE_SRUN_LOG=str(tmp_path / "srun.log"),
                FAKE_COMMAND=str(repo / "slurm" / "stage2.sh"), SLURM_JOB_ID="123456", SLURM_JOB_NAME="pill-stage2",
                SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node-[a-b]",
                SLURM_TASKS_PER_NODE="2", SLURM_CPUS_PER_TASK="3", PILL_CPU="1", PILL_PYTHON=sys.executable)
@@ -161,7 +163,7 @@ def test_env_contract_and_arguments(fake):
     for r in (0, 1):
         rec = json.loads((_run_dir(fake) / f"rank{r}.json").read_text())
         assert rec["env"] == {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
-                              "MASTER_ADDR": "node-a", "MASTER_PORT": str(10000 + 123456 % 50000),
+                              "MASTER_ADDR": "node-a", "MASTER_PORT": str(10000 + 123456 % 20000),
                               "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3", "GLOO_SOCKET_IFNAME": "ib0"}
         assert rec["argv"] == ["--ds_config", "ds_configs/zero2.json", "--config", "configs/stage2_scienceqa.yaml",
                                "--output-dir", "runs/pill-stage2-123456",
@@ -220,3 +222,88 @@ def test_missing_config_is_a_clear_error(fake):
     p = _start(fake, PILL_CONFIG="configs/nope.yaml")
     assert p.wait(20) == 2
     assert "configs/nope.yaml not found" in p.log_path.read_text()
+
+
+def test_demo_script_header():
+    text = (SLURM / "demo.sh").read_text()
+    header = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("#SBATCH")]
+    # Runs on a CPU-only (e.g. the local) cluster as submitted: no GPU request, 2 CPU tasks.
+    assert not any("gres" in h or "gpu" in h for h in header), header
+    assert "--ntasks-per-node=2" in header and "--job-name=pill-demo" in header
+    assert 'pill_run_stage "1 2" configs/demo.yaml' in text and "PILL_CPU=${PILL_CPU:-1}" in text
+
+
+def test_srun_gets_cpus_per_task_and_kills_on_bad_exit(fake):
+    p = _start(fake, STUB_SECONDS="0.2")
+    assert p.wait(30) == 0, p.log_path.read_text()
+    srun_args = (fake[2] / "srun.log").read_text().split()
+    # Slurm >= 22.05: srun does not inherit --cpus-per-task from sbatch; a dead rank must end the step.
+    assert "--cpus-per-task=3" in srun_args and "--kill-on-bad-exit=1" in srun_args, srun_args
+
+
+def test_master_port_stays_below_the_ephemeral_range():
+    for job_id in (0, 1, 22767, 22768, 40000, 49999, 123456, 2**31 - 1):
+        r = subprocess.run(["bash", "-c", f"source {SLURM / 'common.sh'}; SLURM_JOB_ID={job_id} pill_master_port"],
+                           capture_output=True, text=True)
+        port = int(r.stdout)
+        assert 10000 <= port < 32768, (job_id, port)  # Linux ip_local_port_range starts at 32768
+
+
+def test_pill_set_is_not_glob_expanded(fake):
+    repo = fake[0]
+    # A file whose name matches the pattern: an unquoted ${PILL_SET} would pass its name instead of the pattern.
+    (repo / "stages.0.max_steps=20").write_text("")
+    p = _start(fake, STUB_SECONDS="0.2", PILL_SET="  stages.*.max_steps=20 \t eval.enabled=false ")
+    assert p.wait(30) == 0, p.log_path.read_text()
+    argv = json.loads((_run_dir(fake) / "rank0.json").read_text())["argv"]
+    assert argv[-4:] == ["--set", "stages.*.max_steps=20", "--set", "eval.enabled=false"], argv
+
+
+def test_log_names_the_stages_the_config_trains(fake):
+    repo = fake[0]
+    (repo / "configs" / "two.yaml").write_text("name: x\nstages:\n  - {stage: 1}\n  - stage: 2\n")
+    p = _start(fake, STUB_SECONDS="0.2", PILL_CONFIG="configs/two.yaml")
+    assert p.wait(30) == 0, p.log_path.read_text()
+    log = p.log_path.read_text()
+    assert "trains stage(s) 1 2, not only stage 2" in log and "stage(s) 1 2 restart 0" in log, log
+    p = _start(fake, STUB_SECONDS="0.2")  # the stub config has no stages list: the script's stage is shown
+    assert p.wait(30) == 0 and "stage(s) 2 restart 0" in p.log_path.read_text()
+
+
+_METRICS_CHILD = textwrap.dedent('''
+    import sys
+    from pipeline.training.metrics import MetricsLogger
+    log = MetricsLogger(sys.argv[1], enabled=True, tensorboard=False, progress_bar=True, total_steps=50)
+    print("bar" if log.bar is not None else "no bar", flush=True)
+    for step in range(1, 51):
+        log.progress(step, 1.0 / step, 1e-3, 10.0)
+        if step % 10 == 0:
+            log.log(step, {"loss": 1.0 / step, "lr": 1e-3})
+    log.close()
+''')
+
+
+def test_no_progress_bar_in_log_files(tmp_path):
+    """Slurm's %x-%j.out is a file: no tqdm carriage returns there, only whole log lines."""
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as o, open(err, "w") as e:
+        r = subprocess.run([sys.executable, "-c", _METRICS_CHILD, str(tmp_path / "run")], stdout=o, stderr=e,
+                           cwd=REPO, timeout=120)
+    text = out.read_text() + err.read_text()
+    assert r.returncode == 0, text
+    assert "\r" not in text and text.splitlines()[0] == "no bar", text
+    assert [line.split("] ", 1)[1].split(" |")[0] for line in out.read_text().splitlines()[1:]] == \
+        [f"step {n}" for n in (10, 20, 30, 40, 50)]
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-c", _METRICS_CHILD, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                           stderr=slave, cwd=REPO, timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert r.returncode == 0 and r.stdout.decode().splitlines()[0] == "bar"

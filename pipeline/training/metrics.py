@@ -1,4 +1,5 @@
-"""What a user sees: rank-0 progress bar, a text log line every N steps, TensorBoard scalars, metrics.jsonl.
+"""What a user sees: rank-0 progress bar (on a terminal only), a text log line every N steps, TensorBoard
+scalars, metrics.jsonl.
 
 All sinks get the same dict of numbers per logging step, so scripts reading metrics.jsonl and people reading
 TensorBoard see identical values. Every method is a no-op on ranks other than global rank 0.
@@ -46,7 +47,9 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
-        if progress_bar:
+        # A carriage-return bar only where a person watches a terminal: in a Slurm or nohup log file it is kilobytes
+        # of \r-separated redraws torn into the log lines, so files get the plain log lines alone.
+        if progress_bar and _is_terminal(sys.stderr):
             from tqdm import tqdm
 
             # The bar goes to stderr; log lines go to stdout via tqdm.write so they do not tear the bar.
@@ -108,6 +111,13 @@ class MetricsLogger:
             self.tb.close()
         self.jsonl.close()
         self.text.close()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _plain(v: Any) -> Any:
