@@ -46,7 +46,9 @@ class PILLBlock(nn.Module):
         else:
             self.adapter_t = self.adapter_v = None
             self.adapter_ffn = mk()
-        self.last_gate_abs: torch.Tensor | None = None
+        # Resolved by PILL at its first forward (config "auto" -> what this device runs).
+        self.attn_backend = cfg.attn_backend
+        self.adapter_backend = cfg.adapter_backend
 
     def ffn_route(self, modality_mask: torch.Tensor) -> torch.Tensor:
         route = modality_mask.long()  # TEXT=0, VISUAL=1
@@ -62,7 +64,8 @@ class PILLBlock(nn.Module):
         modality_mask: torch.Tensor,  # (B, T) bool
         mask: AttnMask,
         cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, KVCache]:
+    ) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
+        """(output, this layer's cache, mean |gate| over visual tokens and heads (detached) or None)."""
         cfg, attn = self.cfg, base.self_attn
         B, T, _ = x.shape
         Dh = attn.head_dim
@@ -76,10 +79,10 @@ class PILLBlock(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
-        value_gate = None
+        value_gate = gate_abs = None
         if cfg.gate_active:
             g = torch.tanh(self.gate(a.to(self.gate.weight.dtype)))  # (B, T, H)
-            self.last_gate_abs = _visual_mean(g.detach().abs(), modality_mask)
+            gate_abs = _visual_mean(g.detach().abs(), modality_mask)
             value_gate = torch.where(modality_mask.unsqueeze(-1), g, torch.ones_like(g)).to(v.dtype)
         if cache is not None:
             k = torch.cat([cache[0], k], dim=1)
@@ -88,17 +91,17 @@ class PILLBlock(nn.Module):
                 value_gate = torch.cat([cache[2], value_gate], dim=1)
         new_cache = (k, v, value_gate)
 
-        o = ATTENTION_BACKENDS[cfg.attn_backend](q, k, v, value_gate, mask, attn.scaling)  # (B, T, H, Dh)
+        o = ATTENTION_BACKENDS[self.attn_backend](q, k, v, value_gate, mask, attn.scaling)  # (B, T, H, Dh)
         h = x + attn.o_proj(o.reshape(B, T, -1))
 
         h_n = base.post_attention_layernorm(h)
         if self.adapter_ffn is not None:
-            f = routed_adapter(h_n, None, [self.adapter_ffn], cfg.adapter_backend)
+            f = routed_adapter(h_n, None, [self.adapter_ffn], self.adapter_backend)
         else:
             experts = [None, None]
             experts[TEXT], experts[VISUAL] = self.adapter_t, self.adapter_v
-            f = routed_adapter(h_n, self.ffn_route(modality_mask), experts, cfg.adapter_backend)
-        return h + base.mlp(f), new_cache
+            f = routed_adapter(h_n, self.ffn_route(modality_mask), experts, self.adapter_backend)
+        return h + base.mlp(f), new_cache, gate_abs
 
 
 def _visual_mean(x_BTH: torch.Tensor, modality_mask: torch.Tensor) -> torch.Tensor:

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 AdapterAct = Literal["swiglu", "gelu", "none"]
-AttnBackend = Literal["eager", "sdpa", "triton"]
-AdapterBackend = Literal["eager", "triton"]
+AttnBackend = Literal["auto", "eager", "sdpa", "triton"]
+AdapterBackend = Literal["auto", "eager", "triton"]
+BLIP2_QUERY_TOKENS, BLIP2_WIDTH = 32, 768
 
 
 @dataclass
 class PILLConfig:
-    """Everything PILL adds to a frozen Llama-family LLM. Defaults reproduce the paper (PILL_SPEC.md)."""
+    """Everything PILL adds to a frozen Llama-family LLM. Defaults reproduce the paper (docs/model.md)."""
 
     stage: int = 2
     """1 = modality alignment (train P and every A_v, no gate); 2 = fine-tuning (P, A_v, A_t, A_attn, W_g)."""
@@ -28,19 +29,26 @@ class PILLConfig:
     """Modality attention gate: tanh(W_g a) scales the values of visual tokens per head (applied in stage 2)."""
     attn_adapter: bool = True
     """Shared SwiGLU adapter in front of the attention projections (trained in stage 2)."""
-    num_query_tokens: int = 32
-    """K: visual tokens per image (BLIP-2's Q-former queries)."""
-    vpg_width: int = 768
-    """Width of the Q-former output that the projection P maps to d_model."""
+    num_query_tokens: int | None = None
+    """K: visual tokens per image (BLIP-2's Q-former queries); None = the VPG's (32 without a VPG)."""
+    vpg_width: int | None = None
+    """Width of the Q-former output that the projection P maps to d_model; None = the VPG's (768 without one)."""
     invert_last_layer_routing: bool = True
     """Reference-code quirk: in stage 1 the LAST layer routes text tokens to A_v and visual tokens to A_t, so
     that A_v of the last layer gets a gradient (a visual token's last-layer output reaches no loss term)."""
-    attn_backend: AttnBackend = "sdpa"
+    attn_backend: AttnBackend = "auto"
     """eager = plain PyTorch reference; sdpa = pre-gated values into scaled_dot_product_attention;
-    triton = kernels.gated_attention (gate applied inside the kernel)."""
-    adapter_backend: AdapterBackend = "eager"
+    triton = pill_kernels.gated_attention (gate applied inside the kernel); auto = triton on CUDA when it imports
+    and passes a one-time self-check against the reference, else sdpa (pipeline.model.backends)."""
+    adapter_backend: AdapterBackend = "auto"
     """eager = PILL's reference formulation (every expert on every token, then select);
-    triton = kernels.routed_swiglu_adapter (each token computes only its own expert). swiglu only."""
+    triton = pill_kernels.routed_swiglu_adapter (each token computes only its own expert), swiglu only;
+    auto = triton on CUDA for swiglu when it passes its self-check, else eager."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward instead of keeping its activations (applied from outside the
+    model by pipeline.training.checkpointing; the model code does not change)."""
+    checkpoint_every_n_layers: int = 1
+    """With activation_checkpointing: checkpoint layers 0, n, 2n, ... (1 = every layer)."""
     projection_init_std: float = 0.02
     adapter_init_std: float = 0.02
     """Std of D2 (the linear branch); D1 keeps PyTorch's Linear init and U starts at zero."""
@@ -55,15 +63,25 @@ class PILLConfig:
             raise ValueError(f"PILLConfig.rank must be >= 1, got {self.rank}")
         if self.adapter_act not in ("swiglu", "gelu", "none"):
             raise ValueError(f"PILLConfig.adapter_act must be swiglu|gelu|none, got {self.adapter_act!r}")
-        if self.attn_backend not in ("eager", "sdpa", "triton"):
-            raise ValueError(f"PILLConfig.attn_backend must be eager|sdpa|triton, got {self.attn_backend!r}")
-        if self.adapter_backend not in ("eager", "triton"):
-            raise ValueError(f"PILLConfig.adapter_backend must be eager|triton, got {self.adapter_backend!r}")
+        if self.attn_backend not in ("auto", "eager", "sdpa", "triton"):
+            raise ValueError(f"PILLConfig.attn_backend must be auto|eager|sdpa|triton, got {self.attn_backend!r}")
+        if self.adapter_backend not in ("auto", "eager", "triton"):
+            raise ValueError(f"PILLConfig.adapter_backend must be auto|eager|triton, got {self.adapter_backend!r}")
+        if self.checkpoint_every_n_layers < 1:
+            raise ValueError(f"PILLConfig.checkpoint_every_n_layers must be >= 1, got {self.checkpoint_every_n_layers}")
         if self.adapter_backend == "triton" and self.adapter_act != "swiglu":
             raise ValueError("PILLConfig.adapter_backend='triton' fuses the SwiGLU adapter only; "
                              f"adapter_act={self.adapter_act!r} needs adapter_backend='eager'")
-        if self.num_query_tokens < 1 or self.vpg_width < 1:
-            raise ValueError("PILLConfig.num_query_tokens and vpg_width must be >= 1")
+        for name in ("num_query_tokens", "vpg_width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"PILLConfig.{name} must be >= 1 (or null: from the VPG), got {getattr(self, name)}")
+
+    def take_vpg_shape(self, vpg: Any) -> None:
+        """Fill K and the Q-former width left as None from the VPG (BLIP-2's 32 x 768 without one)."""
+        if self.num_query_tokens is None:
+            self.num_query_tokens = vpg.num_query_tokens if vpg is not None else BLIP2_QUERY_TOKENS
+        if self.vpg_width is None:
+            self.vpg_width = vpg.width if vpg is not None else BLIP2_WIDTH
 
     @property
     def gate_active(self) -> bool:

@@ -10,23 +10,21 @@ Legend: B batch, T tokens, D d_model, N images, K visual tokens per image, W Q-f
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.constants import image_placeholder_id  # noqa: F401  (re-exported: the model's placeholder rule)
 from pipeline.model.attention import AttnMask
+from pipeline.model.backends import resolve_backends
+from pipeline.model.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FrozenLLMMethod, MethodOutput  # noqa: F401
 from pipeline.model.block import KVCache, PILLBlock
 from pipeline.model.config import PILLConfig
 from pipeline.model.vpg import VPG
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _STAGE_MODULES = {
     1: ("adapter_v", "adapter_ffn"),
     2: ("adapter_v", "adapter_t", "adapter_ffn", "attn_adapter", "gate"),
@@ -41,25 +39,22 @@ def is_trainable(name: str, stage: int) -> bool:
     return bool(m) and m.group(1) in _STAGE_MODULES[stage]
 
 
-@dataclass
-class PILLOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor  # (B, T, V)
-    past_key_values: list[KVCache] | None = None
+PILLOutput = MethodOutput
 
 
-class PILL(nn.Module):
+class PILL(FrozenLLMMethod):
+    method = "pill"
+
     def __init__(self, llm: nn.Module, cfg: PILLConfig, vpg: VPG | None = None, tokenizer=None):
-        super().__init__()
         check_llm(llm.config, source="PILL(llm=...)")
+        cfg.take_vpg_shape(vpg)
         if vpg is not None and (vpg.width != cfg.vpg_width or vpg.num_query_tokens != cfg.num_query_tokens):
             raise ValueError(
                 f"VPG gives {vpg.num_query_tokens} x {vpg.width} features per image but PILLConfig expects "
                 f"num_query_tokens={cfg.num_query_tokens}, vpg_width={cfg.vpg_width} (the projection P's input)")
-        self.cfg = cfg
-        self.llm = llm
+        super().__init__(llm, cfg, tokenizer)
         self.vpg = vpg
-        self.tokenizer = tokenizer
+        self.backends: tuple[str, str] | None = None  # (attention, adapter), resolved at the first forward
         c = llm.config
         self.projection = nn.Linear(cfg.vpg_width, c.hidden_size, bias=False)
         nn.init.normal_(self.projection.weight, std=cfg.projection_init_std)
@@ -71,25 +66,14 @@ class PILL(nn.Module):
         self.train(self.training)
 
     # ---- stages and parameters -----------------------------------------------------------------------------------
+    def is_trainable(self, name: str, stage: int) -> bool:
+        return is_trainable(name, stage)
+
     def set_stage(self, stage: int) -> None:
-        """requires_grad on exactly the stage's trainable set (PILL_SPEC.md's table); the rest is frozen."""
+        """requires_grad on exactly the stage's trainable set (docs/model.md's table); the rest is frozen."""
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-        self.cfg.stage = stage
-        for name, p in self.named_parameters():
-            p.requires_grad_(is_trainable(name, stage))
-
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-
-    def train(self, mode: bool = True) -> PILL:
-        super().train(mode)
-        self.llm.eval()  # frozen: no dropout, whatever the config says (the VPG keeps itself in eval mode)
-        return self
-
-    def gate_magnitudes(self) -> list[float]:
-        """Mean |tanh gate| over visual tokens and heads per layer, from the last forward (paper Fig. 4)."""
-        return [float(b.last_gate_abs) if b.last_gate_abs is not None else 0.0 for b in self.blocks]
+        super().set_stage(stage)
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None):
@@ -116,8 +100,17 @@ class PILL(nn.Module):
         max_seqlen: int | None = None,
         past_key_values: list[KVCache] | None = None,
         use_cache: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        return_logits: bool = True,
         **unused,
-    ) -> PILLOutput:
+    ) -> MethodOutput:
+        """`num_items_in_batch`: answer tokens of the whole global batch; the loss is then this micro-batch's
+        summed token loss divided by it (transformers' convention), so micro-batches and ranks weigh every answer
+        token equally. `return_logits=False` (training) computes the LM head at answer positions only."""
+        if self.backends is None:
+            self.backends = resolve_backends(self.cfg, input_ids.device)
+            for block in self.blocks:
+                block.attn_backend, block.adapter_backend = self.backends
         B, T = input_ids.shape
         if modality_mask is None:
             modality_mask = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -148,85 +141,36 @@ class PILL(nn.Module):
         # come after it), so no padding mask is needed and every backend takes its unmasked fast path.
         position_embeddings = self.llm.model.rotary_emb(x, position_ids)
 
-        new_cache = []
+        new_cache, gates = [], []
         for i, (block, base) in enumerate(zip(self.blocks, self.llm.model.layers)):
-            x, layer_cache = block(x, base, position_embeddings, modality_mask, mask,
-                                   past_key_values[i] if past_key_values else None)
+            x, layer_cache, gate_abs = block(x, base, position_embeddings, modality_mask, mask,
+                                             past_key_values[i] if past_key_values else None)
             new_cache.append(layer_cache)
-        logits = self.llm.lm_head(self.llm.model.norm(x))  # (B, T, V)
-
-        loss = None
+            gates.append(gate_abs)
+        h = self.llm.model.norm(x)
+        logits = self.llm.lm_head(h) if return_logits or labels is None else None  # (B, T, V)
+        loss = n_tokens = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
-        return PILLOutput(loss=loss, logits=logits, past_key_values=new_cache if use_cache else None)
+            loss, n_tokens = causal_lm_loss(logits, labels, hidden=h, lm_head=self.llm.lm_head,
+                                            num_items_in_batch=num_items_in_batch)
+        return MethodOutput(loss=loss, logits=logits, kv_cache=new_cache if use_cache else None,
+                            n_loss_tokens=n_tokens, gate_abs=torch.stack(gates) if gates[0] is not None else None)
 
-    # ---- trainable-weights-only save / load ----------------------------------------------------------------------
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.named_parameters() if is_trainable(n, self.cfg.stage)}
+def causal_lm_loss(logits: torch.Tensor | None, labels: torch.Tensor, *, hidden: torch.Tensor | None = None,
+                   lm_head: nn.Module | None = None, num_items_in_batch: torch.Tensor | int | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy over positions whose label is not -100, and the number of those positions.
 
-    def save_adapter(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """adapter_model.safetensors (the stage's trainable weights, fp32) + adapter_config.json.
-
-        `state_dict` overrides the module's own values (e.g. DeepSpeed's fp32 master weights when the module holds
-        bf16 copies); its keys must be exactly the stage's trainable set."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        own = self.adapter_state_dict()
-        if state_dict is not None and set(state_dict) != set(own):
-            raise ValueError(f"save_adapter: state_dict keys differ from the stage-{self.cfg.stage} trainable set: "
-                             f"missing={sorted(set(own) - set(state_dict))[:5]} "
-                             f"extra={sorted(set(state_dict) - set(own))[:5]}")
-        state = {n: t.float().contiguous().cpu() for n, t in (state_dict or own).items()}
-        tmp = path / (ADAPTER_WEIGHTS + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path / ADAPTER_WEIGHTS)
-        c = self.llm.config
-        meta = {"format": "pill-adapter-v1", "pill_config": self.cfg.to_dict(),
-                "llm": {"model_type": c.model_type, "hidden_size": c.hidden_size,
-                        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads},
-                "keys": sorted(state)}
-        (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-        return path
-
-    def load_adapter(self, path: str | Path) -> dict:
-        """Load weights saved by save_adapter (any stage) onto this model; returns the saved config."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            if not (path / f).is_file():
-                raise FileNotFoundError(f"PILL adapter: {path / f} does not exist")
-        meta = json.loads((path / ADAPTER_CONFIG).read_text())
-        c = self.llm.config
-        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
-            if meta["llm"][field] != getattr(c, field):
-                raise ValueError(f"{path / ADAPTER_CONFIG}: llm.{field}={meta['llm'][field]} but the loaded LLM "
-                                 f"has {getattr(c, field)}: the adapter was trained on a different LLM")
-        state = load_file(str(path / ADAPTER_WEIGHTS))
-        own = dict(self.named_parameters())
-        saved_stage = meta["pill_config"]["stage"]
-        expected = {n for n in own if is_trainable(n, saved_stage)}
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(f"{path / ADAPTER_WEIGHTS}: missing={missing[:10]} unexpected={unexpected[:10]} "
-                             "(was it saved with a different PILLConfig: momae / mag / attn_adapter / adapter_act?)")
-        with torch.no_grad():
-            for n, t in state.items():
-                if tuple(t.shape) != tuple(own[n].shape):
-                    raise ValueError(f"{path / ADAPTER_WEIGHTS}: {n} has shape {tuple(t.shape)}, "
-                                     f"model expects {tuple(own[n].shape)} (different rank?)")
-                own[n].copy_(t.to(own[n].dtype))
-        return meta
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100 (0 if there is none)."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    return total / (shift_labels != -100).sum().clamp(min=1)
+    Only the answer rows are upcast to fp32 (never the whole (B, T, V) logits); with `logits=None` the LM head
+    runs on the answer rows of `hidden` alone. The loss is the token sum over `num_items_in_batch` when given
+    (the global batch's answer tokens), else this batch's mean (0 when it has no answer token)."""
+    targets = labels[:, 1:]
+    keep = targets != -100  # (B, T-1)
+    rows = logits[:, :-1][keep] if logits is not None else lm_head(hidden[:, :-1][keep])  # (n, V)
+    total = F.cross_entropy(rows.float(), targets[keep], reduction="sum")
+    n = keep.sum()
+    denom = n.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return total / denom, n
 
 
 def check_llm(config, source: str) -> None:
@@ -234,10 +178,3 @@ def check_llm(config, source: str) -> None:
         raise ValueError(f"{source}: model_type={getattr(config, 'model_type', None)!r} is not a Llama-architecture "
                          f"causal LM; PILL plugs into {SUPPORTED_MODEL_TYPES}")
 
-
-def image_placeholder_id(tokenizer) -> int:
-    """Token id written at visual positions before their embeddings are overwritten (never a new vocab entry)."""
-    for tid in (tokenizer.unk_token_id, tokenizer.pad_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0

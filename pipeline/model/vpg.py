@@ -19,9 +19,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
 
-# BLIP-2's image normalisation (the OpenAI CLIP statistics) at 224 px.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+from pipeline.constants import IMAGE_MEAN, IMAGE_STD  # noqa: F401  (BLIP-2's normalisation, one source)
 VPG_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 
 
