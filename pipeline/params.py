@@ -1,5 +1,8 @@
 """Trainable-parameter report: `python -m pipeline.params --llm-preset llama2-7b --stage 2`.
 
+With `--memory` (and `--micro-batch --seq [--checkpointing] [--zero 2|3 --world N] ...`) it prints the predicted
+peak memory per GPU by component instead (pipeline.memory); the last line is then `predicted_peak_gb=<float>`.
+
 Builds the frozen LLM on the meta device (no weights, no memory, seconds) with PILL around it and prints the
 trainable parameters per module group; the last line is `trainable=<integer>`.
 """
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-momae", action="store_true")
     ap.add_argument("--no-mag", action="store_true")
     ap.add_argument("--no-attn-adapter", action="store_true")
+    from pipeline.memory import add_memory_args, print_memory
+
+    add_memory_args(ap)
     args = ap.parse_args(argv)
 
     if args.llm is not None:
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PILLConfig(stage=args.stage, rank=args.rank, vpg_width=args.vpg_width, adapter_act=args.adapter_act,
                      momae=not args.no_momae, mag=not args.no_mag, attn_adapter=not args.no_attn_adapter)
     model = meta_pill(llm_config, cfg)
+    if args.memory:
+        return print_memory(args, llm_config, cfg, model, source)
     rows, n_trainable = report(model)
     n_frozen = sum(p.numel() for n, p in model.named_parameters() if n.startswith("llm."))
     print(f"PILL on {source}: d_model={llm_config.hidden_size} layers={llm_config.num_hidden_layers} "

@@ -1,0 +1,148 @@
+"""pipeline.memory against what PyTorch actually holds, on CPU at small shapes.
+
+Parameter and optimizer bytes are compared exactly. Activations are measured as the bytes of every distinct storage
+autograd saves for the backward (saved_tensors_hooks), parameters excluded, and compared with the per-layer formula
+within a tolerance (its small terms are approximations). The rest checks the model's internal consistency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pipeline.memory import MemorySetup, ParamCounts, activation_bytes, estimate, layer_activation_bytes
+from pipeline.model.config import PILLConfig
+from pipeline.model.pill import PILL
+from pipeline.params import PRESETS, meta_pill
+
+K, W = 8, 32  # visual tokens per image, Q-former width
+
+
+def _llm_config(**kw) -> LlamaConfig:
+    base = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=256, max_position_embeddings=512)
+    return LlamaConfig(**{**base, **kw})
+
+
+def _pill(llm_config: LlamaConfig, dtype: torch.dtype, **pill_kw) -> PILL:
+    torch.manual_seed(0)
+    cfg = PILLConfig(rank=8, vpg_width=W, num_query_tokens=K, **pill_kw)
+    model = PILL(LlamaForCausalLM(llm_config), cfg).to(dtype)  # DeepSpeed bf16 casts trainables too
+    return model.train()
+
+
+def _batch(B: int, T: int, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(1)
+    mm = torch.zeros(B, T, dtype=torch.bool)
+    mm[:, 4:4 + K] = True
+    return {"input_ids": torch.randint(0, 256, (B, T), generator=g), "modality_mask": mm,
+            "image_features": torch.randn(B, K, W, generator=g).to(dtype)}
+
+
+def saved_activation_bytes(model: torch.nn.Module, fn) -> int:
+    """Bytes of the distinct storages autograd saves while `fn` runs, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.nbytes():
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.logits.float().sum().backward()  # the graph was complete
+    return sum(seen.values())
+
+
+CASES = [
+    ("fp32 sdpa", torch.float32, {}, {"attn_backend": "sdpa", "adapter_backend": "eager"}, 2),
+    ("bf16 sdpa", torch.bfloat16, {}, {"attn_backend": "sdpa", "adapter_backend": "eager"}, 2),
+    ("bf16 eager attention", torch.bfloat16, {}, {"attn_backend": "eager", "adapter_backend": "eager"}, 2),
+    ("bf16 GQA", torch.bfloat16, {"num_key_value_heads": 2}, {"attn_backend": "sdpa", "adapter_backend": "eager"}, 2),
+    ("fp32 stage 1", torch.float32, {}, {"attn_backend": "sdpa", "adapter_backend": "eager"}, 1),
+    ("fp32 no MoMAE/MAG", torch.float32, {}, {"attn_backend": "sdpa", "adapter_backend": "eager", "momae": False,
+                                              "mag": False}, 2),
+]
+
+
+@pytest.mark.parametrize("name,dtype,llm_kw,pill_kw,stage", CASES, ids=[c[0] for c in CASES])
+def test_activations_match_what_autograd_saves(name, dtype, llm_kw, pill_kw, stage):
+    B, T = 2, 64
+    llm_config = _llm_config(**llm_kw)
+    model = _pill(llm_config, dtype, stage=stage, **pill_kw)
+    measured = saved_activation_bytes(model, lambda: model(**_batch(B, T, dtype)))
+    s = MemorySetup(micro_batch=B, seq=T, precision="bf16" if dtype == torch.bfloat16 else "fp32",
+                    attn_backend=pill_kw["attn_backend"], adapter_backend=pill_kw["adapter_backend"])
+    per_layer = sum(layer_activation_bytes(llm_config, model.cfg, s).values())
+    predicted = activation_bytes(llm_config, model.cfg, s, per_layer)
+    assert predicted == pytest.approx(measured, rel=0.02), (name, predicted, measured)
+
+
+def test_parameter_and_optimizer_bytes_are_exact():
+    llm_config = _llm_config()
+    model = _pill(llm_config, torch.float32, attn_backend="sdpa", adapter_backend="eager")
+    counts = ParamCounts.of(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert counts.trainable == sum(p.numel() for p in trainable)
+    assert counts.frozen_llm == sum(p.numel() for p in model.llm.parameters())
+    out = model(**_batch(2, 32, torch.float32))
+    out.logits.float().pow(2).mean().backward()
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    opt.step()
+    moments = sum(st[k].numel() * st[k].element_size() for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    weights_grads = sum(p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size() for p in trainable)
+    s = MemorySetup(micro_batch=2, seq=32, precision="fp32", zero_stage=0)
+    est = estimate(llm_config, model.cfg, counts, s)
+    assert est.components["optimizer (fp32 master, Adam m, v)"] == moments
+    assert est.components["trainable weights + grads"] == weights_grads
+    assert est.components["frozen LLM weights"] == sum(p.numel() * 4 for p in model.llm.parameters())
+
+
+def _seven_b(**setup) -> tuple:
+    llm_config = LlamaConfig(**PRESETS["llama2-7b"])
+    cfg = PILLConfig(stage=2)
+    counts = ParamCounts.of(meta_pill(llm_config, cfg))
+    return llm_config, cfg, counts, MemorySetup(micro_batch=4, seq=512, **setup)
+
+
+def test_internal_consistency():
+    llm_config, cfg, counts, s = _seven_b()
+    base = estimate(llm_config, cfg, counts, s)
+    assert base.peak == pytest.approx(sum(base.components.values()) - min(base.components["logits and loss"],
+                                                                           base.components["backward transients"]))
+    act = lambda e: next(v for k, v in e.components.items() if k.startswith("activations"))  # noqa: E731
+    ck = estimate(llm_config, cfg, counts, dataclasses.replace(s, checkpointing=True))
+    ck2 = estimate(llm_config, cfg, counts, dataclasses.replace(s, checkpointing=True, checkpoint_every=2))
+    assert act(ck) < act(ck2) < act(base)
+    # every layer wrapped: one input per layer plus one recomputed layer
+    per_layer = sum(base.per_layer.values())
+    assert act(ck) == pytest.approx(act(base) - 31 * per_layer + 32 * 2 * 4 * 512 * 4096, rel=1e-9)
+    # ZeRO: the trainable state shrinks with the world; ZeRO-3 also partitions the frozen weights
+    z2 = estimate(llm_config, cfg, counts, dataclasses.replace(s, world=8))
+    z3 = estimate(llm_config, cfg, counts, dataclasses.replace(s, zero_stage=3, world=8))
+    opt = "optimizer (fp32 master, Adam m, v)"
+    assert z2.components[opt] == pytest.approx(base.components[opt] / 8)
+    assert z2.components["frozen LLM weights"] == base.components["frozen LLM weights"] == 2 * counts.frozen_llm
+    assert z3.components["frozen LLM weights"] < base.components["frozen LLM weights"] / 4
+    # the reference formulation holds more: eager T x T attention scores, every expert on every token
+    ref = estimate(llm_config, cfg, counts, dataclasses.replace(s, attn_backend="eager", adapter_backend="eager"))
+    fast = estimate(llm_config, cfg, counts, dataclasses.replace(s, attn_backend="triton", adapter_backend="triton"))
+    assert act(fast) < act(base) < act(ref)
+    with pytest.raises(ValueError, match="MemorySetup.zero_stage"):
+        MemorySetup(micro_batch=1, seq=8, zero_stage=4)
+
+
+def test_params_memory_cli():
+    r = subprocess.run([sys.executable, "-m", "pipeline.params", "--memory", "--llm-preset", "llama2-7b", "--stage",
+                        "2", "--micro-batch", "4", "--seq", "512", "--checkpointing", "--zero", "2", "--world", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "frozen LLM weights" in r.stdout and "predicted peak" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith("predicted_peak_gb=")
