@@ -1,12 +1,14 @@
 """PILL training entry point (DeepSpeed).
 
-    deepspeed --num_gpus N pipeline/train.py --ds_config ds_configs/zero2.json [--config FILE.yaml]
+    deepspeed --num_gpus N pipeline/train.py --ds_config ds_configs/zero2.json [--config FILE.yaml|PRESET]
         [--set key=value ...] [--output-dir DIR] [--resume auto|never|PATH]
+    pill-train ...      (the console script; a world of one unless started by a launcher)
 
 Also runs under `torchrun` and `srun` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT) and as a plain
-`python -m pipeline.train` (a world of one). With no --config it runs the embedded default, configs/demo.yaml:
-the tiny PILL on the synthetic demo shards, stage 1 then stage 2, then the held-out multiple-choice evaluation
-with and without images, printed and written to <output_dir>/eval.json.
+`python -m pipeline.train` (a world of one). With no --config it runs the embedded default, the `demo` preset
+(pipeline/configs/demo.yaml, shipped as package data): its prepare step builds the synthetic demo shards, then the
+tiny PILL trains stage 1 then stage 2, then the held-out multiple-choice evaluation with and without images is
+printed and written to <output_dir>/eval.json. `--config NAME` without a path picks a shipped preset.
 
 Exit codes: 0 done, 2 configuration error (before any process spends time), 3 non-finite losses,
 99 preempted by SIGTERM/SIGUSR1 after writing a checkpoint (rerun the same command to resume).
@@ -29,22 +31,21 @@ _EARLY_SIGNALS: list[int] = []
 for _sig in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(_sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
-if __package__ in (None, ""):  # `deepspeed pipeline/train.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipeline.training.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from pipeline.training.dist import EXIT_PREEMPTED  # noqa: E402
+from pipeline.training.presets import resolve_preset, run_prepare_steps  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+DEFAULT_PRESET = "demo"
 EXIT_CONFIG, EXIT_NONFINITE = 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline/train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ds_config", "--ds-config", default=str(REPO / "ds_configs" / "zero2.json"),
-                   help="DeepSpeed JSON; \"auto\" fields are filled from the training config")
-    p.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); default: the embedded demo")
+    p.add_argument("--ds_config", "--ds-config", "--deepspeed_config", "--deepspeed", dest="ds_config",
+                   default=None, help="DeepSpeed JSON (a path or a shipped name: zero1, zero2, zero3, zero2_offload; "
+                   "default zero2); \"auto\" fields are filled from the training config")
+    p.add_argument("--config", default=None, help="YAML file or shipped preset name (configs/*.yaml); default: "
+                   f"the embedded {DEFAULT_PRESET}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set stages.0.max_steps=100 or --set stages.*.lr=1e-3")
     p.add_argument("--output-dir", "--output_dir", default=None, help="run directory (default: output_dir)")
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    cfg = load_config(resolve_preset(args.config or DEFAULT_PRESET, "configs", ".yaml"), args.overrides)
     if args.output_dir:
         cfg.output_dir = args.output_dir
     if args.resume:
@@ -80,19 +81,23 @@ def check_paths(cfg: TrainConfig) -> None:
     from pipeline.data.shardlists import check_exists, expand_shards
 
     m = cfg.model
-    if m.llm_path != "tiny" and not (Path(m.llm_path) / "config.json").is_file():
-        raise ConfigError(f"model.llm_path={m.llm_path!r}: no config.json there (give a local transformers "
-                          "checkpoint directory of a Llama-family LLM)")
+    if m.llm_path != "tiny":
+        llm_config = Path(m.llm_path) / "config.json"
+        if not llm_config.is_file():
+            raise ConfigError(f"model.llm_path={m.llm_path!r}: no config.json there (give a local transformers "
+                              "checkpoint directory of a Llama-family LLM)")
+        check_sliding_window(json.loads(llm_config.read_text()), cfg.data.max_length, str(llm_config))
     if m.vpg_path not in (None, "tiny") and not Path(m.vpg_path).is_dir():
-        raise ConfigError(f"model.vpg_path={m.vpg_path!r} does not exist (a transformers BLIP-2 directory; "
+        raise ConfigError(f"model.vpg_path={m.vpg_path!r} does not exist (a transformers BLIP-2 / CLIP directory; "
                           "null to train on precomputed-feature shards)")
+    prepared = [Path(p.creates).resolve() for p in cfg.prepare if p.creates]
     for i, s in enumerate(cfg.stages):
         if s.init_from is not None and not (Path(s.init_from) / "adapter_model.safetensors").is_file():
             raise ConfigError(f"stages[{i}].init_from={s.init_from!r}: no adapter_model.safetensors there")
-        if cfg.demo_data:
-            continue  # generated at start-up
         for field_name in ("train_shards", "eval_shards"):
             for spec in getattr(s, field_name):
+                if any(Path(spec).resolve().is_relative_to(d) for d in prepared):
+                    continue  # written by a prepare step before training
                 try:
                     check_exists(expand_shards(spec), f"stages[{i}].{field_name}")
                 except FileNotFoundError as e:
@@ -108,19 +113,14 @@ def stage_dirs(cfg: TrainConfig) -> list[Path]:
     return [out / (n if names.count(n) == 1 else f"{n}_{i}") for i, n in enumerate(names)]
 
 
-def prepare_demo_data(cfg: TrainConfig, is_main: bool) -> None:
-    """Generate the synthetic demo shards once (global rank 0; deterministic, so a rebuild is identical)."""
-    import torch.distributed as dist
-
-    if cfg.demo_data and is_main:
-        from shards.demo import DemoConfig, build_demo
-
-        spec = dict(cfg.demo_data)
-        out = Path(spec.pop("out"))
-        max_samples = spec.pop("max_samples", 1000)
-        build_demo(DemoConfig(**spec), out, max_samples=max_samples)
-    if dist.is_initialized():
-        dist.barrier()
+def check_sliding_window(llm_config: dict, max_length: int, source: str) -> None:
+    """Mistral's sliding window: PILL's attention is full causal, which equals the frozen model's only while a
+    sequence fits the window, so longer data.max_length is refused rather than silently computing another model."""
+    window = llm_config.get("sliding_window")
+    if window is not None and llm_config.get("use_sliding_window", True) and window < max_length:
+        raise ConfigError(f"{source}: sliding_window={window} < data.max_length={max_length}: PILL's attention "
+                          f"backends are full causal, so beyond {window} tokens they would differ from the frozen "
+                          f"model; set data.max_length <= {window}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args)
         from pipeline.training.ds_config import load_ds_config
 
-        raw_ds = load_ds_config(args.ds_config)
+        raw_ds = load_ds_config(resolve_preset(args.ds_config or "zero2", "ds_configs", ".json"))
         validate_before_launch(cfg, raw_ds, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
     except ConfigError as e:
         if rank == 0:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         preempt.signum = _EARLY_SIGNALS[0]
     t0 = time.time()
     try:
-        prepare_demo_data(cfg, ctx.is_main)
+        run_prepare_steps(cfg.prepare, ctx.is_main)
         if ctx.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))

@@ -46,7 +46,7 @@ def workdir(tmp_path_factory) -> Path:
 def _config(workdir: Path, name: str, **over) -> Path:
     cfg = {
         "name": name, "output_dir": str(workdir / name), "seed": 0, "precision": "bf16",
-        "model": {"llm_path": "tiny", "vpg_path": "tiny", "tiny_dir": str(workdir / "tiny"), "pill": {"rank": 8}},
+        "model": {"llm_path": "tiny", "vpg_path": "tiny", "pill": {"rank": 8}},
         "data": {"max_length": 160, "num_workers": 0, "shuffle_buffer": 16, "sqa_format": "QCM-A"},
         "stages": [{"stage": 2, "task": "scienceqa", "train_shards": [str(workdir / "data" / "train-index.json")],
                     "max_steps": 8, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 2}],
@@ -72,7 +72,7 @@ def _launch(config: Path, world: int = 2, extra: list[str] = ()) -> list[subproc
     for r in range(world):
         env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+               "DS_ACCELERATOR": "cpu", "PILL_TINY_DIR": str(config.parent / "tiny")}
         procs.append(subprocess.Popen([PY, str(REPO / "pipeline" / "train.py"), "--config", str(config), *extra],
                                       env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))

@@ -53,9 +53,12 @@ def load_llm(path: str | Path, dtype: torch.dtype | None = None, device: torch.d
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     check_llm(config, source=str(path / "config.json"))
     kwargs: dict[str, Any] = {"dtype": dtype or default_dtype(), "local_files_only": True}
-    if device is not None and not _zero3_active():
+    direct = device is not None and not _zero3_active() and _has_accelerate()
+    if direct:  # straight from the safetensors files onto the device
         kwargs["device_map"] = {"": torch.device(device)}
     llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if device is not None and not direct and not _zero3_active():
+        llm.to(device)  # one host copy in the target dtype, then moved
     llm.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return llm, tokenizer
@@ -117,6 +120,12 @@ def load_export(export_dir: str | Path, llm_path: str | Path, vision_path: Any =
     spec = get_method(meta["method"])
     cfg = spec.config_cls.from_dict({**meta["config"], **config_overrides})
     return spec.load(llm_path, vision_path, cfg, dtype=dtype, adapter_path=export_dir, device=device)
+
+
+def _has_accelerate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
 
 
 def _zero3_active() -> bool:

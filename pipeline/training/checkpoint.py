@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.training.config import ConfigError
 import torch.distributed as dist
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -220,6 +222,25 @@ class CheckpointManager:
             self._prune()
         _barrier()
         return self.dir / tag
+
+    def resume(self, policy: str, engine, named_trainables) -> tuple[dict[str, Any], dict[str, Any] | None, str] | None:
+        """Apply `checkpoint.resume`: auto (the latest here, if any), never (refuse a directory that already holds
+        checkpoints), or a checkpoint path. Returns load()'s triple with "how" naming the path, or None."""
+        if policy == "never":
+            if list(self.dir.glob("step_*")):
+                raise ConfigError(f"--resume never, but {self.dir} already holds checkpoints: a fresh run there "
+                                  "would mix with them (keep-last pruning, latest pointer); use a new --output-dir")
+            return None
+        if policy == "auto":
+            path = self.latest()
+        else:
+            path = Path(policy)
+            if not (path / "meta.json").is_file():
+                raise ConfigError(f"--resume {policy}: not a complete checkpoint directory (no meta.json)")
+        if path is None:
+            return None
+        client, per_rank, how = self.load(engine, named_trainables, path)
+        return client, per_rank, f"{path} ({how})"
 
     def _prune(self) -> None:
         done = sorted(p for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))

@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from pipeline.data import DataConfig
+from pipeline.model.config import PILLConfig
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message names the field."""
@@ -23,34 +26,34 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    method: str = "pill"
+    """pill | llama_adapter | lavin | excitor | iaa (pipeline.model.methods)."""
     llm_path: str = "tiny"
-    """Directory of a Hugging Face Llama-family LLM, or "tiny" for the random tiny test model."""
+    """Directory of a Hugging Face Llama-family LLM, or "tiny" (pipeline.model.load's random debug model)."""
     vpg_path: str | None = "tiny"
-    """BLIP-2 ViT + Q-former directory (or "tiny"); None when the shards carry precomputed image_features."""
-    pill: dict[str, Any] = field(default_factory=dict)
-    """Overrides of pipeline.model.PILLConfig (rank, adapter_act, momae, mag, ...); `stage` comes from the stage."""
-    tiny_llm: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of pipeline.model.tiny.build_tiny_llm for llm_path "tiny" (hidden_size, num_layers, ...)."""
-    tiny_dir: str = ".cache/tiny_pill"
-    """Where the tiny LLM/VPG are built (cached by content) when llm_path/vpg_path is "tiny"."""
+    """The visual front end: a BLIP-2 dir for PILL, a CLIP ViT dir for the peers, or "tiny"; None when the shards
+    carry precomputed image_features."""
+    pill: PILLConfig = field(default_factory=PILLConfig)
+    """PILL's own options (rank, adapter_act, momae, mag, backends, ...); `stage` comes from each stage."""
+    peer: dict[str, Any] = field(default_factory=dict)
+    """Options of a peer method (model.method != pill), checked against that method's config class."""
+    activation_checkpointing: bool = False
+    """Recompute decoder layers in the backward instead of storing their activations (pipeline.training.
+    checkpointing applies it from outside the model)."""
+    checkpoint_every_n_layers: int = 1
+    """With activation_checkpointing: layers 0, n, 2n, ... are recomputed."""
 
 
 @dataclass
-class DataConfig:
-    max_length: int = 512
-    """Tokens per sample after the visual tokens are inserted; longer samples are truncated (counted)."""
-    num_workers: int = 1
-    """DataLoader workers per rank."""
-    shuffle_buffer: int = 1000
-    """WebDataset sample shuffle buffer (0 = no shuffling)."""
-    image_input: str = "auto"
-    """"pixels" (VPG runs each step), "features" (shards hold precomputed Q-former output), or "auto"."""
-    sqa_format: str = "QCM-ALE"
-    """ScienceQA answer format: QCM-ALE (answer + lecture + solution, the reference default) or QCM-A."""
-    use_captions: bool = False
-    """ScienceQA context = hint + the image caption (json field `caption`)."""
-    pack: bool = False
-    """Pack several samples into one row (cu_seqlens); needs an attention backend that supports it."""
+class PrepareStep:
+    """A command run once before training (global rank 0), e.g. building the demo shards."""
+
+    module: str
+    """Run as `python -m <module> <args>` (a subprocess: the trainer imports no data builder)."""
+    args: list[str] = field(default_factory=list)
+    creates: str = ""
+    """The directory the step writes; the step is skipped when it holds a stamp of the same command, and shard
+    paths under it are not checked before the step ran."""
 
 
 @dataclass
@@ -123,9 +126,11 @@ class LogConfig:
     every_steps: int = 10
     """Text log line, metrics.jsonl row and TensorBoard scalars every N optimizer steps."""
     progress_bar: bool = True
+    """A tqdm bar when stderr is a terminal (plain log lines otherwise, e.g. in Slurm log files)."""
     tensorboard: bool = True
-    gate_image_every: int = 0
-    """Stage 2: write the per-layer |tanh gate| bar chart image every N steps (0 = at log steps only at end)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (WANDB_MODE=offline works without a network)."""
+    wandb_project: str = "pill-train"
 
 
 @dataclass
@@ -153,9 +158,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    demo_data: dict[str, Any] | None = None
-    """Build the synthetic demo shards before training (global rank 0, cached): {"out": dir, "max_samples": n per
-    shard, plus shards.demo.DemoConfig fields such as n_train, n_val, seed, qtypes}. Used by configs/demo.yaml."""
+    prepare: list[PrepareStep] = field(default_factory=list)
+    """Steps run before training (configs/demo.yaml builds its shards with one)."""
     debug: dict[str, Any] = field(default_factory=dict)
     """Test hooks: nan_loss_at (list of micro-step indices whose loss is replaced by NaN; only on rank
     nan_loss_rank if given),
@@ -182,7 +186,11 @@ def _from_dict(cls: type, d: Any, path: str) -> Any:
     kwargs = {}
     for k, v in d.items():
         kwargs[k] = _coerce(hints[k], v, f"{path}.{k}" if path else k)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # the owners' own validation (PILLConfig, pipeline.data.DataConfig)
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(path + ".") else f"{path or 'config'}: {msg}") from None
 
 
 def _coerce(tp: Any, v: Any, path: str) -> Any:
@@ -330,10 +338,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{at}.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
         if i > 0 and s.stage < cfg.stages[i - 1].stage:
             raise ConfigError(f"{at}: stages must run in order (stage {cfg.stages[i - 1].stage} then {s.stage})")
-    if cfg.data.max_length < 8:
-        raise ConfigError(f"data.max_length must be >= 8, got {cfg.data.max_length}")
-    if cfg.data.image_input not in ("auto", "pixels", "features"):
-        raise ConfigError(f"data.image_input must be auto|pixels|features, got {cfg.data.image_input!r}")
+    _validate_method(cfg)
     if cfg.eval.mode not in ("generate", "logits"):
         raise ConfigError(f"eval.mode must be generate or logits, got {cfg.eval.mode!r}")
     if cfg.checkpoint.keep_last < 1:
@@ -347,3 +352,26 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.betas must be in [0, 1), got {cfg.optim.betas}")
     if cfg.optim.max_nonfinite_in_a_row < 1:
         raise ConfigError("optim.max_nonfinite_in_a_row must be >= 1")
+
+
+def _validate_method(cfg: TrainConfig) -> None:
+    """The method exists, its options are its config's fields, and it has every stage the config runs."""
+    from pipeline.model.methods import get_method
+
+    m = cfg.model
+    try:
+        spec = get_method(m.method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if m.method != "pill":
+        try:
+            spec.config_cls.from_dict(dict(m.peer))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.peer: {e}") from None
+    elif m.peer:
+        raise ConfigError(f"model.peer is for peer methods; PILL's options go under model.pill (got {sorted(m.peer)})")
+    for i, s in enumerate(cfg.stages):
+        if s.stage not in spec.stages:
+            raise ConfigError(f"stages[{i}].stage={s.stage}: method {m.method} trains in stage(s) {spec.stages}")
+    if m.checkpoint_every_n_layers < 1:
+        raise ConfigError(f"model.checkpoint_every_n_layers must be >= 1, got {m.checkpoint_every_n_layers}")

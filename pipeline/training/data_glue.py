@@ -18,18 +18,16 @@ from pipeline.training.dist import DistContext, all_sum
 
 
 class StageData:
-    def __init__(self, cfg: TrainConfig, s: StageConfig, tokenizer: Any, pill_cfg: Any, ctx: DistContext, plan):
-        from pipeline.data import DataConfig, SourceConfig, build_loader
+    def __init__(self, cfg: TrainConfig, s: StageConfig, tokenizer: Any, num_query_tokens: int, ctx: DistContext,
+                 micro_batch_size: int):
+        from pipeline.data import SourceConfig, build_loader
 
         weights = s.train_weights or [1.0] * len(s.train_shards)
         sources = [SourceConfig(shards=u, task=s.task, weight=w) for u, w in zip(s.train_shards, weights)]
-        self.dcfg = DataConfig(
-            sources=sources, batch_size=plan.micro_batch_size, max_len=cfg.data.max_length,
-            num_query_tokens=pill_cfg.num_query_tokens, seed=cfg.seed + 1000 * s.stage,
-            shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=s.samples_per_epoch,
-            num_workers=cfg.data.num_workers, rank=ctx.rank, world_size=ctx.world_size, pack=cfg.data.pack,
-            sqa_format=cfg.data.sqa_format, use_captions=cfg.data.use_captions)
-        self.loader = build_loader(self.dcfg, tokenizer)
+        self.loader = build_loader(cfg.data, tokenizer, sources=sources, batch_size=micro_batch_size,
+                                   num_query_tokens=num_query_tokens, seed=cfg.seed + 1000 * s.stage,
+                                   samples_per_epoch=s.samples_per_epoch, rank=ctx.rank, world_size=ctx.world_size)
+        self.batch_size = micro_batch_size
         self.world_size = ctx.world_size
         self.samples_per_epoch = self.loader.samples_per_epoch
 
@@ -46,7 +44,7 @@ class StageData:
         """Rank-independent position (every rank is at the same (epoch, batch): equal batches per rank)."""
         st = self.loader.state_dict()
         return {"epoch": st["epoch"], "batch": st["batch"], "world_size": self.world_size,
-                "batch_size": self.dcfg.batch_size}
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, global_state: dict[str, Any], rank_state: dict[str, Any] | None, samples: int) -> None:
         if rank_state is not None:
@@ -54,16 +52,16 @@ class StageData:
             return
         # Different world size: keep the epoch and the fraction of it already seen.
         seen = global_state["batch"] * global_state["world_size"] * global_state["batch_size"]
-        batch = seen // (self.world_size * self.dcfg.batch_size)
+        batch = seen // (self.world_size * self.batch_size)
         self.loader.load_state_dict({"epoch": global_state["epoch"], "batch": batch})
 
     # ---- counters -----------------------------------------------------------------------------------------------
     def skip_counters(self, device: torch.device) -> dict[str, int]:
         """Skipped samples by reason, summed over ranks (collective; reasons aligned by a fixed sorted list)."""
+        from pipeline.data import SKIP_REASONS
+
         local = self.loader.skipped()
-        # Ranks may have seen different reasons: agree on a superset first (reasons are few, known strings).
-        known = ("bad_json", "missing_json", "bad_tar", "unreadable_shard", "bad_features", "undecodable_image",
-                 "missing_image", "too_long", "empty_batch", "bad_choices", "other")
+        known = (*SKIP_REASONS, "other")  # one fixed order on every rank, whatever reasons each has seen
         counts = [0.0] * len(known)
         for r, n in local.items():
             counts[known.index(r) if r in known else len(known) - 1] += n

@@ -33,15 +33,13 @@ def _evaluate(cfg: TrainConfig, export_dir: Path, llm: str, vpg: str | None) -> 
     from pipeline.eval.inputs import default_data_config, shard_prompts
     from pipeline.eval.multiple_choice import evaluate_multiple_choice
     from pipeline.eval.sqa_scoring import markdown_table
-    from pipeline.training.loop import build_model
+    from pipeline.model import load_export
 
     s = cfg.stages[-1]
-    meta = json.loads((export_dir / "adapter_config.json").read_text())
-    model = build_model(cfg, meta["pill_config"]["stage"], llm, vpg)
-    model.load_adapter(export_dir)
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    model = load_export(export_dir, llm, vpg, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
+                        device=device)
     model.eval()
-    if torch.cuda.is_available():
-        model.cuda()
     data_cfg = default_data_config(max_len=cfg.data.max_length, num_query_tokens=model.cfg.num_query_tokens,
                                    sqa_format=cfg.data.sqa_format, use_captions=cfg.data.use_captions)
     out_dir = Path(cfg.output_dir)

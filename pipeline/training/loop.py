@@ -1,8 +1,13 @@
-"""One training stage under DeepSpeed, top to bottom: model -> optimizer -> engine -> resume -> steps -> save.
+"""One training stage under DeepSpeed: set-up (model, data, engine) -> resume -> optimizer steps -> save/export.
 
-Accumulation: DeepSpeed counts micro-steps and applies the optimizer every `grad_accum` calls of engine.step();
-we keep our own count in lockstep (a skipped non-finite micro-batch calls neither backward nor step on ANY
-rank, so both counts stay equal everywhere). Every collective below is reached by all ranks in the same order.
+The loss of an optimizer step is the mean over every answer token of the global batch (all micro-batches of
+all ranks), as transformers' `num_items_in_batch` and torchtitan do: each micro-batch's summed token loss is
+divided by the global count, scaled so that DeepSpeed's 1/grad_accum and its mean over ranks cancel. A sample's
+weight does not depend on the answer lengths of the others in its micro-batch.
+
+A skipped non-finite micro-batch calls neither backward nor step on ANY rank (all agree), and the next batch
+takes its place, so DeepSpeed's micro-step count and ours stay equal; every collective below is reached by all
+ranks in the same order.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.training.checkpoint import CheckpointManager, export_adapter, gather_consolidated, set_rng_state
-from pipeline.training.config import ConfigError, StageConfig, TrainConfig
+from pipeline.training.config import StageConfig, TrainConfig
 from pipeline.training.data_glue import StageData
 from pipeline.training.dist import DistContext, Preempted, PreemptionFlag, all_agree_any, all_mean, all_sum
 from pipeline.training.ds_config import fill_ds_config, peak_lr, plan_batch, uses_cpu_offload
@@ -44,7 +49,7 @@ class StageResult:
     resumed_from: str | None
     llm_path: str = ""
     vpg_path: str | None = None
-    """The frozen models this stage trained on (resolved paths), so the evaluation loads exactly those."""
+    """The frozen models this stage trained on, so the evaluation loads exactly those."""
 
     def summary(self) -> str:
         return (f"stage {self.stage}: {self.steps} steps, {self.samples} samples, {self.wall_seconds:.1f}s wall, "
@@ -58,44 +63,225 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-# ---- model --------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the engine and the data position."""
 
-def resolve_model_paths(cfg: TrainConfig, is_main: bool, collective: bool = True) -> tuple[str, str | None]:
-    """"tiny" -> build the tiny LLM/VPG once (global rank 0 builds, the others wait, then read the cache)."""
+    global_step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    skipped_nonfinite: int = 0
+    wall_seconds: float = 0.0
+    last_loss: float = float("nan")
+
+
+class MetricsWindow:
+    """Throughput since the last log line, summed over ranks."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples = self.tokens = self.positions = 0
+        self.t0 = time.time()
+
+    def add(self, samples: float, tokens: float, positions: float) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.positions += positions
+
+    def scalars(self) -> dict[str, float]:
+        dt = max(1e-9, time.time() - self.t0)
+        return {"samples_per_s": self.samples / dt, "tokens_per_s": self.tokens / dt,
+                "pad_frac": 1.0 - self.tokens / max(1, self.positions)}
+
+
+# ---- set-up -------------------------------------------------------------------------------------------------------
+
+def model_dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+
+def method_config(cfg: TrainConfig, stage: int) -> Any:
+    """The method's config for one stage (model.pill for PILL, model.peer for the others)."""
+    from pipeline.model.methods import get_method
+
     m = cfg.model
-    llm, vpg = m.llm_path, m.vpg_path
-    if "tiny" in (llm, vpg):
-        from pipeline.model.tiny import build_tiny_pill_dirs
-
-        if is_main:
-            dirs = build_tiny_pill_dirs(m.tiny_dir, **m.tiny_llm)
-        if collective and dist.is_initialized():
-            dist.barrier()
-        if not is_main:
-            dirs = build_tiny_pill_dirs(m.tiny_dir, **m.tiny_llm)
-        llm = str(dirs["llm"]) if llm == "tiny" else llm
-        vpg = str(dirs["vpg"]) if vpg == "tiny" else vpg
-    return llm, vpg
+    if m.method == "pill":
+        return replace(m.pill, stage=stage)
+    return get_method(m.method).config_cls.from_dict({**m.peer, "stage": stage})
 
 
-def build_model(cfg: TrainConfig, stage: int, llm_path: str, vpg_path: str | None):
-    """PILL on the frozen LLM/VPG; K and the Q-former width come from the VPG when one is loaded."""
-    from pipeline.model import PILL, PILLConfig, load_llm, load_vpg
+def build_model(cfg: TrainConfig, stage: int, device: torch.device | None = None):
+    """The method on the frozen LLM/front end, frozen weights in the training precision, placed on `device`."""
+    from pipeline.model import load_method
 
-    llm, tok = load_llm(llm_path, torch.float32)
-    vpg = load_vpg(vpg_path, torch.float32)
-    pill = dict(cfg.model.pill)
-    if vpg is not None:
-        pill.setdefault("vpg_width", vpg.width)
-        pill.setdefault("num_query_tokens", vpg.num_query_tokens)
-    pill["stage"] = stage
-    return PILL(llm, PILLConfig.from_dict(pill), vpg, tok)
+    torch.manual_seed(cfg.seed)  # identical fresh init on every rank (ZeRO-2 also broadcasts, ZeRO-3 does not)
+    model = load_method(cfg.model.method, cfg.model.llm_path, cfg.model.vpg_path, method_config(cfg, stage),
+                        dtype=model_dtype(cfg), device=device)
+    if cfg.model.activation_checkpointing:
+        from pipeline.training.checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, cfg.model.checkpoint_every_n_layers)
+    return model
 
 
-def stage_total_steps(s: StageConfig, global_batch: int, samples_per_epoch: int) -> int:
-    if s.max_steps is not None:
-        return s.max_steps
-    return max(1, math.ceil(s.epochs * samples_per_epoch / global_batch))
+def build_tiny_sources_once(cfg: TrainConfig, is_main: bool) -> None:
+    """"tiny" sources are built by global rank 0 while the others wait (no two ranks write the same files)."""
+    from pipeline.model.load import resolve_source
+
+    if is_main:
+        resolve_source(cfg.model.llm_path, "llm")
+        resolve_source(cfg.model.vpg_path, "vpg")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def llm_hidden_size(cfg: TrainConfig) -> int:
+    from transformers import AutoConfig
+
+    from pipeline.model.load import resolve_source
+
+    return AutoConfig.from_pretrained(str(resolve_source(cfg.model.llm_path, "llm")), local_files_only=True).hidden_size
+
+
+@dataclass
+class Stage:
+    """Everything one stage trains with, built by `setup_stage`."""
+
+    cfg: TrainConfig
+    s: StageConfig
+    model: Any
+    engine: Any
+    scheduler: Any
+    data: StageData
+    plan: Any
+    total_steps: int
+    lr: float
+    warmup: int
+    float_dtype: torch.dtype
+    trainables: list
+    ckpts: CheckpointManager
+    keep_alive: list = field(default_factory=list)
+    """Objects that must outlive the engine set-up (transformers' ZeRO-3 config, read through a weak reference)."""
+
+
+def setup_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistContext, stage_dir: Path,
+                init_from: str | None) -> Stage:
+    import deepspeed
+
+    s = cfg.stages[idx]
+    at = f"stages[{idx}]"
+    build_tiny_sources_once(cfg, ctx.is_main)
+    plan = plan_batch(s, ctx.world_size, at)
+    ds = fill_ds_config(raw_ds, cfg, s, plan, ctx.device, llm_hidden_size(cfg))
+    keep_alive = []
+    if ds.get("zero_optimization", {}).get("stage") == 3:
+        # transformers' from_pretrained then builds the frozen LLM inside deepspeed.zero.Init: each rank only ever
+        # holds its partition (the weak reference it keeps must stay alive until the model is loaded).
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive.append(HfDeepSpeedConfig(ds))
+    model = build_model(cfg, s.stage, None if keep_alive else ctx.device)
+    if init_from:
+        model.load_adapter(init_from)
+    trainables = model.trainable_parameters()
+    data = StageData(cfg, s, model.tokenizer, model.cfg.num_query_tokens, ctx, plan.micro_batch_size)
+    total_steps = s.max_steps if s.max_steps is not None else max(
+        1, math.ceil(s.epochs * data.samples_per_epoch / plan.global_batch_size))
+    lr = peak_lr(s, plan)
+    warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total_steps)
+    optimizer = build_optimizer(param_groups(trainables, cfg.optim), lr, cfg.optim, uses_cpu_offload(ds))
+    scheduler = build_scheduler(optimizer, total_steps, warmup, s.min_lr_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds)
+    float_dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
+    return Stage(cfg, s, model, engine, scheduler, data, plan, total_steps, lr, warmup, float_dtype, trainables,
+                 CheckpointManager(stage_dir / "checkpoints", cfg.checkpoint.keep_last), keep_alive)
+
+
+def param_count(params) -> int:
+    """True element counts, also under ZeRO-3 (a partitioned parameter's numel() is 0; ds_numel is the full one)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+
+
+# ---- one optimizer step -------------------------------------------------------------------------------------------
+
+@dataclass
+class StepStats:
+    loss_sum: float = 0.0
+    """Sum over this rank's micro-batches of (summed token loss / per-micro-batch share of the global count)."""
+    samples: int = 0
+    tokens: int = 0
+    positions: int = 0
+    lr: float = 0.0
+    gate_abs: torch.Tensor | None = None
+
+
+class NonFiniteGuard:
+    """Counts micro-batches, and non-finite losses in a row; stops before the weights are corrupted."""
+
+    def __init__(self, cfg: TrainConfig, idx: int, ctx: DistContext, state: TrainState, log: MetricsLogger):
+        self.cfg, self.idx, self.ctx, self.state, self.log = cfg, idx, ctx, state, log
+        self.in_a_row = 0
+        self.micro_total = 0
+        self.nan_at = set(cfg.debug.get("nan_loss_at", []))
+        self.last_ckpt: Path | None = None
+
+    def loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The debug hook (tests): replace the loss of chosen micro-steps by NaN."""
+        hit = self.micro_total in self.nan_at and self.cfg.debug.get("nan_loss_rank", self.ctx.rank) == self.ctx.rank
+        self.micro_total += 1
+        return loss * float("nan") if hit else loss
+
+    def skip(self, loss_value: float) -> bool:
+        """Collective: True (on every rank) when any rank's loss is non-finite."""
+        if not all_agree_any(not math.isfinite(loss_value), self.ctx.device):
+            self.in_a_row = 0
+            return False
+        self.state.skipped_nonfinite += 1
+        self.in_a_row += 1
+        self.log.info(f"step {self.state.global_step}: non-finite loss, micro-batch skipped ({self.in_a_row} in a "
+                      f"row, {self.state.skipped_nonfinite} in total)")
+        if self.in_a_row >= self.cfg.optim.max_nonfinite_in_a_row:
+            raise NonFiniteLossError(
+                f"{self.in_a_row} non-finite losses in a row at step {self.state.global_step}: stopping before the "
+                f"weights are corrupted. Lower the lr (stages[{self.idx}].lr / base_lr), check the data "
+                f"(data.max_length, labels), or resume from {self.last_ckpt}")
+        return True
+
+
+def answer_tokens(batch: dict[str, Any]) -> int:
+    """Label positions the loss counts (the shifted labels that are not -100); from the host copy, no sync."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def train_step(st: Stage, batches, ctx: DistContext, guard: NonFiniteGuard) -> StepStats:
+    """grad_accum micro-batches -> one optimizer step (DeepSpeed steps at the last engine.step())."""
+    ga = st.plan.grad_accum
+    group = [next(batches) for _ in range(ga)]
+    n_global = all_sum([sum(answer_tokens(b) for b in group)], ctx.device)[0]
+    share = max(1.0, n_global) / (ctx.world_size * ga)  # DeepSpeed's 1/ga and mean over ranks undo this factor
+    stats = StepStats(lr=st.scheduler.get_last_lr()[0])  # the lr this step uses (the scheduler steps after it)
+    done = 0
+    while done < ga:
+        batch = group.pop(0) if group else next(batches)  # a skipped micro-batch is replaced by the next one
+        out = st.engine(**_to_device(batch, ctx.device, st.float_dtype), num_items_in_batch=share,
+                        return_logits=False)
+        loss = guard.loss(out.loss)
+        loss_value = float(loss.detach().float())  # the one host sync of a micro-step
+        if guard.skip(loss_value):
+            continue
+        st.engine.backward(loss)
+        st.engine.step()
+        done += 1
+        stats.loss_sum += loss_value
+        am = batch["attention_mask"]
+        stats.samples += int(batch.get("num_samples", len(am)))
+        stats.tokens += int(am.sum())
+        stats.positions += am.numel()
+        stats.gate_abs = out.gate_abs
+    return stats
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
@@ -116,198 +302,134 @@ def _to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.d
 
 def run_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistContext, stage_dir: Path,
               init_from: str | None, preempt: PreemptionFlag, resume: str) -> StageResult:
-    import deepspeed
-
-    s = cfg.stages[idx]
-    at = f"stages[{idx}]"
-    llm_path, vpg_path = resolve_model_paths(cfg, ctx.is_main)
-    torch.manual_seed(cfg.seed)  # identical fresh init on every rank (ZeRO-2 also broadcasts, ZeRO-3 does not)
-    model = build_model(cfg, s.stage, llm_path, vpg_path)
-    if init_from:
-        model.load_adapter(init_from)
-    trainables = model.trainable_parameters()
-
-    plan = plan_batch(s, ctx.world_size, at)
-    data = StageData(cfg, s, model.tokenizer, model.cfg, ctx, plan)
-    total_steps = stage_total_steps(s, plan.global_batch_size, data.samples_per_epoch)
-    lr = peak_lr(s, plan)
-    ds = fill_ds_config(raw_ds, cfg, s, plan, ctx.device, model.llm.config.hidden_size)
-    warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total_steps)
-    groups = param_groups(trainables, cfg.optim)
-    optimizer = build_optimizer(groups, lr, cfg.optim, uses_cpu_offload(ds))
-    scheduler = build_scheduler(optimizer, total_steps, warmup, s.min_lr_ratio)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds)
-    float_dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
-
-    ckpts = CheckpointManager(stage_dir / "checkpoints", cfg.checkpoint.keep_last)
-
-    # ---- resume ----
-    state = {"global_step": 0, "samples": 0, "tokens": 0, "skipped_nonfinite": 0, "wall_seconds": 0.0,
-             "last_loss": float("nan")}
-    resumed_from = None
-    path = None
-    if resume == "auto":
-        path = ckpts.latest()
-    elif resume == "never":
-        if list(ckpts.dir.glob("step_*")):
-            raise ConfigError(f"--resume never, but {ckpts.dir} already holds checkpoints: a fresh run there would "
-                              "mix with them (keep-last pruning, latest pointer); use a new --output-dir")
-    else:
-        path = Path(resume)
-        if not (path / "meta.json").is_file():
-            raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no meta.json)")
-    if path is not None:
-        client, per_rank, how = ckpts.load(engine, trainables, path)
-        state.update(client["train_state"])
-        data.load_state_dict(client["data"], per_rank["data"] if per_rank else None, state["samples"])
+    st = setup_stage(cfg, idx, raw_ds, ctx, stage_dir, init_from)
+    state = TrainState()
+    resumed = st.ckpts.resume(resume, st.engine, st.trainables)
+    if resumed is not None:
+        client, per_rank, resumed_from = resumed
+        state = TrainState(**client["train_state"])
+        st.data.load_state_dict(client["data"], per_rank["data"] if per_rank else None, state.samples)
         if per_rank:
             set_rng_state(per_rank["rng"])
-        resumed_from = f"{path} ({how})"
-        _sync_lr(scheduler)
+        _lr_at_restored_step(st.scheduler)
     if ctx.is_main:  # rows logged after the resumed step (or by an attempt that never checkpointed) are stale
-        _truncate_metrics(stage_dir / "metrics.jsonl", state["global_step"])
-
-    log = MetricsLogger(stage_dir, ctx.is_main, cfg.log.tensorboard, cfg.log.progress_bar, total_steps,
-                        state["global_step"], desc=f"stage {s.stage}")
-    log.info(f"stage {s.stage}: {len(trainables)} trainable tensors, "
-             f"{sum(p.numel() for _, p in trainables):,} trainable params; world {ctx.world_size}, "
-             f"micro-batch {plan.micro_batch_size} x accum {plan.grad_accum} x {ctx.world_size} ranks = "
-             f"{plan.global_batch_size}/step, {total_steps} steps, peak lr {lr:.3e}, warmup {warmup}, "
-             f"ZeRO-{engine.zero_optimization_stage()}, {'bf16' if float_dtype == torch.bfloat16 else 'fp32'}")
-    if resumed_from:
-        log.info(f"resumed at step {state['global_step']} from {resumed_from}")
+        _truncate_metrics(stage_dir / "metrics.jsonl", state.global_step)
+    log = MetricsLogger(stage_dir, ctx.is_main, cfg.log.tensorboard, cfg.log.progress_bar, st.total_steps,
+                        state.global_step, desc=f"stage {st.s.stage}", wandb=_wandb_options(cfg, stage_dir))
+    _log_start(st, ctx, log, resumed[2] if resumed else None, state)
 
     def save() -> Path:
-        client = {"train_state": dict(state), "data": data.state_dict_global(), "global_step": state["global_step"]}
-        return ckpts.save(engine, trainables, state["global_step"], client, {"data": data.state_dict_rank()})
+        client = {"train_state": asdict(state), "data": st.data.state_dict_global(), "global_step": state.global_step}
+        return st.ckpts.save(st.engine, st.trainables, state.global_step, client, {"data": st.data.state_dict_rank()})
 
-    nan_at = set(cfg.debug.get("nan_loss_at", []))
-    sleep_per_step = float(cfg.debug.get("sleep_per_step", 0))
-    engine.train()
-    micro_in_step, micro_total = 0, 0
-    loss_sum, n_loss = 0.0, 0
-    local = {"samples": 0, "tokens": 0, "positions": 0}  # this rank, since the last optimizer step
-    win = {"samples": 0, "tokens": 0, "positions": 0, "t0": time.time()}  # all ranks, since the last log line
-    nonfinite_in_a_row = 0
-    t_stage = time.time() - state["wall_seconds"]
-    last_ckpt = ckpts.latest()
-    batches = data.batches()
-    while state["global_step"] < total_steps:
-        batch = next(batches)
-        inputs = _to_device(batch, ctx.device, float_dtype)
-        out = engine(**inputs)
-        loss = out.loss
-        if micro_total in nan_at and cfg.debug.get("nan_loss_rank", ctx.rank) == ctx.rank:  # test hook
-            loss = loss * float("nan")
-        micro_total += 1
-        # The one host sync of a micro-step, after the forward: the loss value serves both the non-finite check and
-        # the logged mean. All ranks must take the same branch (a rank that skips backward would hang the others).
-        loss_value = float(loss.detach().float())
-        if all_agree_any(not math.isfinite(loss_value), ctx.device):
-            state["skipped_nonfinite"] += 1
-            nonfinite_in_a_row += 1
-            log.info(f"step {state['global_step']}: non-finite loss, micro-batch skipped "
-                     f"({nonfinite_in_a_row} in a row, {state['skipped_nonfinite']} in total)")
-            if nonfinite_in_a_row >= cfg.optim.max_nonfinite_in_a_row:
-                raise NonFiniteLossError(
-                    f"{nonfinite_in_a_row} non-finite losses in a row at step {state['global_step']}: stopping "
-                    f"before the weights are corrupted. Lower the lr (stages[{idx}].lr / base_lr), check the data "
-                    f"(data.max_length, labels), or resume from {last_ckpt}")
-            continue
-        nonfinite_in_a_row = 0
-        if micro_in_step == 0:
-            lr_now = scheduler.get_last_lr()[0]  # the lr this optimizer step uses (the scheduler steps after it)
-        engine.backward(loss)
-        engine.step()
-        micro_in_step += 1
-        loss_sum += loss_value
-        n_loss += 1
-        am = batch["attention_mask"]
-        local["samples"] += len(batch.get("meta") or am)
-        local["tokens"] += int(am.sum())  # the host copy of the batch: no device sync
-        local["positions"] += am.numel()
-        if micro_in_step < plan.grad_accum:
-            continue
-
-        # ---- an optimizer step happened ----
-        micro_in_step = 0
-        state["global_step"] += 1
-        step = state["global_step"]
-        # One small all-reduce per step: loss averaged over every micro-batch of every rank, and the counts.
-        tot_loss, tot_n, samples, tokens, positions = all_sum(
-            [loss_sum, n_loss, local["samples"], local["tokens"], local["positions"]], ctx.device)
-        loss_sum, n_loss = 0.0, 0
-        local = {"samples": 0, "tokens": 0, "positions": 0}
-        mean_loss = tot_loss / max(1, tot_n)
-        state["last_loss"] = mean_loss
-        state["samples"] += int(samples)
-        state["tokens"] += int(tokens)
-        for k, v in (("samples", samples), ("tokens", tokens), ("positions", positions)):
-            win[k] += v
-        if step % cfg.log.every_steps == 0 or step == total_steps:
-            dt = max(1e-9, time.time() - win["t0"])
-            gates = None
-            if s.stage == 2 and model.cfg.mag:
-                gates = all_mean(model.gate_magnitudes(), ctx.device)
-            grad_norm = engine.get_global_grad_norm()
-            scalars = {"loss": mean_loss, "lr": lr_now,
-                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                       "samples_per_s": win["samples"] / dt, "tokens_per_s": win["tokens"] / dt,
-                       "pad_frac": 1.0 - win["tokens"] / max(1, win["positions"]), "samples": state["samples"],
-                       "skipped_nonfinite": state["skipped_nonfinite"], **data.skip_counters(ctx.device)}
-            log.log(step, scalars, gates)
-            log.progress(step, mean_loss, lr_now, scalars["samples_per_s"])
-            win = {"samples": 0, "tokens": 0, "positions": 0, "t0": time.time()}
+    guard = NonFiniteGuard(cfg, idx, ctx, state, log)
+    guard.last_ckpt = st.ckpts.latest()
+    window = MetricsWindow()
+    st.engine.train()
+    t_stage = time.time() - state.wall_seconds
+    batches = st.data.batches()
+    while state.global_step < st.total_steps:
+        stats = train_step(st, batches, ctx, guard)
+        state.global_step += 1
+        step = state.global_step
+        loss_sum, samples, tokens, positions = all_sum([stats.loss_sum, stats.samples, stats.tokens,
+                                                        stats.positions], ctx.device)
+        state.last_loss = loss_sum / (ctx.world_size * st.plan.grad_accum)  # = global token mean
+        state.samples += int(samples)
+        state.tokens += int(tokens)
+        window.add(samples, tokens, positions)
+        if step % cfg.log.every_steps == 0 or step == st.total_steps:
+            _log_step(st, log, state, stats, window, ctx)
         else:
-            log.progress(step, mean_loss, lr_now, None)
-        state["wall_seconds"] = time.time() - t_stage
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
-            last_ckpt = save()
-            log.info(f"step {step}: checkpoint {last_ckpt}")
+            log.progress(step, state.last_loss, stats.lr, None)
+        state.wall_seconds = time.time() - t_stage
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < st.total_steps:
+            guard.last_ckpt = save()
+            log.info(f"step {step}: checkpoint {guard.last_ckpt}")
         if all_agree_any(preempt.raised, ctx.device):
-            last_ckpt = save()
-            log.info(f"signal {preempt.signum}: checkpoint {last_ckpt} written at step {step}; exiting "
-                     f"{99} (resumable: rerun with the same --output-dir)")
+            guard.last_ckpt = save()
+            log.info(f"signal {preempt.signum}: checkpoint {guard.last_ckpt} written at step {step}; exiting 99 "
+                     "(resumable: rerun with the same --output-dir)")
             log.close()
-            raise Preempted(str(last_ckpt))
-        if sleep_per_step:
-            time.sleep(sleep_per_step)
+            raise Preempted(str(guard.last_ckpt))
+        if cfg.debug.get("sleep_per_step"):
+            time.sleep(float(cfg.debug["sleep_per_step"]))
+    return _finish(st, ctx, log, state, save, guard.last_ckpt, stage_dir, t_stage, resumed)
 
-    # ---- end of stage: final checkpoint, export of the trained PILL weights ----
-    if state["global_step"] and (last_ckpt is None or not last_ckpt.name.endswith(f"{state['global_step']:08d}")):
+
+def _log_start(st: Stage, ctx: DistContext, log: MetricsLogger, resumed_from: str | None, state: TrainState) -> None:
+    p = st.plan
+    log.info(f"stage {st.s.stage} ({st.cfg.model.method}): {len(st.trainables)} trainable tensors, "
+             f"{param_count(p for _, p in st.trainables):,} trainable params of "
+             f"{param_count(st.model.parameters()):,}; world {ctx.world_size}, micro-batch {p.micro_batch_size} x "
+             f"accum {p.grad_accum} x {ctx.world_size} ranks = {p.global_batch_size}/step, {st.total_steps} steps, "
+             f"peak lr {st.lr:.3e}, warmup {st.warmup}, ZeRO-{st.engine.zero_optimization_stage()}, "
+             f"{'bf16' if st.float_dtype == torch.bfloat16 else 'fp32'}, backends {getattr(st.model, 'backends', '')}"
+             f"{', activation checkpointing' if st.cfg.model.activation_checkpointing else ''}")
+    if resumed_from:
+        log.info(f"resumed at step {state.global_step} from {resumed_from}")
+
+
+def _log_step(st: Stage, log: MetricsLogger, state: TrainState, stats: StepStats, window: MetricsWindow,
+              ctx: DistContext) -> None:
+    gates = None
+    if stats.gate_abs is not None:  # one device->host copy per logging step, then one small all-reduce
+        gates = all_mean(stats.gate_abs.float().tolist(), ctx.device)
+    grad_norm = st.engine.get_global_grad_norm()
+    scalars = {"loss": state.last_loss, "lr": stats.lr,
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), **window.scalars(),
+               "samples": state.samples, "skipped_nonfinite": state.skipped_nonfinite,
+               **st.data.skip_counters(ctx.device)}
+    log.log(state.global_step, scalars, gates)
+    log.progress(state.global_step, state.last_loss, stats.lr, scalars["samples_per_s"])
+    window.reset()
+
+
+def _finish(st: Stage, ctx: DistContext, log: MetricsLogger, state: TrainState, save, last_ckpt: Path | None,
+            stage_dir: Path, t_stage: float, resumed) -> StageResult:
+    """Final checkpoint (unless the last step has one), export of the trained weights, result.json."""
+    if state.global_step and (last_ckpt is None or not last_ckpt.name.endswith(f"{state.global_step:08d}")):
         last_ckpt = save()
-    full = gather_consolidated(engine, trainables)  # collective
+    full = gather_consolidated(st.engine, st.trainables)  # collective
     export_dir = stage_dir / "export"
     if ctx.is_main:
-        export_adapter(model, full["params"], export_dir)
+        export_adapter(st.model, full["params"], export_dir)
     if dist.is_initialized():
         dist.barrier()
     wall = time.time() - t_stage
-    result = StageResult(stage=s.stage, steps=state["global_step"], samples=state["samples"], tokens=state["tokens"],
-                         wall_seconds=wall, samples_per_s=state["samples"] / max(1e-9, wall),
-                         final_loss=state["last_loss"], skipped_nonfinite=state["skipped_nonfinite"],
-                         checkpoint=str(last_ckpt), export_dir=str(export_dir), resumed_from=resumed_from,
-                         llm_path=llm_path, vpg_path=vpg_path)
+    result = StageResult(stage=st.s.stage, steps=state.global_step, samples=state.samples, tokens=state.tokens,
+                         wall_seconds=wall, samples_per_s=state.samples / max(1e-9, wall),
+                         final_loss=state.last_loss, skipped_nonfinite=state.skipped_nonfinite,
+                         checkpoint=str(last_ckpt), export_dir=str(export_dir),
+                         resumed_from=resumed[2] if resumed else None, llm_path=st.cfg.model.llm_path,
+                         vpg_path=st.cfg.model.vpg_path)
     if ctx.is_main:
         (stage_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
     log.info(result.summary())
     log.close()
-    engine.destroy() if hasattr(engine, "destroy") else None
+    st.engine.destroy() if hasattr(st.engine, "destroy") else None
+    st.keep_alive.clear()  # later model loads (evaluation on rank 0) must not be partitioned collectively
     return result
 
 
-def _sync_lr(scheduler) -> None:
-    """Set the param groups' lr from the schedule at the restored step.
+def _lr_at_restored_step(scheduler) -> None:
+    """Set the param groups' lr from the schedule at the restored step, through the scheduler's public step().
 
-    The checkpoint restores the optimizer's last lr and the scheduler's step count; recomputing from the lambda
-    gives the same value when nothing changed, and the right one when the resumed run has a new length
-    (e.g. --set stages.0.max_steps=...), instead of continuing with the old schedule's last lr until next step.
-    """
-    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for g, lr in zip(scheduler.optimizer.param_groups, lrs):
-        g["lr"] = lr
-    scheduler._last_lr = lrs
+    The checkpoint restores the scheduler's step count; recomputing from the schedule gives the same lr when
+    nothing changed and the right one when the resumed run has a new length (--set stages.0.max_steps=...)."""
+    import warnings
+
+    scheduler.last_epoch -= 1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": intended, no optimizer step is skipped
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+
+
+def _wandb_options(cfg: TrainConfig, stage_dir: Path) -> dict[str, Any] | None:
+    if not cfg.log.wandb:
+        return None
+    return {"project": cfg.log.wandb_project, "name": f"{cfg.name}-{stage_dir.name}", "dir": str(stage_dir),
+            "config": cfg.to_dict()}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

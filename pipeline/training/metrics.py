@@ -31,9 +31,12 @@ def gate_bar_image(values: list[float], height: int = 96, bar_w: int = 8) -> np.
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, progress_bar: bool = True,
-                 total_steps: int = 0, initial_step: int = 0, desc: str = "train"):
+                 total_steps: int = 0, initial_step: int = 0, desc: str = "train",
+                 wandb: dict[str, Any] | None = None):
+        """`wandb`: wandb.init keyword arguments (project, name, dir, config) to also log there, or None."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
+        self.wandb = None
         self.tb = None
         self.bar = None
         self.jsonl = None
@@ -47,6 +50,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        if wandb is not None:
+            import wandb as wandb_lib  # optional dependency: `pip install pill-train[wandb]`
+
+            self.wandb = wandb_lib.init(resume="allow", **wandb)
         # A carriage-return bar only where a person watches a terminal: in a Slurm or nohup log file it is kilobytes
         # of \r-separated redraws torn into the log lines, so files get the plain log lines alone.
         if progress_bar and _is_terminal(sys.stderr):
@@ -96,6 +103,10 @@ class MetricsLogger:
                     self.tb.add_scalar(f"gate_abs/layer_{i:02d}", g, step)
                 self.tb.add_image("gate_abs/per_layer", gate_bar_image(gates), step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": _plain(v) for k, v in scalars.items()}
+                           | ({f"gate_abs/layer_{i:02d}": g for i, g in enumerate(gates)} if gates else {}),
+                           step=step)
         keys = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "pad_frac", "skipped_nonfinite")
         parts = [f"step {step}"] + [f"{k} {_fmt(scalars[k])}" for k in keys if k in scalars]
         if gates is not None and gates:
@@ -109,6 +120,8 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         self.jsonl.close()
         self.text.close()
 
