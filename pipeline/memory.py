@@ -14,7 +14,9 @@ trainable state       bytes per trainable parameter, DeepSpeed's layout (bf16 mo
                                ZeRO-1: 2 + 2 + (4 + 4 + 8) / N;  ZeRO-2: 2 + (2 + 4 + 4 + 8) / N + bucket;
                                ZeRO-3: (2 + 2 + 4 + 4 + 8) / N + bucket
                         fp32   ZeRO-0: 4 weight + 4 grad + 8 Adam = 16; ZeRO-1: 4 + 4 + 8/N; ZeRO-2: 4 + (4 + 8)/N
-                               + bucket; ZeRO-3: 16/N + bucket.   bucket = reduce_bucket_size x e (default d^2).
+                               + bucket; ZeRO-3: 16/N + bucket.   bucket = reduce_bucket_size x e (x 2 with
+                               overlap_comm): DeepSpeed allocates the whole contiguous-gradient buffer at every
+                               backward, whatever the trainable count (ds_configs/zero2.json's 5e8 = 1 GB in bf16).
 activations           what autograd saves for the backward, per layer (frozen linears save no input: only weights,
                       which are parameters; every layer still saves what its trainable adapters and the
                       backward through the frozen nonlinearities need):
@@ -48,7 +50,9 @@ The CUDA context (~0.5 GB, outside the allocator) and the allocator's fragmentat
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -98,6 +102,8 @@ class MemorySetup:
     """The forward also returns the (B, T, V) logits (evaluation); training computes answer rows only."""
     reduce_bucket_size: int | None = None
     """ZeRO-2/3 gradient bucket in elements; None = d^2 (what fill_ds_config writes for "auto")."""
+    overlap_comm: bool = False
+    """ZeRO-2/3 double-buffers the gradient bucket when communication overlaps the backward."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "seq", "world", "checkpoint_every", "images_per_sample"):
@@ -146,7 +152,9 @@ class MemoryEstimate:
 def trainable_state_bytes(p: int, s: MemorySetup, d_model: int) -> dict[str, float]:
     """Module weights + gradients, and the optimizer's fp32 master + Adam moments, per rank."""
     n, z = s.world, s.zero_stage
-    bucket = (s.reduce_bucket_size or d_model * d_model) * s.elem_bytes if z >= 2 else 0
+    bucket = 0
+    if z >= 2:
+        bucket = (s.reduce_bucket_size or d_model * d_model) * s.elem_bytes * (2 if s.overlap_comm else 1)
     if s.precision == "bf16":
         weight = 2 * p / (n if z == 3 else 1)
         grad = 2 * p / (n if z >= 2 else 1) + bucket
@@ -251,6 +259,20 @@ def blip2_vpg_params() -> int:
         return sum(p.numel() for p in VPG(Blip2Config()).parameters())
 
 
+def ds_bucket(path: Path, required: bool = False) -> tuple[int | None, bool]:
+    """(reduce_bucket_size or None for "auto"/absent, overlap_comm) of a DeepSpeed JSON."""
+    if not path.is_file():
+        if required:
+            raise SystemExit(f"--ds-config {path}: file not found")
+        return None, False
+    try:
+        zero = json.loads(path.read_text()).get("zero_optimization", {})
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--ds-config {path}: not valid JSON ({e})") from None
+    bucket = zero.get("reduce_bucket_size")
+    return (int(bucket) if isinstance(bucket, (int, float)) else None), bool(zero.get("overlap_comm", False))
+
+
 # ---- command line (pipeline.params --memory) ------------------------------------------------------------------------
 
 def add_memory_args(ap) -> None:
@@ -262,6 +284,9 @@ def add_memory_args(ap) -> None:
     g.add_argument("--checkpoint-every", type=int, default=1, help="wrap every n-th layer (with --checkpointing)")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=2)
     g.add_argument("--world", type=int, default=1, help="data-parallel ranks ZeRO partitions over")
+    g.add_argument("--ds-config", type=Path, default=None,
+                   help="read reduce_bucket_size / overlap_comm from this DeepSpeed JSON (default: "
+                        "ds_configs/zero<N>.json when it exists)")
     g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     g.add_argument("--vpg", choices=("features", "blip2"), default="features",
                    help="precomputed Q-former features (no VPG on the GPU) or the frozen BLIP-2 ViT-g + Q-former")
@@ -275,11 +300,13 @@ def print_memory(args, llm_config, cfg, model: torch.nn.Module, source: str) -> 
     counts = ParamCounts.of(model)
     if args.vpg == "blip2":
         counts = ParamCounts(counts.frozen_llm, blip2_vpg_params(), counts.trainable, counts.largest_layer)
+    ds_path = args.ds_config or Path(__file__).resolve().parents[1] / "ds_configs" / f"zero{args.zero}.json"
+    bucket, overlap = ds_bucket(ds_path, required=args.ds_config is not None)
     try:
         s = MemorySetup(micro_batch=args.micro_batch, seq=args.seq, precision=args.precision, zero_stage=args.zero,
                         world=args.world, checkpointing=args.checkpointing, checkpoint_every=args.checkpoint_every,
                         attn_backend=args.attn_backend, adapter_backend=args.adapter_backend,
-                        loss_positions=args.loss_positions)
+                        loss_positions=args.loss_positions, reduce_bucket_size=bucket, overlap_comm=overlap)
     except ValueError as e:
         raise SystemExit(f"pipeline.params --memory: {e}") from None
     est = estimate(llm_config, cfg, counts, s)
