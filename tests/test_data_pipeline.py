@@ -75,27 +75,41 @@ def test_explicit_rank_splitter_where_webdataset_default_raises(shards, tok, mon
 
 def test_every_rank_yields_the_same_number_of_batches(shards, tok):
     urls, _ = shards  # 44 samples in uneven shards
-    counts, shards_read = [], []
+    counts, keys, shards_read = [], [], []
     for rank in range(3):
         ld = build(_cfg(urls, rank=rank, world_size=3, shuffle_buffer=0), tok)
-        n = sum(1 for _ in ld)
-        counts.append((n, len(ld)))
+        batches = _keys(ld)
+        counts.append((len(batches), len(ld)))
+        keys.append({k for b in batches for k in b})
         shards_read.append(set(ld.shards_read))
     assert counts == [(44 // 12, 44 // 12)] * 3
-    assert all(not (a & b) for i, a in enumerate(shards_read) for b in shards_read[i + 1:])  # no shard overlap
+    assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1:])  # no sample on two ranks
+    # contiguous shares of the epoch: ranks share at most the shard at each end of their range
+    assert all(len(a & b) <= 1 for i, a in enumerate(shards_read) for b in shards_read[i + 1:])
 
 
-def test_fewer_shards_than_workers_splits_by_sample(tmp_path, tok, caplog):
+def test_fewer_shards_than_workers_splits_by_sample(tmp_path, tok):
     urls = write_sqa_shards(tmp_path, 1, 16, image=False)
+    seen = []
+    for rank in range(2):
+        ld = build(_cfg(urls, rank=rank, world_size=2, batch_size=2, shuffle_buffer=0), tok)
+        batches = _keys(ld)
+        assert len(batches) == len(ld) == 4  # 16 / (2 ranks x 2)
+        seen += [k for b in batches for k in b]
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 16  # nothing twice, nothing lost
+
+
+def test_remote_shards_without_counts_fall_back_to_whole_shards(tmp_path, tok, caplog):
+    """pipe: shards without an index: shards round-robin over the slots, sample split when too few."""
+    paths = write_sqa_shards(tmp_path, 1, 16, image=False)
     seen = []
     with caplog.at_level(logging.WARNING):
         for rank in range(2):
-            ld = build(_cfg(urls, rank=rank, world_size=2, batch_size=2, shuffle_buffer=0), tok)
-            batches = _keys(ld)
-            assert len(batches) == len(ld) == 4  # 16 / (2 ranks x 2)
-            seen += [k for b in batches for k in b]
+            ld = build(_cfg([f"pipe:cat {paths[0]}"], rank=rank, world_size=2, batch_size=2, shuffle_buffer=0,
+                            samples_per_epoch=16), tok)
+            seen += [k for b in _keys(ld) for k in b]
     assert "splitting by sample" in caplog.text
-    assert sorted(seen) == sorted(set(seen)) and len(seen) == 16  # nothing twice, nothing lost
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 16
 
 
 def test_deterministic_given_seed_epoch_rank(shards, tok):

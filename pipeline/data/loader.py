@@ -1,8 +1,16 @@
 """The training data pipeline: one list of stages (open_clip style) and a DataLoader wrapper that can resume.
 
-    per source: assigned shards (split by rank and worker; or resampled) -> tar -> records -> json
-    -> mix sources by weight -> shuffle buffer -> [skip resumed batches] -> take this worker's quota
-    -> group batch_size records -> decode + prompt + tokenise + pad/pack (collate.py)
+    per source: this slot's pieces of the epoch's sample sequence -> tar -> records -> json
+    -> shuffle buffer, per pass -> [wrap: next pass] -> mix sources by weight -> [skip resumed batches]
+    -> take this worker's quota -> group batch_size records -> decode + prompt + tokenise + pad/pack (collate.py)
+
+Exact epochs: with the sample counts known, each (rank, worker) slot reads exactly its quota of distinct positions
+of the epoch's global sequence (shardlists.slot_pieces), so on one source an epoch is a permutation of
+`len(loader) x world x batch_size` samples: nothing repeats, and fewer than one global batch stays unseen. The
+shuffle buffer runs over one pass of the slot's pieces and is drained at its end, so it can never pull records of
+a later pass in ahead of this one's. A slot reads more than one pass only when its shards gave fewer records than
+counted (a lost shard, bad records): it repeats its own samples, or, when none of its shards is readable, reads the
+others' shards, and so still delivers its quota (counted, never fatal).
 
 Determinism: every random choice is seeded by (seed, epoch, rank, worker), so the batch sequence of a rank depends
 only on those and the config; the DataLoader returns worker w's batches at positions w, w+nw, ... (its in-order
@@ -10,8 +18,7 @@ round robin), and every worker has a fixed quota, so "n batches consumed" tells 
 own batches to skip. Resume skips whole batches of raw records before any decoding (cheap).
 
 Equal length on every rank (or collectives hang): batches per rank = samples_per_epoch // (world_size x batch_size),
-the same number everywhere; a worker whose shards run out wraps around them (a few repeated samples), one with more
-stops at its quota (a few unseen samples this epoch); both are counted in the docs, not silent.
+the same number everywhere.
 """
 
 from __future__ import annotations
@@ -26,18 +33,23 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.constants import IMAGE_MEAN, IMAGE_STD
 from pipeline.data.collate import Collator
 from pipeline.data.config import DataConfig, LoaderSpec, SourceConfig
-from pipeline.data.records import SkipCounter, iter_tar, parse_json
+from pipeline.data.records import SkipCounter, iter_tar, parse_json, read_piece
 from pipeline.data.shardlists import (
+    Piece,
     assign_shards,
     check_exists,
+    epoch_order,
     expand_shards,
+    index_urls,
+    is_remote,
     resampled_shards,
     shard_counts,
+    slot_pieces,
     warn_if_few_shards,
 )
-from pipeline.constants import IMAGE_MEAN, IMAGE_STD
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +66,28 @@ class PillDataset(IterableDataset):
         super().__init__()
         self.cfg = cfg
         self.urls = [expand_shards(s.shards) for s in cfg.sources]
+        self.counts: list[list[int] | None] = []
         for s, urls in zip(cfg.sources, self.urls):
             check_exists(urls, s.name)
-            if not cfg.data.resampled:
+            counts = None if cfg.data.resampled else shard_counts(urls, index_urls(s.shards))
+            if counts is not None and None in counts:
+                if not cfg.samples_per_epoch:
+                    n = counts.count(None)
+                    raise ValueError(f"source {s.name}: {n} remote shard(s) without a sample count (e.g. "
+                                     f"{urls[counts.index(None)]}); give samples_per_epoch (the stage's samples "
+                                     "per epoch) or an index JSON (a builder's *-index.json) as the source")
+                counts = None  # whole-shard round robin, epoch length from samples_per_epoch
+            if counts is None and not cfg.data.resampled:
                 warn_if_few_shards(urls, cfg.world_size, cfg.workers_for_split, s.name)
-        self.counts = [dict(zip(urls, shard_counts(urls))) for urls in self.urls] if not cfg.data.resampled else None
-        if cfg.samples_per_epoch:
-            self.samples_per_epoch = cfg.samples_per_epoch
-        else:
-            self.samples_per_epoch = sum(sum(c.values()) for c in self.counts)
-            if self.samples_per_epoch == 0:
-                raise ValueError(f"sources {[s.name for s in cfg.sources]} hold no samples")
+            self.counts.append(counts)
+        self.samples_per_epoch = cfg.samples_per_epoch or sum(sum(c) for c in self.counts if c)
+        readable = [probe_readable(urls) for urls in self.urls]
+        for s, urls, ok in zip(cfg.sources, self.urls, readable):
+            if not ok:
+                raise ValueError(f"source {s.name}: no readable sample in any of the {len(urls)} shard(s) "
+                                 f"{urls[:4]}{'...' if len(urls) > 4 else ''}; see the skip log above")
+        if self.samples_per_epoch == 0:
+            raise ValueError(f"sources {[s.name for s in cfg.sources]} hold no samples")
         self.batches_per_rank = max(1, self.samples_per_epoch // (cfg.world_size * cfg.batch_size))
         d = cfg.data
         self.collate = Collator(d, tokenizer, cfg.num_query_tokens, d.image_mean or IMAGE_MEAN, d.image_std or IMAGE_STD,
@@ -73,34 +96,56 @@ class PillDataset(IterableDataset):
         self.start_batch = 0
 
     # ---- stages -------------------------------------------------------------------------------------------------
-    def _source_records(self, i: int, worker: int, nw: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-        """Infinite record stream of source i for this slot: its shard share, wrapped; or resampled shards."""
-        c, urls, task = self.cfg, self.urls[i], self.cfg.sources[i].task
-        if c.data.resampled:
-            shards: Any = resampled_shards(urls, c.seed, self.epoch, c.rank, worker, salt=i)
-            stride, offset = 1, 0
-        else:
+    def quota(self, worker: int, nw: int) -> int:
+        """Records worker w of any rank takes per epoch."""
+        return split_batches(self.batches_per_rank, nw, worker) * self.cfg.batch_size
+
+    def _slot_range(self, worker: int, nw: int) -> tuple[int, int, int]:
+        """(start, end, span): this slot's positions of the epoch's global sequence of `span` records."""
+        c = self.cfg
+        start = c.rank * self.batches_per_rank * c.batch_size + sum(self.quota(w, nw) for w in range(worker))
+        return start, start + self.quota(worker, nw), self.batches_per_rank * c.batch_size * c.world_size
+
+    def pieces(self, i: int, worker: int, nw: int) -> list[Piece]:
+        """This slot's first pass over source i this epoch."""
+        c, urls, counts = self.cfg, self.urls[i], self.counts[i]
+        if counts is None:
             a = assign_shards(urls, c.seed, self.epoch, c.rank, c.world_size, worker, nw, c.data.shuffle_shards,
                               salt=i)
-            shards, stride, offset = a.shards, a.sample_stride, a.sample_offset
-        while True:
-            got = 0
-            n = 0  # record position within this pass, for sample-level splitting
-            for url in shards:
-                for r in parse_json(iter_tar(url, counter), counter):
-                    n += 1
-                    if (n - 1) % stride != offset:
-                        continue
-                    got += 1
-                    r["__task__"] = task
-                    yield r
-            if got == 0:
-                raise RuntimeError(f"source {c.sources[i].name}: rank {c.rank} worker {worker} found no readable "
-                                   f"sample in its shards {list(shards)[:4]}...; see the skip log above")
-            # Wrap: the same shards again (the quota, not the shard list, ends the epoch).
+            return [Piece(u, stride=a.sample_stride, offset=a.sample_offset) for u in a.shards]
+        start, end, span = self._slot_range(worker, nw)
+        order = epoch_order(urls, c.seed, self.epoch, c.data.shuffle_shards, salt=i)
+        # One source: the epoch's positions are the source's own (wrapping when samples_per_epoch exceeds it);
+        # several: each source maps the slot's share of the epoch onto a proportional share of its samples.
+        if len(self.urls) == 1:
+            return slot_pieces(urls, counts, order, start, end, sum(counts), epoch_end=span)
+        return slot_pieces(urls, counts, order, start, end, span)
+
+    def _passes(self, i: int, worker: int, nw: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+        """Infinite record stream of source i for this slot: shuffled passes over its pieces."""
+        c, task = self.cfg, self.cfg.sources[i].task
+        rng = random.Random(f"shuffle/{c.seed}/{self.epoch}/{c.rank}/{worker}/{i}")
+        if c.data.resampled:
+            shards = resampled_shards(self.urls[i], c.seed, self.epoch, c.rank, worker, salt=i)
+            yield from _tagged(_shuffle((r for u in shards for r in read_piece(Piece(u), counter)),
+                                        c.data.shuffle_buffer, rng), task)
+            return
+        pieces = self.pieces(i, worker, nw)
+        got = [0]
+        for n_pass in itertools.count():
+            if n_pass > 0 and got[0] == 0:  # none of this slot's shards was readable: read the others'
+                pieces = [Piece(u) for u in self.urls[i]]
+                log.warning("source %s: rank %d worker %d read nothing from its shards; reading the other "
+                            "slots' shards to fill its quota", c.sources[i].name, c.rank, worker)
+            before = got[0]
+            records = _counting((r for p in pieces for r in read_piece(p, counter, count=n_pass == 0)), got)
+            yield from _tagged(_shuffle(records, c.data.shuffle_buffer, rng), task)
+            if n_pass > 0 and got[0] == before:
+                raise RuntimeError(f"source {c.sources[i].name}: no shard gave a readable sample this epoch "
+                                   f"(rank {c.rank} worker {worker}); see the skip log above")
 
     def _mixed(self, worker: int, nw: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-        streams = [self._source_records(i, worker, nw, counter) for i in range(len(self.urls))]
+        streams = [self._passes(i, worker, nw, counter) for i in range(len(self.urls))]
         if len(streams) == 1:
             yield from streams[0]
             return
@@ -109,38 +154,6 @@ class PillDataset(IterableDataset):
         while True:
             yield next(streams[rng.choices(range(len(streams)), weights)[0]])
 
-    def _shuffle(self, src: Iterator[dict[str, Any]], worker: int) -> Iterator[dict[str, Any]]:
-        size = self.cfg.data.shuffle_buffer
-        if size <= 1:
-            yield from src
-            return
-        rng = random.Random(f"shuffle/{self.cfg.seed}/{self.epoch}/{self.cfg.rank}/{worker}")
-        buf: list[dict[str, Any]] = []
-        for r in src:
-            buf.append(r)
-            if len(buf) >= size:
-                j = rng.randrange(len(buf))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                yield buf.pop()
-        while buf:
-            yield buf.pop(rng.randrange(len(buf)))
-
-    def epoch_plan(self, epoch: int) -> list[dict[str, int]]:
-        """Per worker of this rank: samples its shards hold vs records its quota takes (single source, by shard).
-
-        available < quota: the worker wraps around its shards (repeats); available > quota: it leaves samples unseen
-        this epoch. Both are the price of equal batch counts on every rank; balanced shards make them ~0."""
-        c, nw = self.cfg, self.cfg.workers_for_split
-        if self.counts is None or len(self.urls) != 1:
-            return []
-        plan = []
-        for w in range(nw):
-            a = assign_shards(self.urls[0], c.seed, epoch, c.rank, c.world_size, w, nw, c.data.shuffle_shards, salt=0)
-            avail = sum(self.counts[0][u] for u in a.shards) // a.sample_stride
-            plan.append({"worker": w, "available": avail, "quota": split_batches(self.batches_per_rank, nw, w) *
-                         c.batch_size})
-        return plan
-
     def stages(self, worker: int, nw: int, counter: SkipCounter) -> list:
         """The pipeline as one list of stages; each takes the previous iterator."""
         B = self.cfg.batch_size
@@ -148,7 +161,6 @@ class PillDataset(IterableDataset):
         skip = min(split_batches(self.start_batch, nw, worker), quota)
         return [
             lambda _: self._mixed(worker, nw, counter),
-            lambda it: self._shuffle(it, worker),
             lambda it: itertools.islice(it, skip * B, quota * B),  # resume: drop whole batches before decoding
             lambda it: _grouped(it, B),
             lambda it: (self._finish(self.collate(g, counter), worker, counter) for g in it),
@@ -174,6 +186,43 @@ class PillDataset(IterableDataset):
         for stage in self.stages(worker, nw, counter):
             it = stage(it)
         yield from it
+
+
+def probe_readable(urls: list[str]) -> bool:
+    """Whether any shard yields a usable record (stops at the first that does; quiet: the workers count)."""
+    quiet = SkipCounter(log_first=0)
+    for u in urls:
+        for _ in parse_json(iter_tar(u, quiet), quiet):
+            return True
+    return False
+
+
+def _shuffle(src: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Buffer shuffle over a finite stream, drained at its end."""
+    if size <= 1:
+        yield from src
+        return
+    buf: list[dict[str, Any]] = []
+    for r in src:
+        buf.append(r)
+        if len(buf) >= size:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _counting(it: Iterator[dict[str, Any]], got: list[int]) -> Iterator[dict[str, Any]]:
+    for r in it:
+        got[0] += 1
+        yield r
+
+
+def _tagged(it: Iterator[dict[str, Any]], task: str) -> Iterator[dict[str, Any]]:
+    for r in it:
+        r["__task__"] = task
+        yield r
 
 
 def _grouped(it: Iterator, n: int) -> Iterator[list]:
@@ -244,11 +293,6 @@ class PillLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         ds = self.dataset
         ds.epoch, ds.start_batch = self.epoch, self.batch
-        for p in ds.epoch_plan(self.epoch):
-            if p["available"] != p["quota"]:
-                log.info("data epoch %d rank %d worker %d: shards hold %d samples, quota %d (%s)", self.epoch,
-                         self.cfg.rank, p["worker"], p["available"], p["quota"],
-                         "wraps around" if p["available"] < p["quota"] else "rest unseen this epoch")
         for snap in self._skips_now.values():  # an earlier iteration left early (break): keep its counts
             self._skips_done.update(snap)
         self._skips_now = {}

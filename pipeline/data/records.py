@@ -1,8 +1,10 @@
 """Stage: shard urls -> raw records `{"__key__", "__shard__", ext: bytes, "json": dict}`.
 
-Bad data never stops training: an unreadable or truncated tar, a record without or with invalid JSON are skipped,
-counted by reason in a `SkipCounter` and logged with shard and key (the first `log_first` per reason).
-The tar is read as one stream (no per-sample file opens); grouping follows webdataset's key rule.
+Bad data never stops training: an unreadable or truncated tar (local, `pipe:` or `http(s)://`), a record without or
+with invalid JSON are skipped, counted by reason in a `SkipCounter` and logged with shard and key (the first
+`log_first` per reason). A tar is read as one stream (no per-sample file opens); grouping follows webdataset's key
+rule. Local files are read in seekable mode, so the members of records a slot does not take are skipped by seeking
+(only their json is read).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pipeline.data.shardlists import split_member
+from pipeline.data.shardlists import Piece, is_remote, split_member
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +33,31 @@ SKIP_REASONS = (
     "too_long", "empty_batch",
 )
 """Every reason the loader counts a skip under (the trainer sums counters over ranks in this order)."""
+_PER_BATCH = ("empty_batch",)  # counted per occurrence; every other reason once per (shard, key) and epoch
 
 
 class SkipCounter:
-    """Per-worker counts of skipped inputs by reason, plus the shards opened since the last batch."""
+    """Per-worker, per-epoch counts of skipped inputs by reason, plus the shards opened since the last batch.
+
+    A sample is counted once per epoch however often it is read (a slot that wraps over its shards reads it again),
+    and only by the slot that owns it (`count=False` for reads of other slots' samples), so totals summed over
+    workers and ranks are exact."""
 
     def __init__(self, log_first: int = 20):
         self.counts: Counter[str] = Counter()
         self.log_first = log_first
         self.shards_opened: list[str] = []
+        self._seen: set[tuple[str, str, str]] = set()
 
-    def skip(self, reason: str, shard: str, key: str = "", detail: str = "") -> None:
+    def skip(self, reason: str, shard: str, key: str = "", detail: str = "", count: bool = True) -> None:
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}; add it to SKIP_REASONS")
+        if not count:
+            return
+        if reason not in _PER_BATCH:
+            if (reason, shard, key) in self._seen:
+                return
+            self._seen.add((reason, shard, key))
         self.counts[reason] += 1
         n = self.counts[reason]
         if n <= self.log_first:
@@ -56,60 +70,182 @@ class SkipCounter:
 
 
 def _open(url: str):
-    if url.startswith("pipe:") or "://" in url:
+    if is_remote(url):
         from webdataset.gopen import gopen  # pipes, http(s), object stores: webdataset's opener
 
         return gopen(url, "rb")
     return open(url, "rb")
 
 
-def iter_tar(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Yield the records of one shard; a read error ends the shard (what was complete before it is kept)."""
+def iter_tar(url: str, counter: SkipCounter, count: bool = True, lazy: bool = False) -> Iterator[dict[str, Any]]:
+    """Yield the records of one shard; a read error ends the shard (what was complete before it is kept).
+
+    Every failure, including the exit status a `pipe:`/curl stream reports when it is closed, is caught here:
+    a shard can cost its samples, never the run. count=False: another slot owns this shard's failures.
+    lazy (local files): non-json members stay TarInfo until `load_members` reads them (skipped records are seeked
+    over, not read)."""
     counter.shards_opened.append(url)
     try:
         stream = _open(url)
-    except OSError as e:
-        counter.skip("unreadable_shard", url, detail=f"{type(e).__name__}: {e}")
+    except (OSError, ValueError) as e:  # missing file; webdataset raises ValueError for pipes it cannot start
+        counter.skip("unreadable_shard", url, detail=f"{type(e).__name__}: {e}", count=count)
         return
+    lazy = lazy and not is_remote(url)
     cur: dict[str, Any] | None = None
-    with stream:
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+    started = closed = False
+    try:
+        with stream:
+            src = stream if lazy else _Tail(stream)
+            with tarfile.open(fileobj=src, mode="r:*" if lazy else "r|*") as tar:
                 for m in tar:
+                    started = True
                     if not m.isfile():
                         continue
                     key, ext = split_member(m.name)
                     if not ext:
                         continue
                     if cur is not None and cur["__key__"] != key:  # before reading: a read error keeps cur
-                        yield cur
-                        cur = None
-                    f = tar.extractfile(m)
-                    data = f.read() if f is not None else b""
+                        out, cur = cur, None
+                        try:
+                            yield out
+                        except GeneratorExit:
+                            closed = True
+                            raise
                     if cur is None:
-                        cur = {"__key__": key, "__shard__": url}
-                    cur[ext] = data
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            # The record being read when the stream broke is incomplete: drop it, keep the complete ones.
-            counter.skip("bad_tar", url, cur["__key__"] if cur else "", f"{type(e).__name__}: {e}")
+                        cur = {"__key__": key, "__shard__": url, **({"__tar__": tar} if lazy else {})}
+                    cur[ext] = m if lazy and ext != "json" else _read(tar, m)
+                if started and not _complete(src, tar, lazy):
+                    # tarfile ends silently when a stream stops at a header boundary: the last record may lack
+                    # members, so it goes, and the shard is counted as damaged.
+                    raise tarfile.ReadError("truncated: the tar has no end-of-archive blocks")
+                if cur is not None:
+                    out, cur = cur, None
+                    try:
+                        yield out
+                    except GeneratorExit:
+                        closed = True
+                        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        if closed:  # the consumer stopped early; closing a pipe then is not a data error
             return
-    if cur is not None:
-        yield cur
+        # The record being read when the stream broke is incomplete: drop it, keep the complete ones. A 404 or a
+        # refused connection surfaces here too (the pipe's exit status), before any member.
+        reason = "unreadable_shard" if not started and _never_opened(e) else "bad_tar"
+        counter.skip(reason, url, cur["__key__"] if cur else "", f"{type(e).__name__}: {e}", count=count)
+
+
+class _Tail:
+    """Pass-through reader that keeps the last block of the stream: a complete tar ends in zero blocks."""
+
+    def __init__(self, f: Any):
+        self.f, self.tail = f, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        if data:
+            self.tail = (self.tail + data)[-tarfile.BLOCKSIZE:] if len(data) < tarfile.BLOCKSIZE else \
+                data[-tarfile.BLOCKSIZE:]
+        return data
+
+
+def _complete(src: Any, tar: tarfile.TarFile, lazy: bool) -> bool:
+    """Whether the archive ended with its end-of-archive zero block (not at a cut)."""
+    if lazy:
+        src.seek(tar.offset)
+        block = src.read(tarfile.BLOCKSIZE)
+    else:
+        while src.read(1 << 16):  # drain the padding after the end marker
+            pass
+        block = src.tail
+    return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
+
+
+def _read(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(m)
+    return f.read() if f is not None else b""
+
+
+def _never_opened(e: Exception) -> bool:
+    """A pipe that failed before any member: curl's HTTP error (22: 404, 403, ...), could not resolve / connect
+    (6, 7), or a command's exit 1 (cat of a missing file)."""
+    text = str(e)
+    return any(f"exit {code} " in text for code in (1, 6, 7, 22))
+
+
+def load_members(r: dict[str, Any]) -> dict[str, Any]:
+    """Read the members a seekable reader left as TarInfo (call while the shard is still being iterated)."""
+    tar = r.pop("__tar__", None)
+    if tar is not None:
+        for k, v in r.items():
+            if isinstance(v, tarfile.TarInfo):
+                r[k] = _read(tar, v)
+    return r
+
+
+def json_of(r: dict[str, Any]) -> tuple[dict[str, Any] | None, str, str]:
+    """(meta, "", "") for a usable record, else (None, reason, detail)."""
+    raw = r.get("json")
+    if raw is None:
+        return None, "missing_json", ""
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError(f"json is a {type(meta).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, "bad_json", f"{type(e).__name__}: {e}"
+    return meta, "", ""
 
 
 def parse_json(records: Iterable[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
     """Decode `{key}.json` (cheap, before batching, so batch boundaries do not depend on image decoding)."""
     for r in records:
-        raw = r.get("json")
-        if raw is None:
-            counter.skip("missing_json", r["__shard__"], r["__key__"])
-            continue
-        try:
-            meta = json.loads(raw)
-            if not isinstance(meta, dict):
-                raise ValueError(f"json is a {type(meta).__name__}, not an object")
-        except (ValueError, UnicodeDecodeError) as e:
-            counter.skip("bad_json", r["__shard__"], r["__key__"], f"{type(e).__name__}: {e}")
+        meta, reason, detail = json_of(r)
+        if meta is None:
+            counter.skip(reason, r["__shard__"], r["__key__"], detail)
             continue
         r["json"] = meta
+        if _loaded(r, counter, True):
+            yield r
+
+
+def _loaded(r: dict[str, Any], counter: SkipCounter, count: bool) -> bool:
+    """load_members, counting a member cut off by a truncated local file as bad_tar."""
+    try:
+        load_members(r)
+        return True
+    except (tarfile.TarError, OSError, EOFError) as e:
+        counter.skip("bad_tar", r["__shard__"], r["__key__"], f"{type(e).__name__}: {e}", count=count)
+        return False
+
+
+def read_piece(piece: Piece, counter: SkipCounter, count: bool = True) -> Iterator[dict[str, Any]]:
+    """The usable records of one piece of a shard: positions [lo, hi) (or every stride-th), in shard order.
+
+    Positions count usable records only (what the sample counts count), so adjacent pieces of one shard never
+    overlap. A bad record belongs to the piece holding the next position (trailing ones to the piece that ends
+    the shard); shard-level failures to the piece that starts it."""
+    n = 0
+    hi = piece.hi
+    to_end = hi is None or (piece.total is not None and hi >= piece.total)
+    for r in iter_tar(piece.url, counter, count=count and piece.owns_head, lazy=True):
+        meta, reason, detail = json_of(r)
+        owned = piece.lo <= n and (hi is None or n < hi or to_end)
+        if meta is None:
+            if piece.stride == 1:
+                counter.skip(reason, piece.url, r["__key__"], detail, count=count and owned)
+            elif n % piece.stride == piece.offset:
+                counter.skip(reason, piece.url, r["__key__"], detail, count=count)
+            continue
+        pos = n
+        n += 1
+        if pos < piece.lo or pos % piece.stride != piece.offset:
+            continue
+        if hi is not None and pos >= hi:
+            if to_end:
+                continue  # read on: trailing bad records are this piece's to count
+            return
+        r["json"] = meta
+        r["__count__"] = count
+        if not _loaded(r, counter, count):
+            return
         yield r

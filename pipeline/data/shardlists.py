@@ -1,9 +1,14 @@
-"""Shard lists: expansion, sample counts, and the per-epoch assignment of shards to (rank, worker) slots.
+"""Shard lists: expansion, sample counts, and the per-epoch assignment of samples to (rank, worker) slots.
 
 Why not webdataset's splitters: `single_node_only` (the default nodesplitter) raises as soon as WORLD_SIZE > 1, and
-`split_by_node`/`split_by_worker` silently give empty workers when there are fewer shards than slots. Here the
-assignment is one pure function of (shards, seed, epoch, rank, world_size, worker, num_workers), so every rank can
-compute every other rank's share (tests check no overlap and no loss), and the fallback for too few shards is explicit.
+`split_by_node`/`split_by_worker` silently give empty workers when there are fewer shards than slots, and neither
+can make an epoch an exact permutation when shards do not divide evenly over the slots. Here, with the sample
+counts known (builder index, img2dataset stats or a tar scan), an epoch is one global sequence: the shards in a
+per-epoch shuffled order, concatenated; slot s takes the contiguous positions [start_s, start_s + quota_s) of it
+(`slot_pieces`), so the slots' shares are disjoint and, together, exactly the epoch. A slot reads whole shards
+except at the two ends of its range. Without counts (remote shards, no index, samples_per_epoch given) the old
+whole-shard round robin is used (`assign_shards`). Both are pure functions of (seed, epoch, rank, worker, ...), so
+every rank can compute every other rank's share (tested).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import os
 import random
 import tarfile
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +40,8 @@ def expand_shards(spec: str | list[str]) -> list[str]:
                     raise FileNotFoundError(f"shard directory {u} holds no *.tar")
                 out.extend(found)
             elif u.endswith("-index.json"):
-                idx = _read_json(u)
-                if idx is None:
-                    raise FileNotFoundError(f"shard index {u} not found or not valid JSON")
-                out.extend(os.path.join(os.path.dirname(u), sh["file"]) for sh in idx["shards"] if sh)
+                idx = read_index(u)
+                out.extend(_join(u, sh["file"]) for sh in idx["shards"] if sh)
             else:
                 out.append(u)
     if not out:
@@ -45,28 +49,65 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return out
 
 
+def index_urls(spec: str | list[str]) -> list[str]:
+    """The builder index files named in a shard spec (they carry the counts of remote shards)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    return [u for s in specs for u in braceexpand.braceexpand(str(s)) if u.endswith("-index.json")]
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def _join(index_url: str, file: str) -> str:
+    return index_url.rsplit("/", 1)[0] + "/" + file if is_remote(index_url) else os.path.join(
+        os.path.dirname(index_url), file)
+
+
 def _read_json(path: str) -> dict | None:
     try:
+        if is_remote(path):
+            from webdataset.gopen import gopen
+
+            with gopen(path, "rb") as f:
+                return json.loads(f.read())
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
 
 
-def shard_counts(urls: list[str]) -> list[int]:
-    """Samples per shard: the builders' `*-index.json` next to it, else img2dataset's `{shard}_stats.json`,
-    else a scan of the tar headers (slow for remote/huge sets: write an index)."""
-    indexes: dict[str, dict[str, int]] = {}  # dir -> {file: samples}, read once per call
-    out = []
+def read_index(url: str) -> dict:
+    """A builder's `*-index.json` (local path or URL)."""
+    idx = _read_json(url)
+    if idx is None or not isinstance(idx.get("shards"), list):
+        raise FileNotFoundError(f"shard index {url} not found or not valid JSON with a 'shards' list")
+    return idx
+
+
+def shard_counts(urls: list[str], index_urls: list[str] = ()) -> list[int | None]:
+    """Samples per shard: a builder's index (given, or `*-index.json` next to a local shard), else img2dataset's
+    `{shard}_stats.json`, else a scan of a local tar; None for a remote shard no index covers."""
+    known: dict[str, int] = {}
+    for iu in index_urls:
+        known.update({_join(iu, s["file"]): int(s["samples"]) for s in read_index(iu)["shards"] if s})
+    local_dirs: dict[str, dict[str, int]] = {}  # dir -> {file: samples}, read once per call
+    out: list[int | None] = []
     for url in urls:
+        if url in known:
+            out.append(known[url])
+            continue
+        if is_remote(url):
+            out.append(None)
+            continue
         d, base = os.path.split(url)
-        if d not in indexes:
-            indexes[d] = {}
+        if d not in local_dirs:
+            local_dirs[d] = {}
             for ipath in sorted(glob.glob(os.path.join(d or ".", "*-index.json"))):
                 idx = _read_json(ipath) or {}
-                indexes[d].update({s["file"]: s["samples"] for s in idx.get("shards", []) if s})
-        if base in indexes[d]:
-            out.append(int(indexes[d][base]))
+                local_dirs[d].update({s["file"]: s["samples"] for s in idx.get("shards", []) if s})
+        if base in local_dirs[d]:
+            out.append(int(local_dirs[d][base]))
             continue
         stats = _read_json(url[: -len(".tar")] + "_stats.json") if url.endswith(".tar") else None
         out.append(int(stats["successes"]) if stats and "successes" in stats else scan_tar_count(url))
@@ -74,16 +115,25 @@ def shard_counts(urls: list[str]) -> list[int]:
 
 
 def scan_tar_count(url: str) -> int:
-    """Distinct keys in a tar (headers only); 0 when unreadable (the reader will count the error)."""
-    keys = set()
+    """Usable samples in a local tar: keys with a member extension and a json object (the records the reader
+    yields); 0 when unreadable (the reader will count the error)."""
+    keys: dict[str, bool] = {}
     try:
-        with tarfile.open(url, "r") as tar:
+        with tarfile.open(url, "r:*") as tar:
             for m in tar:
-                if m.isfile():
-                    keys.add(split_member(m.name)[0])
+                key, ext = split_member(m.name)
+                if not m.isfile() or not ext:
+                    continue
+                keys.setdefault(key, False)
+                if ext == "json":
+                    f = tar.extractfile(m)
+                    try:
+                        keys[key] = isinstance(json.loads(f.read()), dict) if f else False
+                    except ValueError:
+                        keys[key] = False
     except (OSError, tarfile.TarError, EOFError):
         log.warning("cannot scan %s for its sample count; counting it as 0", url)
-    return len(keys)
+    return sum(keys.values())
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -93,6 +143,67 @@ def split_member(name: str) -> tuple[str, str]:
         return name, ""
     k, ext = base.split(".", 1)
     return (os.path.join(d, k) if d else k), ext.lower()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one slot reads of one shard: usable-record positions [lo, hi) (hi None: to the end), or, without
+    counts and with fewer shards than slots, every stride-th record from offset."""
+
+    url: str
+    lo: int = 0
+    hi: int | None = None
+    total: int | None = None
+    """the shard's sample count, when known"""
+    stride: int = 1
+    offset: int = 0
+
+    @property
+    def owns_head(self) -> bool:
+        """Shard-level failures (unreadable, not a tar) are counted by the piece that starts the shard."""
+        return self.lo == 0 and self.offset == 0
+
+
+def epoch_order(urls: list[str], seed: int, epoch: int, shuffle: bool, salt: int = 0) -> list[int]:
+    """Shard indices in this epoch's order; identical on every rank (same seed/epoch)."""
+    order = list(range(len(urls)))
+    if shuffle:
+        random.Random(f"{seed}/{epoch}/{salt}").shuffle(order)
+    return order
+
+
+def range_pieces(urls: list[str], counts: list[int], start: int, end: int, epoch_end: int | None = None,
+                 ) -> list[Piece]:
+    """Positions [start, end) of the concatenation of the shards (in the given order), wrapping past the end.
+
+    A shard counted empty (unscannable, or every record bad) holds no position; it still goes, as an empty
+    piece, to the slot whose range holds its start (clamped to epoch_end - 1), so its damage is counted once."""
+    cum = [0]
+    for c in counts:
+        cum.append(cum[-1] + c)
+    n = cum[-1]
+    last = (epoch_end if epoch_end is not None else n) - 1
+    out: list[Piece] = []
+    pos = start
+    while pos < end and n > 0:
+        p = pos % n
+        i = bisect_right(cum, p) - 1  # the last shard starting at or before p (never an empty one)
+        lo = p - cum[i]
+        take = min(counts[i] - lo, end - pos)
+        out.append(Piece(urls[i], lo, lo + take, counts[i]))
+        pos += take
+    empty = [Piece(u, 0, 0, 0) for u, c, at in zip(urls, counts, cum) if c == 0 and start <= min(at, last) < end]
+    return empty + out
+
+
+def slot_pieces(urls: list[str], counts: list[int], order: list[int], start: int, end: int, span: int,
+                epoch_end: int | None = None) -> list[Piece]:
+    """This slot's pieces of one source. [start, end) is the slot's share of the epoch's `span` positions; a
+    source of N samples maps it onto [start*N/span, end*N/span) (span == N: the positions themselves).
+    epoch_end: where the epoch's positions end in this source (default N)."""
+    n = sum(counts)
+    lo, hi = (start, end) if span == n else (start * n // span, end * n // span)
+    return range_pieces([urls[i] for i in order], [counts[i] for i in order], lo, hi, epoch_end)
 
 
 @dataclass(frozen=True)
@@ -137,7 +248,7 @@ def resampled_shards(urls: list[str], seed: int, epoch: int, rank: int, worker: 
 
 def check_exists(urls: list[str], name: str) -> None:
     """Local shards that do not exist are a configuration error, caught before training starts."""
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    missing = [u for u in urls if not is_remote(u) and not Path(u).exists()]
     if missing and len(missing) == len(urls):
         raise FileNotFoundError(f"source {name}: none of its {len(urls)} shard(s) exist, e.g. {missing[0]}")
     if missing:
