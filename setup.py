@@ -28,6 +28,7 @@ setup(
     package_dir={"pill_kernels": "kernels"},
     package_data={"pipeline": ["configs/*.yaml", "ds_configs/*.json"]},
     install_requires=[f"{name}>={lo},<{hi}" for name, (lo, hi) in TESTED.items()] + [
+        "accelerate>=1.15",  # transformers' ZeRO-3 integration and device_map loading need it
         "tokenizers>=0.23",
         "safetensors>=0.8",
         "triton>=3.6",

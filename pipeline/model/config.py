@@ -44,11 +44,6 @@ class PILLConfig:
     """eager = PILL's reference formulation (every expert on every token, then select);
     triton = pill_kernels.routed_swiglu_adapter (each token computes only its own expert), swiglu only;
     auto = triton on CUDA for swiglu when it passes its self-check, else eager."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer in the backward instead of keeping its activations (applied from outside the
-    model by pipeline.training.checkpointing; the model code does not change)."""
-    checkpoint_every_n_layers: int = 1
-    """With activation_checkpointing: checkpoint layers 0, n, 2n, ... (1 = every layer)."""
     projection_init_std: float = 0.02
     adapter_init_std: float = 0.02
     """Std of D2 (the linear branch); D1 keeps PyTorch's Linear init and U starts at zero."""
@@ -67,8 +62,6 @@ class PILLConfig:
             raise ValueError(f"PILLConfig.attn_backend must be auto|eager|sdpa|triton, got {self.attn_backend!r}")
         if self.adapter_backend not in ("auto", "eager", "triton"):
             raise ValueError(f"PILLConfig.adapter_backend must be auto|eager|triton, got {self.adapter_backend!r}")
-        if self.checkpoint_every_n_layers < 1:
-            raise ValueError(f"PILLConfig.checkpoint_every_n_layers must be >= 1, got {self.checkpoint_every_n_layers}")
         if self.adapter_backend == "triton" and self.adapter_act != "swiglu":
             raise ValueError("PILLConfig.adapter_backend='triton' fuses the SwiGLU adapter only; "
                              f"adapter_act={self.adapter_act!r} needs adapter_backend='eager'")
