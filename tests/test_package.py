@@ -119,3 +119,13 @@ def test_wheel_install_runs_the_default(tmp_path):
         """, work, target)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert (work / "run" / "stage2" / "export" / "adapter_model.safetensors").is_file()
+
+
+def test_console_scripts_are_installed():
+    eps = {e.name: e.value for e in importlib.metadata.distribution("pill-train").entry_points
+           if e.group == "console_scripts"}
+    assert eps == {"pill-train": "pipeline.train:main", "pill-eval": "pipeline.eval.cli:main",
+                   "pill-generate": "pipeline.generate:main", "pill-params": "pipeline.params:main"}
+    from pipeline.eval.cli import main
+
+    assert main([]) == 2

@@ -20,6 +20,8 @@ import pytest
 import torch
 import yaml
 
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed runs: `pytest -m "not slow"` skips them
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
