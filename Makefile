@@ -38,3 +38,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The five-minute GPU check (docs/benchmarks.md): on a GPU host with torch/triton/transformers and the carried .whl/
+# wheels; no venv needed. GPU_CHECK_ARGS="--dry-run" runs it on CPU at tiny shapes, "--out DIR" moves the report.
+.PHONY: gpu-check
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
