@@ -1,7 +1,7 @@
 """PILL plugged into a frozen transformers Llama-family causal LM.
 
 The frozen LLM keeps its weights, rotary embedding, norms, FFN and tokenizer; PILL owns the decoder-layer
-forward (pipeline.model.block) so that its adapters and gate sit exactly where PILL_SPEC.md puts them. Visual
+forward (pipeline.model.block) so that its adapters and gate sit exactly where docs/model.md puts them. Visual
 tokens: each image's K Q-former features, projected by P, overwrite the K placeholder positions that
 `modality_mask` marks, image after image in row-major (batch, then time) order.
 

@@ -59,7 +59,7 @@ class PrepareStep:
 @dataclass
 class StageConfig:
     stage: int = 2
-    """1 = modality alignment (captions), 2 = instruction fine-tuning (PILL_SPEC.md "Two-stage training")."""
+    """1 = modality alignment (captions), 2 = instruction fine-tuning (docs/model.md "Two-stage training")."""
     task: str = "auto"
     """Prompt template of pipeline.data: caption (stage 1), scienceqa, chat (LLaVA conversations), auto (from
     each sample's json fields)."""
