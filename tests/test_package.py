@@ -115,7 +115,9 @@ def test_wheel_install_runs_the_default(tmp_path):
         import sys
         from pipeline.train import main
         sys.exit(main(["--set", "stages.*.max_steps=2", "--set", "eval.enabled=false", "--set", "log.tensorboard=false",
-                       "--set", "demo.n_train=40", "--set", "demo.n_val=8", "--output-dir", "run"]))
+                       "--set", "prepare.0.args=[--out, .cache/demo_shards, --n-train, '48', --n-val, '8', "
+                       "--max-samples, '24', --qtypes, color, --fixed-options, --no-progress]",
+                       "--output-dir", "run"]))
         """, work, target)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert (work / "run" / "stage2" / "export" / "adapter_model.safetensors").is_file()
