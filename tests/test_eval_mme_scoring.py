@@ -15,8 +15,8 @@ def _image(path: Path) -> None:
 
 
 def make_mme(root: Path) -> Path:
-    """existence: flat layout (img + txt side by side); artwork: images/ + questions_answer_YN/;
-    code_reasoning: flat, png. Two questions per image, one Yes and one No, as MME does."""
+    """existence: flat layout (img + txt side by side); artwork: images/ + questions_answers_YN/ (the release's
+    spelling); code_reasoning: flat, png. Two questions per image, one Yes and one No, as MME does."""
     for name in ("a1", "a2"):
         _image(root / "existence" / f"{name}.jpg")
         (root / "existence" / f"{name}.txt").write_text(
@@ -24,8 +24,8 @@ def make_mme(root: Path) -> Path:
         )
     for name in ("b1", "b2", "b3"):
         _image(root / "artwork" / "images" / f"{name}.jpg")
-        (root / "artwork" / "questions_answer_YN").mkdir(parents=True, exist_ok=True)
-        (root / "artwork" / "questions_answer_YN" / f"{name}.txt").write_text(
+        (root / "artwork" / "questions_answers_YN").mkdir(parents=True, exist_ok=True)
+        (root / "artwork" / "questions_answers_YN" / f"{name}.txt").write_text(
             f"Is {name} by Monet?\tNo\nIs {name} by Manet?\tYes\n"
         )
     _image(root / "code_reasoning" / "c1.png")
@@ -94,3 +94,19 @@ def test_scores_with_fixed_predictions(tmp_path):
     table = markdown_table(s)
     assert "| existence | 75.00 | 50.00 | 125.00 | 4 | 1 |" in table
     assert "**208.33**" in table
+
+
+def test_scores_parse_exactly_the_results_file_text(tmp_path):
+    """An answer after whitespace or a newline: scores.json and eval_tool on results/*.txt agree."""
+    from pipeline.eval.mme import write_and_score
+    from pipeline.eval.parsing import parse_yes_no
+
+    qs = load_mme(make_mme(tmp_path / "MME"), ["existence"])
+    texts = ["   Yes", "\nNo, there is none", "\t yes", " \n\n no"]
+    scores = write_and_score(tmp_path / "out", qs, texts)
+    lines = (tmp_path / "out" / "results" / "existence.txt").read_text().splitlines()
+    preds = [line.split("\t")[3] for line in lines]
+    official = [parse_yes_no(p) for p in preds]  # calculation.py's rule on the file's 4th field
+    assert official == ["yes", "no", "yes", "no"]
+    assert scores["subtasks"]["existence"] == score_mme(zip(qs, preds))["subtasks"]["existence"]
+    assert scores["subtasks"]["existence"]["n_other"] == 0

@@ -55,16 +55,29 @@ def answer_questions(model, questions: list[MMEQuestion], cfg: GenerationConfig,
     return texts
 
 
+def eval_tool_text(text: str) -> str:
+    """The prediction as results/*.txt holds it: one line, no tabs, no leading/trailing whitespace (newlines and
+    tabs would break eval_tool's TSV). Both scorings parse this text, so they agree."""
+    return " ".join(text.replace("\t", " ").split())
+
+
 def write_results(out: Path, questions: list[MMEQuestion], texts: list[str]) -> None:
-    """eval_tool's per-subtask files; newlines/tabs in a generation would break its TSV, so they become spaces."""
+    """eval_tool's per-subtask files (`image<TAB>question<TAB>gt<TAB>prediction`)."""
     res = out / "results"
     res.mkdir(parents=True, exist_ok=True)
     lines: dict[str, list[str]] = {}
     for q, text in zip(questions, texts):
-        pred = " ".join(text.replace("\t", " ").split())
+        pred = eval_tool_text(text)
         lines.setdefault(q.subtask, []).append(f"{q.image_name}\t{q.question}\t{q.answer.capitalize()}\t{pred}")
     for task, rows in lines.items():
         (res / f"{task}.txt").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def write_and_score(out: Path, questions: list[MMEQuestion], texts: list[str]) -> dict:
+    """results/*.txt, then the scores of exactly the predictions written there."""
+    preds = [eval_tool_text(t) for t in texts]
+    write_results(Path(out), questions, preds)
+    return score_mme(zip(questions, preds))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = answer_questions(model, questions, GenerationConfig(max_new_tokens=args.max_new_tokens),
                              args.batch_size, progress=True)
     out = Path(args.out_dir)
-    write_results(out, questions, texts)
-    scores = score_mme(zip(questions, texts))
+    scores = write_and_score(out, questions, texts)
     (out / "scores.json").write_text(json.dumps(scores, indent=2))
     table = markdown_table(scores)
     (out / "table.md").write_text(table)

@@ -3,8 +3,8 @@
 One folder per subtask. Two layouts occur in the release:
 - flat: ``<subtask>/<name>.jpg|png`` next to ``<subtask>/<name>.txt`` (existence, count, position, color, OCR,
   the cognition subtasks);
-- split: ``<subtask>/images/<name>.jpg`` and ``<subtask>/questions_answer_YN/<name>.txt`` (artwork, celebrity,
-  landmark, posters, scene).
+- split: ``<subtask>/images/<name>.jpg`` and ``<subtask>/questions_answers_YN/<name>.txt`` (artwork, celebrity,
+  landmark, posters, scene; the folder name is the release's, plural 'answers').
 Each txt line is ``question<TAB>Yes|No`` (two questions per image). Lines of the form
 ``image_name<TAB>question<TAB>Yes|No`` (eval_tool's ground-truth format) are accepted too; then the image is
 looked up by that name in the subtask's image folder.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+QA_DIR = "questions_answers_YN"  # the split layout's question folder, as MME_Benchmark_release_version names it
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 
 
@@ -64,15 +65,15 @@ def _read_txt(txt: Path, image_dir: Path, subtask: str) -> list[MMEQuestion]:
 def load_subtask(folder: Path) -> list[MMEQuestion]:
     """All questions of one subtask folder, in a stable order (sorted file names)."""
     folder = Path(folder)
-    qa_dir, img_dir = folder / "questions_answer_YN", folder / "images"
+    qa_dir, img_dir = folder / QA_DIR, folder / "images"
     if qa_dir.is_dir():
         if not img_dir.is_dir():
-            raise FileNotFoundError(f"{folder}: has questions_answer_YN/ but no images/ folder")
+            raise FileNotFoundError(f"{folder}: has {QA_DIR}/ but no images/ folder")
         txts, image_dir = sorted(qa_dir.glob("*.txt")), img_dir
     else:
         txts, image_dir = sorted(folder.glob("*.txt")), folder
     if not txts:
-        raise FileNotFoundError(f"{folder}: no question files (*.txt, or questions_answer_YN/*.txt)")
+        raise FileNotFoundError(f"{folder}: no question files (*.txt, or {QA_DIR}/*.txt)")
     questions = []
     for txt in txts:
         questions.extend(_read_txt(txt, image_dir, folder.name))
