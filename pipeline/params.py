@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-momae", action="store_true")
     ap.add_argument("--no-mag", action="store_true")
     ap.add_argument("--no-attn-adapter", action="store_true")
+    ap.add_argument("--method", default="pill", help="pill | llama_adapter | lavin | excitor | iaa (the peers: "
+                    "pipeline.model.peers; the PILL flags above do not apply to them)")
+    ap.add_argument("--method-config", default="{}", help="JSON overrides of the peer's config, e.g. "
+                    "'{\"multimodal\": false}' or '{\"insert_after\": [0, 10, 20, 31]}'")
     from pipeline.memory import add_memory_args, print_memory
 
     add_memory_args(ap)
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         llm_config = LlamaConfig(**PRESETS[args.llm_preset])
         source = args.llm_preset
+    if args.method != "pill":
+        return _peer_main(args, llm_config, source)
     cfg = PILLConfig(stage=args.stage, rank=args.rank, vpg_width=args.vpg_width, adapter_act=args.adapter_act,
                      momae=not args.no_momae, mag=not args.no_mag, attn_adapter=not args.no_attn_adapter)
     model = meta_pill(llm_config, cfg)
@@ -101,6 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trainable share of the LLM: {100 * n_trainable / n_frozen:.3f}%")
     print(f"trainable={n_trainable}")
     return 0
+
+
+def _peer_main(args, llm_config, source: str) -> int:
+    import json
+
+    from pipeline.model.methods import get_method
+    from pipeline.model.peers.counts import meta_peer, print_peer_memory, print_peer_report
+
+    spec = get_method(args.method)
+    overrides = json.loads(args.method_config)
+    overrides.setdefault("stage", args.stage if args.stage in spec.stages else spec.stages[-1])
+    model = meta_peer(args.method, llm_config, overrides)
+    if args.memory:
+        return print_peer_memory(args, args.method, model, source)
+    return print_peer_report(args.method, model, source)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,7 @@ def _register_builtin() -> None:
         return load_pill(llm_path, vision_path, cfg, **kw)
 
     register(MethodSpec("pill", PILLConfig, pill_loader, front_end="blip2"))
+
+    from pipeline.model.peers import register_peers
+
+    register_peers()

@@ -1,0 +1,202 @@
+"""What the four peer methods share: config plumbing, the sequence context, the frozen layer's pieces, the cache.
+
+Each peer owns its decoder-layer forward (one file each); the pieces here are the frozen Llama layer's own
+computations written once, calling its submodules (`q_proj(x)`, never `F.linear(x, q_proj.weight)`) so DeepSpeed
+ZeRO-3 hooks fire, with attention through pipeline.model.attention's backends (eager / sdpa / triton).
+
+Placeholder positions. The batch marks K placeholder positions per image (`modality_mask`). Methods whose image
+does not enter the sequence (LLaMA-Adapter, Excitor) pass `hide=modality_mask` to `SeqContext.build`: those
+positions are masked out as keys (no query ever attends to them) and do not advance the RoPE positions, so every
+text token computes exactly what it would in the same prompt without them; the placeholders only tell which row
+an image belongs to. Their own outputs are never read (their labels are -100).
+
+Legend: B batch, T new tokens, S cached + new tokens, D model width, H query heads, Hkv key/value heads, Dh head
+width, N images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask
+from pipeline.model.backends import resolve_backends
+from pipeline.model.pill import causal_lm_loss
+
+ATTN_BACKENDS = ("auto", "eager", "sdpa", "triton")
+
+
+class PeerConfigMixin:
+    """to_dict / from_dict / validation helpers for a peer's config dataclass (unknown keys are an error)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def _check(self, ok: bool, field_name: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{field_name}={getattr(self, field_name)!r}: {why}")
+
+    def _check_common(self, stages: tuple[int, ...], backends: tuple[str, ...] = ATTN_BACKENDS) -> None:
+        self._check(self.stage in stages, "stage", f"this method has stage(s) {stages}")
+        self._check(self.attn_backend in backends, "attn_backend", f"must be one of {backends}")
+        nq = getattr(self, "num_query_tokens", None)
+        self._check(nq is None or nq >= 1, "num_query_tokens", "must be >= 1 (or null: from the front end)")
+
+
+def resolve_attn_backend(name: str, device: torch.device) -> str:
+    """`auto` -> triton on CUDA when the kernel passes its self-check, else sdpa (pipeline.model.backends)."""
+    return resolve_backends(SimpleNamespace(attn_backend=name, adapter_backend="eager", adapter_act="none"),
+                            device)[0]
+
+
+# ---- sequence context ------------------------------------------------------------------------------------------------
+@dataclass
+class PeerCache:
+    """The KV cache of a peer: per-layer tensors (method-specific tuples) and which cached keys are real."""
+
+    layers: list[Any]
+    key_mask: torch.Tensor  # (B, S) bool: real, visible keys (pads and hidden placeholders False)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Per-method state fixed at the prompt (LaVIN's routing weights, IAA's row split)."""
+
+
+@dataclass
+class SeqContext:
+    mask: AttnMask
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    key_mask: torch.Tensor  # (B, S) bool
+
+    @classmethod
+    def build(cls, llm: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None,
+              position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
+              cache: PeerCache | None, use_cache: bool, hide: torch.Tensor | None = None) -> SeqContext:
+        """Masks and RoPE for x (B, T, D). `hide` (B, T) bool: positions no query may attend to (see above)."""
+        B, T = x.shape[:2]
+        real = (attention_mask[:, -T:].bool() if attention_mask is not None
+                else torch.ones(B, T, dtype=torch.bool, device=x.device))
+        hidden = hide is not None and bool(hide.any())
+        visible = real & ~hide.bool() if hidden else real
+        key_mask = torch.cat([cache.key_mask, visible], dim=1) if cache is not None else visible
+        cached = cache is not None or use_cache
+        padded = cached and attention_mask is not None
+        if position_ids is None:
+            if hidden or padded or (cache is not None and not bool(cache.key_mask.all())):
+                position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                past = cache.key_mask.shape[1] if cache is not None else 0
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+        mask = AttnMask(causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        if cu_seqlens is not None:
+            mask.doc_ids = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(T, device=x.device),
+                                              right=True)[None].expand(B, T)
+        # Right-padded batches without a cache need no padding mask (a real token never sees a later pad).
+        if hidden or padded or (cache is not None and not bool(cache.key_mask.all())):
+            mask.key_padding = key_mask
+        return cls(mask, llm.model.rotary_emb(x, position_ids), key_mask)
+
+
+# ---- the frozen layer's pieces ---------------------------------------------------------------------------------------
+def project_qkv(attn: nn.Module, a: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
+    """q (B, T, H, Dh), k, v (B, T, Hkv, Dh) from the layer input a (B, T, D), RoPE applied to q and k."""
+    B, T, _ = a.shape
+    Dh = attn.head_dim
+    q = attn.q_proj(a).view(B, T, -1, Dh)
+    k = attn.k_proj(a).view(B, T, -1, Dh)
+    v = attn.v_proj(a).view(B, T, -1, Dh)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    return q, k, v
+
+
+def extend(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if past is None else torch.cat([past, new], dim=1)
+
+
+def frozen_layer(base: nn.Module, x: torch.Tensor, ctx: SeqContext, backend: str,
+                 cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
+    """One unmodified Llama decoder layer (or a trainable copy of one) through our attention backends."""
+    attn = base.self_attn
+    B, T, _ = x.shape
+    q, k, v = project_qkv(attn, base.input_layernorm(x), ctx.position_embeddings)
+    k, v = extend(cache and cache[0], k), extend(cache and cache[1], v)
+    o = ATTENTION_BACKENDS[backend](q, k, v, None, ctx.mask, attn.scaling)
+    h = x + attn.o_proj(o.reshape(B, T, -1))
+    return h + base.mlp(base.post_attention_layernorm(h)), (k, v)
+
+
+def expand_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, S, Hkv, Dh) -> (B, S, H, Dh) for grouped-query attention."""
+    rep = n_heads // t.shape[2]
+    return t if rep == 1 else t.repeat_interleave(rep, dim=2)
+
+
+# ---- images ---------------------------------------------------------------------------------------------------------
+def image_rows(modality_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) the batch row of each image, images in row-major order (as the data pipeline lays them out)."""
+    counts = modality_mask.sum(1)
+    torch._assert_async((counts % k == 0).all(), "modality_mask must mark K positions per image")
+    return torch.repeat_interleave(torch.arange(modality_mask.shape[0], device=modality_mask.device), counts // k)
+
+
+def has_image(modality_mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if modality_mask is None else modality_mask.bool().any(1)
+
+
+def scatter_visual_tokens(x: torch.Tensor, modality_mask: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D) with the visual tokens vis (N, K, D) written at the marked positions, image after image."""
+    vis = vis.to(x.dtype).reshape(-1, x.shape[-1])
+    torch._assert_async(modality_mask.sum() == vis.shape[0], "modality_mask must mark exactly N_images * K tokens")
+    return x.masked_scatter(modality_mask.unsqueeze(-1), vis)
+
+
+# ---- output ---------------------------------------------------------------------------------------------------------
+def lm_output(h: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor | None, return_logits: bool,
+              num_items_in_batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(logits or None, loss or None, n_loss_tokens or None) from the final-normed hidden states h (B, T, D)."""
+    logits = lm_head(h) if return_logits or labels is None else None
+    if labels is None:
+        return logits, None, None
+    loss, n = causal_lm_loss(logits, labels, hidden=h, lm_head=lm_head, num_items_in_batch=num_items_in_batch)
+    return logits, loss, n
+
+
+def freeze_llm(llm: nn.Module) -> None:
+    llm.requires_grad_(False)
+
+
+def load_peer(cls: type, llm_path: Any, vision_path: Any, cfg: Any, *, dtype: torch.dtype | None = None,
+              adapter_path: Any = None, device: Any = None) -> nn.Module:
+    """The registry's loader for a peer: frozen LLM + frozen CLIP (None: precomputed features) + the method."""
+    from pipeline.model.clip import CLIPFrontEnd
+    from pipeline.model.load import default_dtype, load_llm
+
+    llm, tokenizer = load_llm(llm_path, dtype, device)
+    clip = CLIPFrontEnd.from_pretrained(vision_path, dtype or default_dtype()) if vision_path is not None else None
+    model = cls(llm, cfg, clip, tokenizer)
+    if device is not None:
+        for name, child in model.named_children():
+            if name != "llm":
+                child.to(device)
+        for name, p in model.named_parameters(recurse=False):
+            p.data = p.data.to(device)
+    if adapter_path is not None:
+        model.load_adapter(adapter_path)
+    return model

@@ -1,0 +1,206 @@
+"""IAA: the Inner-Adaptor Architecture, a frozen LLM with full trainable decoder layers on a separate image path.
+
+Paper: Wang et al., "IAA: Inner-Adaptor Architecture Empowers Frozen Large Language Model with Multimodal
+Capabilities", arXiv 2408.12902 (seed 003_*); PEERS_SPEC.md's card (code read) wins where the paper is vague.
+
+    image path (rows with an image):
+        x   = MM-EL(ids) with the projected CLIP patch features spliced at the <image> positions
+        for each frozen layer F_i:  x = F_i(x);  if i in S: x = A_j(x)      (serial, no gate)
+        out = MM-LH(MM-norm(x))
+    text path (rows without an image): the untouched frozen LLM, so its NLP behaviour is preserved exactly
+    S (IAA-14) = {0, 1, 5, 6, 10, 11, 15, 16, 20, 21, 25, 26, 30, 31} of 32 layers
+
+Design choices (reconstructions are marked R):
+- A_j: a transformers decoder layer of the LLM's own class, initialised as a copy of the frozen layer it follows
+  (R: "likely", unverified). MM-EL, the MM final norm and MM-LH start as copies of the frozen embedding, norm and
+  LM head. Copies are made from gathered weights when the LLM is ZeRO-3 partitioned.
+- R: on another depth, S is the same pattern: layers i with i % 5 in {0, 1}, plus the last two. `insert_after`
+  sets S explicitly (IAA-8's set is not published).
+- The projector is LLaVA's mlp2x_gelu: Linear(W, D) - GELU - Linear(D, D); the visual tokens are CLIP's patch
+  states (CLS dropped) after the penultimate block, K = number of patches (256 for ViT-L/14 at 224 px): the
+  batch's K placeholder positions per image are the visual tokens.
+- Two stages (as the paper): stage 1 trains the projector alone (the adaptors keep their copied weights);
+  stage 2 trains the projector, the adaptors, MM-EL and MM-LH (+ its norm).
+- Each row takes one path, decided by whether its prompt has an image (kept in the KV cache for decoding). A
+  batch is split by rows, each half runs its own stack; the loss is the sum over both halves over the batch's
+  answer tokens. Packed batches (data.pack) would mix paths in one row and are rejected.
+- Count: IAA-14 at Llama-3-8B is 4,125,224,960 trainable (14 x 218.1M layers + 2 x 525.3M embedding/head +
+  21.0M projector; the card's "about 4.1B"). That much needs ZeRO-3 or ZeRO-2 with optimizer offload
+  (`python -m pipeline.params --memory`); the preset uses ZeRO-3.
+
+Legend: B batch, T tokens, D width, N images, K visual tokens per image, W CLIP width, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.model.base import FrozenLLMMethod, MethodOutput
+from pipeline.model.peers.common import (PeerCache, PeerConfigMixin, SeqContext, frozen_layer, has_image,
+                                         resolve_attn_backend, scatter_visual_tokens)
+from pipeline.model.pill import causal_lm_loss, check_llm
+
+VIT_L_WIDTH, VIT_L_PATCHES = 1024, 256
+_STAGE_MODULES = {1: ("projection.",), 2: ("projection.", "adaptors.", "mm_embed.", "mm_norm.", "mm_head.")}
+
+
+def iaa_layers(n_layers: int) -> list[int]:
+    """IAA-14's insertion pattern on an n-layer LLM (exactly IAA-14's set for 32 layers)."""
+    return sorted({i for i in range(n_layers) if i % 5 in (0, 1)} | {max(n_layers - 2, 0), n_layers - 1})
+
+
+@dataclass
+class IAAConfig(PeerConfigMixin):
+    stage: int = 2
+    """1 = projector pre-training; 2 = projector + inner adaptors + MM-EL + MM-LH."""
+    insert_after: list[int] | None = None
+    """0-based frozen layers followed by an inner adaptor; None = IAA-14's pattern (iaa_layers)."""
+    vision_layer: int = -2
+    vision_width: int | None = None
+    num_query_tokens: int | None = None
+    """Visual tokens per image = CLIP patches (from the front end; 256 without one)."""
+    attn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self._check_common((1, 2))
+
+    def take_vision_shape(self, clip) -> None:
+        if self.vision_width is None:
+            self.vision_width = clip.width if clip is not None else VIT_L_WIDTH
+        if self.num_query_tokens is None:
+            self.num_query_tokens = clip.num_patches if clip is not None else VIT_L_PATCHES
+        if clip is not None:
+            self._check(self.num_query_tokens == clip.num_patches, "num_query_tokens",
+                        f"must equal the CLIP front end's {clip.num_patches} patches (one visual token each)")
+
+
+class IAA(FrozenLLMMethod):
+    method = "iaa"
+
+    def __init__(self, llm: nn.Module, cfg: IAAConfig, vpg=None, tokenizer=None):
+        check_llm(llm.config, source="IAA(llm=...)")
+        cfg.take_vision_shape(vpg)
+        super().__init__(llm, cfg, tokenizer)
+        self.vpg = vpg
+        c = llm.config
+        n = c.num_hidden_layers
+        self.insert_after = sorted(cfg.insert_after) if cfg.insert_after is not None else iaa_layers(n)
+        if any(not 0 <= i < n for i in self.insert_after) or len(set(self.insert_after)) != len(self.insert_after):
+            raise ValueError(f"IAAConfig.insert_after={cfg.insert_after}: distinct layer indices in 0..{n - 1}")
+        layers = llm.model.layers
+        self.adaptors = nn.ModuleList(_copy(layers[i], lambda b=layers[i]: type(b)(c, b.self_attn.layer_idx))
+                                      for i in self.insert_after)
+        emb = llm.get_input_embeddings()
+        self.mm_embed = _copy(emb, lambda: nn.Embedding(emb.num_embeddings, emb.embedding_dim))
+        self.mm_norm = _copy(llm.model.norm, lambda: type(llm.model.norm)(c.hidden_size, eps=c.rms_norm_eps))
+        self.mm_head = _copy(llm.lm_head, lambda: nn.Linear(c.hidden_size, c.vocab_size, bias=False))
+        self.projection = nn.Sequential(nn.Linear(cfg.vision_width, c.hidden_size), nn.GELU(),
+                                        nn.Linear(c.hidden_size, c.hidden_size))
+        self._adaptor_of = {layer: j for j, layer in enumerate(self.insert_after)}
+        self.backend: str | None = None
+        self.llm.requires_grad_(False)
+        self.set_stage(cfg.stage)
+
+    def is_trainable(self, name: str, stage: int) -> bool:
+        return name.startswith(_STAGE_MODULES[stage])
+
+    def set_stage(self, stage: int) -> None:
+        if stage not in (1, 2):
+            raise ValueError(f"IAA: stage must be 1 or 2, got {stage!r}")
+        super().set_stage(stage)
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def visual_tokens(self, pixel_values, image_features) -> torch.Tensor | None:
+        feats = image_features
+        if feats is None and pixel_values is not None and pixel_values.numel():
+            if self.vpg is None:
+                raise ValueError("batch has pixel_values but IAA was built without a CLIP front end: give "
+                                 "model.vpg_path (a CLIP dir or 'tiny') or train on precomputed patch features")
+            feats = self.vpg.patch_features(pixel_values, self.cfg.vision_layer)  # (N, K, W)
+        if feats is None or feats.numel() == 0:
+            return None
+        return self.projection(feats.to(self.projection[0].weight.dtype))  # (N, K, D)
+
+    def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,
+                image_features=None, position_ids=None, cu_seqlens=None, max_seqlen=None, past_key_values=None,
+                use_cache=False, num_items_in_batch=None, return_logits=True, **unused) -> MethodOutput:
+        if cu_seqlens is not None:
+            raise ValueError("IAA sends each row down one path (image or text): packed batches are not supported")
+        if self.backend is None:
+            self.backend = resolve_attn_backend(self.cfg.attn_backend, input_ids.device)
+        B, T = input_ids.shape
+        mm = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)).bool()
+        cache: PeerCache | None = past_key_values
+        mm_rows = cache.extra["mm_rows"] if cache is not None else has_image(mm)
+        if num_items_in_batch is None and labels is not None:
+            num_items_in_batch = (labels[:, 1:] != -100).sum().clamp(min=1)
+        vis = self.visual_tokens(pixel_values, image_features) if cache is None else None
+        logits = loss = n_tok = None
+        paths = {}
+        for path, rows in (("text", ~mm_rows), ("mm", mm_rows)):
+            idx = rows.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            sub = lambda t: None if t is None else t[idx]  # noqa: E731
+            sub_cache = cache.extra["paths"][path] if cache is not None else None
+            lg, ls, n, paths[path] = self._run(path, input_ids[idx], sub(attention_mask), mm[idx], sub(labels),
+                                               vis, sub(position_ids), sub_cache, use_cache, return_logits,
+                                               num_items_in_batch)
+            if lg is not None:
+                logits = lg.new_zeros(B, T, lg.shape[-1]) if logits is None else logits
+                logits[idx] = lg
+            if ls is not None:
+                loss, n_tok = (ls, n) if loss is None else (loss + ls, n_tok + n)
+        kv = PeerCache([], torch.ones(B, 0, dtype=torch.bool), {"mm_rows": mm_rows, "paths": paths})
+        return MethodOutput(loss=loss, logits=logits, n_loss_tokens=n_tok, kv_cache=kv if use_cache else None)
+
+    def _run(self, path, ids, attention_mask, mm, labels, vis, position_ids, cache, use_cache, return_logits,
+             num_items):
+        """One path's stack on its rows: (logits, loss, n_loss_tokens, cache)."""
+        image = path == "mm"
+        frozen_dtype = self.llm.get_input_embeddings().weight.dtype  # the frozen layers' dtype
+        x = (self.mm_embed if image else self.llm.get_input_embeddings())(ids).to(frozen_dtype)
+        if image and vis is not None:
+            x = scatter_visual_tokens(x, mm, vis)
+        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, None, None, cache, use_cache)
+        new_layers = []
+        for i, base in enumerate(self.llm.model.layers):
+            past = cache.layers[len(new_layers)] if cache is not None else None
+            x, kv = frozen_layer(base, x, ctx, self.backend, past)
+            new_layers.append(kv)
+            if image and i in self._adaptor_of:
+                past = cache.layers[len(new_layers)] if cache is not None else None
+                adaptor = self.adaptors[self._adaptor_of[i]]
+                y, kv = frozen_layer(adaptor, x.to(adaptor.input_layernorm.weight.dtype), ctx, self.backend, past)
+                x = y.to(x.dtype)
+                new_layers.append(kv)
+        norm, head = (self.mm_norm, self.mm_head) if image else (self.llm.model.norm, self.llm.lm_head)
+        h = norm(x.to(norm.weight.dtype))
+        logits = head(h) if return_logits or labels is None else None
+        loss = n = None
+        if labels is not None:
+            loss, n = causal_lm_loss(logits, labels, hidden=h, lm_head=head, num_items_in_batch=num_items)
+        return logits, loss, n, PeerCache(new_layers, ctx.key_mask) if use_cache else None
+
+
+def _copy(src: nn.Module, make) -> nn.Module:
+    """A fresh trainable module (from `make()`) holding src's weights, gathered first if ZeRO-3 partitioned them."""
+    dst = make()
+    params = list(src.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            dst.load_state_dict(src.state_dict())
+    else:
+        dst.load_state_dict(src.state_dict())
+    return dst.float()
+
+
+def load_iaa(llm_path, vision_path, cfg, **kw) -> IAA:
+    from pipeline.model.peers.common import load_peer
+
+    return load_peer(IAA, llm_path, vision_path, cfg, **kw)

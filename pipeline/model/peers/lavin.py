@@ -1,0 +1,220 @@
+"""LaVIN: Mixture-of-Modality Adaptation (MMA) of a frozen LLaMA and a frozen CLIP ViT-L/14.
+
+Paper: Luo et al., "Cheap and Quick: Efficient Vision-Language Instruction Tuning for Large Language Models",
+NeurIPS 2023 (arXiv 2305.15023), known here through PILL's tables and PEERS_SPEC.md's card (code read).
+
+    visual tokens: the CLS state after CLIP blocks 4, 8, ..., 24 -> Linear(W, 128) - SiLU - Linear(128, D): 6 tokens
+    modality token: Embedding(2, D)[has image], prepended at position 0 of every row
+    MMA adapter in front of the attention of every LLM layer and every CLIP block:
+        MMA(X) = X + sum_k softmax((t W_r + b_r) / tau)_k * Up_k(Dropout_0.1(X W_A + b_A))
+        t = the normed state of the row's first token (the modality token in the LLM, CLS in CLIP), two experts,
+        rank 8, Up_k grouped 1x1 convolutions (groups = 2) with zero init, tau = 10
+
+Design choices:
+- Count-exact at 7B (3,781,296 = the paper's 3.78M): 32 LLM adapters (d = 4096) 81,930 each, 24 CLIP adapters
+  (1024) 20,490 each, the visual MLP 659,584, the modality embedding 8,192. The code's "block" variant adds an
+  adapter in front of each FFN too (`ffn_adapter: true`, not the published count).
+- The modality token is prepended inside forward (the batch format has no slot for it); its output position is
+  dropped, so logits and labels stay aligned with input_ids. Its state at each layer depends on it alone
+  (causal), so each layer's routing weights are a function of "has an image": computed at the prompt and kept in
+  the KV cache for decoding.
+- Zero-init Up: at step 0 every adapter is the identity, CLIP's features are the frozen CLIP's and a text-only
+  row equals the frozen LLM run on [modality token; text] (the extra token is the method: tested as such).
+- The K = 6 placeholder positions per image ARE LaVIN's visual tokens ("Image: " + tokens comes from the prompt).
+- CLIP carries trainable adapters, so LaVIN needs pixels (precomputed features only with `clip_adapters: false`).
+- One training stage: stage 2 only. Attention through PILL's backends (eager / sdpa / triton).
+
+Legend: B batch, T tokens, D width, N images, W CLIP width, r rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.model.attention import ATTENTION_BACKENDS
+from pipeline.model.base import FrozenLLMMethod, MethodOutput
+from pipeline.model.clip import check_layers, evenly_spaced_layers
+from pipeline.model.peers.common import (PeerCache, PeerConfigMixin, SeqContext, extend, has_image, lm_output,
+                                         project_qkv, resolve_attn_backend, scatter_visual_tokens)
+from pipeline.model.pill import check_llm
+
+VIT_L_LAYERS, VIT_L_WIDTH = 24, 1024
+
+
+@dataclass
+class LaVINConfig(PeerConfigMixin):
+    stage: int = 2
+    """One-stage method: always 2."""
+    rank: int = 8
+    groups: int = 2
+    """Groups of the up-projections' 1x1 convolutions."""
+    temperature: float = 10.0
+    """tau of the router softmax (7B)."""
+    dropout: float = 0.1
+    ffn_adapter: bool = False
+    """Also an MMA adapter in front of each FFN (the code's 'block' variant; off in the published model)."""
+    clip_adapters: bool = True
+    """MMA adapters in front of every CLIP block's attention (needs pixels, not precomputed features)."""
+    clip_layers: list[int] | None = None
+    """1-based CLIP blocks whose CLS states are the visual tokens; None = 6 evenly spaced (4, 8, ..., 24)."""
+    vision_width: int | None = None
+    num_query_tokens: int | None = None
+    """Visual tokens per image = len(clip_layers)."""
+    projection_hidden: int = 128
+    attn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self._check_common((2,))
+        self._check(self.rank >= 1 and self.rank % self.groups == 0, "rank", f"must be a multiple of groups")
+        self._check(self.temperature > 0, "temperature", "must be > 0")
+        self._check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+
+    def take_vision_shape(self, clip) -> None:
+        depth = clip.num_layers if clip is not None else VIT_L_LAYERS
+        if self.clip_layers is None:
+            self.clip_layers = evenly_spaced_layers(depth, min(6, depth))
+        check_layers(self.clip_layers, depth, "LaVINConfig.clip_layers")
+        if self.vision_width is None:
+            self.vision_width = clip.width if clip is not None else VIT_L_WIDTH
+        if self.num_query_tokens is None:
+            self.num_query_tokens = len(self.clip_layers)
+        self._check(self.num_query_tokens == len(self.clip_layers), "num_query_tokens",
+                    f"must equal len(clip_layers)={len(self.clip_layers)} (one visual token per CLS)")
+
+
+class MMAdapter(nn.Module):
+    """LaVIN's RepAdapter_Router: x + sum_k w_k Up_k(Dropout(Down x)), w = softmax(router(t) / tau)."""
+
+    def __init__(self, dim: int, rank: int, groups: int, temperature: float, dropout: float):
+        super().__init__()
+        self.down = nn.Conv1d(dim, rank, 1, bias=True)
+        self.up = nn.ModuleList(nn.Conv1d(rank, dim, 1, groups=groups, bias=True) for _ in range(2))
+        self.router = nn.Linear(dim, 2)
+        self.dropout = nn.Dropout(dropout)
+        self.temperature = temperature
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+        for up in self.up:
+            nn.init.zeros_(up.weight)
+            nn.init.zeros_(up.bias)
+
+    def route(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, 2) expert weights from the routing state t (B, dim)."""
+        return torch.softmax(self.router(t.to(self.router.weight.dtype)) / self.temperature, dim=-1)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        z = self.dropout(self.down(x.to(self.down.weight.dtype).transpose(1, 2)))  # (B, r, T)
+        delta = sum(weights[:, e, None, None] * up(z) for e, up in enumerate(self.up))  # (B, dim, T)
+        return x + delta.transpose(1, 2).to(x.dtype)
+
+
+class LaVIN(FrozenLLMMethod):
+    method = "lavin"
+
+    def __init__(self, llm: nn.Module, cfg: LaVINConfig, vpg=None, tokenizer=None):
+        check_llm(llm.config, source="LaVIN(llm=...)")
+        cfg.take_vision_shape(vpg)
+        super().__init__(llm, cfg, tokenizer)
+        self.vpg = vpg  # frozen CLIP front end (pipeline.model.clip)
+        c = llm.config
+        mk = lambda dim: MMAdapter(dim, cfg.rank, cfg.groups, cfg.temperature, cfg.dropout)  # noqa: E731
+        self.adapters = nn.ModuleList(mk(c.hidden_size) for _ in range(c.num_hidden_layers))
+        self.ffn_adapters = (nn.ModuleList(mk(c.hidden_size) for _ in range(c.num_hidden_layers))
+                             if cfg.ffn_adapter else None)
+        n_clip = vpg.num_layers if vpg is not None else VIT_L_LAYERS
+        self.clip_adapters = (nn.ModuleList(mk(cfg.vision_width) for _ in range(n_clip))
+                              if cfg.clip_adapters else None)
+        self.projection = nn.Sequential(nn.Linear(cfg.vision_width, cfg.projection_hidden), nn.SiLU(),
+                                        nn.Linear(cfg.projection_hidden, c.hidden_size))
+        self.modality_embedding = nn.Embedding(2, c.hidden_size)
+        self.backend: str | None = None
+        self.llm.requires_grad_(False)
+        self.set_stage(cfg.stage)
+
+    def is_trainable(self, name: str, stage: int) -> bool:
+        return name.startswith(("adapters.", "ffn_adapters.", "clip_adapters.", "projection.", "modality_embedding."))
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def visual_tokens(self, pixel_values, image_features) -> torch.Tensor | None:
+        """(N, K, D) projected CLS states, or None when the batch has no image."""
+        if image_features is not None and image_features.numel():
+            if self.clip_adapters is not None:
+                raise ValueError("LaVIN adapts CLIP's blocks (clip_adapters: true), so precomputed image_features "
+                                 "cannot be used: train on pixel shards, or set clip_adapters: false")
+            feats = image_features
+        elif pixel_values is not None and pixel_values.numel():
+            if self.vpg is None:
+                raise ValueError("batch has pixel_values but LaVIN was built without a CLIP front end: give "
+                                 "model.vpg_path (a CLIP dir or 'tiny')")
+            adapter = None
+            if self.clip_adapters is not None:
+                def adapter(i, a):
+                    return self.clip_adapters[i](a, self.clip_adapters[i].route(a[:, 0]))
+            feats = self.vpg.cls_features(pixel_values, self.cfg.clip_layers, adapter)  # (N, K, W)
+        else:
+            return None
+        return self.projection(feats.to(self.projection[0].weight.dtype))
+
+    def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,
+                image_features=None, position_ids=None, cu_seqlens=None, max_seqlen=None, past_key_values=None,
+                use_cache=False, num_items_in_batch=None, return_logits=True, **unused) -> MethodOutput:
+        if cu_seqlens is not None:
+            raise ValueError("LaVIN prepends a modality token to every row: packed batches (data.pack) are not "
+                             "supported")
+        if self.backend is None:
+            self.backend = resolve_attn_backend(self.cfg.attn_backend, input_ids.device)
+        B, T = input_ids.shape
+        mm = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)).bool()
+        x = self.llm.get_input_embeddings()(input_ids)
+        vis = self.visual_tokens(pixel_values, image_features)
+        if vis is not None:
+            x = scatter_visual_tokens(x, mm, vis)
+        cache: PeerCache | None = past_key_values
+        prepend = cache is None
+        if prepend:  # the modality token at position 0 of every row
+            tok = self.modality_embedding(has_image(mm).long()).to(x.dtype)[:, None]  # (B, 1, D)
+            x = torch.cat([tok, x], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
+            if position_ids is not None:
+                position_ids = torch.cat([torch.zeros_like(position_ids[:, :1]), position_ids + 1], dim=1)
+        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, None, None, cache, use_cache)
+        routes = cache.extra["routes"] if cache is not None else []
+        new_layers = []
+        for i, base in enumerate(self.llm.model.layers):
+            x, kv, w = self._layer(i, base, x, ctx, routes[i] if cache is not None else None,
+                                   cache.layers[i] if cache is not None else None)
+            new_layers.append(kv)
+            if cache is None:
+                routes.append(w)
+        h = self.llm.model.norm(x[:, 1:] if prepend else x)
+        logits, loss, n = lm_output(h, self.llm.lm_head, labels, return_logits, num_items_in_batch)
+        return MethodOutput(loss=loss, logits=logits, n_loss_tokens=n,
+                            kv_cache=PeerCache(new_layers, ctx.key_mask, {"routes": routes}) if use_cache else None)
+
+    def _layer(self, i: int, base: nn.Module, x, ctx: SeqContext, routes, cache):
+        attn = base.self_attn
+        B, T, _ = x.shape
+        x_n = base.input_layernorm(x)
+        adapter = self.adapters[i]
+        w = routes[0] if routes is not None else adapter.route(x_n[:, 0])  # (B, 2): the modality token's state
+        a = adapter(x_n, w)
+        q, k, v = project_qkv(attn, a, ctx.position_embeddings)
+        k, v = extend(cache and cache[0], k), extend(cache and cache[1], v)
+        o = ATTENTION_BACKENDS[self.backend](q, k, v, None, ctx.mask, attn.scaling)
+        h = x + attn.o_proj(o.reshape(B, T, -1))
+        f = base.post_attention_layernorm(h)
+        w_ffn = None
+        if self.ffn_adapters is not None:
+            w_ffn = routes[1] if routes is not None else self.ffn_adapters[i].route(f[:, 0])
+            f = self.ffn_adapters[i](f, w_ffn)
+        return h + base.mlp(f), (k, v), (w, w_ffn)
+
+
+def load_lavin(llm_path, vision_path, cfg, **kw) -> LaVIN:
+    from pipeline.model.peers.common import load_peer
+
+    return load_peer(LaVIN, llm_path, vision_path, cfg, **kw)
