@@ -55,6 +55,9 @@ class PILL(FrozenLLMMethod):
         super().__init__(llm, cfg, tokenizer)
         self.vpg = vpg
         self.backends: tuple[str, str] | None = None  # (attention, adapter), resolved at the first forward
+        # Mistral's sliding window: the backends are full causal, equal to the frozen model within the window only.
+        self.sliding_window = getattr(llm.config, "sliding_window", None) if getattr(
+            llm.config, "use_sliding_window", True) else None
         c = llm.config
         self.projection = nn.Linear(cfg.vpg_width, c.hidden_size, bias=False)
         nn.init.normal_(self.projection.weight, std=cfg.projection_init_std)
@@ -125,6 +128,10 @@ class PILL(FrozenLLMMethod):
             x = x.masked_scatter(modality_mask.unsqueeze(-1), vis)
 
         past_len = past_key_values[0][0].shape[1] if past_key_values else 0
+        if self.sliding_window is not None and past_len + T > self.sliding_window:
+            raise ValueError(f"sequence of {past_len + T} tokens exceeds the LLM's sliding_window="
+                             f"{self.sliding_window}: PILL's attention is full causal and would differ from the frozen "
+                             "model beyond it; keep sequences (data.max_length, prompt + generation) within it")
         cached = past_key_values is not None or use_cache
         if position_ids is None:
             if cached and attention_mask is not None:  # left padding in batched generation
