@@ -430,15 +430,15 @@ def parse_args(argv: list[str] | None, on_gpu: bool) -> argparse.Namespace:
                     help="skip the reference formulation (eager attention + eager adapter, no checkpointing)")
     ap.add_argument("--no-packing", dest="packing", action="store_false", help="skip packed vs padded")
     ap.add_argument("--vpg", choices=("features", "blip2"), default="features")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per point (default 3; CPU: 1)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per point (default 10; CPU: 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per point (default 3; CPU: 2)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per point (default 10; CPU: 3)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU (default: by name)")
     ap.add_argument("--json", type=Path, default=None, help="write the report here (and a .md beside it)")
     a = ap.parse_args(argv)
     gpu_defaults = dict(presets=["llama2-7b"], micro_batch=[1, 4, 8], seq=[512, 1024], checkpointing=[False, True],
                         backends=["triton+triton", "sdpa+eager"], warmup=3, steps=10)
     cpu_defaults = dict(presets=["tiny"], micro_batch=[2], seq=[64], checkpointing=[False, True],
-                        backends=["sdpa+eager"], warmup=1, steps=2)
+                        backends=["sdpa+eager"], warmup=2, steps=3)
     for k, v in (gpu_defaults if on_gpu else cpu_defaults).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
