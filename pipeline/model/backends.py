@@ -14,16 +14,23 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def resolve_backends(cfg, device: torch.device) -> tuple[str, str]:
-    """(attention backend, adapter backend) with `auto` replaced by what this device runs."""
+def resolve_backends(cfg, device: torch.device, zero3: bool = False) -> tuple[str, str]:
+    """(attention backend, adapter backend) with `auto` replaced by what this device runs.
+
+    `zero3`: the trainable weights are ZeRO-3 partitions. The fused adapter reads the expert weights as tensors
+    (not through module calls, whose hooks gather them), so it needs whole weights: auto picks eager there."""
     attn, adapter = cfg.attn_backend, cfg.adapter_backend
+    if zero3 and adapter == "triton":
+        raise ValueError("adapter_backend='triton' reads whole expert weights, which ZeRO-3 partitions: use "
+                         "adapter_backend='auto' or 'eager' under ZeRO-3 (or ZeRO-2, where the trainables are whole)")
     if attn == "auto":
         ok, why = _triton_self_check(device.type, "attention")
         attn = "triton" if ok else "sdpa"
         log.info("attn_backend auto -> %s (%s)", attn, why)
     if adapter == "auto":
-        ok, why = (_triton_self_check(device.type, "adapter") if cfg.adapter_act == "swiglu"
-                   else (False, f"adapter_act={cfg.adapter_act} has no fused kernel"))
+        ok, why = (_triton_self_check(device.type, "adapter") if cfg.adapter_act == "swiglu" and not zero3
+                   else (False, "ZeRO-3 partitions the expert weights" if zero3
+                         else f"adapter_act={cfg.adapter_act} has no fused kernel"))
         adapter = "triton" if ok else "eager"
         log.info("adapter_backend auto -> %s (%s)", adapter, why)
     return attn, adapter

@@ -111,7 +111,8 @@ class PILL(FrozenLLMMethod):
         summed token loss divided by it (transformers' convention), so micro-batches and ranks weigh every answer
         token equally. `return_logits=False` (training) computes the LM head at answer positions only."""
         if self.backends is None:
-            self.backends = resolve_backends(self.cfg, input_ids.device)
+            self.backends = resolve_backends(self.cfg, input_ids.device,
+                                             zero3=hasattr(self.projection.weight, "ds_id"))
             for block in self.blocks:
                 block.attn_backend, block.adapter_backend = self.backends
         B, T = input_ids.shape
