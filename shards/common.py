@@ -82,9 +82,33 @@ def file_size(path: Path) -> int:
         return 0
 
 
+def image_paths(rec: dict, field: str = "image") -> list[str]:
+    """A LLaVA record's images: `image` is one path, a list of paths (multi-image), or absent/null."""
+    v = rec.get(field)
+    if not v:
+        return []
+    return [str(x) for x in v] if isinstance(v, list) else [str(v)]
+
+
+def image_count_check(paths: list[str], conv: list[dict], where: str) -> None:
+    """Several images need one `<image>` marker each in the human turns (one image: the loader adds a missing one)."""
+    markers = sum(str(t.get("value", "")).count("<image>") for t in conv if t.get("from") == "human")
+    if len(paths) > 1 and markers != len(paths):
+        raise SkipSample("image_count_mismatch", f"{where}: {len(paths)} images but {markers} <image> markers")
+
+
+def read_images(root: Path, paths: list[str], max_side: int | None, key: str) -> dict[str, bytes]:
+    """Tar members of a sample's images: `jpg`/`png` for one, `0.jpg`, `1.png`, ... for several."""
+    files = {}
+    for j, p in enumerate(paths):
+        data, ext = read_image(root / p, max_side, key)
+        files[ext if len(paths) == 1 else f"{j}.{ext}"] = data
+    return files
+
+
 def check_image_root(records: list[dict], root: Path, field: str = "image") -> None:
     """A wrong --images path would skip every sample as missing: catch it from the first few records."""
-    probe = [r[field] for r in records[:50] if r.get(field)]
+    probe = [p for r in records[:50] for p in image_paths(r, field)]
     if probe and not any((root / p).is_file() for p in probe):
         raise FileNotFoundError(f"none of the first {len(probe)} images exist under --images {root} "
                                 f"(e.g. {root / probe[0]}); is the image folder right?")

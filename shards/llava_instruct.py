@@ -16,9 +16,11 @@ from typing import Any
 from shards.common import (
     add_llava_args,
     file_size,
+    image_count_check,
+    image_paths,
     json_bytes,
     load_llava_records,
-    read_image,
+    read_images,
     require_fields,
 )
 from shards.writer import Sample, SkipSample, add_writer_args, sanitize_key, summary, write_shards, writer_config
@@ -40,20 +42,22 @@ def record_key(i: int, rec: dict) -> str:
     return f"{i:08d}_{sanitize_key(rec['id'])}"
 
 
-def make_sample(item: tuple[int, dict], root: Path, max_side: int | None) -> Sample:
+def make_sample(item: tuple[int, dict], root: Path, max_side: int | None, source: str = "json") -> Sample:
     i, rec = item
     key = record_key(i, rec)
+    where = f"{key}: {source}[{i}]"
     conv = rec["conversations"]
     roles = [t["from"] for t in conv]
     if len(conv) < 2 or roles[0] != "human" or any(r not in ("human", "gpt") for r in roles):
-        raise SkipSample("bad_conversation", f"{key}: roles {roles}")
-    if any(t["from"] == "gpt" and not str(t["value"]).strip() for t in conv) or "gpt" not in roles:
-        raise SkipSample("empty_answer", key)
-    files: dict[str, bytes] = {}
-    has_image = bool(rec.get("image"))
-    if has_image:
-        data, ext = read_image(root / rec["image"], max_side, key)
-        files[ext] = data
+        raise SkipSample("bad_conversation", f"{where}: roles {roles}")
+    empty = [j for j, t in enumerate(conv) if t["from"] == "gpt" and not str(t["value"]).strip()]
+    if empty or "gpt" not in roles:
+        raise SkipSample("empty_answer", f"{where}: " + (f"conversations[{empty[0]}] (gpt) is empty" if empty
+                                                         else "no gpt turn"))
+    paths = image_paths(rec)
+    image_count_check(paths, conv, where)
+    files = read_images(root, paths, max_side, key)
+    has_image = bool(paths)
     meta = {"id": rec["id"], "key": key, "image": rec.get("image"), "conversations": conv, "has_image": has_image,
             "source": "llava_instruct"}
     files["json"] = json_bytes(meta)
@@ -70,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "source_json": str(a.json)})
     items = list(enumerate(records))
     keys = [record_key(i, r) for i, r in items]
-    sizes = [(file_size(root / r["image"]) if r.get("image") else 0) + 2048 for r in records]
-    index = write_shards(items, keys, sizes, partial(make_sample, root=root, max_side=a.max_image_side), cfg)
+    sizes = [sum(file_size(root / p) for p in image_paths(r)) + 2048 for r in records]
+    fn = partial(make_sample, root=root, max_side=a.max_image_side, source=a.json.name)
+    index = write_shards(items, keys, sizes, fn, cfg)
     print(summary(index))
     return 0
 

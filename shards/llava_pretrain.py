@@ -18,9 +18,11 @@ from typing import Any
 from shards.common import (
     add_llava_args,
     file_size,
+    image_count_check,
+    image_paths,
     json_bytes,
     load_llava_records,
-    read_image,
+    read_images,
     require_fields,
 )
 from shards.writer import Sample, SkipSample, add_writer_args, sanitize_key, summary, write_shards, writer_config
@@ -39,15 +41,19 @@ def validate_records(records: Any, json_path: Path) -> None:
             require_fields(turn, ("from", "value"), f"{json_path}[{i}].conversations[{j}]")
 
 
-def make_sample(rec: dict, root: Path, max_side: int | None) -> Sample:
+def make_sample(item: tuple[int, dict], root: Path, max_side: int | None, source: str = "json") -> Sample:
+    i, rec = item
     key = sanitize_key(rec["id"])
+    where = f"{key}: {source}[{i}]"
     caption = str(rec["conversations"][1]["value"]).strip()
     if not caption:
-        raise SkipSample("empty_answer", key)
-    data, ext = read_image(root / rec["image"], max_side, key)
+        raise SkipSample("empty_answer", f"{where}: conversations[1] (the caption) is empty")
+    paths = image_paths(rec)
+    image_count_check(paths, rec["conversations"][:2], where)
+    files = read_images(root, paths, max_side, key)
     meta = {"id": rec["id"], "key": key, "image": rec["image"], "conversations": rec["conversations"][:2],
             "caption": caption, "has_image": True, "source": "llava_pretrain"}
-    return Sample(key, {ext: data, "json": json_bytes(meta), "txt": caption.encode()})
+    return Sample(key, {**files, "json": json_bytes(meta), "txt": caption.encode()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = writer_config(a, "llava_pretrain", {"builder": "llava_pretrain", "content": "pixels",
                                               "source_json": str(a.json)})
     keys = [sanitize_key(r["id"]) for r in records]
-    sizes = [file_size(root / r["image"]) for r in records]
-    index = write_shards(records, keys, sizes, partial(make_sample, root=root, max_side=a.max_image_side), cfg)
+    sizes = [sum(file_size(root / p) for p in image_paths(r)) for r in records]
+    fn = partial(make_sample, root=root, max_side=a.max_image_side, source=a.json.name)
+    index = write_shards(list(enumerate(records)), keys, sizes, fn, cfg)
     print(summary(index))
     return 0
 

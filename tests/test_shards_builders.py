@@ -132,3 +132,49 @@ def test_llava_instruct(tmp_path):
     assert set(s) == {"00000000_1", "00000001_1"}  # repeated ids stay distinct
     assert json.loads(s["00000000_1"]["json"])["conversations"] == conv and "jpg" in s["00000000_1"]
     assert json.loads(s["00000001_1"]["json"])["has_image"] is False
+
+
+def test_scienceqa_trainval_and_minitrain_read_the_train_and_val_image_folders(tmp_path):
+    root = tmp_path / "images"
+    for split, qid in (("train", "1"), ("val", "2")):
+        (root / split / qid).mkdir(parents=True)
+        (root / split / qid / "image.png").write_bytes(png_bytes())
+    base = {"hint": "", "subject": "s", "grade": "g", "lecture": "", "solution": "", "image": "image.png"}
+    problems = {q: {"question": f"Q{q}?", "choices": ["a", "b"], "answer": 0, **base} for q in ("1", "2")}
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"train": ["1"], "val": ["2"], "trainval": ["1", "2"],
+                                                          "minitrain": ["1"]}))
+    args = ["--problems", str(tmp_path / "problems.json"), "--pid-splits", str(tmp_path / "pid_splits.json"),
+            "--images", str(root), "--no-progress"]
+    for split, n in (("trainval", 2), ("minitrain", 1)):
+        assert scienceqa.main(args + ["--split", split, "--out", str(tmp_path / split)]) == 0
+        idx = json.loads((tmp_path / split / f"scienceqa-{split}-index.json").read_text())
+        assert idx["total_samples"] == n and idx["skipped"] == {}
+
+
+def test_skip_examples_name_the_source_file_and_record(tmp_path):
+    js, img = _pretrain_inputs(tmp_path)
+    assert llava_pretrain.main(["--json", str(js), "--images", str(img), "--out", str(tmp_path / "o"),
+                                "--no-progress"]) == 0
+    idx = json.loads((tmp_path / "o" / "llava_pretrain-index.json").read_text())
+    (example,) = idx["shards"][0]["skip_examples"]["empty_answer"]
+    assert example.startswith("e: chat.json[4]")
+
+
+def test_multi_image_records(tmp_path):
+    img = tmp_path / "img"
+    img.mkdir()
+    for n in ("a.jpg", "b.png"):
+        (img / n).write_bytes(png_bytes(fmt="JPEG" if n.endswith("jpg") else "PNG"))
+    two = [{"from": "human", "value": "<image> vs <image>: which is red?"}, {"from": "gpt", "value": "Both."}]
+    recs = [{"id": "two", "image": ["a.jpg", "b.png"], "conversations": two},
+            {"id": "bad", "image": ["a.jpg", "b.png"], "conversations": [
+                {"from": "human", "value": "<image> only one marker"}, {"from": "gpt", "value": "x"}]}]
+    (tmp_path / "m.json").write_text(json.dumps(recs))
+    out = tmp_path / "out"
+    assert llava_instruct.main(["--json", str(tmp_path / "m.json"), "--images", str(img), "--out", str(out),
+                                "--no-progress"]) == 0
+    idx = json.loads((out / "llava_instruct-index.json").read_text())
+    assert idx["total_samples"] == 1 and idx["skipped"] == {"image_count_mismatch": 1}
+    s = read_tar_samples(out / "llava_instruct-000000.tar")["00000000_two"]
+    assert {"0.jpg", "1.png", "json"} == set(s)

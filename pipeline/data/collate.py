@@ -22,7 +22,14 @@ from pipeline.data.config import DataConfig
 from pipeline.data.prompts import PromptError, detect_task, render
 from pipeline.data.records import SkipCounter
 from pipeline.data.tokenize import IGNORE, Encoded, conversation_pieces, encode_pieces
-from pipeline.data.transforms import decode_features, decode_image, feature_ext, image_ext, normalise
+from pipeline.data.transforms import (
+    decode_features,
+    decode_image,
+    feature_exts,
+    image_exts,
+    normalise,
+    unsupported_image_ext,
+)
 
 
 class Collator:
@@ -47,18 +54,19 @@ class Collator:
         meta: list[dict[str, Any]] = []
         for r, enc, vis in zip(kept, encoded, visuals):
             if enc is None:
-                counter.skip("too_long", r["__shard__"], r["__key__"], f"max_length={self.cfg.max_length}")
+                _skip(counter, r, "too_long", f"max_length={self.cfg.max_length}")
                 continue
             rows.append(enc)
             images += vis[: enc.n_images]  # images cut by truncation leave with their positions
-            meta.append({"key": r["__key__"], "shard": r["__shard__"], "task": r["__task__"], **r["json"]})
+            if self.with_meta:  # the loader's fields win: ScienceQA's json has a `task` of its own
+                meta.append({**r["json"], "key": r["__key__"], "shard": r["__shard__"], "task": r["__task__"]})
         if not rows:
             counter.skip("empty_batch", records[0]["__shard__"] if records else "", "", "every record failed")
             return self._dummy()
         kinds = {"features" if v.ndim == 2 else "pixels" for v in images}
         if len(kinds) > 1:
             raise ValueError("a batch mixes pixel and feature samples; mix sources of one kind only "
-                             f"(shards {sorted({m['shard'] for m in meta})})")
+                             f"(shards {sorted({r['__shard__'] for r in kept})})")
         batch = self._pack(rows) if self.cfg.pack else self._pad(rows)
         if kinds == {"features"}:
             batch["image_features"] = torch.from_numpy(np.stack(images)).float()
@@ -70,41 +78,42 @@ class Collator:
         return batch
 
     def _prepare(self, r: dict[str, Any], counter: SkipCounter) -> tuple[list[tuple], list[np.ndarray]] | None:
-        """Prompt pieces and decoded visual input of one record, or None (counted) when it cannot be used."""
-        meta, shard, key = r["json"], r["__shard__"], r["__key__"]
+        """Prompt pieces and decoded visual inputs (in marker order) of one record, or None (counted)."""
+        meta = r["json"]
         task = r.get("__task__", "auto")
         task = detect_task(meta) if task == "auto" else task
         r["__task__"] = task
-        img_e, feat_e = image_ext(r), feature_ext(r)
+        img_e, feat_e = image_exts(r), feature_exts(r)
         if self.cfg.image_input == "pixels":
-            feat_e = None
+            feat_e = []
         elif self.cfg.image_input == "features":
-            img_e = None
-        has_visual = img_e is not None or feat_e is not None
-        if (meta.get("has_image") or task == "caption") and not has_visual:
-            counter.skip("missing_image", shard, key)
-            return None
+            img_e = []
+        exts = feat_e or img_e
+        if not exts and self.cfg.image_input != "features" and unsupported_image_ext(r):
+            return _skip(counter, r, "unsupported_image", f"member .{unsupported_image_ext(r)}")
+        if (meta.get("has_image") or task == "caption") and not exts:
+            return _skip(counter, r, "missing_image", "")
+        listed = meta.get("image")
+        if isinstance(listed, list) and exts and len(listed) != len(exts):
+            return _skip(counter, r, "image_count_mismatch", f"json lists {len(listed)} images, tar has "
+                                                             f"{len(exts)}")
         try:
-            conv = render(meta, _txt(r), task, has_visual, self.cfg)
+            conv = render(meta, _txt(r), task, len(exts), self.cfg)
         except (PromptError, KeyError, TypeError, AttributeError) as e:
-            counter.skip(getattr(e, "reason", "bad_json"), shard, key, str(e))
-            return None
+            return _skip(counter, r, getattr(e, "reason", "bad_json"), str(e))
         visual: list[np.ndarray] = []
-        if feat_e is not None:
+        for e in exts:
             try:
-                f = decode_features(r[feat_e], feat_e)
-                if f.shape[0] != self.K:
-                    raise ValueError(f"{f.shape[0]} query tokens, expected {self.K}")
-                visual.append(f)
-            except Exception as e:  # numpy/torch raise many types on bad bytes
-                counter.skip("bad_features", shard, key, f"{type(e).__name__}: {e}")
-                return None
-        elif img_e is not None:
-            try:
-                visual.append(decode_image(r[img_e], self.cfg.image_size))
-            except Exception as e:  # PIL raises many types on bad bytes
-                counter.skip("undecodable_image", shard, key, f"{type(e).__name__}: {e}")
-                return None
+                if feat_e:
+                    f = decode_features(r[e], e)
+                    if f.shape[0] != self.K:
+                        raise ValueError(f"{f.shape[0]} query tokens, expected {self.K}")
+                    visual.append(f)
+                else:
+                    visual.append(decode_image(r[e], self.cfg.image_size))
+            except Exception as err:  # numpy / torch / PIL raise many types on bad bytes
+                reason = "bad_features" if feat_e else "undecodable_image"
+                return _skip(counter, r, reason, f".{e}: {type(err).__name__}: {err}")
         return conversation_pieces(conv), visual
 
     def _pad(self, rows: list[Encoded]) -> dict[str, Any]:
@@ -143,6 +152,11 @@ class Collator:
             batch["cu_seqlens"] = torch.tensor([0, 2], dtype=torch.int32)
             batch["position_ids"] = torch.arange(2)[None]
         return batch
+
+
+def _skip(counter: SkipCounter, r: dict[str, Any], reason: str, detail: str) -> None:
+    """Count a dropped record (once per epoch, by the slot that owns it: `__count__`)."""
+    counter.skip(reason, r["__shard__"], r["__key__"], detail, count=r.get("__count__", True))
 
 
 def _txt(r: dict[str, Any]) -> str | None:

@@ -1,7 +1,9 @@
 """Prompt templates (PILL_SPEC.md "Prompts"): LLaMA-2 chat turns built from a sample's json (+ txt caption).
 
-A rendered sample is `Conversation(system, turns=[(user, answer), ...])`; `<image>` in a user text marks where the
-image's K visual positions go (tokenize.py expands it). Stage 1 and chat have no system message; ScienceQA has one.
+A rendered sample is `Conversation(system, turns=[(user, answer), ...])`; `<image>` in a user text marks where an
+image's K visual positions go (tokenize.py expands it), the i-th marker for the sample's i-th image. Stage 1 and chat
+have no system message; ScienceQA has one. One image: LLaVA's convention (a missing marker goes in front, extra
+markers are dropped). Several images: the text must hold exactly one marker per image (else image_count_mismatch).
 
     stage 1:    [INST] <image>\nDescribe the image briefly. [/INST] {caption}
     ScienceQA:  [INST] <<SYS>>\n{system}\n<</SYS>>\n\nImage:<image>\nQuestion: ...\nContext: ...\nOptions: (A) ...
@@ -37,7 +39,9 @@ class Conversation:
 
 
 def detect_task(meta: dict[str, Any]) -> str:
-    if "choices" in meta and "answer" in meta and "question" in meta:
+    """From the fields present: a record with choices (or question + answer) is ScienceQA even when a field is
+    missing, so the skip names the missing field instead of reading as a caption without text."""
+    if "choices" in meta or ("question" in meta and "answer" in meta):
         return "scienceqa"
     conv = meta.get("conversations")
     if isinstance(conv, list) and (len(conv) > 2 or meta.get("source") == "llava_instruct"):
@@ -45,7 +49,7 @@ def detect_task(meta: dict[str, Any]) -> str:
     return "caption"
 
 
-def scienceqa_user(meta: dict[str, Any], has_image: bool, use_captions: bool) -> str:
+def scienceqa_user(meta: dict[str, Any], n_images: int, use_captions: bool) -> str:
     choices = meta["choices"]
     if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
         raise PromptError("bad_choices", repr(choices))
@@ -53,7 +57,7 @@ def scienceqa_user(meta: dict[str, Any], has_image: bool, use_captions: bool) ->
     if use_captions and meta.get("caption"):
         ctx = f"{ctx} {meta['caption']}".strip()
     options = " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
-    image = f"Image:{IMAGE}\n" if has_image else "Image:N/A.\n"
+    image = f"Image:{IMAGE * n_images}\n" if n_images else "Image:N/A.\n"
     return f"{image}Question: {meta['question']}\nContext: {ctx or 'N/A'}\nOptions: {options}\n"
 
 
@@ -69,25 +73,27 @@ def scienceqa_answer(meta: dict[str, Any], fmt: str) -> str:
     return out
 
 
-def render(meta: dict[str, Any], txt: str | None, task: str, has_image: bool, cfg: DataConfig) -> Conversation:
-    """Fill the task's template; raises PromptError for samples that cannot be used."""
+def render(meta: dict[str, Any], txt: str | None, task: str, n_images: int | bool, cfg: DataConfig) -> Conversation:
+    """Fill the task's template for a sample with n_images images (a bool means 0 or 1); raises PromptError for
+    samples that cannot be used."""
+    n = int(n_images)
     task = detect_task(meta) if task == "auto" else task
     if task == "scienceqa":
         for f in ("question", "choices", "answer"):
             if f not in meta:
-                raise PromptError("missing_field", f)
-        return Conversation(cfg.system_message, [(scienceqa_user(meta, has_image, cfg.use_captions),
+                raise PromptError("missing_field", f"ScienceQA record without '{f}' (has {sorted(meta)[:12]})")
+        return Conversation(cfg.system_message, [(scienceqa_user(meta, n, cfg.use_captions),
                                                   scienceqa_answer(meta, cfg.sqa_format))])
     if task == "caption":
         conv = meta.get("conversations")
         caption = (txt or "").strip() or str(meta.get("caption") or "").strip()
-        instruction = f"{IMAGE}\n{cfg.caption_instruction}"
+        instruction = f"{IMAGE * max(n, 1)}\n{cfg.caption_instruction}"
         if isinstance(conv, list) and len(conv) >= 2:
             instruction = str(conv[0].get("value", instruction))
             caption = caption or str(conv[1].get("value", "")).strip()
         if not caption:
-            raise PromptError("empty_answer", "no caption")
-        return Conversation(None, [(with_image_marker(instruction, has_image), caption)])
+            raise PromptError("empty_answer", "no caption (txt, json 'caption' or a gpt turn)")
+        return Conversation(None, with_image_markers([(instruction, caption)], n))
     if task == "chat":
         conv = meta.get("conversations")
         if not isinstance(conv, list) or len(conv) < 2:
@@ -98,13 +104,27 @@ def render(meta: dict[str, Any], txt: str | None, task: str, has_image: bool, cf
             if h.get("from") != "human" or g.get("from") != "gpt":
                 raise PromptError("bad_conversation", f"turn {i}: {h.get('from')}/{g.get('from')}")
             if not str(g.get("value", "")).strip():
-                raise PromptError("empty_answer", f"turn {i + 1}")
+                raise PromptError("empty_answer", f"conversations[{i + 1}] (gpt) is empty")
             turns.append((str(h.get("value", "")), str(g["value"]).strip()))
-        turns[0] = (with_image_marker(turns[0][0], has_image), turns[0][1])
-        for k in range(1, len(turns)):  # one image per sample: later markers are text noise
-            turns[k] = (turns[k][0].replace(IMAGE, "").strip(), turns[k][1])
-        return Conversation(None, turns)
+        return Conversation(None, with_image_markers(turns, n))
     raise PromptError("bad_task", task)
+
+
+def with_image_markers(turns: list[tuple[str, str]], n_images: int) -> list[tuple[str, str]]:
+    """The user texts with exactly n_images markers in all (see the module docstring for the rules)."""
+    found = sum(u.count(IMAGE) for u, _ in turns)
+    if n_images <= 1:
+        out = [(with_image_marker(u, bool(n_images) and k == _first_marked(turns)), a) for k, (u, a) in
+               enumerate(turns)]
+        return out
+    if found != n_images:
+        raise PromptError("image_count_mismatch", f"{n_images} images but {found} {IMAGE} markers in the text")
+    return turns
+
+
+def _first_marked(turns: list[tuple[str, str]]) -> int:
+    """The turn that keeps the single image: the first with a marker, else the first."""
+    return next((k for k, (u, _) in enumerate(turns) if IMAGE in u), 0)
 
 
 def with_image_marker(text: str, has_image: bool) -> str:

@@ -16,7 +16,8 @@ from PIL import Image
 
 from pipeline.constants import IMAGE_MEAN, IMAGE_STD
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")  # gif: its first frame (what the builders accept)
+UNSUPPORTED_IMAGE_EXTS = ("svg", "heic", "heif", "avif", "jxl")  # images Pillow cannot decode: unsupported_image
 FEATURE_EXTS = ("feat.npy", "feat.pth")
 
 
@@ -25,25 +26,46 @@ def default_mean_std() -> tuple[tuple[float, ...], tuple[float, ...]]:
     return IMAGE_MEAN, IMAGE_STD
 
 
+def _indexed(record: dict[str, Any], exts: tuple[str, ...]) -> list[str]:
+    """Members `{ext}` or `{i}.{ext}` in image order: `jpg` (or `0.jpg`) first, then `1.jpg`, `2.png`, ..."""
+    found: dict[int, str] = {}
+    for name in record:
+        if name.startswith("__"):
+            continue
+        head, _, tail = name.partition(".")
+        if name in exts:
+            found.setdefault(0, name)
+        elif head.isdigit() and tail in exts:
+            found.setdefault(int(head), name)
+    return [found[i] for i in sorted(found)]
+
+
+def image_exts(record: dict[str, Any]) -> list[str]:
+    return _indexed(record, IMAGE_EXTS)
+
+
+def feature_exts(record: dict[str, Any]) -> list[str]:
+    return _indexed(record, FEATURE_EXTS)
+
+
+def unsupported_image_ext(record: dict[str, Any]) -> str | None:
+    return next(iter(_indexed(record, UNSUPPORTED_IMAGE_EXTS)), None)
+
+
 def image_ext(record: dict[str, Any]) -> str | None:
-    for e in IMAGE_EXTS:
-        if e in record:
-            return e
-    return None
+    """The first image member (single-image callers)."""
+    return next(iter(image_exts(record)), None)
 
 
 def feature_ext(record: dict[str, Any]) -> str | None:
-    for e in FEATURE_EXTS:
-        if e in record:
-            return e
-    return None
+    return next(iter(feature_exts(record)), None)
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """bytes -> (size, size, 3) uint8. JPEG is decoded at reduced scale when the image is much larger (draft)."""
     img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (size, size))
-    img = img.convert("RGB")
+    img.draft("RGB", (size, size))  # JPEG: libjpeg DCT scaling to >= size (1/2, 1/4, 1/8); others ignore it
+    img = img.convert("RGB")  # GIF: the first frame
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
     return np.asarray(img, dtype=np.uint8)
@@ -51,7 +73,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
 def decode_features(data: bytes, ext: str) -> np.ndarray:
     """bytes -> (K, W) array (fp16 as stored)."""
-    if ext == "feat.npy":
+    if ext.endswith("feat.npy"):  # `feat.npy` or `{i}.feat.npy`
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     else:
         arr = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).numpy()

@@ -123,14 +123,17 @@ def image_tensor(path: str | Path, model) -> torch.Tensor:
 
 
 def chat_prompt(model, text: str, images: torch.Tensor | None = None, system: str | None = None) -> Prompt:
-    """``[INST] <image>\\n{text} [/INST]`` (the image marker first, as LLaVA's data has it), no answer."""
-    from pipeline.data.prompts import Conversation, with_image_marker
+    """``[INST] <image>\\n{text} [/INST]`` (the image marker first, as LLaVA's data has it), no answer. Several
+    images: one ``<image>`` per image in ``text`` (or none: then they all go in front), in image order."""
+    from pipeline.data.prompts import IMAGE, Conversation, with_image_markers
     from pipeline.data.tokenize import encode_prompt
 
-    has_image = images is not None and len(images) > 0
-    if has_image and model.vpg is None and images.dim() == 4:
+    n = 0 if images is None else len(images)
+    if n and model.vpg is None and images.dim() == 4:
         raise ValueError("an image was given but the model has no VPG: pass --vpg")
-    conv = Conversation(system, [(with_image_marker(text, has_image), "")])
+    if n > 1 and IMAGE not in text:
+        text = IMAGE * n + "\n" + text
+    conv = Conversation(system, with_image_markers([(text, "")], n))
     enc = encode_prompt(conv, model.tokenizer, model.cfg.num_query_tokens)
-    kind = "image_features" if has_image and images.dim() == 3 else "pixel_values"
-    return Prompt(enc.input_ids.tolist(), enc.modality_mask.tolist(), images if has_image else None, image_kind=kind)
+    kind = "image_features" if n and images.dim() == 3 else "pixel_values"
+    return Prompt(enc.input_ids.tolist(), enc.modality_mask.tolist(), images if n else None, image_kind=kind)
