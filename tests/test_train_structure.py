@@ -111,3 +111,20 @@ def test_mistral_sliding_window_shorter_than_max_length_is_refused(tmp_path):
     check_sliding_window({"sliding_window": None}, 512, "c.json")
     with pytest.raises(ConfigError, match="sliding_window=256 < data.max_length=512"):
         check_sliding_window(json.loads('{"model_type": "mistral", "sliding_window": 256}'), 512, "c.json")
+
+
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    """log.wandb: true logs the same scalars to Weights & Biases; offline mode needs no network."""
+    import json
+
+    from pipeline.training.metrics import MetricsLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = MetricsLogger(tmp_path, True, tensorboard=False, progress_bar=False, total_steps=2,
+                        wandb={"project": "pill-test", "name": "t", "dir": str(tmp_path), "config": {"a": 1}})
+    log.log(1, {"loss": 2.5, "lr": 1e-3}, gates=[0.1, 0.2])
+    log.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 2.5
