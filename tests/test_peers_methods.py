@@ -1,0 +1,111 @@
+"""Each peer's own invariant: zero-init (or the frozen path) equals the frozen LLM, and Excitor's convex mix."""
+
+import pytest
+import torch
+
+from pipeline.model.attention import AttnMask
+from pipeline.model.peers.excitor import excitor_attention
+from tests.test_peers_models import clip_dir, image_batch, make, randomize  # noqa: F401  (fixture)
+
+
+def text_ids(seed=3, B=2, T=25):
+    return torch.randint(5, 400, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["llama_adapter", "excitor", "iaa"])
+def test_text_only_at_init_equals_the_frozen_llm(name, tiny_dirs, clip_dir):  # noqa: F811
+    model = make(name, tiny_dirs, clip_dir).eval()
+    ids = text_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model.llm(ids).logits, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["llama_adapter", "excitor"])
+def test_image_at_init_equals_the_frozen_llm_without_the_placeholders(name, tiny_dirs, clip_dir):  # noqa: F811
+    """Zero gates: the image has no effect yet, and the hidden placeholders none at all (keys masked, RoPE
+    positions not advanced): the text positions equal the frozen LLM on the prompt with them cut out."""
+    model = make(name, tiny_dirs, clip_dir).eval()
+    b = image_batch(model)
+    keep = ~b["modality_mask"][0]
+    with torch.no_grad():
+        ours = model(**{k: v for k, v in b.items() if k != "labels"}).logits[0, keep]
+        ref = model.llm(b["input_ids"][:1, keep]).logits[0]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
+
+
+def test_lavin_at_init_is_the_frozen_llm_with_the_modality_token_and_visual_tokens(tiny_dirs, clip_dir):  # noqa: F811
+    """Zero-init up-projections: CLIP and the LLM layers are untouched; LaVIN's own extra token (the modality
+    embedding at position 0) and its visual tokens are the only difference from the frozen LLM."""
+    model = make("lavin", tiny_dirs, clip_dir).eval()
+    b = image_batch(model)
+    with torch.no_grad():
+        ours = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+        emb = model.llm.get_input_embeddings()(b["input_ids"])
+        feats = model.vpg.cls_features(b["pixel_values"], model.cfg.clip_layers)  # the frozen CLIP, no adapter
+        emb = emb.masked_scatter(b["modality_mask"].unsqueeze(-1), model.projection(feats).reshape(-1, emb.shape[-1]))
+        tok = model.modality_embedding(torch.tensor([1, 0]))[:, None]
+        ref = model.llm(inputs_embeds=torch.cat([tok, emb], 1)).logits[:, 1:]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
+    randomize(model)
+    with torch.no_grad():
+        assert (model(**{k: v for k, v in b.items() if k != "labels"}).logits - ours).abs().max() > 1e-3
+
+
+def test_iaa_text_rows_take_the_frozen_path_whatever_the_trainables(tiny_dirs, clip_dir):  # noqa: F811
+    model = make("iaa", tiny_dirs, clip_dir)
+    randomize(model)
+    model.eval()
+    b = image_batch(model)
+    with torch.no_grad():
+        out = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+        text_row = model.llm(b["input_ids"][1:, :-4]).logits  # row 1's real tokens (the last 4 are pads)
+        torch.testing.assert_close(out[1:, :-4], text_row, rtol=0, atol=2e-5)
+        assert (out[0] - model.llm(b["input_ids"][:1]).logits[0]).abs().max() > 1e-2  # the image path differs
+
+
+def test_iaa_stages(tiny_dirs, clip_dir):  # noqa: F811
+    model = make("iaa", tiny_dirs, clip_dir, stage=1)
+    assert {n.split(".")[0] for n, _ in model.trainable_parameters()} == {"projection"}
+    model.set_stage(2)
+    assert {n.split(".")[0] for n, _ in model.trainable_parameters()} == {
+        "projection", "adaptors", "mm_embed", "mm_norm", "mm_head"}
+    assert model.insert_after == [0, 1]  # IAA-14's pattern on a 2-layer LLM
+    from pipeline.model.peers.iaa import iaa_layers
+
+    assert iaa_layers(32) == [0, 1, 5, 6, 10, 11, 15, 16, 20, 21, 25, 26, 30, 31]
+    # adaptors start as copies of the frozen layer they follow
+    a, f = model.adaptors[1], model.llm.model.layers[1]
+    torch.testing.assert_close(a.self_attn.q_proj.weight, f.self_attn.q_proj.weight, rtol=0, atol=0)
+
+
+def test_excitor_output_rows_are_convex_combinations_of_the_value_rows():
+    """The paper's invariant: with the excitor on (any gate, any excitor keys), attention only re-weights the
+    ORIGINAL values. With V = the identity, each output row IS its attention weights: >= 0, summing to 1, zero on
+    future keys."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H = 2, 9, 3
+    q = torch.randn(B, T, H, T, generator=g)
+    k = torch.randn(B, T, H, T, generator=g)
+    key_ex = torch.randn(B, T, H, T, generator=g) * 3
+    v = torch.eye(T).expand(B, H, T, T).permute(0, 2, 1, 3)  # (B, T, H, T): value row j = e_j
+    for backend in ("eager", "sdpa"):
+        w = excitor_attention(q, k, v, key_ex, torch.tensor(2.5), AttnMask(causal=True), T ** -0.5, backend)
+        assert (w >= 0).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(B, T, H))
+        assert w.transpose(1, 2).triu(1).abs().max() == 0  # (B, H, Tq, Tk): nothing on future keys
+        plain = excitor_attention(q, k, v, key_ex, torch.tensor(0.0), AttnMask(causal=True), T ** -0.5, backend)
+        assert (w - plain).abs().max() > 1e-2  # the excitor did change the weights
+
+
+def test_excitor_eager_and_sdpa_agree_in_output_and_gradients(tiny_dirs, clip_dir):  # noqa: F811
+    res = {}
+    for backend in ("eager", "sdpa"):
+        model = make("excitor", tiny_dirs, clip_dir, attn_backend=backend)
+        randomize(model)
+        out = model(**image_batch(model))
+        out.loss.backward()
+        res[backend] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()})
+    (le, ge), (ls, gs) = res["eager"], res["sdpa"]
+    torch.testing.assert_close(ls, le, rtol=1e-4, atol=1e-5)
+    for n in ge:
+        torch.testing.assert_close(gs[n], ge[n], rtol=1e-3, atol=1e-6, msg=n)
