@@ -78,6 +78,9 @@ pill_run_stage() {
     export GLOO_SOCKET_IFNAME=$PILL_SOCKET_IFNAME NCCL_SOCKET_IFNAME=$PILL_SOCKET_IFNAME
   fi
   export PYTHONUNBUFFERED=1
+  # Job logs are files: no carriage-return bars from transformers' weight loading either (train.py draws its own
+  # bar only on a terminal).
+  export HF_HUB_DISABLE_PROGRESS_BARS=${HF_HUB_DISABLE_PROGRESS_BARS:-1}
   if [[ ${PILL_CPU:-0} == 1 ]]; then
     export DS_ACCELERATOR=cpu              # DeepSpeed picks gloo on the CPU accelerator
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}

@@ -243,6 +243,20 @@ def test_stage2_runs_to_completion(cluster, tmp_path):
     assert (run_dir / "export" / "adapter_model.safetensors").is_file()
 
 
+def test_demo_script_as_a_new_user_submits_it(cluster, tmp_path):
+    """README's first job: `sbatch slurm/demo.sh` with no flags (2 CPU tasks, both demo stages), a short run."""
+    run_dir = tmp_path / "run"
+    job = cluster.sbatch(REPO / "slurm" / "demo.sh", f"--output={tmp_path}/%x-%j.out", PILL_RUN_DIR=str(run_dir),
+                         PILL_SET="stages.*.max_steps=3 eval.enabled=false")
+    j = cluster.wait(job, 150)
+    log = Path(j["StdOut"]).read_text()
+    assert j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0", (j, log[-4000:])
+    assert "stage(s) 1 2 restart 0: 2 tasks" in log and "training finished" in log, log[-4000:]
+    assert "\r" not in log, "a progress bar went into the job log"
+    for stage in ("stage1", "stage2"):
+        assert (run_dir / stage / "export" / "adapter_model.safetensors").is_file(), sorted(run_dir.rglob("*"))[:20]
+
+
 def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     t0 = time.time()
     steps = 10

@@ -61,7 +61,7 @@ STUB = textwrap.dedent('''\
     out = sys.argv[sys.argv.index("--output-dir") + 1]
     os.makedirs(out, exist_ok=True)
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR",
-            "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME")
+            "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME", "HF_HUB_DISABLE_PROGRESS_BARS")
     with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as f:
         json.dump({"env": {k: os.environ.get(k) for k in keys}, "argv": sys.argv[1:]}, f)
     deadline = time.time() + float(os.environ.get("STUB_SECONDS", "20"))
@@ -164,7 +164,8 @@ def test_env_contract_and_arguments(fake):
         rec = json.loads((_run_dir(fake) / f"rank{r}.json").read_text())
         assert rec["env"] == {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
                               "MASTER_ADDR": "node-a", "MASTER_PORT": str(10000 + 123456 % 20000),
-                              "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3", "GLOO_SOCKET_IFNAME": "ib0"}
+                              "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3", "GLOO_SOCKET_IFNAME": "ib0",
+                              "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         assert rec["argv"] == ["--ds_config", "ds_configs/zero2.json", "--config", "configs/stage2_scienceqa.yaml",
                                "--output-dir", "runs/pill-stage2-123456",
                                "--set", "stages.0.max_steps=5", "--set", "seed=3"]
