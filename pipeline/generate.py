@@ -193,38 +193,27 @@ def generate(model, prompts: Sequence[Prompt], cfg: GenerationConfig | None = No
 # ---- loading a trained export --------------------------------------------------------------------------------------
 def load_trained(llm: str | Path, adapter: str | Path | None, vpg: str | Path | None = None,
                  attn_backend: str | None = None, device: str | None = None, dtype: torch.dtype | None = None):
-    """The frozen LLM + VPG with PILL's weights from `adapter` (a model.save_adapter dir), in eval mode.
-    The PILLConfig (stage, modules, rank) is read from the export's adapter_config.json, so gates and routing
-    are exactly those of training; attn_backend may be overridden (e.g. sdpa on a machine without Triton)."""
-    from pipeline.model import PILLConfig, load_pill
-    from pipeline.model.pill import ADAPTER_CONFIG
+    """The frozen LLM + front end with the trained weights of `adapter` (any method's export dir), in eval mode.
 
-    cfg = None
-    if adapter is not None:
-        config_path = Path(adapter) / ADAPTER_CONFIG
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: --adapter must be a dir written by model.save_adapter "
-                                    "(a run's export/ folder)")
-        meta = json.loads(config_path.read_text())
-        if "pill_config" not in meta:
-            raise ValueError(f"{config_path}: no 'pill_config' field (not a PILL adapter export)")
-        cfg = PILLConfig.from_dict(meta["pill_config"])
-    cfg = cfg or PILLConfig()
-    if attn_backend:
-        cfg.attn_backend = attn_backend
-        cfg.validate()
-    model = load_pill(llm, vpg, cfg=cfg, dtype=dtype, adapter_path=adapter)
-    if device:
-        model.to(device)
-    return model.eval()
+    The method and its config (stage, modules, rank) are read from the export's adapter_config.json, so gates and
+    routing are exactly those of training; attn_backend may be overridden (e.g. sdpa on a machine without Triton)
+    for methods that have one. No adapter: a fresh PILL (the frozen LLM's behaviour on text)."""
+    from pipeline.model import PILLConfig, load_export, load_pill
+
+    if adapter is None:
+        cfg = PILLConfig(attn_backend=attn_backend) if attn_backend else PILLConfig()
+        return load_pill(llm, vpg, cfg=cfg, dtype=dtype, device=device).eval()
+    overrides = {"attn_backend": attn_backend} if attn_backend else {}
+    return load_export(adapter, llm, vpg, dtype=dtype, device=device, **overrides).eval()
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--llm / --vpg / --adapter / --attn-backend / --device, shared by the eval CLIs."""
     parser.add_argument("--llm", required=True, help="frozen LLM dir (transformers checkpoint + tokenizer)")
     parser.add_argument("--vpg", default=None, help="BLIP-2 VPG dir (omit for precomputed-feature shards)")
-    parser.add_argument("--adapter", default=None, help="PILL export dir (adapter_model.safetensors + config)")
-    parser.add_argument("--attn-backend", default=None, choices=["eager", "sdpa", "triton"])
+    parser.add_argument("--adapter", default=None, help="export dir of any method (adapter_model.safetensors + "
+                        "adapter_config.json, which names the method)")
+    parser.add_argument("--attn-backend", default=None, choices=["auto", "eager", "sdpa", "triton"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
