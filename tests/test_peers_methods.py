@@ -42,7 +42,7 @@ def test_lavin_at_init_is_the_frozen_llm_with_the_modality_token_and_visual_toke
         ours = model(**{k: v for k, v in b.items() if k != "labels"}).logits
         emb = model.llm.get_input_embeddings()(b["input_ids"])
         feats = model.vpg.cls_features(b["pixel_values"], model.cfg.clip_layers)  # the frozen CLIP, no adapter
-        emb = emb.masked_scatter(b["modality_mask"].unsqueeze(-1), model.projection(feats).reshape(-1, emb.shape[-1]))
+        emb = emb.masked_scatter(b["modality_mask"].unsqueeze(-1), model.projection_out(model.projection(feats)).reshape(-1, emb.shape[-1]))
         tok = model.modality_embedding(torch.tensor([1, 0]))[:, None]
         ref = model.llm(inputs_embeds=torch.cat([tok, emb], 1)).logits[:, 1:]
     torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
@@ -65,10 +65,10 @@ def test_iaa_text_rows_take_the_frozen_path_whatever_the_trainables(tiny_dirs, c
 
 def test_iaa_stages(tiny_dirs, clip_dir):  # noqa: F811
     model = make("iaa", tiny_dirs, clip_dir, stage=1)
-    assert {n.split(".")[0] for n, _ in model.trainable_parameters()} == {"projection"}
+    assert {n.split(".")[0] for n, _ in model.trainable_parameters()} == {"projection", "projection_out"}
     model.set_stage(2)
     assert {n.split(".")[0] for n, _ in model.trainable_parameters()} == {
-        "projection", "adaptors", "mm_embed", "mm_norm", "mm_head"}
+        "projection", "projection_out", "adaptors", "mm_embed", "mm_norm", "mm_head"}
     assert model.insert_after == [0, 1]  # IAA-14's pattern on a 2-layer LLM
     from pipeline.model.peers.iaa import iaa_layers
 

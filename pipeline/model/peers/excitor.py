@@ -117,9 +117,8 @@ class Excitor(FrozenLLMMethod):
         self.query_up = nn.ModuleList(nn.Linear(cfg.rank, d, bias=False) for _ in range(self.n_adapted))
         self.gates = nn.Parameter(torch.zeros(self.n_adapted))
         self.projection = None
-        if cfg.multimodal:  # W_k^Ex, W_v^Ex (assumption 5: shared by the layers)
-            self.projection = nn.ModuleDict({"k": nn.Linear(cfg.vision_width, d, bias=False),
-                                             "v": nn.Linear(cfg.vision_width, d, bias=False)})
+        if cfg.multimodal:  # [W_k^Ex; W_v^Ex] fused in one Linear (assumption 5: shared by the layers)
+            self.projection = nn.Linear(cfg.vision_width, 2 * d, bias=False)
         self.backend = "sdpa" if cfg.attn_backend == "auto" else cfg.attn_backend
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
@@ -143,11 +142,11 @@ class Excitor(FrozenLLMMethod):
         rows = image_rows(mm, self.cfg.num_query_tokens)
         if rows.numel() != torch.unique(rows).numel():
             raise ValueError("Excitor takes at most one image per row (its excitor keys hold one image's patches)")
-        f = feats.to(self.projection["k"].weight.dtype)
-        vk = torch.zeros(B, f.shape[1], self.llm.config.hidden_size, dtype=f.dtype, device=f.device)
+        kv = self.projection(feats.to(self.projection.weight.dtype))  # (N, Np, 2D)
+        vk = kv.new_zeros(B, kv.shape[1], kv.shape[2] // 2)
         vv = vk.clone()
-        vk[rows], vv[rows] = self.projection["k"](f), self.projection["v"](f)
-        has = torch.zeros(B, dtype=torch.bool, device=f.device)
+        vk[rows], vv[rows] = kv.chunk(2, dim=-1)
+        has = torch.zeros(B, dtype=torch.bool, device=kv.device)
         has[rows] = True
         return vk, vv, has
 

@@ -44,7 +44,8 @@ from pipeline.model.peers.common import (PeerCache, PeerConfigMixin, SeqContext,
 from pipeline.model.pill import causal_lm_loss, check_llm
 
 VIT_L_WIDTH, VIT_L_PATCHES = 1024, 256
-_STAGE_MODULES = {1: ("projection.",), 2: ("projection.", "adaptors.", "mm_embed.", "mm_norm.", "mm_head.")}
+_STAGE_MODULES = {1: ("projection.", "projection_out."),
+                  2: ("projection.", "projection_out.", "adaptors.", "mm_embed.", "mm_norm.", "mm_head.")}
 
 
 def iaa_layers(n_layers: int) -> list[int]:
@@ -97,8 +98,9 @@ class IAA(FrozenLLMMethod):
         self.mm_embed = _copy(emb, lambda: nn.Embedding(emb.num_embeddings, emb.embedding_dim))
         self.mm_norm = _copy(llm.model.norm, lambda: type(llm.model.norm)(c.hidden_size, eps=c.rms_norm_eps))
         self.mm_head = _copy(llm.lm_head, lambda: nn.Linear(c.hidden_size, c.vocab_size, bias=False))
-        self.projection = nn.Sequential(nn.Linear(cfg.vision_width, c.hidden_size), nn.GELU(),
-                                        nn.Linear(c.hidden_size, c.hidden_size))
+        # LLaVA's mlp2x_gelu: projection (W -> D), then projection_out (GELU, D -> D)
+        self.projection = nn.Linear(cfg.vision_width, c.hidden_size)
+        self.projection_out = nn.Sequential(nn.GELU(), nn.Linear(c.hidden_size, c.hidden_size))
         self._adaptor_of = {layer: j for j, layer in enumerate(self.insert_after)}
         self.backend: str | None = None
         self.llm.requires_grad_(False)
@@ -122,7 +124,7 @@ class IAA(FrozenLLMMethod):
             feats = self.vpg.patch_features(pixel_values, self.cfg.vision_layer)  # (N, K, W)
         if feats is None or feats.numel() == 0:
             return None
-        return self.projection(feats.to(self.projection[0].weight.dtype))  # (N, K, D)
+        return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))  # (N, K, D)
 
     def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,
                 image_features=None, position_ids=None, cu_seqlens=None, max_seqlen=None, past_key_values=None,

@@ -127,15 +127,17 @@ class LaVIN(FrozenLLMMethod):
         n_clip = vpg.num_layers if vpg is not None else VIT_L_LAYERS
         self.clip_adapters = (nn.ModuleList(mk(cfg.vision_width) for _ in range(n_clip))
                               if cfg.clip_adapters else None)
-        self.projection = nn.Sequential(nn.Linear(cfg.vision_width, cfg.projection_hidden), nn.SiLU(),
-                                        nn.Linear(cfg.projection_hidden, c.hidden_size))
+        # the visual MLP: projection (W -> 128), then projection_out (SiLU, 128 -> D)
+        self.projection = nn.Linear(cfg.vision_width, cfg.projection_hidden)
+        self.projection_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.projection_hidden, c.hidden_size))
         self.modality_embedding = nn.Embedding(2, c.hidden_size)
         self.backend: str | None = None
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
 
     def is_trainable(self, name: str, stage: int) -> bool:
-        return name.startswith(("adapters.", "ffn_adapters.", "clip_adapters.", "projection.", "modality_embedding."))
+        return name.startswith(("adapters.", "ffn_adapters.", "clip_adapters.", "projection.", "projection_out.",
+                                "modality_embedding."))
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def visual_tokens(self, pixel_values, image_features) -> torch.Tensor | None:
@@ -156,7 +158,7 @@ class LaVIN(FrozenLLMMethod):
             feats = self.vpg.cls_features(pixel_values, self.cfg.clip_layers, adapter)  # (N, K, W)
         else:
             return None
-        return self.projection(feats.to(self.projection[0].weight.dtype))
+        return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))
 
     def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,
                 image_features=None, position_ids=None, cu_seqlens=None, max_seqlen=None, past_key_values=None,

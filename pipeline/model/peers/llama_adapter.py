@@ -102,17 +102,16 @@ class LlamaAdapter(FrozenLLMMethod):
         self.prompts = nn.Embedding(self.n_adapted * cfg.prompt_len, c.hidden_size)
         nn.init.normal_(self.prompts.weight, std=cfg.prompt_init_std)
         self.gates = nn.Parameter(torch.zeros(self.n_adapted, c.num_attention_heads))
-        self.projection = None
-        if cfg.multimodal:
-            m = len(cfg.clip_layers)
-            self.projection = nn.Sequential(nn.Linear(m * cfg.vision_width, cfg.projection_hidden), nn.SiLU(),
-                                            nn.Linear(cfg.projection_hidden, c.hidden_size))
+        self.projection = self.projection_out = None
+        if cfg.multimodal:  # the image MLP: projection (down, M*W -> r), then projection_out (SiLU, r -> D)
+            self.projection = nn.Linear(len(cfg.clip_layers) * cfg.vision_width, cfg.projection_hidden)
+            self.projection_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.projection_hidden, c.hidden_size))
         self.backend: str | None = None
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
 
     def is_trainable(self, name: str, stage: int) -> bool:
-        return name.startswith(("prompts.", "projection.")) or name == "gates"
+        return name.startswith(("prompts.", "projection.", "projection_out.")) or name == "gates"
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def image_prompt(self, modality_mask: torch.Tensor, pixel_values, image_features, B: int) -> torch.Tensor | None:
@@ -127,8 +126,7 @@ class LlamaAdapter(FrozenLLMMethod):
             feats = self.vpg.cls_features(pixel_values, self.cfg.clip_layers)  # (N, M, W)
         if feats is None or feats.numel() == 0:
             return None
-        w = self.projection[0].weight
-        ip = self.projection(feats.to(w.dtype).flatten(1))  # (N, D)
+        ip = self.projection_out(self.projection(feats.to(self.projection.weight.dtype).flatten(1)))  # (N, D)
         rows = image_rows(modality_mask, self.cfg.num_query_tokens)
         return torch.zeros(B, ip.shape[-1], dtype=ip.dtype, device=ip.device).index_add(0, rows, ip)
 
