@@ -118,7 +118,7 @@ def test_scienceqa_cli(tiny_dirs, model, tmp_path, capsys):
 def test_scienceqa_cli_bad_input(tiny_dirs, tmp_path):
     from pipeline.eval.scienceqa import main
 
-    with pytest.raises(FileNotFoundError, match="adapter_config.json not found"):
+    with pytest.raises(FileNotFoundError, match="adapter export: .* does not exist"):
         main(["--llm", str(tiny_dirs["llm"]), "--adapter", str(tmp_path), "--shards", "x.tar", "--out-dir", "o"])
 
 
