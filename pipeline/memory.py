@@ -10,9 +10,10 @@ parameters, P_vpg frozen VPG parameters (0 with precomputed features), P_t train
 frozen weights        e (P_f + P_vpg), divided by N under ZeRO-3 (which partitions every parameter), plus the two
                       gathered layers ZeRO-3 holds at a time (the current one and the prefetched one): 2 e P_layer.
 trainable state       bytes per trainable parameter, DeepSpeed's layout (bf16 module copy, fp32 master + moments):
-                        bf16   ZeRO-0: 2 weight + 2 grad + 4 master + 4 fp32 grad + 8 Adam (m, v)      = 20
-                               ZeRO-1: 2 + 2 + (4 + 4 + 8) / N;  ZeRO-2: 2 + (2 + 4 + 4 + 8) / N + bucket;
-                               ZeRO-3: (2 + 2 + 4 + 4 + 8) / N + bucket
+                        bf16   ZeRO-0: 2 weight + 2 grad + 4 master + 4 fp32 grad accumulator + 8 Adam = 20
+                               ZeRO-1: 2 + 2 + (4 + 8) / N;  ZeRO-2: 2 + (2 + 4 + 8) / N + bucket;
+                               ZeRO-3: (2 + 2 + 4 + 8) / N + bucket  (ZeRO-1/2/3 build the fp32 gradient of
+                               their partition, 4/N, only inside the optimizer step, when activations are gone)
                         fp32   ZeRO-0: 4 weight + 4 grad + 8 Adam = 16; ZeRO-1: 4 + 4 + 8/N; ZeRO-2: 4 + (4 + 8)/N
                                + bucket; ZeRO-3: 16/N + bucket.   bucket = reduce_bucket_size x e (x 2 with
                                overlap_comm): DeepSpeed allocates the whole contiguous-gradient buffer at every
@@ -158,7 +159,7 @@ def trainable_state_bytes(p: int, s: MemorySetup, d_model: int) -> dict[str, flo
     if s.precision == "bf16":
         weight = 2 * p / (n if z == 3 else 1)
         grad = 2 * p / (n if z >= 2 else 1) + bucket
-        master_and_fp32_grad = (4 + 4) * p / (n if z >= 1 else 1)
+        master_and_fp32_grad = (4 + 4) * p if z == 0 else 4 * p / n
     else:
         weight = 4 * p / (n if z == 3 else 1)
         grad = 4 * p / (n if z >= 2 else 1) + bucket

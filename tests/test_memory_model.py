@@ -8,8 +8,11 @@ within a tolerance (its small terms are approximations). The rest checks the mod
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +149,51 @@ def test_params_memory_cli():
     assert r.returncode == 0, r.stderr
     assert "frozen LLM weights" in r.stdout and "predicted peak" in r.stdout
     assert r.stdout.strip().splitlines()[-1].startswith("predicted_peak_gb=")
+
+
+_DS_CHILD = r'''
+import json, os, sys, torch
+import deepspeed
+from transformers import LlamaConfig, LlamaForCausalLM
+from pipeline.memory import MemorySetup, ParamCounts, estimate
+from pipeline.model.config import PILLConfig
+from pipeline.model.pill import PILL
+from pipeline.training.dist import init_distributed
+
+init_distributed()
+torch.manual_seed(0)
+c = LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=256)
+model = PILL(LlamaForCausalLM(c), PILLConfig(rank=8, vpg_width=32, num_query_tokens=8, attn_backend="sdpa",
+                                             adapter_backend="eager"))
+trainable = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(trainable, lr=1e-3)
+ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+      "zero_optimization": {"stage": int(sys.argv[1]), "reduce_bucket_size": 50000, "contiguous_gradients": True}}
+engine, opt, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+mm = torch.zeros(2, 32, dtype=torch.bool); mm[:, 1:9] = True
+out = engine(input_ids=torch.randint(0, 256, (2, 32)), modality_mask=mm, labels=torch.randint(0, 256, (2, 32)),
+             image_features=torch.randn(2, 8, 32).bfloat16(), return_logits=False)
+engine.backward(out.loss)
+engine.step()
+master = sum(t.numel() * t.element_size() for t in opt.single_partition_of_fp32_groups)
+moments = sum(st[k].numel() * st[k].element_size() for st in opt.optimizer.state.values()
+              for k in ("exp_avg", "exp_avg_sq"))
+s = MemorySetup(micro_batch=2, seq=32, zero_stage=int(sys.argv[1]), reduce_bucket_size=50000)
+est = estimate(c, model.cfg, ParamCounts.of(model), s)
+print(json.dumps({"measured": master + moments, "predicted": est.components["optimizer (fp32 master, Adam m, v)"],
+                  "module_dtypes": sorted({str(p.dtype) for p in model.parameters()})}))
+'''
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_deepspeed_optimizer_state_bytes(zero):
+    """DeepSpeed's bf16 ZeRO optimizer on CPU, 1 rank: fp32 master partition + Adam moments as predicted (up to
+    DeepSpeed's alignment padding of the flat partition; measured: equal)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-c", _DS_CHILD, str(zero)], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["module_dtypes"] == ["torch.bfloat16"]
+    assert abs(got["measured"] - got["predicted"]) <= 12 * 64, got  # <= 64 padding elements x 12 bytes
