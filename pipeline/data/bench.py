@@ -1,10 +1,14 @@
-"""Loader throughput: samples/s for JPEG shards (decode + 224 px transform) and for precomputed-feature shards,
-tokenisation and collation included.
+"""Loader throughput, side by side with a plain webdataset + PIL pipeline doing the same work.
 
-    python -m pipeline.data.bench --workers 0 1 2 --n 2000
+    python -m pipeline.data.bench --n 600 --workers 0
 
-`--workers 0` runs in the main process (= one worker's work); torch is limited to one thread so the figure is per
-core. Numbers of record are in docs/data.md with the machine they were taken on.
+Sets: JPEG photos at 224, 500x375 and 1000x750 px (decode + 224 px BLIP-2 transform + caption tokenisation) and
+precomputed-feature shards (32 x 768 fp16). The baseline is `webdataset.WebDataset(...).decode("pil")`, a bicubic
+resize to 224 x 224, ToTensor + Normalize as float ops, the same batched tokenizer call, `.batched(16)`. Also
+printed: the mean absolute pixel difference of our decode (JPEG DCT-scaled with `Image.draft` when the source is at
+least twice the output) against a full-size decode + the same resize, in 1/255 units, and a cProfile of the
+feature path (`--profile`). `--workers 0` runs in the main process (= one worker's work); torch uses one thread so
+the figures are per core. The numbers of record, with the machine, are in docs/data.md.
 """
 
 from __future__ import annotations
@@ -20,42 +24,68 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.constants import IMAGE_MEAN, IMAGE_STD
 from pipeline.data.config import DataConfig, SourceConfig
 from pipeline.data.loader import build_loader
 from pipeline.data.tarwrite import Sample, write_tar
+from pipeline.data.transforms import decode_image
+
+_SAMPLE_PHOTO = "mpl-data/sample_data/grace_hopper.jpg"  # a real photograph that ships with matplotlib
 
 
-def _photo_like(rng: np.random.Generator, w: int, h: int) -> bytes:
-    """Low-frequency colour blobs + noise: JPEG sizes like real photos (~15-25 KB at 224 px, q90)."""
-    small = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
-    arr = np.asarray(img).astype(np.int16) + rng.integers(-20, 20, (h, w, 3))
+def _photo_source() -> Image.Image | None:
+    try:
+        import matplotlib
+
+        return Image.open(Path(matplotlib.__file__).parent / _SAMPLE_PHOTO).convert("RGB")
+    except (ImportError, OSError):
+        return None
+
+
+def _photo_like(rng: np.random.Generator, w: int, h: int, photo: Image.Image | None) -> bytes:
+    """A random crop of a real photograph at w x h (random scale, flip and colour gain), JPEG q90; without
+    matplotlib, 1/f noise (natural images' spectrum)."""
+    if photo is not None:
+        pw, ph = photo.size
+        cw = int(pw * rng.uniform(0.5, 1.0))
+        ch = min(ph, int(cw * h / w))
+        x, y = int(rng.integers(0, pw - cw + 1)), int(rng.integers(0, ph - ch + 1))
+        img = photo.crop((x, y, x + cw, y + ch)).resize((w, h), Image.LANCZOS)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = (np.asarray(img, np.float32) * rng.uniform(0.7, 1.2, 3)).clip(0, 255).astype(np.uint8)
+    else:
+        f = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2)
+        f[0, 0] = 1
+        chans = [np.fft.irfft2((rng.standard_normal(f.shape) + 1j * rng.standard_normal(f.shape)) / f, s=(h, w))
+                 for _ in range(3)]
+        arr = np.stack([(c - c.mean()) / c.std() * 50 + 120 for c in chans], -1).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
-def make_shards(out: Path, kind: str, n: int, per_shard: int = 500, size: tuple[int, int] = (224, 224),
-                K: int = 32, W: int = 768) -> str:
+def make_shards(out: Path, kind: str, n: int, per_shard: int = 200, size: tuple[int, int] = (224, 224),
+                K: int = 32, W: int = 768) -> list[str]:
     rng = np.random.default_rng(0)
+    photo = _photo_source() if kind == "jpeg" else None
     out.mkdir(parents=True, exist_ok=True)
-    n_sh = (n + per_shard - 1) // per_shard
-    for s in range(n_sh):
+    paths = []
+    for s in range((n + per_shard - 1) // per_shard):
         samples = []
         for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
             cap = f"a photo of object number {i} with some descriptive words about the scene"
-            meta = {"caption": cap, "question": f"What is in picture {i}?", "choices": ["a cat", "a dog", "a car"],
-                    "answer": i % 3, "hint": "", "lecture": "Animals and cars.", "solution": "Look at it."}
-            files = {"json": json.dumps(meta).encode(), "txt": cap.encode()}
+            files = {"json": json.dumps({"caption": cap}).encode(), "txt": cap.encode()}
             if kind == "jpeg":
-                files["jpg"] = _photo_like(rng, *size)
+                files["jpg"] = _photo_like(rng, *size, photo)
             else:
                 buf = io.BytesIO()
                 np.save(buf, rng.standard_normal((K, W)).astype(np.float16))
                 files["feat.npy"] = buf.getvalue()
             samples.append(Sample(f"{i:08d}", files))
-        write_tar(out / f"{kind}-{s:06d}.tar", samples)
-    return str(out / f"{kind}-{{000000..{n_sh - 1:06d}}}.tar")
+        paths.append(str(out / f"{kind}-{s:06d}.tar"))
+        write_tar(paths[-1], samples)
+    return paths
 
 
 def tiny_tokenizer(cache_dir: Path):
@@ -69,26 +99,81 @@ def tiny_tokenizer(cache_dir: Path):
     return PreTrainedTokenizerFast.from_pretrained(str(cache_dir))
 
 
-def measure(pattern: str, task: str, workers: int, tok, K: int, max_len: int, batch_size: int = 16) -> dict:
-    cfg = DataConfig(max_length=max_len, num_workers=workers, shuffle_buffer=256)
-    ld = build_loader(cfg, tok, sources=[SourceConfig(pattern, task=task)], batch_size=batch_size,
-                      num_query_tokens=K, rank=0, world_size=1)
-    it = iter(ld)
-    first = next(it)  # startup (worker fork, shuffle-buffer fill) is not steady-state throughput
+def _rate(batches, count) -> dict:
+    it = iter(batches)
+    next(it)  # start-up (worker fork, shuffle-buffer fill) is not steady-state throughput
     t0, n = time.perf_counter(), 0
     for b in it:
-        n += b["num_samples"]
+        n += count(b)
     dt = time.perf_counter() - t0
-    assert first["input_ids"].shape[0] > 0
-    return {"samples": n, "seconds": round(dt, 2), "samples_per_s": round(n / dt, 1),
-            "per_worker": round(n / dt / max(1, workers), 1)}
+    return {"samples": n, "seconds": round(dt, 2), "samples_per_s": round(n / dt, 1)}
+
+
+def measure(urls: list[str], task: str, workers: int, tok, K: int, max_len: int, batch_size: int = 16) -> dict:
+    cfg = DataConfig(max_length=max_len, num_workers=workers, shuffle_buffer=256)
+    ld = build_loader(cfg, tok, sources=[SourceConfig(urls, task=task)], batch_size=batch_size,
+                      num_query_tokens=K, rank=0, world_size=1)
+    return _rate(ld, lambda b: b["num_samples"])
+
+
+def measure_webdataset(urls: list[str], tok, size: int = 224, batch_size: int = 16) -> dict:
+    """The plain pipeline: webdataset's PIL decoder, full-size decode, resize, float normalise, tokenise."""
+    import torch
+    import webdataset as wds
+
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+
+    def transform(img: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(img.resize((size, size), Image.BICUBIC))).permute(2, 0, 1).float() / 255
+        return (x - mean) / std
+
+    def collate(batch):
+        imgs, caps = batch
+        ids = tok([f"[INST] <image>\nDescribe the image briefly. [/INST]{c}" for c in caps])["input_ids"]
+        return torch.stack(list(imgs)), ids
+
+    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg", "txt")
+          .map_tuple(transform, lambda t: t).batched(batch_size, collation_fn=None).map(
+              lambda b: collate(list(zip(*b)))))
+    return _rate(ds, lambda b: len(b[1]))
+
+
+def pixel_error(urls: list[str], size: int = 224, limit: int = 100) -> float:
+    """Mean |ours - full decode + the same resize| in 1/255 units over the first `limit` images."""
+    import tarfile
+
+    errs = []
+    with tarfile.open(urls[0]) as tar:
+        for m in tar:
+            if m.name.endswith(".jpg") and len(errs) < limit:
+                data = tar.extractfile(m).read()
+                full = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BICUBIC)
+                errs.append(np.abs(decode_image(data, size).astype(np.float32) - np.asarray(full, np.float32))
+                            .mean())
+    return float(np.mean(errs))
+
+
+def profile_features(urls: list[str], tok, K: int, top: int = 14) -> str:
+    import cProfile
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    measure(urls, "caption", 0, tok, K, 128)
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.data.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=2000, help="samples per shard set")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--n", type=int, default=600, help="samples per shard set")
+    p.add_argument("--workers", type=int, nargs="+", default=[0])
     p.add_argument("--K", type=int, default=32, help="num_query_tokens")
+    p.add_argument("--sets", nargs="+", default=["jpeg224", "jpeg500", "jpeg1000", "features"])
+    p.add_argument("--profile", action="store_true", help="cProfile of the feature path")
     p.add_argument("--dir", type=Path, default=None, help="where to write the shards (default: a temp dir)")
     a = p.parse_args(argv)
     import torch
@@ -97,18 +182,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = a.dir or Path(tempfile.mkdtemp(prefix="pill-bench-"))
     tok = tiny_tokenizer(root / "tok")
-    sets = {
-        "jpeg224": make_shards(root / "jpeg224", "jpeg", a.n),
-        "jpeg500x375": make_shards(root / "jpeg500", "jpeg", a.n, size=(500, 375)),
-        "features": make_shards(root / "feat", "features", a.n, K=a.K),
-    }
-    print(f"machine: {os.cpu_count()} cpu(s); {a.n} samples per set; K={a.K}; batch 16; shards in {root}")
-    for name, pattern in sets.items():
-        for task, max_len in (("caption", 128), ("scienceqa", 512)):
+    sizes = {"jpeg224": (224, 224), "jpeg500": (500, 375), "jpeg1000": (1000, 750)}
+    print(f"machine: {os.cpu_count()} cpu(s), load {os.getloadavg()[0]:.1f}; {a.n} samples per set; K={a.K}; "
+          f"batch 16; shards in {root}")
+    for name in a.sets:
+        if name == "features":
+            urls = make_shards(root / name, "features", a.n, K=a.K)
             for w in a.workers:
-                r = measure(pattern, task, w, tok, a.K, max_len)
-                print(f"{name:12s} {task:10s} workers={w}: {r['samples_per_s']:8.1f} samples/s "
-                      f"({r['per_worker']:.1f}/worker) over {r['samples']} samples")
+                r = measure(urls, "caption", w, tok, a.K, 128)
+                print(f"{name:9s} caption workers={w}: ours {r['samples_per_s']:8.1f} samples/s")
+            if a.profile:
+                print(profile_features(urls, tok, a.K))
+            continue
+        urls = make_shards(root / name, "jpeg", a.n, size=sizes[name])
+        base = measure_webdataset(urls, tok)
+        for w in a.workers:
+            r = measure(urls, "caption", w, tok, a.K, 128)
+            ratio = f" = {r['samples_per_s'] / base['samples_per_s']:.2f}x" if w == 0 else ""
+            print(f"{name:9s} caption workers={w}: ours {r['samples_per_s']:8.1f} samples/s, webdataset+PIL "
+                  f"{base['samples_per_s']:8.1f}{ratio}")
+        print(f"{name:9s} pixel error vs full decode: {pixel_error(urls):.3f}/255 mean abs")
     return 0
 
 

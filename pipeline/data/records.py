@@ -2,21 +2,21 @@
 
 Bad data never stops training: an unreadable or truncated tar (local, `pipe:` or `http(s)://`), a record without or
 with invalid JSON are skipped, counted by reason in a `SkipCounter` and logged with shard and key (the first
-`log_first` per reason). A tar is read as one stream (no per-sample file opens); grouping follows webdataset's key
-rule. Local files are read in seekable mode, so the members of records a slot does not take are skipped by seeking
-(only their json is read).
+`log_first` per reason). A tar is read as one stream (no per-sample file opens, tarstream.py); grouping follows
+webdataset's key rule. Local files are seekable, so the members of records a slot does not take are skipped by
+seeking (only their json is read).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pipeline.data.shardlists import Piece, is_remote, split_member
+from pipeline.data.tarstream import Member, TarError, iter_members, read_at
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def iter_tar(url: str, counter: SkipCounter, count: bool = True, lazy: bool = Fa
 
     Every failure, including the exit status a `pipe:`/curl stream reports when it is closed, is caught here:
     a shard can cost its samples, never the run. count=False: another slot owns this shard's failures.
-    lazy (local files): non-json members stay TarInfo until `load_members` reads them (skipped records are seeked
-    over, not read)."""
+    lazy (local files): only json members are read; the others stay `Member`s until `load_members` reads them
+    (the records a slot does not take are seeked over)."""
     counter.shards_opened.append(url)
     try:
         stream = _open(url)
@@ -95,74 +95,35 @@ def iter_tar(url: str, counter: SkipCounter, count: bool = True, lazy: bool = Fa
     started = closed = False
     try:
         with stream:
-            src = stream if lazy else _Tail(stream)
-            with tarfile.open(fileobj=src, mode="r:*" if lazy else "r|*") as tar:
-                for m in tar:
-                    started = True
-                    if not m.isfile():
-                        continue
-                    key, ext = split_member(m.name)
-                    if not ext:
-                        continue
-                    if cur is not None and cur["__key__"] != key:  # before reading: a read error keeps cur
-                        out, cur = cur, None
-                        try:
-                            yield out
-                        except GeneratorExit:
-                            closed = True
-                            raise
-                    if cur is None:
-                        cur = {"__key__": key, "__shard__": url, **({"__tar__": tar} if lazy else {})}
-                    cur[ext] = m if lazy and ext != "json" else _read(tar, m)
-                if started and not _complete(src, tar, lazy):
-                    # tarfile ends silently when a stream stops at a header boundary: the last record may lack
-                    # members, so it goes, and the shard is counted as damaged.
-                    raise tarfile.ReadError("truncated: the tar has no end-of-archive blocks")
-                if cur is not None:
+            for m in iter_members(stream, seekable=not is_remote(url)):
+                started = True
+                key, ext = split_member(m.name)
+                if not ext:
+                    continue
+                if cur is not None and cur["__key__"] != key:  # before reading: a read error keeps cur
                     out, cur = cur, None
                     try:
                         yield out
                     except GeneratorExit:
                         closed = True
                         raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+                if cur is None:
+                    cur = {"__key__": key, "__shard__": url, **({"__tar__": stream} if lazy else {})}
+                cur[ext] = m if lazy and ext != "json" else m.read()
+            if cur is not None:
+                out, cur = cur, None
+                try:
+                    yield out
+                except GeneratorExit:
+                    closed = True
+                    raise
+    except (TarError, EOFError, OSError, ValueError) as e:
         if closed:  # the consumer stopped early; closing a pipe then is not a data error
             return
         # The record being read when the stream broke is incomplete: drop it, keep the complete ones. A 404 or a
         # refused connection surfaces here too (the pipe's exit status), before any member.
         reason = "unreadable_shard" if not started and _never_opened(e) else "bad_tar"
         counter.skip(reason, url, cur["__key__"] if cur else "", f"{type(e).__name__}: {e}", count=count)
-
-
-class _Tail:
-    """Pass-through reader that keeps the last block of the stream: a complete tar ends in zero blocks."""
-
-    def __init__(self, f: Any):
-        self.f, self.tail = f, b""
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        if data:
-            self.tail = (self.tail + data)[-tarfile.BLOCKSIZE:] if len(data) < tarfile.BLOCKSIZE else \
-                data[-tarfile.BLOCKSIZE:]
-        return data
-
-
-def _complete(src: Any, tar: tarfile.TarFile, lazy: bool) -> bool:
-    """Whether the archive ended with its end-of-archive zero block (not at a cut)."""
-    if lazy:
-        src.seek(tar.offset)
-        block = src.read(tarfile.BLOCKSIZE)
-    else:
-        while src.read(1 << 16):  # drain the padding after the end marker
-            pass
-        block = src.tail
-    return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
-
-
-def _read(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
-    f = tar.extractfile(m)
-    return f.read() if f is not None else b""
 
 
 def _never_opened(e: Exception) -> bool:
@@ -173,12 +134,12 @@ def _never_opened(e: Exception) -> bool:
 
 
 def load_members(r: dict[str, Any]) -> dict[str, Any]:
-    """Read the members a seekable reader left as TarInfo (call while the shard is still being iterated)."""
-    tar = r.pop("__tar__", None)
-    if tar is not None:
+    """Read the members a lazy reader left unread (call while the shard is still being iterated)."""
+    f = r.pop("__tar__", None)
+    if f is not None:
         for k, v in r.items():
-            if isinstance(v, tarfile.TarInfo):
-                r[k] = _read(tar, v)
+            if isinstance(v, Member):
+                r[k] = read_at(f, v)
     return r
 
 
@@ -213,7 +174,7 @@ def _loaded(r: dict[str, Any], counter: SkipCounter, count: bool) -> bool:
     try:
         load_members(r)
         return True
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (TarError, OSError, EOFError) as e:
         counter.skip("bad_tar", r["__shard__"], r["__key__"], f"{type(e).__name__}: {e}", count=count)
         return False
 

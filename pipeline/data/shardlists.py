@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import tarfile
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,22 +115,23 @@ def shard_counts(urls: list[str], index_urls: list[str] = ()) -> list[int | None
 
 def scan_tar_count(url: str) -> int:
     """Usable samples in a local tar: keys with a member extension and a json object (the records the reader
-    yields); 0 when unreadable (the reader will count the error)."""
+    yields); 0 when unreadable (the reader will count the error). Reads headers and json members only."""
+    from pipeline.data.tarstream import TarError, iter_members
+
     keys: dict[str, bool] = {}
     try:
-        with tarfile.open(url, "r:*") as tar:
-            for m in tar:
+        with open(url, "rb") as f:
+            for m in iter_members(f, seekable=True):
                 key, ext = split_member(m.name)
-                if not m.isfile() or not ext:
+                if not ext:
                     continue
                 keys.setdefault(key, False)
                 if ext == "json":
-                    f = tar.extractfile(m)
                     try:
-                        keys[key] = isinstance(json.loads(f.read()), dict) if f else False
+                        keys[key] = isinstance(json.loads(m.read()), dict)
                     except ValueError:
                         keys[key] = False
-    except (OSError, tarfile.TarError, EOFError):
+    except (OSError, TarError):
         log.warning("cannot scan %s for its sample count; counting it as 0", url)
     return sum(keys.values())
 

@@ -13,6 +13,7 @@ start and that image is dropped. A sample left without any answer token is skipp
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +64,7 @@ def conversation_pieces(conv: Conversation, with_answer: bool = True) -> list[tu
 def encode_pieces(batch_pieces: list[list[tuple]], tokenizer: Any, num_query_tokens: int, max_len: int | None,
                   ) -> list[Encoded | None]:
     """One batched tokenizer call for every text piece of the batch; None for samples truncated to no answer."""
-    texts = [p[1] for pieces in batch_pieces for p in pieces if p[0] == "text"]
-    ids_list = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    ids_list = _tokenize([p for pieces in batch_pieces for p in pieces if p[0] == "text"], tokenizer)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None or eos is None:
         raise ValueError("the tokenizer needs bos_token_id and eos_token_id (LLaMA-style <s> and </s>)")
@@ -108,6 +108,34 @@ def encode_pieces(batch_pieces: list[list[tuple]], tokenizer: Any, num_query_tok
             continue
         out.append(Encoded(arr, np.where(tr, arr, IGNORE), np.asarray(vis, dtype=bool), n_img))
     return out
+
+
+_PROMPT_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {prompt text: ids}
+_PROMPT_CACHE_SIZE = 4096
+
+
+def _tokenize(text_pieces: list[tuple], tokenizer: Any) -> list[list[int]]:
+    """Token ids of every text piece, one batched tokenizer call for those not cached. Prompt pieces (not
+    trained on) repeat across samples (`[INST] ...`, the system block, the caption instruction), so their ids are
+    kept per tokenizer; answers are always tokenised."""
+    cache = _PROMPT_IDS.setdefault(tokenizer, {})
+    out: list[list[int] | None] = [None] * len(text_pieces)
+    todo = []
+    for i, (_, text, train) in enumerate(text_pieces):
+        hit = None if train else cache.get(text)
+        if hit is None:
+            todo.append(i)
+        else:
+            out[i] = hit
+    if todo:
+        ids = tokenizer([text_pieces[i][1] for i in todo], add_special_tokens=False)["input_ids"]
+        if len(cache) > _PROMPT_CACHE_SIZE:
+            cache.clear()
+        for i, seg in zip(todo, ids):
+            out[i] = seg
+            if not text_pieces[i][2]:
+                cache[text_pieces[i][1]] = seg
+    return out  # type: ignore[return-value]
 
 
 def encode_prompt(conv: Conversation, tokenizer: Any, num_query_tokens: int) -> Encoded:

@@ -74,12 +74,39 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 def decode_features(data: bytes, ext: str) -> np.ndarray:
     """bytes -> (K, W) array (fp16 as stored)."""
     if ext.endswith("feat.npy"):  # `feat.npy` or `{i}.feat.npy`
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        arr = _npy(data)
     else:
         arr = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).numpy()
     if arr.ndim != 2:
         raise ValueError(f"features must be (K, W), got shape {arr.shape}")
     return arr
+
+
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+
+def _npy(data: bytes) -> np.ndarray:
+    """np.load without its per-call header parse (ast.literal_eval): every feature file of a shard set has the same
+    header, so it is parsed once (by numpy) and the array is a view of the bytes."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not a .npy file")
+    major = data[6]
+    hlen, start = (int.from_bytes(data[8:10], "little"), 10) if major == 1 else (
+        int.from_bytes(data[8:12], "little"), 12)
+    header = data[:start + hlen]
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        if arr.dtype.hasobject or arr.flags.f_contiguous and arr.ndim > 1 and not arr.flags.c_contiguous:
+            return arr  # unusual files: numpy's own path, not cached
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[header] = (arr.dtype, arr.shape, start + hlen)
+        return arr
+    dtype, shape, offset = parsed
+    n = int(np.prod(shape))
+    if len(data) - offset != n * dtype.itemsize:
+        raise ValueError(f".npy payload has {len(data) - offset} bytes, header says {shape} {dtype}")
+    return np.frombuffer(data, dtype=dtype, count=n, offset=offset).reshape(shape)
 
 
 def _lut(mean: tuple, std: tuple) -> np.ndarray:
