@@ -44,3 +44,9 @@ clean:
 .PHONY: gpu-check
 gpu-check:
 	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# PILL and its peers (LLaMA-Adapter, LaVIN, Excitor, IAA) trained like for like on the demo data, one table
+# (docs/peers.md): runs/compare/compare.md and compare.json. COMPARE_ARGS="--methods lavin iaa" runs a subset.
+.PHONY: compare
+compare: $(STAMP)
+	$(PY) scripts/compare.py --nprocs $(NUM_PROCS) $(COMPARE_ARGS)

@@ -15,6 +15,7 @@ Legend: N images, P patches (+1 CLS at index 0), W CLIP width, L blocks.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from collections.abc import Callable
@@ -48,7 +49,7 @@ class CLIPFrontEnd(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> CLIPFrontEnd:
         path = Path(resolve_clip_source(path))
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"CLIP front end: {path} has no config.json (give a local transformers CLIP "
+            raise FileNotFoundError(f"CLIP front end: {path.resolve()} has no config.json (give a local transformers CLIP "
                                     "vision checkpoint dir, or 'tiny')")
         kw = {"dtype": dtype} if dtype is not None else {}
         return cls(CLIPVisionModel.from_pretrained(str(path), local_files_only=True, **kw))
@@ -153,10 +154,12 @@ def resolve_clip_source(source: str | Path) -> str | Path:
 
     out = tiny_dir() / f"clip-{TINY_CLIP_VERSION}"
     if not (out / "config.json").is_file():
-        # Built aside and renamed: ranks that start together never read a half-written directory.
-        tmp = build_tiny_clip(out.with_name(f"{out.name}.tmp{os.getpid()}"))
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Ranks that start together: one builds under an exclusive lock, the others wait for it.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f"{out.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "config.json").is_file():
+                tmp = build_tiny_clip(out.with_name(f"{out.name}.tmp{os.getpid()}"))
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(tmp, out)
     return out
