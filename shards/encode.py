@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline.data.records import SkipCounter, iter_tar
 from pipeline.data.shardlists import expand_shards
-from pipeline.data.transforms import decode_image, default_mean_std, image_ext, normalise
+from pipeline.data.transforms import decode_image, default_mean_std, image_exts, normalise
 from shards.writer import INDEX_FORMAT, Sample, _finalise, _load_index, _save_index, write_tar
 
 log = logging.getLogger(__name__)
@@ -59,36 +59,37 @@ def encode_shard(url: str, out_path: Path, vpg: Any, device: torch.device, batch
     size = int(vpg.image_size)
     mean, std = default_mean_std()
     samples: list[Sample] = []
-    pending: list[tuple[int, np.ndarray]] = []  # (position in samples, uint8 image)
+    pending: list[tuple[int, str, np.ndarray]] = []  # (position in samples, feature member, uint8 image)
     before = Counter(counter.counts)
 
     def flush() -> None:
         if not pending:
             return
-        pix = normalise([im for _, im in pending], mean, std, size).to(device)
+        pix = normalise([im for _, _, im in pending], mean, std, size).to(device)
         feats = vpg(pix).to(torch.float16).cpu().numpy()  # (n, K, W)
-        for (pos, _), f in zip(pending, feats):
-            samples[pos].files["feat.npy"] = _npy(f)
+        for (pos, name, _), f in zip(pending, feats):
+            samples[pos].files[name] = _npy(f)
         pending.clear()
 
     for r in iter_tar(url, counter):
         files = {k: v for k, v in r.items() if not k.startswith("__")}
-        ext = image_ext(r)
-        if ext is not None:
-            try:
-                img = decode_image(files.pop(ext), size)
-            except Exception as e:  # PIL raises many types on bad bytes
-                counter.skip("undecodable_image", url, r["__key__"], f"{type(e).__name__}: {e}")
-                continue
-            pending.append((len(samples), img))
+        exts = image_exts(r)
+        try:
+            imgs = [decode_image(files.pop(e), size) for e in exts]
+        except Exception as e:  # PIL raises many types on bad bytes
+            counter.skip("undecodable_image", url, r["__key__"], f"{type(e).__name__}: {e}")
+            continue
+        for e, img in zip(exts, imgs):  # `jpg` -> `feat.npy`; `1.jpg` (several images) -> `1.feat.npy`
+            head = e.split(".", 1)[0]
+            pending.append((len(samples), f"{head}.feat.npy" if head.isdigit() else "feat.npy", img))
         samples.append(Sample(r["__key__"], files))
         if len(pending) >= batch_size:
             flush()
     flush()
     # Members in a stable order: feat first, then the rest as they came (the reader groups by key anyway).
     for s in samples:
-        if "feat.npy" in s.files:
-            s.files = {"feat.npy": s.files.pop("feat.npy"), **s.files}
+        feats = sorted(k for k in s.files if k.endswith("feat.npy"))
+        s.files = {**{k: s.files.pop(k) for k in feats}, **s.files}
     nbytes = write_tar(out_path, samples)
     skipped = dict(Counter(counter.counts) - before)
     return {"file": out_path.name, "samples": len(samples), "bytes": nbytes, "skipped": skipped,

@@ -7,6 +7,7 @@ IMAGE_MEAN / IMAGE_STD from pipeline.constants (the CLIP constants BLIP-2 uses).
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Any
 
@@ -26,18 +27,23 @@ def default_mean_std() -> tuple[tuple[float, ...], tuple[float, ...]]:
     return IMAGE_MEAN, IMAGE_STD
 
 
+@functools.lru_cache(maxsize=1024)
+def _member_index(name: str, exts: tuple[str, ...]) -> int:
+    """`jpg` -> 0, `3.png` -> 3, anything else -> -1 (member names repeat across records: cached)."""
+    if name in exts:
+        return 0
+    head, _, tail = name.partition(".")
+    return int(head) if head.isdigit() and tail in exts else -1
+
+
 def _indexed(record: dict[str, Any], exts: tuple[str, ...]) -> list[str]:
     """Members `{ext}` or `{i}.{ext}` in image order: `jpg` (or `0.jpg`) first, then `1.jpg`, `2.png`, ..."""
     found: dict[int, str] = {}
     for name in record:
-        if name.startswith("__"):
-            continue
-        head, _, tail = name.partition(".")
-        if name in exts:
-            found.setdefault(0, name)
-        elif head.isdigit() and tail in exts:
-            found.setdefault(int(head), name)
-    return [found[i] for i in sorted(found)]
+        i = _member_index(name, exts)
+        if i >= 0:
+            found.setdefault(i, name)
+    return [found[i] for i in sorted(found)] if len(found) > 1 else list(found.values())
 
 
 def image_exts(record: dict[str, Any]) -> list[str]:
