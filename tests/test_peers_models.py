@@ -166,3 +166,34 @@ def test_bad_config_names_the_field(name, field, value):
         get_method(name).config_cls(**{field: value})
     with pytest.raises(ValueError, match="unknown"):
         get_method(name).config_cls.from_dict({"no_such_field": 1})
+
+
+@pytest.mark.parametrize("name", ["llama_adapter", "excitor", "iaa"])
+def test_precomputed_clip_features_equal_the_pixel_path(name, tiny_dirs, clip_dir):
+    """What shards.encode would write (pipeline.model.clip.CLIPFeatures, spec method:<name>) gives the same logits
+    as the pixels through the model's own CLIP."""
+    from pipeline.model.clip import CLIPFeatures
+
+    model = make(name, tiny_dirs, clip_dir)
+    feats_fn = CLIPFeatures(model.vpg, f"method:{name}")
+    if name == "excitor":  # precomputed patch rows need one placeholder per row (the collator's check)
+        model = make(name, tiny_dirs, clip_dir, num_query_tokens=feats_fn.num_query_tokens)
+    assert feats_fn.num_query_tokens == model.cfg.num_query_tokens
+    randomize(model, seed=2)
+    model.eval()
+    b = image_batch(model)
+    pixels = b.pop("pixel_values")
+    with torch.no_grad():
+        feats = feats_fn(pixels)
+        a = model(**b, pixel_values=pixels).logits
+        c = model(**b, image_features=feats).logits
+    assert feats.shape == (1, model.cfg.num_query_tokens, model.vpg.width)
+    torch.testing.assert_close(c, a, rtol=0, atol=0)
+
+
+def test_lavin_refuses_precomputed_features_while_clip_is_adapted(tiny_dirs, clip_dir):
+    model = make("lavin", tiny_dirs, clip_dir)
+    b = image_batch(model)
+    b.pop("pixel_values")
+    with pytest.raises(ValueError, match="clip_adapters"):
+        model(**b, image_features=torch.zeros(1, model.cfg.num_query_tokens, model.vpg.width))

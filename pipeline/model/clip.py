@@ -163,3 +163,61 @@ def resolve_clip_source(source: str | Path) -> str | Path:
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(tmp, out)
     return out
+
+
+# ---- precomputed features (shards.encode --clip) -------------------------------------------------------------------
+class CLIPFeatures(nn.Module):
+    """The frozen CLIP features a peer reads, for `shards.encode --clip DIR --clip-features SPEC`.
+
+    SPEC: "cls:4,8,12" (CLS states after those 1-based blocks: LLaMA-Adapter's multi-scale global feature, LaVIN's
+    visual tokens), "patch:-2" (patch states of one block, CLS dropped: Excitor, IAA), or "method:<name>" (what that
+    peer's default config reads on this CLIP). Same interface as the BLIP-2 VPG: (N, 3, S, S) -> (N, K, W)."""
+
+    def __init__(self, front_end: CLIPFrontEnd, spec: str):
+        super().__init__()
+        self.front_end = front_end
+        self.spec = spec = method_feature_spec(spec, front_end) if spec.startswith("method:") else spec
+        kind, _, arg = spec.partition(":")
+        if kind == "cls":
+            self.layers = [int(i) for i in arg.split(",") if i]
+            check_layers(self.layers, front_end.num_layers, f"--clip-features {spec}")
+        elif kind == "patch":
+            self.layer = int(arg or -2)
+            if not (-front_end.num_layers <= self.layer <= front_end.num_layers and self.layer != 0):
+                raise ValueError(f"--clip-features {spec}: block {self.layer} is not one of CLIP's "
+                                 f"{front_end.num_layers}")
+        else:
+            raise ValueError(f"--clip-features {spec!r}: expected cls:<blocks>, patch:<block> or method:<name>")
+        self.kind = kind
+
+    @property
+    def image_size(self) -> int:
+        return self.front_end.image_size
+
+    @property
+    def width(self) -> int:
+        return self.front_end.width
+
+    @property
+    def num_query_tokens(self) -> int:
+        return len(self.layers) if self.kind == "cls" else self.front_end.num_patches
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.kind == "cls":
+            return self.front_end.cls_features(pixel_values, self.layers)
+        return self.front_end.patch_features(pixel_values, self.layer)
+
+
+def method_feature_spec(spec: str, front_end: CLIPFrontEnd) -> str:
+    """"method:<name>" -> the cls:/patch: spec that peer's default config reads on this front end."""
+    name = spec.split(":", 1)[1]
+    from pipeline.model.peers import PEERS
+
+    if name not in PEERS:
+        raise ValueError(f"--clip-features {spec}: no peer {name!r}; known: {sorted(PEERS)}")
+    cfg = PEERS[name][1]()
+    cfg.take_vision_shape(front_end)
+    if hasattr(cfg, "clip_layers"):
+        return "cls:" + ",".join(map(str, cfg.clip_layers))
+    return f"patch:{cfg.vision_layer}"
