@@ -60,7 +60,7 @@ def saved_activation_bytes(model: torch.nn.Module, fn) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    out.logits.float().sum().backward()  # the graph was complete
+    (out.loss if out.logits is None else out.logits.float().sum()).backward()  # the graph was complete
     return sum(seen.values())
 
 
@@ -86,6 +86,21 @@ def test_activations_match_what_autograd_saves(name, dtype, llm_kw, pill_kw, sta
     per_layer = sum(layer_activation_bytes(llm_config, model.cfg, s).values())
     predicted = activation_bytes(llm_config, model.cfg, s, per_layer)
     assert predicted == pytest.approx(measured, rel=0.02), (name, predicted, measured)
+
+
+def test_loss_saves_fp32_log_probs_at_answer_positions_only():
+    """The training loss (return_logits=False) keeps 4 m V bytes of fp32 log-probs, m = answer positions, never
+    the (B, T, V) logits: the saved part of the memory model's "logits and loss" (the rest is its backward)."""
+    B, T = 2, 64
+    llm_config = _llm_config()
+    model = _pill(llm_config, torch.bfloat16, attn_backend="sdpa", adapter_backend="eager")
+    batch = _batch(B, T, torch.bfloat16)
+    labels = torch.full((B, T), -100)
+    labels[:, 40:] = batch["input_ids"][:, 40:]
+    m = int((labels[:, 1:] != -100).sum())
+    base = saved_activation_bytes(model, lambda: model(**batch))
+    with_loss = saved_activation_bytes(model, lambda: model(**batch, labels=labels, return_logits=False))
+    assert with_loss - base == pytest.approx(4 * m * llm_config.vocab_size, rel=0.02), (with_loss - base, m)
 
 
 def test_parameter_and_optimizer_bytes_are_exact():
