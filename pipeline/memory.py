@@ -159,13 +159,14 @@ def trainable_state_bytes(p: int, s: MemorySetup, d_model: int) -> dict[str, flo
     if s.precision == "bf16":
         weight = 2 * p / (n if z == 3 else 1)
         grad = 2 * p / (n if z >= 2 else 1) + bucket
-        master_and_fp32_grad = (4 + 4) * p if z == 0 else 4 * p / n
+        master = (4 + 4) * p if z == 0 else 4 * p / n  # ZeRO-0 (BF16_Optimizer) adds an fp32 grad accumulator
     else:
         weight = 4 * p / (n if z == 3 else 1)
         grad = 4 * p / (n if z >= 2 else 1) + bucket
-        master_and_fp32_grad = 0.0
+        master = 0.0
     adam = 8 * p / (n if z >= 1 else 1)
-    return {"trainable weights + grads": weight + grad, "optimizer (fp32 master, Adam m, v)": master_and_fp32_grad + adam}
+    return {"trainable weights + grads": weight + grad,
+            "optimizer (fp32 master, Adam m, v)": master + adam}
 
 
 def _swiglu_saved(n: int, d: int, r: int, e: int, act: str, trainable: bool, input_counted: bool) -> float:

@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = build_1b(work / "llm-1b")
     print(f"1.1B Llama: {weights / MB:.0f} MiB of bf16 safetensors in {work / 'llm-1b'}", flush=True)
     report: dict = {"weights_mb": weights / MB, "shape": SHAPE, "steps": args.steps, "runs": {}}
-    setups = [("zero2", "ds_configs/zero2.json", 1)] + ([] if args.skip_zero3 else [("zero3", "ds_configs/zero3.json", 2)])
+    setups = [("zero2", "ds_configs/zero2.json", 1)]
+    if not args.skip_zero3:
+        setups.append(("zero3", "ds_configs/zero3.json", 2))
     for name, ds, world in setups:
         for llm in ("tiny", str(work / "llm-1b")):
             tag = f"{name}-{world}rank-{'1b' if llm != 'tiny' else 'baseline'}"
