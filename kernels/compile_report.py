@@ -59,21 +59,23 @@ HEADER = ("| case | kernel | config | wgmma | mma.sync | regs | spill B | smem K
 
 
 # ----------------------------------------------------------------------------------------------- specialisation
-def _specialize(arg):
+def _specialize(arg, specialize: bool = True, align: bool = True):
     """(type, spec) as the runtime computes them for a launch argument (pointer / int / float / bool)."""
     try:
         from triton.backends.nvidia.compiler import CUDABackend
         from triton.runtime.jit import native_specialize_impl
 
-        return native_specialize_impl(CUDABackend, arg, False, True, True)
+        return native_specialize_impl(CUDABackend, arg, False, specialize, align)
     except ImportError:  # older triton: the same rules, written out
         if isinstance(arg, torch.Tensor):
             name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
                     torch.int64: "i64"}[arg.dtype]
-            return f"*{name}", "D" if arg.data_ptr() % 16 == 0 else ""
+            return f"*{name}", "D" if align and arg.data_ptr() % 16 == 0 else ""
         if isinstance(arg, bool):
             return "u1", None
         if isinstance(arg, int):
+            if not specialize:
+                return ("i32" if -2 ** 31 <= arg < 2 ** 31 else "i64"), ""
             if arg == 1:
                 return "constexpr", 1
             return ("i32" if -2 ** 31 <= arg < 2 ** 31 else "i64"), "D" if arg % 16 == 0 else ""
@@ -96,7 +98,7 @@ def compile_launch(rec: Launch, arch: int = 90):
         if param.is_constexpr:
             sig[name], consts[(i,)] = "constexpr", val
             continue
-        ty, spec = _specialize(val)
+        ty, spec = _specialize(val, not param.do_not_specialize, not param.do_not_specialize_on_alignment)
         if ty == "constexpr":
             sig[name], consts[(i,)] = "constexpr", spec
             continue
@@ -186,7 +188,8 @@ def attention_launches(head_dim: int, causal: bool, gated: bool, h_q: int, h_kv:
     q = torch.empty(bsz * t, h_q, head_dim, device=meta, dtype=dtype)
     k = torch.empty(bsz * t, h_kv, head_dim, device=meta, dtype=dtype)
     with capture() as recs:
-        ga.plan_launches(q, k, k, q.new_empty(bsz * t, h_q) if gated else None, bsz, t, causal)
+        g = torch.empty(h_q, bsz * t, device=meta, dtype=torch.float32) if gated else None
+        ga.plan_launches(q, k, k, g, bsz, t, causal)
     return recs
 
 

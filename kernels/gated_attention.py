@@ -83,7 +83,7 @@ def _key_bounds(start_m, k_len, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
                offs_m, offs_d, lo, hi, k_len, diag, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -112,23 +112,25 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt, s
         l_i = l_i * alpha + tl.sum(p, 1)  # the gate does not enter the normaliser
         acc = acc * alpha[:, None]
         if HAS_GATE:
-            # gate applied while the V tile sits in registers: this query head's own multiplier per key row
-            g = tl.load(g_base + offs_n.to(tl.int64) * stride_gt, mask=offs_n < k_len, other=0.0)
-            v = (v.to(tl.float32) * g.to(tl.float32)[:, None]).to(v.dtype)
+            # gate on the columns of P (one multiply of the fp32 tile already in registers), not on the V tile:
+            # V goes from shared memory straight into the wgmma; the head-major gate row is a contiguous load
+            g = tl.load(g_base + offs_n, mask=offs_n < k_len, other=0.0)
+            p = p * g[None, :]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_gh", "stride_lh"])
 def _gated_attn_fwd_kernel(Q, K, V, G, OUT, LSE, CU_Q, CU_K, KV_LENS,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                           stride_gt, stride_gh, stride_ot, stride_oh, stride_lt, stride_lh,
-                           qk_scale,
+                           stride_gh, stride_ot, stride_oh, stride_lh, qk_scale,
                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
                            DOT_PREC: tl.constexpr):
+    # G and LSE are head-major (Hq, N): stride_gh / stride_lh are the token count, not specialised on (a new
+    # sequence length must not compile a new kernel)
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2)
@@ -145,16 +147,16 @@ def _gated_attn_fwd_kernel(Q, K, V, G, OUT, LSE, CU_Q, CU_K, KV_LENS,
         q = q.to(tl.float32)
     k_base = K + k_start * stride_kt + h_kv * stride_kh
     v_base = V + k_start * stride_vt + h_kv * stride_vh
-    g_base = G + k_start * stride_gt + h * stride_gh
+    g_base = G + h * stride_gh + k_start
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, hi = _key_bounds(start_m, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
                                offs_m, offs_d, 0, full_end, k_len, diag, qk_scale,
                                HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
                                offs_m, offs_d, full_end, hi, k_len, diag, qk_scale,
                                HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
     empty = l_i == 0.0  # no visible key: output 0, LSE +inf so the backward sees P = 0
@@ -162,15 +164,37 @@ def _gated_attn_fwd_kernel(Q, K, V, G, OUT, LSE, CU_Q, CU_K, KV_LENS,
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
     tl.store(OUT + row * stride_ot + h * stride_oh + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + (q_start + offs_m).to(tl.int64) * stride_lt + h * stride_lh, lse, mask=offs_m < q_len)
+    tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit(do_not_specialize=["n_rows", "stride_dh"])
+def _bwd_delta_kernel(O, DO, DELTA, n_rows, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
+                      HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[h, i] = rowsum(O[i, h] * dO[i, h]) in fp32, head-major like the LSE (one read of O and dO)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_ok = offs_t < n_rows
+    mask = t_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_t[:, None].to(tl.int64)
+    o = tl.load(O + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + h * stride_dh + offs_t, tl.sum(o * do, 1), mask=t_ok)
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
-                    stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_lh,
+def _bwd_dkdv_inner(dk, dvu, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
+                    stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
                     offs_n, offs_d, lo, hi, q_len, diag, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HAS_GATE: tl.constexpr, GATE_ONCE: tl.constexpr, DOT_F32: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """Transposed orientation (keys are the rows: BLOCK_N = 64-128 rows per dot, enough for wgmma):
+    S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
+
+    GATE_ONCE: dvu accumulates the UNgated P^T dO of one head; the caller applies the gate once. Otherwise (GQA:
+    several heads share the dV tile, and a third (keys x D) accumulator would spill) the gate scales P^T per step
+    and dg accumulates rowsum(P^T * dP^T) per step."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < q_len
@@ -179,38 +203,39 @@ def _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
         q_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
         q = tl.load(Q + row[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(DO + row[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE + row * stride_lt + h * stride_lh, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + row * stride_lt + h * stride_lh, mask=m_valid, other=0.0)
+        lse = tl.load(LSE + h * stride_lh + row, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + h * stride_lh + row, mask=m_valid, other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(qk - lse[:, None])
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(qk_t - lse[None, :])
         if MASKED and CAUSAL:
-            p = tl.where(offs_n[None, :] <= offs_m[:, None] + diag, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # dO . v with the UNgated v
-        if HAS_GATE:
-            dg += tl.sum(p * dp, 0)
-            dp = dp * g[None, :]
-            pg = p * g[None, :]
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dO . v with the UNgated v
+        if HAS_GATE and not GATE_ONCE:
+            dvu = tl.dot((p_t * g[:, None]).to(do.dtype), do, dvu, input_precision=DOT_PREC)
+            dg += tl.sum(p_t * dp_t, 1)
         else:
-            pg = p
-        dv = tl.dot(tl.trans(pg.to(do.dtype)), do, dv, input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
-    return dk, dv, dg
+            dvu = tl.dot(p_t.to(do.dtype), do, dvu, input_precision=DOT_PREC)
+        if HAS_GATE:
+            dp_t = dp_t * g[:, None]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dvu, dg
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_gh", "stride_lh"])
 def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU_K, KV_LENS,
                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                                stride_gt, stride_gh, stride_dot, stride_doh, stride_lt, stride_lh,
-                                stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dgt, stride_dgh,
+                                stride_gh, stride_dot, stride_doh, stride_lh,
+                                stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                                 qk_scale, sm_scale,
                                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                                 HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
                                 DOT_PREC: tl.constexpr):
+    # DG is head-major (Hq, Nk) fp32 like G (same stride_gh)
     start_n = tl.program_id(0) * BLOCK_N
     h_kv = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2)
@@ -229,7 +254,7 @@ def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU
         v = v.to(tl.float32)
 
     # Query blocks [lo, mid) straddle the causal diagonal: masked; [mid, q_len) are not. Keys past k_len need no
-    # mask here: column j of P only feeds dK/dV/dg row j, and those rows are never stored.
+    # mask here: row j of P^T only feeds dK/dV/dg row j, and those rows are never stored.
     q_end = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
     if CAUSAL:
         lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
@@ -242,23 +267,28 @@ def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    gate_once: tl.constexpr = GROUP == 1
     for hg in range(GROUP):  # every query head of this KV group adds into the same dK/dV tile
         h = h_kv * GROUP + hg
         dg = tl.zeros([BLOCK_N], tl.float32)
         if HAS_GATE:
-            g = tl.load(G + krow * stride_gt + h * stride_gh, mask=n_valid, other=0.0).to(tl.float32)
+            g = tl.load(G + h * stride_gh + krow, mask=n_valid, other=0.0)
         else:
-            g = dg
+            g = dg  # unused
         dk, dv, dg = _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
-                                     stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_lh,
+                                     stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
                                      offs_n, offs_d, lo, mid, q_len, diag, qk_scale,
-                                     HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+                                     HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_GATE, gate_once, DOT_F32, DOT_PREC)
         dk, dv, dg = _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
-                                     stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_lh,
+                                     stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
                                      offs_n, offs_d, mid, q_len, q_len, diag, qk_scale,
-                                     HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+                                     HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_GATE, gate_once, DOT_F32, DOT_PREC)
         if HAS_GATE:
-            tl.store(DG + krow * stride_dgt + h * stride_dgh, dg, mask=n_valid)
+            if gate_once:
+                # one head owns the tile: dv holds the ungated P^T dO; dg = rowsum(v * P^T dO), dV = g P^T dO
+                dg = tl.sum(v.to(tl.float32) * dv, 1)
+                dv = dv * g[:, None]
+            tl.store(DG + h * stride_gh + krow, dg, mask=n_valid)
     dk = dk * sm_scale
     tl.store(DK + krow[:, None] * stride_dkt + h_kv * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kv_mask)
@@ -267,7 +297,7 @@ def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt,
                   offs_m, offs_d, lo, hi, k_len, diag, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -288,17 +318,17 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stri
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if HAS_GATE:
-            g = tl.load(g_base + offs_n.to(tl.int64) * stride_gt, mask=offs_n < k_len, other=0.0)
-            dp = dp * g.to(tl.float32)[None, :]
+            g = tl.load(g_base + offs_n, mask=offs_n < k_len, other=0.0)
+            dp = dp * g[None, :]
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_gh", "stride_lh"])
 def _gated_attn_bwd_dq_kernel(Q, K, V, G, DO, LSE, DELTA, DQ, CU_Q, CU_K, KV_LENS,
                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                              stride_gt, stride_gh, stride_dot, stride_doh, stride_lt, stride_lh,
+                              stride_gh, stride_dot, stride_doh, stride_lh,
                               stride_dqt, stride_dqh, qk_scale, sm_scale,
                               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
@@ -318,20 +348,20 @@ def _gated_attn_bwd_dq_kernel(Q, K, V, G, DO, LSE, DELTA, DQ, CU_Q, CU_K, KV_LEN
     q_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + row[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + row[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + row * stride_lt + h * stride_lh, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + row * stride_lt + h * stride_lh, mask=m_valid, other=0.0)
+    lse = tl.load(LSE + h * stride_lh + row, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + h * stride_lh + row, mask=m_valid, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     k_base = K + k_start * stride_kt + h_kv * stride_kh
     v_base = V + k_start * stride_vt + h_kv * stride_vh
-    g_base = G + k_start * stride_gt + h * stride_gh
+    g_base = G + h * stride_gh + k_start
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, hi = _key_bounds(start_m, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt,
                        offs_m, offs_d, 0, full_end, k_len, diag, qk_scale,
                        HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt, stride_gt,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt,
                        offs_m, offs_d, full_end, hi, k_len, diag, qk_scale,
                        HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
     dq = dq * sm_scale
@@ -343,91 +373,132 @@ def _gated_attn_bwd_dq_kernel(Q, K, V, G, DO, LSE, DELTA, DQ, CU_Q, CU_K, KV_LEN
 # Launchers
 # --------------------------------------------------------------------------------------------------------------
 def _block_d(head_dim: int) -> int:
+    """Power-of-two tile width >= head_dim (tl.arange needs powers of two): 80 and 96 run as 128-wide tiles with
+    masked loads (60% / 33% extra dot work, see docs/kernels.md)."""
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _configs(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile sizes. The interpreter runs programs one by one, so small tiles keep it fast; GPU sizes follow the
-    Triton tutorial for Hopper (fwd 128 queries x 64 keys; bwd dK/dV 32 x 64, dQ 64 x 32) and were not tuned
-    here (no GPU)."""
+def _cfg(m, n, warps, stages):
+    return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": warps, "num_stages": stages}
+
+
+# Tiles per (BLOCK_D, dtype) on Hopper (sm_90), chosen from the compile report (wgmma for every dot, no spills,
+# shared memory within 227 KB; docs/kernels.md); not tuned on a GPU yet. fwd: BLOCK_M queries x BLOCK_N keys;
+# dkdv: BLOCK_M queries streamed past BLOCK_N keys (the keys are the wgmma rows); dq: BLOCK_M queries x BLOCK_N
+# keys. Sequence length is not part of the key: a new length never compiles a new kernel.
+_BF16 = (torch.bfloat16, torch.float16)
+_HOPPER = {
+    **{(64, dt): {"fwd": _cfg(128, 64, 4, 3), "dkdv": _cfg(32, 128, 8, 2), "dq": _cfg(128, 32, 4, 2)}
+       for dt in _BF16},
+    **{(128, dt): {"fwd": _cfg(128, 64, 8, 3), "dkdv": _cfg(32, 128, 8, 2), "dq": _cfg(128, 32, 8, 2)}
+       for dt in _BF16},
+    **{(256, dt): {"fwd": _cfg(64, 64, 4, 2), "dkdv": _cfg(32, 64, 8, 1), "dq": _cfg(64, 32, 8, 1)}
+       for dt in _BF16},
+}
+# Any other GPU / dtype / head dim: small tiles that fit Ampere's 164 KB and IEEE fp32 operands.
+_FALLBACK = {"fwd": _cfg(64, 32, 4, 2), "dkdv": _cfg(32, 64, 4, 1), "dq": _cfg(64, 32, 4, 1)}
+_INTERP = {"fwd": _cfg(16, 16, 1, 1), "dkdv": _cfg(16, 16, 1, 1), "dq": _cfg(16, 16, 1, 1)}
+# dK/dV with a gate at head dim 128 (the gate row, and under GQA the per-step dg row sum, cost registers):
+# fewer keys per tile (MHA, gate applied once) or fewer queries per step (GQA) keep it free of spills
+_DKDV_GATED = {(128, False): _cfg(32, 64, 8, 2), (128, True): _cfg(16, 64, 8, 2)}
+
+
+def _arch(device: torch.device) -> int:
+    """sm version the launch is for: the CUDA device's, or 90 when only planning (meta tensors)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def _configs(block_d: int, dtype: torch.dtype, device: torch.device, gated: bool = False,
+             gqa: bool = False) -> dict:
+    """Tile sizes per kernel from the (BLOCK_D, dtype, arch) table; the interpreter runs programs one by one,
+    so small tiles keep it fast."""
     if not on_gpu(device):
-        small = {"BLOCK_M": 16, "BLOCK_N": 16}
-        return {"fwd": dict(small, num_warps=1, num_stages=1), "dkdv": dict(small, num_warps=1, num_stages=1),
-                "dq": dict(small, num_warps=1, num_stages=1)}
-    warps = 8 if block_d >= 128 else 4
-    big_d = block_d > 128
-    fwd = {"BLOCK_M": 128, "BLOCK_N": 32 if big_d else 64, "num_warps": warps, "num_stages": 2 if big_d else 3}
-    if dtype == torch.float32:  # IEEE fp32 tiles are twice the size: halve them
-        fwd.update(BLOCK_M=64, BLOCK_N=32, num_stages=2)
-    bwd_n = 64 if block_d <= 128 and dtype != torch.float32 else 32
-    dkdv = {"BLOCK_M": 32, "BLOCK_N": bwd_n, "num_warps": warps, "num_stages": 2}
-    dq = {"BLOCK_M": bwd_n, "BLOCK_N": 32, "num_warps": warps, "num_stages": 2}
-    return {"fwd": fwd, "dkdv": dkdv, "dq": dq}
+        return _INTERP
+    arch = _arch(device)
+    table = _HOPPER if arch in (90,) else {}
+    cfgs = dict(table.get((max(64, block_d), dtype), _FALLBACK))
+    if gated and arch == 90 and (block_d, gqa) in _DKDV_GATED and dtype in _BF16:
+        cfgs["dkdv"] = _DKDV_GATED[(block_d, gqa)]
+    return cfgs
 
 
 def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
-    return {"DOT_F32": not on_gpu(device) and dtype == torch.bfloat16, "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
+    return {"DOT_F32": not on_gpu(device) and dtype == torch.bfloat16,
+            "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
 
 
 def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
-    """q (Nq, Hq, D), k/v (Nk, Hkv, D), g (Nk, Hq) or None -> o (Nq, Hq, D), lse2 (Nq, Hq) fp32 base 2.
+    """q (Nq, Hq, D), k/v (Nk, Hkv, D), g head-major (Hq, Nk) fp32 or None -> o (Nq, Hq, D) and the base-2 LSE,
+    head-major (Hq, Nq) fp32.
 
     zero_init: some rows may be visited by no program (packed tokens past cu_seqlens[-1], padded keys)."""
     n_q, h_q, d = q.shape
     group = h_q // k.shape[1]
     n_seq = cu_q.numel() - 1
     o = torch.zeros_like(q) if zero_init else torch.empty_like(q)
-    lse = torch.empty((n_q, h_q), device=q.device, dtype=torch.float32)
+    lse = torch.empty((h_q, n_q), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
     cfg = _configs(block_d, q.dtype, q.device)["fwd"]
-    g_arg = g if g is not None else q
-    g_strides = (g.stride(0), g.stride(1)) if g is not None else (0, 0)
     grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), h_q, n_seq)
     launch(
-        _gated_attn_fwd_kernel, grid, q, k, v, g_arg, o, lse, cu_q, cu_k, kv_lens if kv_lens is not None else cu_q,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *g_strides,
-        o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), sm_scale * LOG2E,
+        _gated_attn_fwd_kernel, grid, q, k, v, g if g is not None else lse, o, lse, cu_q, cu_k,
+        kv_lens if kv_lens is not None else cu_q,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        g.stride(0) if g is not None else 0, o.stride(0), o.stride(1), lse.stride(0), sm_scale * LOG2E,
         GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_GATE=g is not None,
         HAS_KV_LENS=kv_lens is not None, **_dot_flags(q.dtype, q.device), **cfg)
     return o, lse
 
 
+def _delta(o, do, block_d):
+    """rowsum(O * dO) per (head, row), head-major (Hq, N) fp32, in one small kernel."""
+    n, h_q, d = o.shape
+    delta = torch.empty((h_q, n), device=o.device, dtype=torch.float32)
+    block_t = 16 if not on_gpu(o.device) else max(16, min(128, 8192 // block_d))
+    launch(_bwd_delta_kernel, (triton.cdiv(n, block_t), h_q), o, do, delta, n, o.stride(0), o.stride(1),
+           do.stride(0), do.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK_T=block_t, BLOCK_D=block_d,
+           num_warps=4 if on_gpu(o.device) else 1)
+    return delta
+
+
 def _bwd(do, q, k, v, g, o, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_scale, zero_init):
+    """Gradients; g / lse head-major as from ``_fwd``; dg comes back head-major (Hq, Nk) fp32."""
     _n_q, h_q, d = q.shape
     h_kv = k.shape[1]
     n_seq = cu_q.numel() - 1
     do = do.contiguous()
+    block_d = _block_d(d)
     # delta_i = rowsum(O_i * dO_i) = sum_j P_ij dP_ij also with the gate inside dP (see module docstring)
-    delta = (o.float() * do.float()).sum(-1)
+    delta = _delta(o, do, block_d)
     alloc = torch.zeros_like if zero_init else torch.empty_like  # rows no program visits must get 0
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
-    dg = alloc(g, dtype=torch.float32) if g is not None else None
-    block_d = _block_d(d)
-    cfgs = _configs(block_d, q.dtype, q.device)
+    dg = alloc(g) if g is not None else None
+    cfgs = _configs(block_d, q.dtype, q.device, gated=g is not None, gqa=h_q > h_kv)
     flags = dict(GROUP=h_q // h_kv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_GATE=g is not None,
                  HAS_KV_LENS=kv_lens is not None, **_dot_flags(q.dtype, q.device))
-    g_arg = g if g is not None else q
-    g_strides = (g.stride(0), g.stride(1)) if g is not None else (0, 0)
-    dg_arg = dg if dg is not None else q
-    dg_strides = (dg.stride(0), dg.stride(1)) if dg is not None else (0, 0)
+    g_arg = g if g is not None else lse
     kv_arg = kv_lens if kv_lens is not None else cu_q
-    common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *g_strides,
-              do.stride(0), do.stride(1), lse.stride(0), lse.stride(1))
+    common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+              g.stride(0) if g is not None else 0, do.stride(0), do.stride(1), lse.stride(0))
     grid = (triton.cdiv(max_k, cfgs["dkdv"]["BLOCK_N"]), h_kv, n_seq)
     launch(
-        _gated_attn_bwd_dkdv_kernel, grid, q, k, v, g_arg, do, lse, delta, dk, dv, dg_arg, cu_q, cu_k, kv_arg, *common,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dg_strides, sm_scale * LOG2E, sm_scale,
+        _gated_attn_bwd_dkdv_kernel, grid, q, k, v, g_arg, do, lse, delta, dk, dv,
+        dg if dg is not None else lse, cu_q, cu_k, kv_arg, *common,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), sm_scale * LOG2E, sm_scale,
         **flags, **cfgs["dkdv"])
     grid = (triton.cdiv(max_q, cfgs["dq"]["BLOCK_M"]), h_q, n_seq)
     launch(
         _gated_attn_bwd_dq_kernel, grid, q, k, v, g_arg, do, lse, delta, dq, cu_q, cu_k, kv_arg, *common,
         dq.stride(0), dq.stride(1), sm_scale * LOG2E, sm_scale, **flags, **cfgs["dq"])
-    return dq, dk, dv, (dg.to(g.dtype) if dg is not None else None)
+    return dq, dk, dv, dg
 
 
 def plan_launches(q, k, v, g, bsz: int, t: int, causal: bool) -> None:
-    """Forward and backward launches for bsz sequences of t tokens packed as q (bsz*t, Hq, D) (for the compile
-    report, on meta tensors inside ``launch.capture``)."""
+    """Forward and backward launches for bsz sequences of t tokens packed as q (bsz*t, Hq, D), g head-major
+    (Hq, N) fp32 or None (for the compile report, on meta tensors inside ``launch.capture``)."""
     cu = torch.arange(0, (bsz + 1) * t, t, device=q.device, dtype=torch.int32)
     sm_scale = _scale(None, q.shape[-1])
     o, lse = _fwd(q, k, v, g, cu, cu, None, t, causal, sm_scale, False)
@@ -490,29 +561,32 @@ class GatedAttentionFunction(torch.autograd.Function):
         q2 = q.contiguous().view(-1, h_q, d)
         k2 = k.contiguous().view(-1, h_kv, d)
         v2 = v.contiguous().view(-1, h_kv, d)
-        g2 = value_gate.contiguous().view(-1, h_q) if value_gate is not None else None
+        # gate head-major (Hq, Nk) fp32: each program reads its query head's gate row contiguously
+        g2 = value_gate.reshape(-1, h_q).t().float().contiguous() if value_gate is not None else None
         sm_scale = _scale(softmax_scale, d)
         ctx.zero_init = cu_seqlens is not None or kv_lens is not None
         if q2.shape[0] == 0 or cu_q.numel() < 2:
-            o2, lse = torch.zeros_like(q2), torch.zeros(q2.shape[:2], device=dev)
+            o2, lse = torch.zeros_like(q2), torch.zeros((h_q, q2.shape[0]), device=dev)
         else:
             o2, lse = _fwd(q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, ctx.zero_init)
         ctx.save_for_backward(q2, k2, v2, g2, o2, lse, cu_q, cu_k, kv_lens)
-        ctx.meta = (causal, sm_scale, max_q, max_k, q.shape, k.shape, value_gate is not None)
+        ctx.meta = (causal, sm_scale, max_q, max_k, q.shape, k.shape, value_gate.dtype if value_gate is not None
+                    else None)
         return o2.view(q.shape)
 
     @staticmethod
     def backward(ctx, do):
         q2, k2, v2, g2, o2, lse, cu_q, cu_k, kv_lens = ctx.saved_tensors
-        causal, sm_scale, max_q, max_k, q_shape, k_shape, has_gate = ctx.meta
+        causal, sm_scale, max_q, max_k, q_shape, k_shape, gate_dtype = ctx.meta
         do2 = do.reshape(q2.shape)
         if q2.shape[0] == 0 or cu_q.numel() < 2:
             dq, dk, dv = torch.zeros_like(q2), torch.zeros_like(k2), torch.zeros_like(v2)
-            dg = torch.zeros_like(g2) if has_gate else None
+            dg = torch.zeros_like(g2) if gate_dtype is not None else None
         else:
             dq, dk, dv, dg = _bwd(do2, q2, k2, v2, g2, o2, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_scale,
                                   ctx.zero_init)
-        dg = dg.view(k_shape[:-2] + (q_shape[-2],)) if dg is not None else None
+        if dg is not None:  # head-major fp32 -> the caller's (..., Tk, Hq) layout and dtype
+            dg = dg.t().to(gate_dtype).reshape(k_shape[:-2] + (q_shape[-2],))
         return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), dg, None, None, None, None, None
 
 

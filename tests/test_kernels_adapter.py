@@ -16,7 +16,7 @@ from pill_kernels import (
     routed_swiglu_adapter_ref,
 )
 
-ra = importlib.import_module("kernels.routed_adapter")
+ra = importlib.import_module("pill_kernels.routed_adapter")
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 requires_triton_path = pytest.mark.skipif(not (CUDA or ra._INTERPRETED),

@@ -11,7 +11,7 @@ import torch
 
 from pill_kernels import GatedAttentionFunction, gated_attention, gated_attention_ref
 
-ga = importlib.import_module("kernels.gated_attention")  # the package attribute of that name is the function
+ga = importlib.import_module("pill_kernels.gated_attention")  # the package attribute of that name is the function
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 requires_triton_path = pytest.mark.skipif(not (CUDA or ga._INTERPRETED),
