@@ -93,7 +93,7 @@ pill_run_stage() {
   # by an unquoted expansion, so that `stages.*.max_steps=20` stays a key even where a file name matches it.
   local -a args=(--ds_config "$ds_config" --config "$config" --output-dir "$run_dir") sets=()
   local kv
-  read -r -a sets <<<"${PILL_SET:-}"
+  read -r -d '' -a sets <<<"${PILL_SET:-}" || true   # -d '': newlines separate too (read returns 1 at the end)
   for kv in "${sets[@]}"; do args+=(--set "$kv"); done
 
   # The config decides what runs: the demo config trains stages 1 and 2 whichever script started it.

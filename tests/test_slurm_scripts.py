@@ -254,7 +254,7 @@ def test_pill_set_is_not_glob_expanded(fake):
     repo = fake[0]
     # A file whose name matches the pattern: an unquoted ${PILL_SET} would pass its name instead of the pattern.
     (repo / "stages.0.max_steps=20").write_text("")
-    p = _start(fake, STUB_SECONDS="0.2", PILL_SET="  stages.*.max_steps=20 \t eval.enabled=false ")
+    p = _start(fake, STUB_SECONDS="0.2", PILL_SET="  stages.*.max_steps=20 \t\n eval.enabled=false \n")
     assert p.wait(30) == 0, p.log_path.read_text()
     argv = json.loads((_run_dir(fake) / "rank0.json").read_text())["argv"]
     assert argv[-4:] == ["--set", "stages.*.max_steps=20", "--set", "eval.enabled=false"], argv
