@@ -8,7 +8,7 @@ import tarfile
 import pytest
 import torch
 
-from pipeline.data import DataConfig, SourceConfig
+from pipeline.data import DataConfig
 from pipeline.data.collate import Collator
 from pipeline.data.records import SkipCounter, iter_tar
 from tests.datagen import make_loader, png_bytes, sqa_meta, tiny_tokenizer

@@ -44,7 +44,6 @@ from pipeline.data.shardlists import (
     epoch_order,
     expand_shards,
     index_urls,
-    is_remote,
     resampled_shards,
     shard_counts,
     slot_pieces,
@@ -66,34 +65,35 @@ class PillDataset(IterableDataset):
         super().__init__()
         self.cfg = cfg
         self.urls = [expand_shards(s.shards) for s in cfg.sources]
-        self.counts: list[list[int] | None] = []
-        for s, urls in zip(cfg.sources, self.urls):
-            check_exists(urls, s.name)
-            counts = None if cfg.data.resampled else shard_counts(urls, index_urls(s.shards))
-            if counts is not None and None in counts:
-                if not cfg.samples_per_epoch:
-                    n = counts.count(None)
-                    raise ValueError(f"source {s.name}: {n} remote shard(s) without a sample count (e.g. "
-                                     f"{urls[counts.index(None)]}); give samples_per_epoch (the stage's samples "
-                                     "per epoch) or an index JSON (a builder's *-index.json) as the source")
-                counts = None  # whole-shard round robin, epoch length from samples_per_epoch
-            if counts is None and not cfg.data.resampled:
-                warn_if_few_shards(urls, cfg.world_size, cfg.workers_for_split, s.name)
-            self.counts.append(counts)
+        self.counts = [self._counts(s, urls) for s, urls in zip(cfg.sources, self.urls)]
         self.samples_per_epoch = cfg.samples_per_epoch or sum(sum(c) for c in self.counts if c)
-        readable = [probe_readable(urls) for urls in self.urls]
-        for s, urls, ok in zip(cfg.sources, self.urls, readable):
-            if not ok:
+        for s, urls in zip(cfg.sources, self.urls):
+            if not probe_readable(urls):
                 raise ValueError(f"source {s.name}: no readable sample in any of the {len(urls)} shard(s) "
                                  f"{urls[:4]}{'...' if len(urls) > 4 else ''}; see the skip log above")
         if self.samples_per_epoch == 0:
             raise ValueError(f"sources {[s.name for s in cfg.sources]} hold no samples")
         self.batches_per_rank = max(1, self.samples_per_epoch // (cfg.world_size * cfg.batch_size))
         d = cfg.data
-        self.collate = Collator(d, tokenizer, cfg.num_query_tokens, d.image_mean or IMAGE_MEAN, d.image_std or IMAGE_STD,
-                                with_meta=with_meta)
+        self.collate = Collator(d, tokenizer, cfg.num_query_tokens, d.image_mean or IMAGE_MEAN,
+                                d.image_std or IMAGE_STD, with_meta=with_meta)
         self.epoch = 0
         self.start_batch = 0
+
+    def _counts(self, s: SourceConfig, urls: list[str]) -> list[int] | None:
+        """Samples per shard of one source; None: unknown (resampled, or remote shards without an index)."""
+        c = self.cfg
+        check_exists(urls, s.name)
+        counts = None if c.data.resampled else shard_counts(urls, index_urls(s.shards))
+        if counts is not None and None in counts:
+            if not c.samples_per_epoch:
+                raise ValueError(f"source {s.name}: {counts.count(None)} remote shard(s) without a sample count "
+                                 f"(e.g. {urls[counts.index(None)]}); give samples_per_epoch (the stage's samples "
+                                 "per epoch) or an index JSON (a builder's *-index.json) as the source")
+            counts = None  # whole-shard round robin, epoch length from samples_per_epoch
+        if counts is None and not c.data.resampled:
+            warn_if_few_shards(urls, c.world_size, c.workers_for_split, s.name)
+        return counts
 
     # ---- stages -------------------------------------------------------------------------------------------------
     def quota(self, worker: int, nw: int) -> int:
@@ -131,18 +131,19 @@ class PillDataset(IterableDataset):
                                         c.data.shuffle_buffer, rng), task)
             return
         pieces = self.pieces(i, worker, nw)
-        got = [0]
+        fallback = False
         for n_pass in itertools.count():
-            if n_pass > 0 and got[0] == 0:  # none of this slot's shards was readable: read the others'
-                pieces = [Piece(u) for u in self.urls[i]]
-                log.warning("source %s: rank %d worker %d read nothing from its shards; reading the other "
-                            "slots' shards to fill its quota", c.sources[i].name, c.rank, worker)
-            before = got[0]
+            got = [0]
             records = _counting((r for p in pieces for r in read_piece(p, counter, count=n_pass == 0)), got)
             yield from _tagged(_shuffle(records, c.data.shuffle_buffer, rng), task)
-            if n_pass > 0 and got[0] == before:
+            if got[0] == 0 and fallback:
                 raise RuntimeError(f"source {c.sources[i].name}: no shard gave a readable sample this epoch "
                                    f"(rank {c.rank} worker {worker}); see the skip log above")
+            if got[0] == 0:  # none of this slot's shards was readable: fill the quota from the others'
+                fallback, pieces = True, [Piece(u) for u in self.urls[i]]
+                log.warning("source %s: rank %d worker %d read nothing from its shards; reading the other "
+                            "slots' shards to fill its quota", c.sources[i].name, c.rank, worker)
+            # else: the quota is not met yet (shards gave fewer records than counted): the same share again
 
     def _mixed(self, worker: int, nw: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         streams = [self._passes(i, worker, nw, counter) for i in range(len(self.urls))]

@@ -138,11 +138,11 @@ def scan_tar_count(url: str) -> int:
 
 def split_member(name: str) -> tuple[str, str]:
     """`dir/abc.feat.npy` -> ('dir/abc', 'feat.npy'): webdataset's rule, the key ends at the basename's first dot."""
-    d, base = os.path.split(name)
-    if "." not in base:
+    d, slash, base = name.rpartition("/")
+    k, dot, ext = base.partition(".")
+    if not dot:
         return name, ""
-    k, ext = base.split(".", 1)
-    return (os.path.join(d, k) if d else k), ext.lower()
+    return d + slash + k, ext.lower()
 
 
 @dataclass(frozen=True)

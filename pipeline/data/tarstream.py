@@ -49,7 +49,7 @@ def _checksum_ok(h: bytes) -> bool:
         stored = _octal(h[148:156])
     except ValueError:  # not octal text: not a tar header
         return False
-    return stored == sum(h[:148]) + 256 + sum(h[156:])  # the checksum field counts as 8 spaces
+    return stored == sum(h) - sum(h[148:156]) + 256  # the checksum field counts as 8 spaces
 
 
 def _pax_path(data: bytes) -> str | None:
