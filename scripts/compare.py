@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -49,8 +49,10 @@ METHODS: dict[str, tuple[dict, list[tuple[int, str, int, float]]]] = {
 
 
 def method_config(name: str, steps_scale: float) -> dict:
-    """configs/demo.yaml with the method's model section and stage schedule."""
-    d = yaml.safe_load((REPO / "pipeline" / "configs" / "demo.yaml").read_text())
+    """configs/demo.yaml with the method's model section and stage schedule, its shards under runs/compare/."""
+    text = (REPO / "pipeline" / "configs" / "demo.yaml").read_text()
+    # Own copy of the demo shards: .cache/demo_shards is shared with anything else running `make train`.
+    d = yaml.safe_load(text.replace(".cache/demo_shards", str(OUT / "demo_shards")))
     model, stages = METHODS[name]
     d["name"] = f"compare-{name}"
     d["output_dir"] = str(OUT / name)
@@ -102,12 +104,14 @@ def _clip_kwargs(d: dict | None) -> dict | None:
 
 def run_method(name: str, steps_scale: float, nprocs: int) -> dict:
     run_dir = OUT / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time (no resume, no stale results)
+    run_dir.mkdir(parents=True)
     cfg_path = run_dir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(method_config(name, steps_scale), sort_keys=False))
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nprocs), "pipeline/train.py",
            "--ds_config", "ds_configs/zero2.json", "--config", str(cfg_path), "--resume", "never"]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+           "PILL_TINY_DIR": str(OUT / "tiny")}  # the same tiny LLM/VPG/CLIP recipe, built once for the comparison
     # One wrapper per method: RUSAGE_CHILDREN's max RSS then covers this method's ranks only.
     wrapper = ("import json, resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
                "print(json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")

@@ -197,3 +197,22 @@ def test_lavin_refuses_precomputed_features_while_clip_is_adapted(tiny_dirs, cli
     b.pop("pixel_values")
     with pytest.raises(ValueError, match="clip_adapters"):
         model(**b, image_features=torch.zeros(1, model.cfg.num_query_tokens, model.vpg.width))
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(name, tiny_dirs, clip_dir):
+    from pipeline.training.checkpointing import apply_activation_checkpointing
+
+    res = []
+    for checkpointed in (False, True):
+        model = make(name, tiny_dirs, clip_dir, **({"dropout": 0.0} if name == "lavin" else {}))
+        randomize(model)
+        if checkpointed:
+            assert apply_activation_checkpointing(model) == len(model.steps)
+        out = model(**image_batch(model))
+        out.loss.backward()
+        res.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
+    (l0, g0), (l1, g1) = res
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -113,6 +113,18 @@ class SeqContext:
         return cls(mask, llm.model.rotary_emb(x, position_ids), key_mask)
 
 
+class LayerStep(nn.Module):
+    """One layer's call of a method's layer function, as a module without parameters of its own, so activation
+    checkpointing can wrap it from outside (pipeline.training.checkpointing: `checkpoint_layers()`)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self._fn = fn  # a bound method or function, not a submodule: parameters stay where they are
+
+    def forward(self, *args):
+        return self._fn(*args)
+
+
 # ---- the frozen layer's pieces ---------------------------------------------------------------------------------------
 def project_qkv(attn: nn.Module, a: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
     """q (B, T, H, Dh), k, v (B, T, Hkv, Dh) from the layer input a (B, T, D), RoPE applied to q and k."""

@@ -47,7 +47,7 @@ from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask, dense_mask
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
-from pipeline.model.peers.common import (PeerCache, PeerConfigMixin, SeqContext, expand_heads, extend,
+from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, expand_heads, extend,
                                          image_rows, lm_output, project_qkv)
 from pipeline.model.pill import check_llm
 
@@ -120,8 +120,12 @@ class Excitor(FrozenLLMMethod):
         if cfg.multimodal:  # [W_k^Ex; W_v^Ex] fused in one Linear (assumption 5: shared by the layers)
             self.projection = nn.Linear(cfg.vision_width, 2 * d, bias=False)
         self.backend = "sdpa" if cfg.attn_backend == "auto" else cfg.attn_backend
+        self.steps = nn.ModuleList(LayerStep(self._layer) for _ in range(n))
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
+
+    def checkpoint_layers(self) -> list[nn.Module]:
+        return list(self.steps)
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(("prompts.", "query_down.", "query_up.", "projection.")) or name == "gates"
@@ -162,7 +166,7 @@ class Excitor(FrozenLLMMethod):
                                hide=mm)
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
-            x, kv = self._layer(i, base, x, ctx, vis, cache.layers[i] if cache is not None else None)
+            x, kv = self.steps[i](i, base, x, ctx, vis, cache.layers[i] if cache is not None else None)
             new_layers.append(kv)
         h = self.llm.model.norm(x)
         logits, loss, n = lm_output(h, self.llm.lm_head, labels, return_logits, num_items_in_batch)

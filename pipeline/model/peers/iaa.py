@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
-from pipeline.model.peers.common import (PeerCache, PeerConfigMixin, SeqContext, frozen_layer, has_image,
+from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, frozen_layer, has_image,
                                          resolve_attn_backend, scatter_visual_tokens)
 from pipeline.model.pill import causal_lm_loss, check_llm
 
@@ -103,8 +103,12 @@ class IAA(FrozenLLMMethod):
         self.projection_out = nn.Sequential(nn.GELU(), nn.Linear(c.hidden_size, c.hidden_size))
         self._adaptor_of = {layer: j for j, layer in enumerate(self.insert_after)}
         self.backend: str | None = None
+        self.steps = nn.ModuleList(LayerStep(frozen_layer) for _ in range(n + len(self.insert_after)))
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
+
+    def checkpoint_layers(self) -> list[nn.Module]:
+        return list(self.steps)
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(_STAGE_MODULES[stage])
@@ -171,12 +175,13 @@ class IAA(FrozenLLMMethod):
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
             past = cache.layers[len(new_layers)] if cache is not None else None
-            x, kv = frozen_layer(base, x, ctx, self.backend, past)
+            x, kv = self.steps[len(new_layers)](base, x, ctx, self.backend, past)
             new_layers.append(kv)
             if image and i in self._adaptor_of:
                 past = cache.layers[len(new_layers)] if cache is not None else None
                 adaptor = self.adaptors[self._adaptor_of[i]]
-                y, kv = frozen_layer(adaptor, x.to(adaptor.input_layernorm.weight.dtype), ctx, self.backend, past)
+                y, kv = self.steps[len(new_layers)](adaptor, x.to(adaptor.input_layernorm.weight.dtype), ctx,
+                                                    self.backend, past)
                 x = y.to(x.dtype)
                 new_layers.append(kv)
         norm, head = (self.mm_norm, self.mm_head) if image else (self.llm.model.norm, self.llm.lm_head)

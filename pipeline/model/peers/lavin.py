@@ -37,7 +37,7 @@ from torch import nn
 from pipeline.model.attention import ATTENTION_BACKENDS
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
 from pipeline.model.clip import check_layers, evenly_spaced_layers
-from pipeline.model.peers.common import (PeerCache, PeerConfigMixin, SeqContext, extend, has_image, lm_output,
+from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, extend, has_image, lm_output,
                                          project_qkv, resolve_attn_backend, scatter_visual_tokens)
 from pipeline.model.pill import check_llm
 
@@ -132,8 +132,12 @@ class LaVIN(FrozenLLMMethod):
         self.projection_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.projection_hidden, c.hidden_size))
         self.modality_embedding = nn.Embedding(2, c.hidden_size)
         self.backend: str | None = None
+        self.steps = nn.ModuleList(LayerStep(self._layer) for _ in range(c.num_hidden_layers))
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
+
+    def checkpoint_layers(self) -> list[nn.Module]:
+        return list(self.steps)
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(("adapters.", "ffn_adapters.", "clip_adapters.", "projection.", "projection_out.",
@@ -187,7 +191,7 @@ class LaVIN(FrozenLLMMethod):
         routes = cache.extra["routes"] if cache is not None else []
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
-            x, kv, w = self._layer(i, base, x, ctx, routes[i] if cache is not None else None,
+            x, kv, w = self.steps[i](i, base, x, ctx, routes[i] if cache is not None else None,
                                    cache.layers[i] if cache is not None else None)
             new_layers.append(kv)
             if cache is None:

@@ -39,7 +39,7 @@ from torch import nn
 from pipeline.model.attention import ATTENTION_BACKENDS
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
 from pipeline.model.clip import check_layers, evenly_spaced_layers
-from pipeline.model.peers.common import (PeerCache, PeerConfigMixin, SeqContext, expand_heads, extend,
+from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, expand_heads, extend,
                                          image_rows, lm_output, project_qkv, resolve_attn_backend)
 from pipeline.model.pill import check_llm
 
@@ -107,8 +107,12 @@ class LlamaAdapter(FrozenLLMMethod):
             self.projection = nn.Linear(len(cfg.clip_layers) * cfg.vision_width, cfg.projection_hidden)
             self.projection_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.projection_hidden, c.hidden_size))
         self.backend: str | None = None
+        self.steps = nn.ModuleList(LayerStep(self._layer) for _ in range(c.num_hidden_layers))
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
+
+    def checkpoint_layers(self) -> list[nn.Module]:
+        return list(self.steps)
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(("prompts.", "projection.", "projection_out.")) or name == "gates"
@@ -145,7 +149,7 @@ class LlamaAdapter(FrozenLLMMethod):
                                hide=mm)
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
-            x, kv = self._layer(i, base, x, ctx, ip, cache.layers[i] if cache is not None else None)
+            x, kv = self.steps[i](i, base, x, ctx, ip, cache.layers[i] if cache is not None else None)
             new_layers.append(kv)
         h = self.llm.model.norm(x)
         logits, loss, n = lm_output(h, self.llm.lm_head, labels, return_logits, num_items_in_batch)
