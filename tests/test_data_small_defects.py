@@ -33,7 +33,10 @@ def test_a_bad_sample_is_counted_once_per_epoch_however_often_it_is_read(tok, tm
     # 5 usable records, 30 per epoch: the worker reads its shard six times
     ld = make_loader(tok, str(tmp_path / "w-000000.tar"), batch_size=5, num_query_tokens=K, num_workers=0,
                      shuffle_buffer=0, samples_per_epoch=30)
-    assert len(list(ld)) == 6
+    batches = list(ld)
+    assert len(batches) == 6
+    keys = [m["key"] for b in batches for m in b["meta"]]
+    assert sorted(set(keys)) == [f"g{i}" for i in range(4)] and all(keys.count(k) == 6 for k in set(keys))
     assert ld.skipped() == {"bad_json": 1, "undecodable_image": 1}
     list(ld)  # the next epoch counts them again, once
     assert ld.skipped() == {"bad_json": 2, "undecodable_image": 2}
