@@ -11,7 +11,9 @@ importing it; there is deliberately no `__version__` here for the case where no 
 
 from .gated_attention import GatedAttentionFunction, gated_attention, gated_attention_ref
 from .routed_adapter import (
+    RouteSchedule,
     RoutedSwiGLUAdapterFunction,
+    build_route_schedule,
     routed_swiglu_adapter,
     routed_swiglu_adapter_eager,
     routed_swiglu_adapter_ref,
@@ -19,7 +21,9 @@ from .routed_adapter import (
 
 __all__ = [
     "GatedAttentionFunction",
+    "RouteSchedule",
     "RoutedSwiGLUAdapterFunction",
+    "build_route_schedule",
     "gated_attention",
     "gated_attention_ref",
     "routed_swiglu_adapter",

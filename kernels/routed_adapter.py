@@ -30,6 +30,7 @@ Caveats
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,122 +47,159 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _block_tokens(PERM, OFFS, BCUM, pid, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Expert of token block pid and the token ids (rows of x) it owns; e == NUM_EXPERTS means no work."""
-    e = pid * 0  # a tensor from the start: compiled Triton rejects loop-carried values that change type
-    for i in range(NUM_EXPERTS):  # block ids are laid out expert after expert: count the experts before pid
-        e += (pid >= tl.load(BCUM + i)).to(tl.int32)
-    e_safe = tl.minimum(e, NUM_EXPERTS - 1)
-    t0 = tl.load(OFFS + e_safe)
-    t1 = tl.load(OFFS + e_safe + 1)
-    first_block = tl.load(BCUM + e_safe) - tl.cdiv(t1 - t0, BLOCK_M)
-    idx = t0 + (pid - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = idx < tl.where(e < NUM_EXPERTS, t1, t0)
+def _block_tokens(PERM, OFFS, pid, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Expert of token block pid and the token ids (rows of x) it owns; e == NUM_EXPERTS means no work.
+    Blocks are laid out expert after expert, BLOCK_M tokens each (the last block of an expert may be partial)."""
+    e = pid * 0 + NUM_EXPERTS  # tensors from the start: compiled Triton rejects loop-carried type changes
+    t0 = pid * 0
+    t1 = pid * 0
+    first = pid * 0
+    cum = pid * 0
+    for i in range(NUM_EXPERTS):
+        lo = tl.load(OFFS + i)
+        hi = tl.load(OFFS + i + 1)
+        nb = tl.cdiv(hi - lo, BLOCK_M)
+        hit = (pid >= cum) & (pid < cum + nb)
+        e = tl.where(hit, i, e)
+        t0 = tl.where(hit, lo, t0)
+        t1 = tl.where(hit, hi, t1)
+        first = tl.where(hit, cum, first)
+        cum += nb
+    idx = t0 + (pid - first) * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = idx < t1
     rows = tl.load(PERM + idx, mask=valid, other=0).to(tl.int64)
-    return e, e_safe.to(tl.int64), rows, valid
+    return e, tl.minimum(e, NUM_EXPERTS - 1).to(tl.int64), rows, valid
 
 
-@triton.jit
-def _routed_adapter_fwd_kernel(X, Y, WG, WD, WU, HG, HD, PERM, OFFS, BCUM, stride_x, stride_y, D, R,
-                               NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                               BLOCK_R: tl.constexpr, SAVE_H: tl.constexpr, COMPUTE_F32: tl.constexpr,
-                               DOT_PREC: tl.constexpr):
+@triton.jit(do_not_specialize=["n_rows"])
+def _routed_project_kernel(X, W, P, PERM, OFFS, stride_x, D, RW, n_rows, chunk,
+                           NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_RW: tl.constexpr, COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Partial projections P[s, t] = x[t, chunk s] @ W_e[:, chunk s]^T for W (E, RW, D) in the compute dtype
+    (fp32 partials (S, N, RW)): split over d so that even a few token blocks fill the GPU. Serves the forward
+    down projections (W = [D1; D2], RW = 2r) and the backward dA = dy U (W = U^T, RW = r)."""
     pid = tl.program_id(0)
-    e, e_i, rows, valid = _block_tokens(PERM, OFFS, BCUM, pid, NUM_EXPERTS, BLOCK_M)
+    s = tl.program_id(1)
+    e, e_i, rows, valid = _block_tokens(PERM, OFFS, pid, NUM_EXPERTS, BLOCK_M)
     if e >= NUM_EXPERTS:
         return
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    r_ok = offs_r < R
-    wg_base = WG + e_i * R * D  # (R, D) of expert e
-    wd_base = WD + e_i * R * D
-    wu_base = WU + e_i * D * R  # (D, R) of expert e
-    hg = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    hd = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs_d
+    offs_r = tl.arange(0, BLOCK_RW)
+    r_ok = offs_r < RW
+    w_base = W + e_i * RW * D
+    acc = tl.zeros([BLOCK_M, BLOCK_RW], tl.float32)
+    d_lo = s * chunk
+    d_hi = tl.minimum(d_lo + chunk, D)
+    for d0 in range(d_lo, d_hi, BLOCK_D):  # chunk is a multiple of BLOCK_D: only D cuts a tile
+        cols = d0 + tl.arange(0, BLOCK_D)
         c_ok = cols < D
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
-        w_off = offs_r[:, None] * D + cols[None, :]
-        w_mask = r_ok[:, None] & c_ok[None, :]
-        wg = tl.load(wg_base + w_off, mask=w_mask, other=0.0)
-        wd = tl.load(wd_base + w_off, mask=w_mask, other=0.0)
+        w = tl.load(w_base + offs_r[:, None] * D + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
         if COMPUTE_F32:
             x = x.to(tl.float32)
-        hg = tl.dot(x, tl.trans(wg.to(x.dtype)), hg, input_precision=DOT_PREC)
-        hd = tl.dot(x, tl.trans(wd.to(x.dtype)), hd, input_precision=DOT_PREC)
-    if SAVE_H:  # pre-activations for the backward: (N, R) fp32, tiny next to x
-        h_off = rows[:, None] * R + offs_r[None, :]
-        h_mask = valid[:, None] & r_ok[None, :]
-        tl.store(HG + h_off, hg, mask=h_mask)
-        tl.store(HD + h_off, hd, mask=h_mask)
-    a = hg * tl.sigmoid(hg) * hd  # SiLU(D1 x) * D2 x, fp32
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs_d
-        c_ok = cols < D
-        xy_mask = valid[:, None] & c_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=xy_mask, other=0.0)
-        wu = tl.load(wu_base + cols[:, None] * R + offs_r[None, :], mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-        if COMPUTE_F32:
-            x = x.to(tl.float32)
-        up = tl.dot(a.to(x.dtype), tl.trans(wu.to(x.dtype)), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D)
-        y = x.to(tl.float32) + up
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=xy_mask)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+    p_off = s.to(tl.int64) * n_rows * RW + rows[:, None] * RW + offs_r[None, :]
+    tl.store(P + p_off, acc, mask=valid[:, None] & r_ok[None, :])
 
 
 @triton.jit
-def _routed_adapter_bwd_dx_kernel(DY, DX, WG, WD, WU, HG, HD, DHG, DHD, PERM, OFFS, BCUM, stride_dy, stride_dx, D, R,
-                                  NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  BLOCK_R: tl.constexpr, COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+def _sum_splits(P, rows, valid, col0, n_rows, n_split, RW, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """sum over s of P[s, rows, col0:col0+R] -> (BLOCK_M, BLOCK_R) fp32."""
+    offs_r = tl.arange(0, BLOCK_R)
+    mask = valid[:, None] & (offs_r[None, :] < R)
+    off = rows[:, None] * RW + col0 + offs_r[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    ptr = P + off
+    for _ in range(n_split):
+        acc += tl.load(ptr, mask=mask, other=0.0)
+        ptr += n_rows * RW  # pointer arithmetic is 64-bit: S * N * RW may pass 2^31
+    return acc
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_split"])
+def _routed_adapter_up_kernel(X, Y, WUT, P, H, PERM, OFFS, stride_x, stride_y, D, R, n_rows, n_split,
+                              NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_R: tl.constexpr, COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """y = x + a U_e^T on a (token block, d-tile) grid; a = SiLU(hg) * hd from the summed partials. The d-tile 0
+    program also writes hg | hd (N, 2r) fp32 for the backward."""
     pid = tl.program_id(0)
-    e, e_i, rows, valid = _block_tokens(PERM, OFFS, BCUM, pid, NUM_EXPERTS, BLOCK_M)
+    dt = tl.program_id(1)
+    e, e_i, rows, valid = _block_tokens(PERM, OFFS, pid, NUM_EXPERTS, BLOCK_M)
     if e >= NUM_EXPERTS:
         return
     offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
     r_ok = offs_r < R
-    wg_base = WG + e_i * R * D
-    wd_base = WD + e_i * R * D
-    wu_base = WU + e_i * D * R
-    da = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    for d0 in range(0, D, BLOCK_D):  # dA = dy U_e
-        cols = d0 + offs_d
-        c_ok = cols < D
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
-        wu = tl.load(wu_base + cols[:, None] * R + offs_r[None, :], mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-        if COMPUTE_F32:
-            dy = dy.to(tl.float32)
-        da = tl.dot(dy, wu.to(dy.dtype), da, input_precision=DOT_PREC)
-    h_off = rows[:, None] * R + offs_r[None, :]
+    hg = _sum_splits(P, rows, valid, 0, n_rows, n_split, 2 * R, R, BLOCK_M, BLOCK_R)
+    hd = _sum_splits(P, rows, valid, R, n_rows, n_split, 2 * R, R, BLOCK_M, BLOCK_R)
+    if dt == 0:
+        h_off = rows[:, None] * (2 * R) + offs_r[None, :]
+        h_mask = valid[:, None] & r_ok[None, :]
+        tl.store(H + h_off, hg, mask=h_mask)
+        tl.store(H + h_off + R, hd, mask=h_mask)
+    a = hg * tl.sigmoid(hg) * hd  # SiLU(D1 x) * D2 x, fp32
+    cols = dt * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_ok = cols < D
+    xy_mask = valid[:, None] & c_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=xy_mask, other=0.0)
+    # U_e^T is stored (E, r, d): the (BLOCK_D, BLOCK_R) tile of U_e
+    wu = tl.load(WUT + e_i * R * D + offs_r[None, :] * D + cols[:, None], mask=c_ok[:, None] & r_ok[None, :],
+                 other=0.0)
+    if COMPUTE_F32:
+        x = x.to(tl.float32)
+        wu = wu.to(tl.float32)
+    y = tl.dot(a.to(wu.dtype), tl.trans(wu), x.to(tl.float32), input_precision=DOT_PREC)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=xy_mask)
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_split"])
+def _routed_adapter_bwd_dx_kernel(DY, DX, W, P, H, A, DH, PERM, OFFS, stride_dy, stride_dx, D, R, n_rows, n_split,
+                                  NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  BLOCK_R: tl.constexpr, COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dx = dy + dhg D1_e + dhd D2_e on a (token block, d-tile) grid, dA from the summed partials of dy U_e. The
+    d-tile 0 program writes what the weight-gradient kernel needs in the activation dtype: a (N, r) and
+    dhg | dhd (N, 2r)."""
+    pid = tl.program_id(0)
+    dt = tl.program_id(1)
+    e, e_i, rows, valid = _block_tokens(PERM, OFFS, pid, NUM_EXPERTS, BLOCK_M)
+    if e >= NUM_EXPERTS:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    da = _sum_splits(P, rows, valid, 0, n_rows, n_split, R, R, BLOCK_M, BLOCK_R)
     h_mask = valid[:, None] & r_ok[None, :]
-    hg = tl.load(HG + h_off, mask=h_mask, other=0.0)
-    hd = tl.load(HD + h_off, mask=h_mask, other=0.0)
+    h_off = rows[:, None] * (2 * R) + offs_r[None, :]
+    hg = tl.load(H + h_off, mask=h_mask, other=0.0)
+    hd = tl.load(H + h_off + R, mask=h_mask, other=0.0)
     sig = tl.sigmoid(hg)
     dhd = da * hg * sig
     dhg = da * hd * sig * (1.0 + hg * (1.0 - sig))  # d SiLU(h) / dh = s (1 + h (1 - s))
-    tl.store(DHG + h_off, dhg, mask=h_mask)
-    tl.store(DHD + h_off, dhd, mask=h_mask)
-    for d0 in range(0, D, BLOCK_D):  # dx = dy + dhg D1_e + dhd D2_e
-        cols = d0 + offs_d
-        c_ok = cols < D
-        xy_mask = valid[:, None] & c_ok[None, :]
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=xy_mask, other=0.0)
-        if COMPUTE_F32:
-            dy = dy.to(tl.float32)
-        w_off = offs_r[:, None] * D + cols[None, :]
-        w_mask = r_ok[:, None] & c_ok[None, :]
-        wg = tl.load(wg_base + w_off, mask=w_mask, other=0.0).to(dy.dtype)
-        wd = tl.load(wd_base + w_off, mask=w_mask, other=0.0).to(dy.dtype)
-        dx = dy.to(tl.float32)
-        dx = tl.dot(dhg.to(dy.dtype), wg, dx, input_precision=DOT_PREC)
-        dx = tl.dot(dhd.to(dy.dtype), wd, dx, input_precision=DOT_PREC)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=xy_mask)
+    if dt == 0:
+        tl.store(A + rows[:, None] * R + offs_r[None, :], (hg * sig * hd).to(A.dtype.element_ty), mask=h_mask)
+        tl.store(DH + h_off, dhg.to(DH.dtype.element_ty), mask=h_mask)
+        tl.store(DH + h_off + R, dhd.to(DH.dtype.element_ty), mask=h_mask)
+    cols = dt * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_ok = cols < D
+    xy_mask = valid[:, None] & c_ok[None, :]
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=xy_mask, other=0.0)
+    w_off = e_i * 2 * R * D + offs_r[:, None] * D + cols[None, :]  # W = [D1; D2] (E, 2r, d)
+    w_mask = r_ok[:, None] & c_ok[None, :]
+    wg = tl.load(W + w_off, mask=w_mask, other=0.0)
+    wd = tl.load(W + w_off + R * D, mask=w_mask, other=0.0)
+    if COMPUTE_F32:
+        dy = dy.to(tl.float32)
+        wg = wg.to(tl.float32)
+        wd = wd.to(tl.float32)
+    dx = tl.dot(dhg.to(wg.dtype), wg, dy.to(tl.float32), input_precision=DOT_PREC)
+    dx = tl.dot(dhd.to(wd.dtype), wd, dx, input_precision=DOT_PREC)
+    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=xy_mask)
 
 
 @triton.jit
-def _routed_adapter_bwd_dw_kernel(X, DY, HG, HD, DHG, DHD, DWG, DWD, DWU, PERM, OFFS, stride_x, stride_dy, D, R,
+def _routed_adapter_bwd_dw_kernel(X, DY, A, DH, DWG, DWD, DWU, PERM, OFFS, stride_x, stride_dy, D, R,
                                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                                   SPLIT: tl.constexpr, COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Weight gradients of expert e on one d-tile from that expert's tokens only, all three as (BLOCK_D, r)
+    tiles (d is the wgmma row dimension): dU = dy^T a, dD1^T = x^T dhg, dD2^T = x^T dhd."""
     d0 = tl.program_id(0) * BLOCK_D
     e = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -175,8 +213,8 @@ def _routed_adapter_bwd_dw_kernel(X, DY, HG, HD, DHG, DHD, DWG, DWD, DWU, PERM, 
     r_ok = offs_r < R
     c_ok = cols < D
     dwu = tl.zeros([BLOCK_D, BLOCK_R], tl.float32)
-    dwg = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    dwd = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    dwg = tl.zeros([BLOCK_D, BLOCK_R], tl.float32)
+    dwd = tl.zeros([BLOCK_D, BLOCK_R], tl.float32)
     for s in range(lo, hi, BLOCK_M):  # only tokens routed to expert e
         idx = s + tl.arange(0, BLOCK_M)
         valid = idx < hi
@@ -184,36 +222,62 @@ def _routed_adapter_bwd_dw_kernel(X, DY, HG, HD, DHG, DHD, DWG, DWD, DWU, PERM, 
         xy_mask = valid[:, None] & c_ok[None, :]
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=xy_mask, other=0.0)
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=xy_mask, other=0.0)
+        h_mask = valid[:, None] & r_ok[None, :]
+        a = tl.load(A + rows[:, None] * R + offs_r[None, :], mask=h_mask, other=0.0)
+        dh_off = rows[:, None] * (2 * R) + offs_r[None, :]
+        dhg = tl.load(DH + dh_off, mask=h_mask, other=0.0)
+        dhd = tl.load(DH + dh_off + R, mask=h_mask, other=0.0)
         if COMPUTE_F32:
             x = x.to(tl.float32)
             dy = dy.to(tl.float32)
-        h_off = rows[:, None] * R + offs_r[None, :]
-        h_mask = valid[:, None] & r_ok[None, :]
-        hg = tl.load(HG + h_off, mask=h_mask, other=0.0)
-        hd = tl.load(HD + h_off, mask=h_mask, other=0.0)
-        dhg = tl.load(DHG + h_off, mask=h_mask, other=0.0)
-        dhd = tl.load(DHD + h_off, mask=h_mask, other=0.0)
-        a = hg * tl.sigmoid(hg) * hd
-        dwu = tl.dot(tl.trans(dy), a.to(dy.dtype), dwu, input_precision=DOT_PREC)  # (BLOCK_D, BLOCK_R)
-        dwg = tl.dot(tl.trans(dhg.to(x.dtype)), x, dwg, input_precision=DOT_PREC)  # (BLOCK_R, BLOCK_D)
-        dwd = tl.dot(tl.trans(dhd.to(x.dtype)), x, dwd, input_precision=DOT_PREC)
-    w_off = e * R * D + offs_r[:, None] * D + cols[None, :]
-    w_mask = r_ok[:, None] & c_ok[None, :]
+            a = a.to(tl.float32)
+            dhg = dhg.to(tl.float32)
+            dhd = dhd.to(tl.float32)
+        dwu = tl.dot(tl.trans(dy), a, dwu, input_precision=DOT_PREC)
+        dwg = tl.dot(tl.trans(x), dhg, dwg, input_precision=DOT_PREC)
+        dwd = tl.dot(tl.trans(x), dhd, dwd, input_precision=DOT_PREC)
+    t_off = e * R * D + offs_r[None, :] * D + cols[:, None]  # dD1, dD2 are (E, r, d): store the tile transposed
     u_off = e * D * R + cols[:, None] * R + offs_r[None, :]
-    u_mask = c_ok[:, None] & r_ok[None, :]
+    mask = c_ok[:, None] & r_ok[None, :]
     if SPLIT == 1:
-        tl.store(DWG + w_off, dwg, mask=w_mask)
-        tl.store(DWD + w_off, dwd, mask=w_mask)
-        tl.store(DWU + u_off, dwu, mask=u_mask)
+        tl.store(DWG + t_off, dwg, mask=mask)
+        tl.store(DWD + t_off, dwd, mask=mask)
+        tl.store(DWU + u_off, dwu, mask=mask)
     else:
-        tl.atomic_add(DWG + w_off, dwg, mask=w_mask)
-        tl.atomic_add(DWD + w_off, dwd, mask=w_mask)
-        tl.atomic_add(DWU + u_off, dwu, mask=u_mask)
+        tl.atomic_add(DWG + t_off, dwg, mask=mask)
+        tl.atomic_add(DWD + t_off, dwd, mask=mask)
+        tl.atomic_add(DWU + u_off, dwu, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RouteSchedule:
+    """Tokens grouped by expert, built once per model forward and shared by every layer (the route is the same
+    in all of them): pass it as ``route`` to ``routed_swiglu_adapter``.
+
+    route: the (...) expert index per token it was built from (the reference path uses it);
+    perm (N,) int32: token ids, expert after expert (stable); offs (E+1,) int32: each expert's first index."""
+
+    route: torch.Tensor
+    perm: torch.Tensor
+    offs: torch.Tensor
+    num_experts: int
+
+
+def build_route_schedule(route: torch.Tensor, num_experts: int) -> RouteSchedule:
+    """Stable argsort of the route and per-expert offsets, on the route's device without a host sync."""
+    if route.dtype.is_floating_point or route.dtype.is_complex:
+        raise ValueError(f"build_route_schedule: route must be an integer (or bool) tensor, got {route.dtype}")
+    flat = route.reshape(-1).to(torch.int64)
+    perm = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    offs = torch.zeros(num_experts + 1, dtype=torch.int32, device=route.device)
+    offs[1:] = torch.cumsum(counts, 0)
+    return RouteSchedule(route, perm, offs, num_experts)
+
+
 def _config(d: int, r: int, device: torch.device) -> dict:
     block_r = max(16, triton.next_power_of_2(r))
     block_d = max(16, triton.next_power_of_2(d))
@@ -227,94 +291,130 @@ def _flags(x: torch.Tensor) -> dict:
     return {"COMPUTE_F32": f32, "DOT_PREC": "ieee" if f32 else "tf32"}
 
 
-def _schedule(route: torch.Tensor, num_experts: int, block_m: int):
-    """Token order grouped by expert, per-expert offsets (E+1,) and inclusive block counts (E,); no host sync."""
-    route = route.to(torch.int64)
-    perm = torch.argsort(route, stable=True).to(torch.int32)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=route.device)
-    counts.scatter_add_(0, route, torch.ones_like(route, dtype=torch.int32))
-    offs = torch.zeros(num_experts + 1, dtype=torch.int32, device=route.device)
-    offs[1:] = torch.cumsum(counts, 0)
-    bcum = torch.cumsum((counts + block_m - 1) // block_m, 0)
-    return perm, offs, bcum.to(torch.int32)
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
+
+
+def _d_split(n_blocks: int, d: int, block_d: int, device: torch.device) -> tuple[int, int]:
+    """(splits, chunk) of the d-reduction of the projection kernel: ~2 programs per SM on a GPU, else 1."""
+    n_dtiles = triton.cdiv(d, block_d)
+    want = 1 if not on_gpu(device) else triton.cdiv(2 * _sms(device), max(n_blocks, 1))
+    chunk = triton.cdiv(n_dtiles, max(1, min(want, n_dtiles))) * block_d
+    return triton.cdiv(d, chunk), chunk
 
 
 def _dw_split(n: int, num_experts: int, n_dtiles: int, block_m: int, device: torch.device) -> int:
     """Token splits per (d-tile, expert) of the weight-gradient kernel: ~4 programs per SM on a GPU, else 1."""
     if not on_gpu(device):
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
-    return max(1, min(triton.cdiv(n, block_m * num_experts), 4 * sms // (n_dtiles * num_experts)))
+    return max(1, min(triton.cdiv(n, block_m * num_experts), 4 * _sms(device) // (n_dtiles * num_experts)))
 
 
-def _forward(x2, route, wg, wd, wu):
-    """x2 (N, d) -> y (N, d), the saved pre-activations hg, hd (N, r) fp32 and the expert schedule."""
-    num_experts, r, d = wg.shape
+def _weights(w_gate, w_down, w_up, dtype):
+    """The fp32 master weights cast ONCE per call to the compute dtype: [D1; D2] (E, 2r, d) and U^T (E, r, d)."""
+    w_cat = torch.cat([w_gate, w_down], dim=1).to(dtype).contiguous()
+    w_ut = w_up.transpose(1, 2).to(dtype).contiguous()
+    return w_cat, w_ut
+
+
+def _project(x2, w, sched, cfg, flags):
+    """Summable partials (S, N, RW) fp32 of x2 @ W_e^T per token, and S."""
+    num_experts, rw, d = w.shape
+    n = x2.shape[0]
+    n_blocks = triton.cdiv(n, cfg["BLOCK_M"]) + num_experts  # upper bound on per-expert blocks
+    n_split, chunk = _d_split(n_blocks, d, cfg["BLOCK_D"], x2.device)
+    parts = torch.empty((n_split, n, rw), device=x2.device, dtype=torch.float32)
+    launch(_routed_project_kernel, (n_blocks, n_split), x2, w, parts, sched.perm, sched.offs, x2.stride(0), d, rw,
+           n, chunk, NUM_EXPERTS=num_experts, BLOCK_RW=max(16, triton.next_power_of_2(rw)),
+           **{k: v for k, v in cfg.items() if k != "BLOCK_R"}, **flags)
+    return parts, n_split, n_blocks
+
+
+def _forward(x2, sched, w_cat, w_ut):
+    """x2 (N, d) -> y (N, d) and the saved pre-activations hg | hd (N, 2r) fp32."""
+    num_experts, r, d = w_ut.shape
     n = x2.shape[0]
     cfg = _config(d, r, x2.device)
-    perm, offs, bcum = _schedule(route.reshape(-1).to(x2.device), num_experts, cfg["BLOCK_M"])
+    flags = _flags(x2)
     y = torch.empty_like(x2)
-    hg = torch.empty((n, r), device=x2.device, dtype=torch.float32)
-    hd = torch.empty_like(hg)
+    h = torch.empty((n, 2 * r), device=x2.device, dtype=torch.float32)
     if n > 0:
-        grid = (triton.cdiv(n, cfg["BLOCK_M"]) + num_experts,)  # upper bound on per-expert blocks
-        launch(_routed_adapter_fwd_kernel, grid, x2, y, wg, wd, wu, hg, hd, perm, offs, bcum, x2.stride(0),
-               y.stride(0), d, r, NUM_EXPERTS=num_experts, SAVE_H=True, **_flags(x2), **cfg)
-    return y, hg, hd, (perm, offs, bcum)
+        parts, n_split, n_blocks = _project(x2, w_cat, sched, cfg, flags)
+        launch(_routed_adapter_up_kernel, (n_blocks, triton.cdiv(d, cfg["BLOCK_D"])), x2, y, w_ut, parts, h,
+               sched.perm, sched.offs, x2.stride(0), y.stride(0), d, r, n, n_split, NUM_EXPERTS=num_experts,
+               **cfg, **flags)
+    return y, h
 
 
-def _backward(dy2, x2, wg, wd, wu, hg, hd, schedule):
-    perm, offs, bcum = schedule
-    num_experts, r, d = wg.shape
+def _backward(dy2, x2, sched, w_cat, w_ut, h):
+    num_experts, r, d = w_ut.shape
     n = x2.shape[0]
     cfg = _config(d, r, x2.device)
     flags = _flags(x2)
     dx = torch.empty_like(x2)
-    dhg, dhd = torch.empty_like(hg), torch.empty_like(hd)
-    dwg = torch.zeros(wg.shape, device=x2.device, dtype=torch.float32)
+    dwg = torch.zeros((num_experts, r, d), device=x2.device, dtype=torch.float32)
     dwd = torch.zeros_like(dwg)
-    dwu = torch.zeros(wu.shape, device=x2.device, dtype=torch.float32)
+    dwu = torch.zeros((num_experts, d, r), device=x2.device, dtype=torch.float32)
     if n > 0:
-        grid = (triton.cdiv(n, cfg["BLOCK_M"]) + num_experts,)
-        launch(_routed_adapter_bwd_dx_kernel, grid, dy2, dx, wg, wd, wu, hg, hd, dhg, dhd, perm, offs, bcum,
-               dy2.stride(0), dx.stride(0), d, r, NUM_EXPERTS=num_experts, **flags, **cfg)
+        act_dtype = torch.float32 if flags["COMPUTE_F32"] else x2.dtype
+        a = torch.empty((n, r), device=x2.device, dtype=act_dtype)
+        dh = torch.empty((n, 2 * r), device=x2.device, dtype=act_dtype)
+        parts, n_split, n_blocks = _project(dy2, w_ut, sched, cfg, flags)  # dA = dy U
         n_dtiles = triton.cdiv(d, cfg["BLOCK_D"])
+        launch(_routed_adapter_bwd_dx_kernel, (n_blocks, n_dtiles), dy2, dx, w_cat, parts, h, a, dh, sched.perm,
+               sched.offs, dy2.stride(0), dx.stride(0), d, r, n, n_split, NUM_EXPERTS=num_experts, **cfg, **flags)
         split = _dw_split(n, num_experts, n_dtiles, cfg["BLOCK_M"], x2.device)
         launch(_routed_adapter_bwd_dw_kernel, (n_dtiles, num_experts, split),
-               x2, dy2, hg, hd, dhg, dhd, dwg, dwd, dwu, perm, offs, x2.stride(0), dy2.stride(0), d, r,
-               SPLIT=split, **flags, **cfg)
+               x2, dy2, a, dh, dwg, dwd, dwu, sched.perm, sched.offs, x2.stride(0), dy2.stride(0), d, r,
+               SPLIT=split, **cfg, **flags)
     return dx, dwg, dwd, dwu
 
 
 def plan_launches(x2: torch.Tensor, w_rd: torch.Tensor, w_dr: torch.Tensor) -> None:
     """Forward and backward launches for x2 (N, d) with E = w_rd.shape[0] experts, tokens split evenly (for the
     compile report, on meta tensors inside ``launch.capture``)."""
+    num_experts, r, d = w_rd.shape
     n = x2.shape[0]
-    route = torch.arange(n, device=x2.device) * w_rd.shape[0] // max(n, 1)
-    y, hg, hd, schedule = _forward(x2, route, w_rd, w_rd, w_dr)
-    _backward(y, x2, w_rd, w_rd, w_dr, hg, hd, schedule)
+    perm = torch.empty(n, device=x2.device, dtype=torch.int32)
+    offs = torch.empty(num_experts + 1, device=x2.device, dtype=torch.int32)
+    sched = RouteSchedule(perm, perm, offs, num_experts)
+    w_cat, w_ut = _weights(w_rd, w_rd, w_dr, x2.dtype)
+    y, h = _forward(x2, sched, w_cat, w_ut)
+    _backward(y, x2, sched, w_cat, w_ut, h)
 
 
 class RoutedSwiGLUAdapterFunction(torch.autograd.Function):
-    """Triton forward/backward of ``routed_swiglu_adapter``."""
+    """Triton forward/backward of ``routed_swiglu_adapter``; ``route`` may be a ``RouteSchedule``."""
 
     @staticmethod
     def forward(ctx, x, route, w_gate, w_down, w_up):
-        _check(x, route, w_gate, w_down, w_up)
+        sched = _as_schedule(route, w_gate.shape[0], x.device)
+        _check(x, sched.route, w_gate, w_down, w_up)
         d = w_gate.shape[-1]
         x2 = x.reshape(-1, d).contiguous()
-        wg, wd, wu = w_gate.contiguous(), w_down.contiguous(), w_up.contiguous()
-        y, hg, hd, schedule = _forward(x2, route, wg, wd, wu)
-        ctx.save_for_backward(x2, wg, wd, wu, hg, hd, *schedule)
-        ctx.x_shape = x.shape
+        w_cat, w_ut = _weights(w_gate, w_down, w_up, torch.float32 if _flags(x2)["COMPUTE_F32"] else x.dtype)
+        y, h = _forward(x2, sched, w_cat, w_ut)
+        ctx.save_for_backward(x2, w_cat, w_ut, h, sched.perm, sched.offs)
+        ctx.meta = (x.shape, w_gate.dtype, w_down.dtype, w_up.dtype)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, wg, wd, wu, hg, hd, *schedule = ctx.saved_tensors
+        x2, w_cat, w_ut, h, perm, offs = ctx.saved_tensors
+        x_shape, dt_g, dt_d, dt_u = ctx.meta
         dy2 = dy.reshape(-1, x2.shape[1]).contiguous()
-        dx, dwg, dwd, dwu = _backward(dy2, x2, wg, wd, wu, hg, hd, schedule)
-        return (dx.view(ctx.x_shape), None, dwg.to(wg.dtype), dwd.to(wd.dtype), dwu.to(wu.dtype))
+        sched = RouteSchedule(perm, perm, offs, w_ut.shape[0])
+        dx, dwg, dwd, dwu = _backward(dy2, x2, sched, w_cat, w_ut, h)
+        return dx.view(x_shape), None, dwg.to(dt_g), dwd.to(dt_d), dwu.to(dt_u)
+
+
+def _as_schedule(route, num_experts: int, device: torch.device) -> RouteSchedule:
+    if isinstance(route, RouteSchedule):
+        if route.num_experts != num_experts:
+            raise ValueError(f"routed_swiglu_adapter: the route schedule was built for {route.num_experts} experts, "
+                             f"the weights have {num_experts}")
+        return route
+    return build_route_schedule(route.to(device), num_experts)
 
 
 def _check(x, route, w_gate, w_down, w_up) -> None:
@@ -335,9 +435,12 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def routed_swiglu_adapter(x: torch.Tensor, route: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor,
-                          w_up: torch.Tensor) -> torch.Tensor:
-    """x + w_up[e] @ (silu(w_gate[e] @ x) * (w_down[e] @ x)) with e = route per token (see module docstring)."""
+def routed_swiglu_adapter(x: torch.Tensor, route: torch.Tensor | RouteSchedule, w_gate: torch.Tensor,
+                          w_down: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """x + w_up[e] @ (silu(w_gate[e] @ x) * (w_down[e] @ x)) with e = route per token (see module docstring).
+
+    ``route`` may be a ``RouteSchedule`` from ``build_route_schedule(route, E)``: built once per model forward,
+    it saves the grouping (argsort + offsets) in every layer."""
     if _use_triton(x):
         return RoutedSwiGLUAdapterFunction.apply(x, route, w_gate, w_down, w_up)
     return routed_swiglu_adapter_ref(x, route, w_gate, w_down, w_up)
@@ -350,6 +453,7 @@ def routed_swiglu_adapter_ref(x: torch.Tensor, route: torch.Tensor, w_gate: torc
                               w_up: torch.Tensor) -> torch.Tensor:
     """PILL's formulation: every expert on every token, then select per token. Computes in x's dtype (weights cast
     like autocast does); call it on fp32 x for the gold reference."""
+    route = route.route if isinstance(route, RouteSchedule) else route
     _check(x, route, w_gate, w_down, w_up)
     wg, wd, wu = (w.to(x.dtype) for w in (w_gate, w_down, w_up))
     hg = torch.einsum("...d,erd->...er", x, wg)
@@ -362,6 +466,7 @@ def routed_swiglu_adapter_ref(x: torch.Tensor, route: torch.Tensor, w_gate: torc
 def routed_swiglu_adapter_eager(x: torch.Tensor, route: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor,
                                 w_up: torch.Tensor) -> torch.Tensor:
     """Routed eager baseline: gather each expert's tokens, run only that expert, scatter back (host syncs)."""
+    route = route.route if isinstance(route, RouteSchedule) else route
     _check(x, route, w_gate, w_down, w_up)
     d = x.shape[-1]
     x2 = x.reshape(-1, d)

@@ -8,9 +8,11 @@ import importlib
 
 import pytest
 import torch
+import triton
 
 from pill_kernels import (
     RoutedSwiGLUAdapterFunction,
+    build_route_schedule,
     routed_swiglu_adapter,
     routed_swiglu_adapter_eager,
     routed_swiglu_adapter_ref,
@@ -98,6 +100,36 @@ def test_split_weight_gradients_atomics(monkeypatch):
     """The GPU path splits each expert's tokens and adds partial weight grads with atomics: force it here."""
     monkeypatch.setattr(ra, "_dw_split", lambda *a: 3)
     _check_fp32(*_inputs((5, 13), 32, 16, 2, seed=3))
+
+
+@requires_triton_path
+def test_split_projection_over_d(monkeypatch):
+    """The GPU path splits the d-reduction of the down projections (and of dA = dy U) into summed fp32 partials
+    so that few tokens still fill the SMs: force one split per d-tile here (d = 200: 4 tiles, the last partial)."""
+    monkeypatch.setattr(ra, "_d_split", lambda n_blocks, d, block_d, device: (triton.cdiv(d, block_d), block_d))
+    _check_fp32(*_inputs((3, 11), 200, 16, 2, seed=6))
+
+
+@requires_triton_path
+def test_precomputed_route_schedule_matches_route():
+    """A schedule built once per model forward gives the same result as the raw route, in every layer."""
+    x, rt, ws = _inputs((2, 19), 64, 16, 2, route="runs", seed=7)
+    sched = build_route_schedule(rt, 2)
+    assert sched.offs.tolist() == [0, int((rt == 0).sum()), rt.numel()]
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    got = _run(routed_swiglu_adapter, x, sched, ws, dy)
+    ref = _run(routed_swiglu_adapter, x, rt, ws, dy)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(routed_swiglu_adapter_ref(x, sched, *ws), routed_swiglu_adapter_ref(x, rt, *ws))
+
+
+def test_route_schedule_errors():
+    x, rt, ws = _inputs((2, 5), 32, 16, 2, device="cpu")
+    with pytest.raises(ValueError, match="integer"):
+        build_route_schedule(rt.float(), 2)
+    with pytest.raises(ValueError, match="built for 3 experts"):
+        RoutedSwiGLUAdapterFunction.apply(x, build_route_schedule(rt, 3), *ws)
 
 
 @requires_triton_path
