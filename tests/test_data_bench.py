@@ -5,7 +5,7 @@ from pipeline.data import bench
 
 
 def test_bench_runs(tmp_path, capsys):
-    assert bench.main(["--n", "40", "--sets", "jpeg224", "features", "--dir", str(tmp_path)]) == 0
+    assert bench.main(["--n", "40", "--rounds", "1", "--sets", "jpeg224", "features", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "webdataset+PIL" in out and "features" in out and "pixel error" in out
 

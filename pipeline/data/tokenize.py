@@ -7,7 +7,7 @@ modality_mask True there. Labels equal input_ids on answer tokens and their EOS,
 the model shifts). Text pieces are tokenised separately (boundaries at images and answers), so the prompt used at
 generation (`encode_prompt`) is token-for-token the training prompt.
 
-Truncation to max_len drops trailing tokens but never part of an image: a cut inside a visual run moves to the run's
+Truncation to max_length drops trailing tokens but never part of an image: a cut inside a visual run moves to the run's
 start and that image is dropped. A sample left without any answer token is skipped ("too_long").
 """
 
@@ -61,7 +61,7 @@ def conversation_pieces(conv: Conversation, with_answer: bool = True) -> list[tu
     return pieces
 
 
-def encode_pieces(batch_pieces: list[list[tuple]], tokenizer: Any, num_query_tokens: int, max_len: int | None,
+def encode_pieces(batch_pieces: list[list[tuple]], tokenizer: Any, num_query_tokens: int, max_length: int | None,
                   ) -> list[Encoded | None]:
     """One batched tokenizer call for every text piece of the batch; None for samples truncated to no answer."""
     ids_list = _tokenize([p for pieces in batch_pieces for p in pieces if p[0] == "text"], tokenizer)
@@ -94,8 +94,8 @@ def encode_pieces(batch_pieces: list[list[tuple]], tokenizer: Any, num_query_tok
                 train.append(p[0] == "eos" and p[1])
                 vis.append(False)
         n_img = len(img_starts)
-        if max_len is not None and len(ids) > max_len:
-            cut = max_len
+        if max_length is not None and len(ids) > max_length:
+            cut = max_length
             for s in img_starts:
                 if s < cut < s + K:  # never a partial image
                     cut = s
@@ -103,7 +103,7 @@ def encode_pieces(batch_pieces: list[list[tuple]], tokenizer: Any, num_query_tok
             ids, train, vis = ids[:cut], train[:cut], vis[:cut]
         arr = np.asarray(ids, dtype=np.int64)
         tr = np.asarray(train, dtype=bool)
-        if max_len is not None and not tr.any() and any(p[0] == "eos" for p in pieces):
+        if max_length is not None and not tr.any() and any(p[0] == "eos" for p in pieces):
             out.append(None)
             continue
         out.append(Encoded(arr, np.where(tr, arr, IGNORE), np.asarray(vis, dtype=bool), n_img))
