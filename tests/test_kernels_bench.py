@@ -29,11 +29,44 @@ def _ptxas() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-@pytest.mark.skipif(not _ptxas(), reason="this triton wheel ships no ptxas to compile for sm_90 with")
-def test_kernels_compile_for_hopper_without_gpu():
-    """The interpreter is lenient; the real compiler (Triton's bundled ptxas, sm_90 target) is not."""
+needs_ptxas = pytest.mark.skipif(not _ptxas(), reason="this triton wheel ships no ptxas to compile for sm_90 with")
+
+
+def _compile_report(tmp_path, *args) -> list[dict]:
+    """`python -m kernels.bench --compile-report` in a child without TRITON_INTERPRET (it compiles for sm_90a)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--compile-check", "--quick"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--compile-report", "--json", str(out), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "COMPILE OK" in proc.stdout
+    assert "COMPILE OK" in proc.stdout and "| wgmma |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["arch"] == "sm_90a"
+    return report["kernels"]
+
+
+@needs_ptxas
+def test_compile_report_adapter_fills_the_gpu(tmp_path):
+    """Issue 13: at n >= 2048 tokens every adapter kernel's grid covers the 132 SMs of an H100; no spills, and the
+    dots are wgmma (no mma.sync)."""
+    rows = _compile_report(tmp_path, "--ops", "adapter")
+    assert {r["case"].split()[1] for r in rows} == {"n2048", "n8192"}
+    assert len({r["kernel"] for r in rows}) == 4  # projection (down and dA), up, dx, dW
+    for r in rows:
+        assert r["programs"] >= 132, r
+        assert r["spill_bytes"] == 0, r
+        assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
+
+
+@needs_ptxas
+@pytest.mark.slow
+def test_compile_report_attention_is_wgmma_without_spills(tmp_path):
+    """Issue 13: at head_dim 64 and 128 every bf16 dot of the forward, dK/dV and dQ kernels is wgmma, and none
+    spills (causal gated GQA and non-causal ungated MHA)."""
+    rows = _compile_report(tmp_path, "--ops", "attention", "--head-dims", "64,128")
+    dot_kernels = [r for r in rows if r["kernel"] != "_bwd_delta_kernel"]
+    assert len(dot_kernels) == 2 * 2 * 3
+    for r in dot_kernels:
+        assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
+        assert r["spill_bytes"] == 0, r
+    assert all(r["spill_bytes"] == 0 for r in rows)
