@@ -109,3 +109,17 @@ def test_excitor_eager_and_sdpa_agree_in_output_and_gradients(tiny_dirs, clip_di
     torch.testing.assert_close(ls, le, rtol=1e-4, atol=1e-5)
     for n in ge:
         torch.testing.assert_close(gs[n], ge[n], rtol=1e-3, atol=1e-6, msg=n)
+
+
+def test_iaa_text_only_batch_still_backpropagates(tiny_dirs, clip_dir):  # noqa: F811
+    """A micro-batch of text rows only (e.g. images truncated away) takes the frozen path: its loss must still be a
+    tensor DeepSpeed can call backward() on, with zero gradients for the trainables."""
+    model = make("iaa", tiny_dirs, clip_dir)
+    model.train()
+    ids = text_ids()
+    labels = ids.clone()
+    out = model(ids, labels=labels)
+    assert out.loss.requires_grad
+    out.loss.backward()
+    assert model.projection.weight.grad is not None and model.projection.weight.grad.abs().sum() == 0
+    torch.testing.assert_close(out.loss.detach(), model.llm(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)

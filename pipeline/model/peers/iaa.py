@@ -160,6 +160,10 @@ class IAA(FrozenLLMMethod):
                 logits[idx] = lg
             if ls is not None:
                 loss, n_tok = (ls, n) if loss is None else (loss + ls, n_tok + n)
+        if loss is not None and torch.is_grad_enabled() and not loss.requires_grad:
+            # Only text rows (e.g. an image truncated away): the frozen path has nothing trainable; a zero term
+            # keeps backward() valid on every rank.
+            loss = loss + 0.0 * self.projection.weight.sum()
         kv = PeerCache([], torch.ones(B, 0, dtype=torch.bool), {"mm_rows": mm_rows, "paths": paths})
         return MethodOutput(loss=loss, logits=logits, n_loss_tokens=n_tok, kv_cache=kv if use_cache else None)
 
