@@ -18,6 +18,7 @@ from .routed_adapter import (
     routed_swiglu_adapter_eager,
     routed_swiglu_adapter_ref,
 )
+from . import ops  # noqa: F401,E402  (registers the torch.library custom ops)
 
 __all__ = [
     "GatedAttentionFunction",

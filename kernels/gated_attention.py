@@ -594,6 +594,14 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def _triton_attention(q, k, v, value_gate, causal, cu_seqlens, max_seqlen, softmax_scale, kv_seqlens):
+    """The Triton path through the registered custom op (one node for torch.compile; kernels/ops.py)."""
+    from . import ops
+
+    return ops.gated_attention_fwd(q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen,
+                                   _scale(softmax_scale, q.shape[-1]))[0]
+
+
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None = None, *,
                     causal: bool = True, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                     softmax_scale: float | None = None, kv_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -603,8 +611,7 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gat
     for right-padded batches. Triton on CUDA or under TRITON_INTERPRET=1, else the PyTorch reference.
     """
     if _use_triton(q):
-        return GatedAttentionFunction.apply(q, k, v, value_gate, causal, cu_seqlens, max_seqlen, softmax_scale,
-                                            kv_seqlens)
+        return _triton_attention(q, k, v, value_gate, causal, cu_seqlens, max_seqlen, softmax_scale, kv_seqlens)
     return gated_attention_ref(q, k, v, value_gate, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                softmax_scale=softmax_scale, kv_seqlens=kv_seqlens)
 

@@ -272,7 +272,8 @@ def build_route_schedule(route: torch.Tensor, num_experts: int) -> RouteSchedule
         raise ValueError(f"build_route_schedule: route must be an integer (or bool) tensor, got {route.dtype}")
     flat = route.reshape(-1).to(torch.int64)
     perm = torch.argsort(flat, stable=True).to(torch.int32)
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=route.device).scatter_add(0, flat,
+                                                                                         torch.ones_like(flat))
     offs = torch.zeros(num_experts + 1, dtype=torch.int32, device=route.device)
     offs[1:] = torch.cumsum(counts, 0)
     return RouteSchedule(route, perm, offs, num_experts)
@@ -442,8 +443,16 @@ def routed_swiglu_adapter(x: torch.Tensor, route: torch.Tensor | RouteSchedule, 
     ``route`` may be a ``RouteSchedule`` from ``build_route_schedule(route, E)``: built once per model forward,
     it saves the grouping (argsort + offsets) in every layer."""
     if _use_triton(x):
-        return RoutedSwiGLUAdapterFunction.apply(x, route, w_gate, w_down, w_up)
+        return _triton_adapter(x, route, w_gate, w_down, w_up)
     return routed_swiglu_adapter_ref(x, route, w_gate, w_down, w_up)
+
+
+def _triton_adapter(x, route, w_gate, w_down, w_up):
+    """The Triton path through the registered custom op (one node for torch.compile; kernels/ops.py)."""
+    from . import ops
+
+    sched = _as_schedule(route, w_gate.shape[0], x.device)
+    return ops.routed_swiglu_adapter_fwd(x, sched.route, sched.perm, sched.offs, w_gate, w_down, w_up)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_softmax_scale_and_reduced_precision_interpreter():
 def test_backend_switch(monkeypatch):
     q, k, v, g = (t.detach() for t in _inputs((1, 5, 2, 16), (1, 5, 1, 16), "random", device="cpu"))
     calls = []
-    monkeypatch.setattr(ga.GatedAttentionFunction, "apply", lambda *a: calls.append(a) or gated_attention_ref(
+    monkeypatch.setattr(ga, "_triton_attention", lambda *a: calls.append(a) or gated_attention_ref(
         *a[:4], causal=a[4], cu_seqlens=a[5], max_seqlen=a[6], softmax_scale=a[7], kv_seqlens=a[8]))
     monkeypatch.setattr(ga, "_INTERPRETED", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
