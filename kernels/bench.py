@@ -31,9 +31,9 @@ SMOKE_OK = "SMOKE OK"
 NO_CUDA = "No CUDA device: GPU benchmark skipped; running the Triton-interpreter smoke check instead"
 
 ATTN_SHAPES = [(4, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]
-ATTN_SHAPES_QUICK = [(4, 512), (1, 2048)]
+ATTN_SHAPES_QUICK = [(2, 2048)]  # the headline shape (issue 13: >= 400 TFLOP/s forward, causal d128)
 ADAPTER_SHAPES = [(4, 512), (2, 2048), (1, 8192)]
-ADAPTER_SHAPES_QUICK = [(4, 512)]
+ADAPTER_SHAPES_QUICK = [(2, 2048), (1, 8192)]
 VISUAL_FRACTIONS = [0.1, 0.3, 0.5]
 MODES = ["fwd", "bwd", "fwd+bwd"]
 
@@ -68,7 +68,7 @@ def _adapter_inputs(bsz, seq, d, r, experts, frac, dtype, device):
 
 
 # ---------------------------------------------------------------------------------------------------------- baselines
-def _attention_providers(causal: bool) -> dict:
+def _attention_providers(causal: bool, gqa: bool = False) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -76,7 +76,12 @@ def _attention_providers(causal: bool) -> dict:
 
     def sdpa(backend):
         def fn(q, k, v, g):
-            vg = v * g[..., None]  # pre-gated V; the sweep is multi-head (Hq == Hkv), so no expansion needed
+            # pre-gated V; under GQA the per-query-head gate needs V expanded to the query heads (what the
+            # model's SDPA path does), and K with it
+            if gqa:
+                rep = q.shape[2] // k.shape[2]
+                k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+            vg = v * g[..., None]
             with sdpa_kernel(backend):
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), vg.transpose(1, 2),
                                                    is_causal=causal)
@@ -90,13 +95,32 @@ def _attention_providers(causal: bool) -> dict:
         "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
         "eager_ref": lambda q, k, v, g: gated_attention_ref(q, k, v, g, causal=causal),
     }
+    def pregated(fn):  # flash-attn's own GQA cannot gate per query head: expand like SDPA above
+        def call(q, k, v, g):
+            if gqa:
+                rep = q.shape[2] // k.shape[2]
+                k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+            return fn(q, k, v * g[..., None], causal=causal)
+        return call
+
     try:
         from flash_attn import flash_attn_func
 
-        providers["flash_attn"] = lambda q, k, v, g: flash_attn_func(q, k, v * g[..., None], causal=causal)
+        providers["flash_attn"] = pregated(flash_attn_func)
+    except ImportError:
+        pass
+    try:  # FlashAttention-3 (Hopper), from the flash-attn repository's hopper/ build
+        from flash_attn_interface import flash_attn_func as fa3_func
+
+        providers["fa3"] = pregated(lambda q, k, v, causal: _first(fa3_func(q, k, v, causal=causal)))
     except ImportError:
         pass
     return providers
+
+
+def _first(out):
+    """FA3 returns (out, lse) in some versions."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _adapter_providers() -> dict:
@@ -111,9 +135,10 @@ def _adapter_providers() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
-def _measure(fn, args, leaves, mode):
-    """Median ms and peak extra MiB of one provider in one mode; (None, None, reason) when it cannot run."""
-    from triton.testing import do_bench
+def _measure(fn, args, leaves, mode, cuda_graph=False):
+    """Median ms and peak extra MiB of one provider in one mode; (None, None, reason) when it cannot run.
+    cuda_graph: time a CUDA-graph replay (no launch overhead: what decides small shapes)."""
+    from triton.testing import do_bench, do_bench_cudagraph
 
     try:
         if mode == "fwd":
@@ -136,17 +161,20 @@ def _measure(fn, args, leaves, mode):
         call()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        ms = do_bench(call, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")
+        if cuda_graph:
+            ms = do_bench_cudagraph(call, rep=50, grad_to_none=leaves, return_mode="median")
+        else:
+            ms = do_bench(call, warmup=10, rep=50, grad_to_none=leaves, return_mode="median")
         return ms, peak, None
     except Exception as exc:  # noqa: BLE001 - a backend that does not support the shape/dtype: record why, keep going
         torch.cuda.empty_cache()
         return None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
-def bench_attention(shapes, modes, dtype=torch.bfloat16, causal=True, device="cuda"):
+def bench_attention(shapes, modes, dtype=torch.bfloat16, causal=True, device="cuda", heads=32, kv_heads=32,
+                    dim=128, cuda_graph=False):
     rows = []
-    providers = _attention_providers(causal)
-    heads, kv_heads, dim = 32, 32, 128
+    providers = _attention_providers(causal, gqa=kv_heads != heads)
     for bsz, seq in shapes:
         frac = 0.3
         q, k, v, g = _attn_inputs(bsz, seq, heads, kv_heads, dim, frac, dtype, device)
@@ -156,12 +184,13 @@ def bench_attention(shapes, modes, dtype=torch.bfloat16, causal=True, device="cu
             times = {}
             for name, fn in providers.items():
                 if name == "eager_ref" and seq > 4096:
-                    rows.append({"op": "attention", "shape": f"{bsz}x{seq}", "mode": mode, "provider": name,
-                                     "skipped": "T > 4096: the (T, T) score matrices do not fit"})
+                    rows.append({"op": "attention", "shape": f"{bsz}x{seq} {heads}/{kv_heads}h", "mode": mode,
+                                 "provider": name, "skipped": "T > 4096: the (T, T) score matrices do not fit"})
                     continue
-                ms, peak, err = _measure(fn, (q, k, v, g), [q, k, v, g], mode)
-                row = {"op": "attention", "shape": f"{bsz}x{seq}", "B": bsz, "T": seq, "H": heads, "D": dim,
-                       "causal": causal, "dtype": str(dtype), "mode": mode, "provider": name, "visual_fraction": frac}
+                ms, peak, err = _measure(fn, (q, k, v, g), [q, k, v, g], mode, cuda_graph)
+                row = {"op": "attention", "shape": f"{bsz}x{seq} {heads}/{kv_heads}h", "B": bsz, "T": seq,
+                       "H": heads, "Hkv": kv_heads, "D": dim, "causal": causal, "dtype": str(dtype), "mode": mode,
+                       "provider": name, "visual_fraction": frac}
                 if err:
                     row["skipped"] = err
                 else:
@@ -175,10 +204,10 @@ def bench_attention(shapes, modes, dtype=torch.bfloat16, causal=True, device="cu
     return rows
 
 
-def bench_adapter(shapes, modes, fracs, dtype=torch.bfloat16, device="cuda"):
+def bench_adapter(shapes, modes, fracs, dtype=torch.bfloat16, device="cuda", d=4096, r=32, experts=2,
+                  cuda_graph=False):
     rows = []
     providers = _adapter_providers()
-    d, r, experts = 4096, 32, 2
     elt = torch.finfo(dtype).bits // 8
     w_bytes = 3 * experts * r * d * 4
     for bsz, seq in shapes:
@@ -190,7 +219,7 @@ def bench_adapter(shapes, modes, fracs, dtype=torch.bfloat16, device="cuda"):
                           "fwd+bwd": 5 * n * d * elt + 3 * w_bytes}[mode]
                 times = {}
                 for name, fn in providers.items():
-                    ms, peak, err = _measure(fn, (x, route, *ws), [x, *ws], mode)
+                    ms, peak, err = _measure(fn, (x, route, *ws), [x, *ws], mode, cuda_graph)
                     row = {"op": "adapter", "shape": f"{bsz}x{seq}", "B": bsz, "T": seq, "d": d, "r": r,
                            "experts": experts, "dtype": str(dtype), "mode": mode, "provider": name,
                            "visual_fraction": frac}
@@ -303,10 +332,21 @@ def compile_report(head_dims, ops, arch: int = 90, json_path: Path | None = None
     return f"COMPILE OK: {len(rows)} kernel launches built for sm_{arch}a"
 
 
+def _shapes(text: str | None) -> list[tuple[int, int]]:
+    if not text:
+        return []
+    try:
+        return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError as exc:
+        raise SystemExit(f"kernels.bench: shapes must look like 4x512,2x2048, got {text!r}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="two attention shapes, one adapter shape, one fraction")
+    ap.add_argument("--quick", action="store_true",
+                    help="headline shapes only: attention 2x2048 causal d128 (32/32 and 32/8 heads), "
+                         "adapter 2x2048 and 1x8192 at visual fraction 0.3")
     ap.add_argument("--out", type=Path, default=Path("results"), help="directory for kernels_bench.{json,md}")
     ap.add_argument("--ops", default="attention,adapter", help="comma list of attention, adapter")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, fwd+bwd")
@@ -315,6 +355,15 @@ def main(argv: list[str] | None = None) -> int:
                          "(no GPU needed; TRITON_INTERPRET unset)")
     ap.add_argument("--head-dims", default="64,80,96,128,256", help="attention head dims of the compile report")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
+    ap.add_argument("--attn-shapes", default=None, help="BxT list, e.g. 4x512,2x2048 (default: the sweep)")
+    ap.add_argument("--adapter-shapes", default=None, help="BxT list for the adapter (default: the sweep)")
+    ap.add_argument("--heads", type=int, default=32, help="attention query heads")
+    ap.add_argument("--kv-heads", type=int, default=None,
+                    help="attention KV heads (GQA; Llama-3-8B: --heads 32 --kv-heads 8); default = --heads")
+    ap.add_argument("--dim", type=int, default=128, help="attention head dim")
+    ap.add_argument("--no-causal", action="store_true", help="non-causal attention")
+    ap.add_argument("--fractions", default=None, help="adapter visual fractions, e.g. 0.1,0.5")
+    ap.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
     ap.add_argument("--smoke-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -342,12 +391,23 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",")
     rows = []
     if "attention" in ops:
-        rows += bench_attention(ATTN_SHAPES_QUICK if args.quick else ATTN_SHAPES, modes)
+        shapes = _shapes(args.attn_shapes) or (ATTN_SHAPES_QUICK if args.quick else ATTN_SHAPES)
+        kv = args.kv_heads or args.heads
+        rows += bench_attention(shapes, modes, causal=not args.no_causal, heads=args.heads, kv_heads=kv,
+                                dim=args.dim, cuda_graph=args.cuda_graph)
+        if args.quick and args.kv_heads is None:  # the quick check also covers Llama-3-8B GQA (32 q / 8 kv)
+            rows += bench_attention(shapes, modes, causal=not args.no_causal, heads=32, kv_heads=8,
+                                    dim=args.dim, cuda_graph=args.cuda_graph)
     if "adapter" in ops:
-        rows += bench_adapter(ADAPTER_SHAPES_QUICK if args.quick else ADAPTER_SHAPES, modes,
-                              [0.3] if args.quick else VISUAL_FRACTIONS)
+        fracs = [float(f) for f in args.fractions.split(",")] if args.fractions else (
+            [0.3] if args.quick else VISUAL_FRACTIONS)
+        rows += bench_adapter(_shapes(args.adapter_shapes) or (ADAPTER_SHAPES_QUICK if args.quick else ADAPTER_SHAPES),
+                              modes, fracs, cuda_graph=args.cuda_graph)
     env = _env(argv)
     _write(args.out, env, rows)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print(_markdown(env, rows))
     return 0
 
