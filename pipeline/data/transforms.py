@@ -71,7 +71,8 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     """bytes -> (size, size, 3) uint8. JPEG is decoded at reduced scale when the image is much larger (draft)."""
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (size, size))  # JPEG: libjpeg DCT scaling to >= size (1/2, 1/4, 1/8); others ignore it
-    img = img.convert("RGB")  # GIF: the first frame
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # GIF: the first frame; RGB needs no copy (resize loads it)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
     return np.asarray(img, dtype=np.uint8)
