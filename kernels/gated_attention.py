@@ -10,14 +10,16 @@ Design choices
   not the logit plus a modality mask: the caller (the model) owns W_g and the mask, the kernel only needs one
   multiplier per (key, query head). The softmax is not renormalised (PILL scales V rows, i.e. columns of P).
 - The gate is per QUERY head. With GQA several query heads share one K/V row but may scale it differently, so
-  the gate is applied to the V tile after it is loaded, inside the program of the query head; no gated copy of V
-  is ever materialised (the eager reference must expand K/V per query head instead).
+  the gate scales the columns of P (p_ij * g_j, fp32 in registers) inside the program of the query head before
+  P V; no gated copy of V is ever materialised (the eager reference must expand K/V per query head instead).
+  Gate, LSE and delta are head-major (Hq, N) fp32: contiguous loads per program.
 - Forward: online softmax in base 2 (log2(e) folded into the scale), fp32 accumulators, only the row
-  log-sum-exp (base 2, fp32, shape (N, Hq)) is saved. Key blocks fully inside the causal/length mask run an
-  unmasked specialisation; only the boundary blocks pay for the mask.
-- Backward: delta = rowsum(O * dO) (PyTorch preprocess), one kernel per key block for dK/dV and the gate
-  gradient (looping over the query heads of its KV group, so GQA needs no atomics), one kernel per query block
-  for dQ. dg[j, h] = sum_i P[i, j] * (dO[i] . v[j]) uses the UNgated V; dP = g * (dO V^T).
+  log-sum-exp (base 2, fp32) is saved. Key blocks fully inside the causal/length mask run an unmasked
+  specialisation; only the boundary blocks pay for the mask.
+- Backward: delta = rowsum(O * dO) (a small preprocess kernel), one kernel per key block for dK/dV and the gate
+  gradient in the transposed orientation (keys are the rows of every dot: wgmma-sized), looping over the query
+  heads of its KV group (GQA needs no atomics), one kernel per query block for dQ.
+  dg[j, h] = sum_i P[i, j] * (dO[i] . v[j]) uses the UNgated V; dP = g * (dO V^T).
 - Layouts: padded (B, T, H, D) is flattened to the packed (N, H, D) layout with synthetic cu_seqlens, so one
   kernel serves both. Per sequence, queries are aligned to the END of the keys (bottom-right causal, as in
   flash-attn), which makes the KV-cache decode step (Tq < Tk) work natively: query i sees key j iff
@@ -33,7 +35,8 @@ Caveats
   to fp32 (``DOT_F32``). fp32 on GPU uses IEEE dots (slow; bf16/fp16 are the GPU paths).
 - The Triton path is picked when the tensors are on CUDA, or when TRITON_INTERPRET=1 was set before this module
   was imported (the ``@triton.jit`` decorator reads it then); otherwise the PyTorch reference runs.
-- Block sizes for the GPU are chosen by shape, not autotuned, and were not measured on this machine (no GPU).
+- Block sizes for the GPU come from a (BLOCK_D, dtype, arch) table checked with the compile report
+  (``python -m kernels.bench --compile-report``), not autotuned or timed (no GPU here).
 """
 
 from __future__ import annotations
@@ -392,7 +395,7 @@ _HOPPER = {
        for dt in _BF16},
     **{(128, dt): {"fwd": _cfg(128, 64, 8, 3), "dkdv": _cfg(32, 128, 8, 2), "dq": _cfg(128, 32, 8, 2)}
        for dt in _BF16},
-    **{(256, dt): {"fwd": _cfg(64, 64, 4, 2), "dkdv": _cfg(32, 64, 8, 1), "dq": _cfg(64, 32, 8, 1)}
+    **{(256, dt): {"fwd": _cfg(64, 64, 8, 2), "dkdv": _cfg(32, 64, 8, 1), "dq": _cfg(128, 16, 8, 1)}
        for dt in _BF16},
 }
 # Any other GPU / dtype / head dim: small tiles that fit Ampere's 164 KB and IEEE fp32 operands.

@@ -6,25 +6,27 @@ Paper: PILL (arXiv 2311.02126), "Mixture-of-Modality-Adapter-Expert" with SwiGLU
 
 Design choices
 - Memory-bound op (r = 32 << d = 4096): judged in GB/s. Tokens are grouped by expert once (a stable argsort of
-  ``route`` plus per-expert offsets, computed on the device without a host sync); each program owns BLOCK_M
-  tokens of ONE expert, so every token computes only its own expert. A program reads its x rows for the down
-  projections, keeps the (BLOCK_M, r) activations in registers and reads the rows again for the up projection
-  and the residual (the second read is an L2 hit for these tile sizes), and writes y once.
-- Compute dtype: matmul operands are in the activation dtype (fp32 adapter weights are cast to bf16/fp16 on load,
-  which is what ``torch.autocast`` does to F.linear), accumulation, SiLU, the product and the residual add are
-  fp32, y is written in x's dtype. fp32 activations use IEEE fp32 dots. Under the Triton interpreter everything
-  runs in fp32 (its bf16 ``tl.dot`` is wrong). Weight gradients are fp32 (the weights are fp32 master weights).
-- Backward: kernel 1 per token block recomputes nothing heavy: the forward saved the pre-activations
-  hg = D1 x and hd = D2 x (fp32, (N, r): 2r/d of x's size); it computes dA = dy U_e, dhg, dhd and dx.
-  Kernel 2 computes the weight gradients per (d-tile, expert, token split); tokens of expert e only ever add
-  to expert e. With more than one split per expert the partial sums meet through fp32 atomics
-  (non-deterministic summation order on GPU; one split, deterministic, in the interpreter).
+  ``route`` plus per-expert offsets on the device, no host sync: ``build_route_schedule``, reusable across the
+  layers of one forward); each token block of BLOCK_M tokens belongs to ONE expert, so every token computes only
+  its own expert.
+- Occupancy: the down projections run on a (token block x d-split) grid producing fp32 partials, the up
+  projection (and the backward's dx) on a (token block x d-tile) grid, so 2k tokens already give more programs
+  than an H100 has SMs (the compile report shows the grids).
+- Compute dtype: the fp32 master weights are cast once per call to the activation dtype ([D1; D2] and U^T, what
+  ``torch.autocast`` does to F.linear); accumulation, SiLU, the product and the residual add are fp32, y is
+  written in x's dtype. fp32 activations use IEEE fp32 dots. Under the Triton interpreter everything runs in
+  fp32 (its bf16 ``tl.dot`` is wrong). Weight gradients are fp32 (the weights are fp32 master weights).
+- Backward: the forward saved hg | hd (N, 2r) fp32; the projection kernel gives dA = dy U partials; the dx kernel
+  writes dx and, for the weight-gradient kernel, a and dhg | dhd in the activation dtype. The weight-gradient
+  kernel works per (d-tile, expert, token split); tokens of expert e only ever add to expert e. With more than
+  one split per expert the partial sums meet through fp32 atomics (non-deterministic summation order on GPU;
+  one split, deterministic, in the interpreter).
 - Works unrouted: E = 1 with ``route`` all zeros is the shared attention adapter.
 
 Caveats
 - ``route`` values must lie in [0, E); out-of-range values are not checked on the device (indexing error).
 - Triton runs when tensors are on CUDA, or when TRITON_INTERPRET=1 was set before import; otherwise the
-  reference. Tile sizes for the GPU are not tuned on this machine (no GPU).
+  reference. Tile sizes for the GPU are checked with the compile report, not timed (no GPU here).
 """
 
 from __future__ import annotations
