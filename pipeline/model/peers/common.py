@@ -128,11 +128,10 @@ class LayerStep(nn.Module):
 # ---- the frozen layer's pieces ---------------------------------------------------------------------------------------
 def project_qkv(attn: nn.Module, a: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
     """q (B, T, H, Dh), k, v (B, T, Hkv, Dh) from the layer input a (B, T, D), RoPE applied to q and k."""
-    B, T, _ = a.shape
-    Dh = attn.head_dim
-    q = attn.q_proj(a).view(B, T, -1, Dh)
-    k = attn.k_proj(a).view(B, T, -1, Dh)
-    v = attn.v_proj(a).view(B, T, -1, Dh)
+    Dh = attn.head_dim  # unflatten, not view(B, T, -1, Dh): IAA runs its image path on zero rows in training
+    q = attn.q_proj(a).unflatten(-1, (-1, Dh))
+    k = attn.k_proj(a).unflatten(-1, (-1, Dh))
+    v = attn.v_proj(a).unflatten(-1, (-1, Dh))
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
     return q, k, v
@@ -146,11 +145,10 @@ def frozen_layer(base: nn.Module, x: torch.Tensor, ctx: SeqContext, backend: str
                  cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
     """One unmodified Llama decoder layer (or a trainable copy of one) through our attention backends."""
     attn = base.self_attn
-    B, T, _ = x.shape
     q, k, v = project_qkv(attn, base.input_layernorm(x), ctx.position_embeddings)
     k, v = extend(cache and cache[0], k), extend(cache and cache[1], v)
     o = ATTENTION_BACKENDS[backend](q, k, v, None, ctx.mask, attn.scaling)
-    h = x + attn.o_proj(o.reshape(B, T, -1))
+    h = x + attn.o_proj(o.flatten(2))
     return h + base.mlp(base.post_attention_layernorm(h)), (k, v)
 
 
@@ -177,6 +175,16 @@ def scatter_visual_tokens(x: torch.Tensor, modality_mask: torch.Tensor, vis: tor
     vis = vis.to(x.dtype).reshape(-1, x.shape[-1])
     torch._assert_async(modality_mask.sum() == vis.shape[0], "modality_mask must mark exactly N_images * K tokens")
     return x.masked_scatter(modality_mask.unsqueeze(-1), vis)
+
+
+def same_graph_on_every_rank() -> bool:
+    """Training: a micro-batch without images must still run the visual branch (on zero images).
+
+    DeepSpeed ZeRO-2 reduces gradients in the order their hooks fire; ranks whose graphs differ (one rank's
+    micro-batch has an image, another's has none) reduce differently laid-out buckets: a collective mismatch
+    (measured: gloo "Received data size doesn't match") or silently mixed gradients. With the branch run on zero
+    images every rank's graph has the same trainable parameters in the same order (their gradients are zero)."""
+    return torch.is_grad_enabled()
 
 
 # ---- output ---------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from torch import nn
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask, dense_mask
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
 from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, expand_heads, extend,
+                                         same_graph_on_every_rank,
                                          image_rows, lm_output, project_qkv)
 from pipeline.model.pill import check_llm
 
@@ -142,7 +143,9 @@ class Excitor(FrozenLLMMethod):
                                  "model.vpg_path (a CLIP dir or 'tiny') or train on precomputed patch features")
             feats = self.vpg.patch_features(pixel_values, self.cfg.vision_layer)  # (N, Np, W)
         if feats is None or feats.numel() == 0:
-            return None
+            if not same_graph_on_every_rank():
+                return None
+            feats = self.projection.weight.new_zeros(0, 1, self.cfg.vision_width)  # no row sees it (has = False)
         rows = image_rows(mm, self.cfg.num_query_tokens)
         if rows.numel() != torch.unique(rows).numel():
             raise ValueError("Excitor takes at most one image per row (its excitor keys hold one image's patches)")

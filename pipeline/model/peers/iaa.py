@@ -40,7 +40,8 @@ from torch import nn
 
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
 from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, frozen_layer, has_image,
-                                         resolve_attn_backend, scatter_visual_tokens)
+                                         resolve_attn_backend, same_graph_on_every_rank,
+                                         scatter_visual_tokens)
 from pipeline.model.pill import causal_lm_loss, check_llm
 
 VIT_L_WIDTH, VIT_L_PATCHES = 1024, 256
@@ -127,7 +128,9 @@ class IAA(FrozenLLMMethod):
                                  "model.vpg_path (a CLIP dir or 'tiny') or train on precomputed patch features")
             feats = self.vpg.patch_features(pixel_values, self.cfg.vision_layer)  # (N, K, W)
         if feats is None or feats.numel() == 0:
-            return None
+            if not same_graph_on_every_rank():
+                return None
+            feats = self.projection.weight.new_zeros(0, self.cfg.num_query_tokens, self.cfg.vision_width)
         return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))  # (N, K, D)
 
     def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,
@@ -148,8 +151,8 @@ class IAA(FrozenLLMMethod):
         paths = {}
         for path, rows in (("text", ~mm_rows), ("mm", mm_rows)):
             idx = rows.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
+            if idx.numel() == 0 and not (path == "mm" and same_graph_on_every_rank() and cache is None):
+                continue  # (training runs the image path on zero rows: the same graph on every rank, common.py)
             sub = lambda t: None if t is None else t[idx]  # noqa: E731
             sub_cache = cache.extra["paths"][path] if cache is not None else None
             lg, ls, n, paths[path] = self._run(path, input_ids[idx], sub(attention_mask), mm[idx], sub(labels),
@@ -160,10 +163,6 @@ class IAA(FrozenLLMMethod):
                 logits[idx] = lg
             if ls is not None:
                 loss, n_tok = (ls, n) if loss is None else (loss + ls, n_tok + n)
-        if loss is not None and torch.is_grad_enabled() and not loss.requires_grad:
-            # Only text rows (e.g. an image truncated away): the frozen path has nothing trainable; a zero term
-            # keeps backward() valid on every rank.
-            loss = loss + 0.0 * self.projection.weight.sum()
         kv = PeerCache([], torch.ones(B, 0, dtype=torch.bool), {"mm_rows": mm_rows, "paths": paths})
         return MethodOutput(loss=loss, logits=logits, n_loss_tokens=n_tok, kv_cache=kv if use_cache else None)
 

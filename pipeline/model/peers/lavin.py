@@ -38,7 +38,8 @@ from pipeline.model.attention import ATTENTION_BACKENDS
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
 from pipeline.model.clip import check_layers, evenly_spaced_layers
 from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, extend, has_image, lm_output,
-                                         project_qkv, resolve_attn_backend, scatter_visual_tokens)
+                                         project_qkv, resolve_attn_backend, same_graph_on_every_rank,
+                                         scatter_visual_tokens)
 from pipeline.model.pill import check_llm
 
 VIT_L_LAYERS, VIT_L_WIDTH = 24, 1024
@@ -151,7 +152,13 @@ class LaVIN(FrozenLLMMethod):
                 raise ValueError("LaVIN adapts CLIP's blocks (clip_adapters: true), so precomputed image_features "
                                  "cannot be used: train on pixel shards, or set clip_adapters: false")
             feats = image_features
-        elif pixel_values is not None and pixel_values.numel():
+        elif (pixel_values is not None and pixel_values.numel()) or (same_graph_on_every_rank() and
+                                                                       self.vpg is not None):
+            if pixel_values is None or pixel_values.numel() == 0:
+                # One blank image that no position receives (CLIP cannot run on zero images): the same graph on
+                # every rank (common.py), zero gradients.
+                s = self.vpg.image_size
+                pixel_values = self.projection.weight.new_zeros(1, 3, s, s)
             if self.vpg is None:
                 raise ValueError("batch has pixel_values but LaVIN was built without a CLIP front end: give "
                                  "model.vpg_path (a CLIP dir or 'tiny')")
@@ -160,6 +167,8 @@ class LaVIN(FrozenLLMMethod):
                 def adapter(i, a):
                     return self.clip_adapters[i](a, self.clip_adapters[i].route(a[:, 0]))
             feats = self.vpg.cls_features(pixel_values, self.cfg.clip_layers, adapter)  # (N, K, W)
+        elif same_graph_on_every_rank():
+            feats = self.projection.weight.new_zeros(0, len(self.cfg.clip_layers), self.cfg.vision_width)
         else:
             return None
         return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))
@@ -176,8 +185,10 @@ class LaVIN(FrozenLLMMethod):
         mm = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)).bool()
         x = self.llm.get_input_embeddings()(input_ids)
         vis = self.visual_tokens(pixel_values, image_features)
-        if vis is not None:
+        if vis is not None and bool(mm.any()):
             x = scatter_visual_tokens(x, mm, vis)
+        elif vis is not None:  # the blank image of a batch without images: scattered nowhere
+            x = x.masked_scatter(mm.unsqueeze(-1), vis.to(x.dtype))
         cache: PeerCache | None = past_key_values
         prepend = cache is None
         if prepend:  # the modality token at position 0 of every row

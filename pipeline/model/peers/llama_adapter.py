@@ -39,7 +39,8 @@ from torch import nn
 from pipeline.model.attention import ATTENTION_BACKENDS
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
 from pipeline.model.clip import check_layers, evenly_spaced_layers
-from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, expand_heads, extend,
+from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, expand_heads,
+                                         same_graph_on_every_rank, extend,
                                          image_rows, lm_output, project_qkv, resolve_attn_backend)
 from pipeline.model.pill import check_llm
 
@@ -129,7 +130,9 @@ class LlamaAdapter(FrozenLLMMethod):
                                  "model.vpg_path (a CLIP dir or 'tiny') or train on precomputed CLS features")
             feats = self.vpg.cls_features(pixel_values, self.cfg.clip_layers)  # (N, M, W)
         if feats is None or feats.numel() == 0:
-            return None
+            if not same_graph_on_every_rank():
+                return None
+            feats = self.projection.weight.new_zeros(0, len(self.cfg.clip_layers), self.cfg.vision_width)
         ip = self.projection_out(self.projection(feats.to(self.projection.weight.dtype).flatten(1)))  # (N, D)
         rows = image_rows(modality_mask, self.cfg.num_query_tokens)
         return torch.zeros(B, ip.shape[-1], dtype=ip.dtype, device=ip.device).index_add(0, rows, ip)
