@@ -113,8 +113,11 @@ def fill_ds_config(raw: dict[str, Any], cfg: TrainConfig, stage: StageConfig, pl
     if stage_n not in (0, 1, 2, 3):
         raise ConfigError(f"ds_config zero_optimization.stage must be 0-3, got {stage_n!r}")
     h = hidden_size or 4096
-    for k, v in {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
-                 "stage3_param_persistence_threshold": 10 * h}.items():
+    # Buckets of one d x d matrix; ZeRO-3 keeps at most about two decoder layers (~12 d^2 parameters each)
+    # gathered at a time, so a rank's memory for frozen weights stays its partition plus two layers.
+    for k, v in {"reduce_bucket_size": h * h, "allgather_bucket_size": h * h,
+                 "stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h,
+                 "stage3_max_live_parameters": 24 * h * h, "stage3_max_reuse_distance": 24 * h * h}.items():
         if zero.get(k) == "auto":
             zero[k] = v
     if stage_n == 3 and cfg.checkpoint.every_steps and device.type == "cpu":

@@ -182,6 +182,7 @@ def setup_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistCon
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive.append(HfDeepSpeedConfig(ds))
+        fixed_mmap_threshold()
     model = build_model(cfg, s.stage, None if keep_alive else ctx.device)
     if init_from:
         model.load_adapter(init_from)
@@ -198,6 +199,23 @@ def setup_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistCon
     float_dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
     return Stage(cfg, s, model, engine, scheduler, data, plan, total_steps, lr, warmup, float_dtype, trainables,
                  CheckpointManager(stage_dir / "checkpoints", cfg.checkpoint.keep_last), keep_alive)
+
+
+def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> None:
+    """Return freed gathered weights to the OS (glibc only; a no-op elsewhere).
+
+    ZeRO-3 gathers each layer's weights for its forward/backward and frees them after. glibc raises its mmap
+    threshold (up to 32 MB) after large frees, so later layer-sized buffers come from the heap and their memory is
+    never returned: measured on CPU with a 1.1B Llama on 2 ranks, each rank's private memory grew to 4.4 GB (twice
+    the whole model) instead of staying at its 1.05 GB partition + ~0.3 GB; with the threshold fixed, 1.6 GB."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD; setting it also turns glibc's dynamic adjustment off
+    except (OSError, AttributeError):
+        pass
 
 
 def param_count(params) -> int:
