@@ -193,6 +193,24 @@ def attention_launches(head_dim: int, causal: bool, gated: bool, h_q: int, h_kv:
     return recs
 
 
+DECODE_SHAPE = (8, 4096)  # batch x cached keys, one new token per sequence
+
+
+def decode_launches(head_dim: int, h_q: int = 32, h_kv: int = 8, dtype=torch.bfloat16) -> list[Launch]:
+    """Split-KV decode step: one query per sequence against DECODE_SHAPE keys, gated, GQA."""
+    ga = importlib.import_module(f"{__package__}.gated_attention")
+    bsz, t_k = DECODE_SHAPE
+    meta = torch.device("meta")
+    q = torch.empty(bsz, h_q, head_dim, device=meta, dtype=dtype)
+    k = torch.empty(bsz * t_k, h_kv, head_dim, device=meta, dtype=dtype)
+    g = torch.empty(h_q, bsz * t_k, device=meta, dtype=torch.float32)
+    cu_q = torch.arange(0, bsz + 1, device=meta, dtype=torch.int32)
+    cu_k = torch.arange(0, (bsz + 1) * t_k, t_k, device=meta, dtype=torch.int32)
+    with capture() as recs:
+        ga._decode(q, k, k, g, cu_q, cu_k, None, 1, t_k, True, head_dim ** -0.5)
+    return recs
+
+
 def adapter_launches(n: int, dtype=torch.bfloat16) -> list[Launch]:
     ra = importlib.import_module(f"{__package__}.routed_adapter")
 
@@ -222,6 +240,8 @@ def report(head_dims=ATTN_HEAD_DIMS, adapter_tokens=ADAPTER_TOKENS, arch: int = 
                         f"{h_q}/{h_kv}h {ATTN_SHAPE[0]}x{ATTN_SHAPE[1]}")
                 for rec in attention_launches(d, causal, gated, h_q, h_kv):
                     add(rec, case)
+            for rec in decode_launches(d):
+                add(rec, f"decode d{d} gated 32/8h {DECODE_SHAPE[0]}x1 vs {DECODE_SHAPE[1]} keys")
     if "adapter" in ops:
         for n in adapter_tokens:
             for rec in adapter_launches(n):

@@ -126,6 +126,26 @@ def _attn_backward(ctx, d_out, _d_lse):
 gated_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
+@torch.library.custom_op(f"{NS}::gated_attention_decode", mutates_args=())
+def gated_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: Optional[torch.Tensor],
+                           kv_seqlens: Optional[torch.Tensor], causal: bool, softmax_scale: float) -> torch.Tensor:
+    """Forward-only split-KV decode (padded layout, Tq <= DECODE_MAX_Q): generation against a KV cache."""
+    _ga._check(q, k, v, value_gate, None, kv_seqlens)
+    if not _triton(q):
+        return _ga.gated_attention_ref(q, k, v, value_gate, causal=causal, softmax_scale=softmax_scale,
+                                       kv_seqlens=kv_seqlens).contiguous()
+    q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, max_k, _zero = _attn_prepare(q, k, v, value_gate, None, kv_seqlens,
+                                                                             None)
+    if q2.shape[0] == 0:
+        return torch.zeros_like(q)
+    return _ga._decode(q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, max_k, causal, softmax_scale).view(q.shape)
+
+
+@gated_attention_decode.register_fake
+def _(q, k, v, value_gate, kv_seqlens, causal, softmax_scale):
+    return q.new_empty(q.shape)
+
+
 # --------------------------------------------------------------------------------------------------- adapter
 @torch.library.custom_op(f"{NS}::routed_swiglu_adapter_fwd", mutates_args=())
 def routed_swiglu_adapter_fwd(x: torch.Tensor, route: torch.Tensor, perm: torch.Tensor, offs: torch.Tensor,

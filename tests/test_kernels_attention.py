@@ -243,3 +243,36 @@ def test_gpu_varlen_padding_decode():
     lens = torch.tensor([512, 100], dtype=torch.int32, device="cuda")
     _check_low_precision(_inputs((2, 512, 32, 128), (2, 512, 8, 128), "random"), torch.bfloat16, kv_seqlens=lens)
     _check_low_precision(_inputs((4, 1, 32, 128), (4, 777, 8, 128), "random"), torch.bfloat16, causal=True)
+
+
+# ---------------------------------------------------------------------------------------------- split-KV decode
+@requires_triton_path
+@pytest.mark.parametrize("tq,tk,hq,hkv,d", [(1, 70, 4, 2, 16), (3, 45, 4, 1, 24), (16, 33, 2, 2, 32), (1, 1, 2, 1, 16)])
+@pytest.mark.parametrize("gate", [None, "random"])
+def test_split_kv_decode_matches_reference(tq, tk, hq, hkv, d, gate):
+    """Generation (no gradient, Tq <= 16): keys split over programs (the interpreter uses chunks of two 16-key
+    tiles, so several splits and empty ones are covered), partial softmaxes combined."""
+    leaves = [t.detach() for t in _inputs((2, tq, hq, d), (2, tk, hkv, d), gate, seed=13)]
+    q, k, v = leaves[:3]
+    g = leaves[3] if gate else None
+    with torch.no_grad():
+        got = gated_attention(q, k, v, g, causal=True)
+    torch.testing.assert_close(got, gated_attention_ref(q, k, v, g, causal=True), atol=1e-5, rtol=1e-5)
+
+
+@requires_triton_path
+def test_split_kv_decode_right_padded_cache_and_dispatch(monkeypatch):
+    leaves = [t.detach() for t in _inputs((3, 1, 4, 16), (3, 50, 2, 16), "random", seed=14)]
+    lens = torch.tensor([50, 17, 1], device=DEV)
+    calls = []
+    monkeypatch.setattr(ga, "_decode", lambda *a: calls.append(1) or _orig_decode(*a))
+    with torch.no_grad():
+        got = gated_attention(*leaves, causal=True, kv_seqlens=lens)
+    assert calls == [1]
+    torch.testing.assert_close(got, gated_attention_ref(*leaves, causal=True, kv_seqlens=lens), atol=1e-5, rtol=1e-5)
+    q = leaves[0].clone().requires_grad_()
+    gated_attention(q, *leaves[1:], causal=True, kv_seqlens=lens)  # a gradient is needed: the training kernels
+    assert calls == [1]
+
+
+_orig_decode = ga._decode

@@ -64,8 +64,10 @@ def test_compile_report_attention_is_wgmma_without_spills(tmp_path):
     """Issue 13: at head_dim 64 and 128 every bf16 dot of the forward, dK/dV and dQ kernels is wgmma, and none
     spills (causal gated GQA and non-causal ungated MHA)."""
     rows = _compile_report(tmp_path, "--ops", "attention", "--head-dims", "64,128")
-    dot_kernels = [r for r in rows if r["kernel"] != "_bwd_delta_kernel"]
+    dot_kernels = [r for r in rows if r["case"].startswith("attn") and r["kernel"] != "_bwd_delta_kernel"]
     assert len(dot_kernels) == 2 * 2 * 3
+    decode = [r for r in rows if r["case"].startswith("decode")]  # 16 query rows: mma.sync by design
+    assert len(decode) == 2 and all(r["programs"] >= 132 and r["spill_bytes"] == 0 for r in decode), decode
     for r in dot_kernels:
         assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
         assert r["spill_bytes"] == 0, r
