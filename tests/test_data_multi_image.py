@@ -96,3 +96,14 @@ def test_a_two_image_prompt_generates(tiny_dirs, tmp_path):
     assert sum(p.modality_mask) == 2 * 8
     (text,) = generate(model, [p], GenerationConfig(max_new_tokens=2), 1)
     assert isinstance(text, str)
+
+
+def test_a_literal_marker_in_scienceqa_text_is_not_an_image(tok, tmp_path):
+    """The ScienceQA template places the images; '<image>' typed into a question stays text."""
+    from tests.datagen import sqa_meta
+
+    write_tar(tmp_path / "q-000000.tar", [Sample("q", {"png": png_bytes(), "json": json.dumps(
+        sqa_meta(0, question="What does <image> show?")).encode()})])
+    (b,) = list(make_loader(tok, str(tmp_path / "q-000000.tar"), batch_size=1, num_query_tokens=K,
+                            num_workers=0, shuffle_buffer=0))
+    assert b["pixel_values"].shape[0] == 1 and int(b["modality_mask"].sum()) == K

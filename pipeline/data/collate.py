@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.data.config import DataConfig
-from pipeline.data.prompts import PromptError, detect_task, render
+from pipeline.data.prompts import PromptError, count_markers, detect_task, render
 from pipeline.data.records import SkipCounter
 from pipeline.data.tokenize import IGNORE, Encoded, conversation_pieces, encode_pieces
 from pipeline.data.transforms import (
@@ -101,6 +101,8 @@ class Collator:
             conv = render(meta, _txt(r), task, len(exts), self.cfg)
         except (PromptError, KeyError, TypeError, AttributeError) as e:
             return _skip(counter, r, getattr(e, "reason", "bad_json"), str(e))
+        if count_markers(conv) != len(exts):  # the model scatters exactly one image per marker
+            return _skip(counter, r, "image_count_mismatch", f"{len(exts)} images, {count_markers(conv)} markers")
         visual: list[np.ndarray] = []
         for e in exts:
             try:

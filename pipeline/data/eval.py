@@ -15,7 +15,7 @@ import torch
 from pipeline.constants import IMAGE_MEAN, IMAGE_STD
 from pipeline.data.collate import _txt
 from pipeline.data.config import DataConfig
-from pipeline.data.prompts import PromptError, detect_task, render
+from pipeline.data.prompts import PromptError, count_markers, detect_task, render
 from pipeline.data.records import SkipCounter, iter_tar, parse_json
 from pipeline.data.shardlists import expand_shards
 from pipeline.data.tokenize import encode_prompt
@@ -41,6 +41,9 @@ def iter_eval_samples(shards: str | list[str], tokenizer: Any, cfg: DataConfig, 
                 conv = render(meta, _txt(r), t, len(exts), cfg)
             except (PromptError, KeyError, TypeError, AttributeError) as e:
                 counter.skip(getattr(e, "reason", "bad_json"), url, key, str(e))
+                continue
+            if count_markers(conv) != len(exts):
+                counter.skip("image_count_mismatch", url, key, f"{len(exts)} images, {count_markers(conv)} markers")
                 continue
             out: dict[str, Any] = {}
             try:

@@ -58,7 +58,9 @@ def scienceqa_user(meta: dict[str, Any], n_images: int, use_captions: bool) -> s
         ctx = f"{ctx} {meta['caption']}".strip()
     options = " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
     image = f"Image:{IMAGE * n_images}\n" if n_images else "Image:N/A.\n"
-    return f"{image}Question: {meta['question']}\nContext: {ctx or 'N/A'}\nOptions: {options}\n"
+    # The template places the images; a literal marker in the record's text must not become one.
+    text = f"Question: {meta['question']}\nContext: {ctx or 'N/A'}\nOptions: {options}\n".replace(IMAGE, "image")
+    return image + text
 
 
 def scienceqa_answer(meta: dict[str, Any], fmt: str) -> str:
@@ -108,6 +110,10 @@ def render(meta: dict[str, Any], txt: str | None, task: str, n_images: int | boo
             turns.append((str(h.get("value", "")), str(g["value"]).strip()))
         return Conversation(None, with_image_markers(turns, n))
     raise PromptError("bad_task", task)
+
+
+def count_markers(conv: Conversation) -> int:
+    return sum(u.count(IMAGE) for u, _ in conv.turns)
 
 
 def with_image_markers(turns: list[tuple[str, str]], n_images: int) -> list[tuple[str, str]]:
