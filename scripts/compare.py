@@ -150,8 +150,10 @@ def markdown(rows: list[dict]) -> str:
                f"{r['accuracy_no_image']:.1f}% ({r['unparsed_no_image']} unparsed)", f"{r['chance']:.1f}%") \
             if "accuracy" in r else (f"failed (rc {r['rc']})", "-", "-")
         out.append(f"| {r['method']} | {acc[0]} | {acc[1]} | {acc[2]} | {r['trainable_tiny']:,} | "
-                   f"{r['trainable_7b']:,} | {r.get('samples_per_s', '-')} | {r['peak_rss_mb']} MB | {r['wall_s']:.0f} s |")
-    return (head + "\n".join(out) + "\n\nAccuracy: greedy generation, then the first \"The answer is X\" (the ScienceQA "
+                   f"{r['trainable_7b']:,} | {r.get('samples_per_s', '-')} | {r['peak_rss_mb']} MB | "
+                   f"{r['wall_s']:.0f} s |")
+    return (head + "\n".join(out) + "\n\nAccuracy: greedy generation, then the first \"The answer is X\" (the "
+            "ScienceQA "
             "protocol, n held-out questions); an unparsed answer counts as wrong. compare.json also holds the accuracy "
             "with unparsed answers replaced by a random option (`*_random_fallback`).\n")
 

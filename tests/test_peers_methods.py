@@ -42,7 +42,8 @@ def test_lavin_at_init_is_the_frozen_llm_with_the_modality_token_and_visual_toke
         ours = model(**{k: v for k, v in b.items() if k != "labels"}).logits
         emb = model.llm.get_input_embeddings()(b["input_ids"])
         feats = model.vpg.cls_features(b["pixel_values"], model.cfg.clip_layers)  # the frozen CLIP, no adapter
-        emb = emb.masked_scatter(b["modality_mask"].unsqueeze(-1), model.projection_out(model.projection(feats)).reshape(-1, emb.shape[-1]))
+        vis = model.projection_out(model.projection(feats)).reshape(-1, emb.shape[-1])
+        emb = emb.masked_scatter(b["modality_mask"].unsqueeze(-1), vis)
         tok = model.modality_embedding(torch.tensor([1, 0]))[:, None]
         ref = model.llm(inputs_embeds=torch.cat([tok, emb], 1)).logits[:, 1:]
     torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)

@@ -159,8 +159,8 @@ def test_iaa_memory_table_shows_why_zero3(capsys):
     assert float(zero0.split()[-1]) > 80  # 4.1B trainables: > 80 GB per GPU without partitioning
 
 
-@pytest.mark.parametrize("name,field,value", [("lavin", "rank", 7), ("iaa", "stage", 3),
-                                              ("excitor", "attn_backend", "triton"), ("llama_adapter", "prompt_len", 0)])
+@pytest.mark.parametrize("name,field,value", [("lavin", "rank", 7), ("iaa", "stage", 3), ("excitor", "attn_backend",
+                                              "triton"), ("llama_adapter", "prompt_len", 0)])
 def test_bad_config_names_the_field(name, field, value):
     with pytest.raises(ValueError, match=f"{field}"):
         get_method(name).config_cls(**{field: value})

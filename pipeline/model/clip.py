@@ -49,8 +49,8 @@ class CLIPFrontEnd(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> CLIPFrontEnd:
         path = Path(resolve_clip_source(path))
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"CLIP front end: {path.resolve()} has no config.json (give a local transformers CLIP "
-                                    "vision checkpoint dir, or 'tiny')")
+            raise FileNotFoundError(f"CLIP front end: {path.resolve()} has no config.json (give a local transformers "
+                                    "CLIP vision checkpoint dir, or 'tiny')")
         kw = {"dtype": dtype} if dtype is not None else {}
         return cls(CLIPVisionModel.from_pretrained(str(path), local_files_only=True, **kw))
 

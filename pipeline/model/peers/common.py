@@ -198,10 +198,6 @@ def lm_output(h: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor | None, 
     return logits, loss, n
 
 
-def freeze_llm(llm: nn.Module) -> None:
-    llm.requires_grad_(False)
-
-
 def load_peer(cls: type, llm_path: Any, vision_path: Any, cfg: Any, *, dtype: torch.dtype | None = None,
               adapter_path: Any = None, device: Any = None) -> nn.Module:
     """The registry's loader for a peer: frozen LLM + frozen CLIP (None: precomputed features) + the method."""

@@ -20,7 +20,7 @@ Assumptions (the paper does not say; each is a choice made here):
     prompts at D = 4096 would be one-hot).
  4. W_q^Ex = Up(Down(T)), both nn.Linear default init, no bias; P_l ~ N(0, 1) as LLaMA-Adapter's prompts.
  5. W_k^Ex, W_v^Ex (CLIP width -> D, no bias) are shared by all adapted layers (one pair per layer would be
-    252M at 7B, far above the paper's budget); the multimodal count (15.99M at 7B) is therefore a reconstruction,
+    252M at 7B, far above the paper's budget); the multimodal count (16,007,198 at 7B) is therefore a reconstruction,
     the text-only one (7,618,590 = 30 x (30 x 4096 + 2 x 16 x 4096 + 1), "about 7.6M") follows the card.
  6. The key/value concatenation is taken literally from the card: keys [P_l ; W_k F_v], values [W_v F_v ; P_l],
     row i of one paired with row i of the other. Rows without an image use keys = values = P_l.

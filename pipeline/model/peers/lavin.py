@@ -37,7 +37,8 @@ from torch import nn
 from pipeline.model.attention import ATTENTION_BACKENDS
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
 from pipeline.model.clip import check_layers, evenly_spaced_layers
-from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, extend, has_image, lm_output,
+from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, extend, has_image,
+                                         lm_output,
                                          project_qkv, resolve_attn_backend, same_graph_on_every_rank,
                                          scatter_visual_tokens)
 from pipeline.model.pill import check_llm
@@ -69,7 +70,8 @@ class LaVINConfig(PeerConfigMixin):
 
     def __post_init__(self) -> None:
         self._check_common((2,))
-        self._check(self.rank >= 1 and self.rank % self.groups == 0, "rank", f"must be a multiple of groups")
+        self._check(self.rank >= 1 and self.rank % self.groups == 0, "rank",
+                    f"must be a positive multiple of groups={self.groups}")
         self._check(self.temperature > 0, "temperature", "must be > 0")
         self._check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
 
