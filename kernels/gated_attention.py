@@ -315,7 +315,6 @@ def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    gate_once: tl.constexpr = GROUP == 1
     for hg in range(GROUP):  # every query head of this KV group adds into the same dK/dV tile
         h = h_kv * GROUP + hg
         dg = tl.zeros([BLOCK_N], tl.float32)
@@ -326,13 +325,13 @@ def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU
         dk, dv, dg = _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
                                      stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
                                      offs_n, offs_d, lo, mid, q_len, diag, qk_scale,
-                                     HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_GATE, gate_once, DOT_F32, DOT_PREC)
+                                     HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_GATE, GROUP == 1, DOT_F32, DOT_PREC)
         dk, dv, dg = _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
                                      stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
                                      offs_n, offs_d, mid, q_len, q_len, diag, qk_scale,
-                                     HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_GATE, gate_once, DOT_F32, DOT_PREC)
+                                     HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_GATE, GROUP == 1, DOT_F32, DOT_PREC)
         if HAS_GATE:
-            if gate_once:
+            if GROUP == 1:
                 # one head owns the tile: dv holds the ungated P^T dO; dg = rowsum(v * P^T dO), dV = g P^T dO
                 dg = tl.sum(v.to(tl.float32) * dv, 1)
                 dv = dv * g[:, None]

@@ -72,3 +72,19 @@ def test_compile_report_attention_is_wgmma_without_spills(tmp_path):
         assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
         assert r["spill_bytes"] == 0, r
     assert all(r["spill_bytes"] == 0 for r in rows)
+
+
+def test_compile_report_occupancy_and_specialisation_rules():
+    """The H100 occupancy arithmetic and the runtime's specialisation rules the report compiles with."""
+    import torch
+
+    from pill_kernels.compile_report import _specialize, ctas_per_sm
+
+    assert ctas_per_sm(regs=255, num_warps=8, shared=128 * 1024) == 1  # registers and shared memory both bind
+    assert ctas_per_sm(regs=128, num_warps=4, shared=32 * 1024) == 4  # 64 K regs / (128 x 128 threads)
+    assert ctas_per_sm(regs=32, num_warps=4, shared=0) == 16  # 2048 threads / 128
+    t = torch.empty(64, dtype=torch.bfloat16, device="meta")
+    assert _specialize(t) == ("*bf16", "D")  # 16-byte aligned
+    assert _specialize(4096) == ("i32", "D") and _specialize(4095)[1] == ""
+    assert _specialize(1)[0] == "constexpr"  # ints equal to 1 become constants
+    assert _specialize(4096, specialize=False)[1] in ("", None)  # do_not_specialize
