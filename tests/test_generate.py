@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tests.test_model_pill import assert_close_to_scale
+
 from pipeline.eval.prompts import Prompt
 from pipeline.generate import (
     GenerationConfig,
@@ -79,7 +81,8 @@ def test_cache_logits_match_full_forward(trained):
                       past_key_values=out.past_key_values, use_cache=True)
         out = trained(input_ids=ids[:, -1:], attention_mask=attn, modality_mask=mm[:, -1:],
                       past_key_values=out.past_key_values, use_cache=True)
-    torch.testing.assert_close(out.logits[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
+    # fp32 reorderings (a 1-row decode vs the full forward) differ by ~1e-6 of the logits' scale
+    assert_close_to_scale(out.logits[:, -1], full[:, -1], "cached decode logits", rel=1e-4)
     # the visual tokens matter (gates open): other visual features change the next-token logits. Features, not
     # pixels: the tiny random VPG's output barely depends on the image (its ViT init is ~1e-10).
     with torch.no_grad():

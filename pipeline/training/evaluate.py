@@ -40,7 +40,7 @@ def _evaluate(cfg: TrainConfig, export_dir: Path, llm: str, vpg: str | None) -> 
     model = load_export(export_dir, llm, vpg, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
                         device=device)
     model.eval()
-    data_cfg = default_data_config(max_len=cfg.data.max_length, num_query_tokens=model.cfg.num_query_tokens,
+    data_cfg = default_data_config(max_length=cfg.data.max_length, num_query_tokens=model.cfg.num_query_tokens,
                                    sqa_format=cfg.data.sqa_format, use_captions=cfg.data.use_captions)
     out_dir = Path(cfg.output_dir)
     prompts = shard_prompts(s.eval_shards, model, data_cfg, limit=cfg.eval.max_samples, batch_size=cfg.eval.batch_size)
