@@ -276,3 +276,19 @@ def test_split_kv_decode_right_padded_cache_and_dispatch(monkeypatch):
 
 
 _orig_decode = ga._decode
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tq", [1, 5])
+def test_gpu_split_kv_decode(tq):
+    """bf16 decode against a long right-padded cache: flash-attn rule on the output."""
+    q, k, v, g = (t.detach() for t in _inputs((4, tq, 32, 128), (4, 4099, 8, 128), "random", seed=15))
+    lens = torch.tensor([4099, 1000, 17, 1], device="cuda")
+    ref32 = gated_attention_ref(q, k, v, g, causal=True, kv_seqlens=lens)
+    low = [t.to(torch.bfloat16) for t in (q, k, v, g)]
+    with torch.no_grad():
+        got = gated_attention(*low, causal=True, kv_seqlens=lens)
+    base = (gated_attention_ref(*low, causal=True, kv_seqlens=lens).float() - ref32).abs().max().item()
+    eps = 2 * (ref32.to(torch.bfloat16).float() - ref32).abs().max().item()
+    assert (got.float() - ref32).abs().max().item() <= 2 * base + eps
