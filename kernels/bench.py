@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(NO_CUDA, flush=True)
         env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--smoke-child"], env=env, text=True, check=False,
-                              capture_output=True)
+        proc = subprocess.run([sys.executable, "-m", f"{__package__}.bench", "--smoke-child"], env=env, text=True,
+                              check=False, capture_output=True)
         sys.stdout.write(proc.stdout)
         sys.stderr.write(proc.stderr)
         if proc.returncode != 0:
