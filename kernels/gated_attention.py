@@ -442,8 +442,10 @@ _HOPPER = {
     **{(256, dt): {"fwd": _cfg(64, 64, 8, 2), "dkdv": _cfg(32, 64, 8, 1), "dq": _cfg(128, 16, 8, 1)}
        for dt in _BF16},
 }
-# Any other GPU / dtype / head dim: small tiles that fit Ampere's 164 KB and IEEE fp32 operands.
+# Any other GPU / head dim with bf16/fp16: small tiles that fit Ampere's 164 KB.
 _FALLBACK = {"fwd": _cfg(64, 32, 4, 2), "dkdv": _cfg(32, 64, 4, 1), "dq": _cfg(64, 32, 4, 1)}
+# fp32 (IEEE dots on CUDA cores, a correctness path): tiles small enough not to spill up to head dim 128
+_FP32 = {w: {"fwd": _cfg(32, 32, w, 1), "dkdv": _cfg(16, 32, w, 1), "dq": _cfg(32, 16, w, 1)} for w in (4, 8)}
 _INTERP = {"fwd": _cfg(16, 16, 1, 1), "dkdv": _cfg(16, 16, 1, 1), "dq": _cfg(16, 16, 1, 1)}
 # dK/dV with a gate at head dim 128 (the gate row, and under GQA the per-step dg row sum, cost registers):
 # fewer keys per tile (MHA, gate applied once) or fewer queries per step (GQA) keep it free of spills
@@ -464,6 +466,8 @@ def _configs(block_d: int, dtype: torch.dtype, device: torch.device, gated: bool
     so small tiles keep it fast."""
     if not on_gpu(device):
         return _INTERP
+    if dtype == torch.float32:
+        return _FP32[8 if block_d >= 128 else 4]
     arch = _arch(device)
     table = _HOPPER if arch in (90,) else {}
     cfgs = dict(table.get((max(64, block_d), dtype), _FALLBACK))

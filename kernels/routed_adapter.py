@@ -281,11 +281,13 @@ def build_route_schedule(route: torch.Tensor, num_experts: int) -> RouteSchedule
     return RouteSchedule(route, perm, offs, num_experts)
 
 
-def _config(d: int, r: int, device: torch.device) -> dict:
+def _config(d: int, r: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
     block_r = max(16, triton.next_power_of_2(r))
     block_d = max(16, triton.next_power_of_2(d))
     if not on_gpu(device):  # interpreter: few, small programs
         return {"BLOCK_M": 16, "BLOCK_D": min(64, block_d), "BLOCK_R": block_r, "num_warps": 1}
+    if dtype == torch.float32:  # IEEE fp32 dots on CUDA cores (a correctness path): smaller tiles
+        return {"BLOCK_M": 32, "BLOCK_D": min(64, block_d), "BLOCK_R": block_r, "num_warps": 4}
     return {"BLOCK_M": 64, "BLOCK_D": min(128, block_d), "BLOCK_R": block_r, "num_warps": 4}
 
 
@@ -337,7 +339,7 @@ def _forward(x2, sched, w_cat, w_ut):
     """x2 (N, d) -> y (N, d) and the saved pre-activations hg | hd (N, 2r) fp32."""
     num_experts, r, d = w_ut.shape
     n = x2.shape[0]
-    cfg = _config(d, r, x2.device)
+    cfg = _config(d, r, x2.device, x2.dtype)
     flags = _flags(x2)
     y = torch.empty_like(x2)
     h = torch.empty((n, 2 * r), device=x2.device, dtype=torch.float32)
@@ -352,7 +354,7 @@ def _forward(x2, sched, w_cat, w_ut):
 def _backward(dy2, x2, sched, w_cat, w_ut, h):
     num_experts, r, d = w_ut.shape
     n = x2.shape[0]
-    cfg = _config(d, r, x2.device)
+    cfg = _config(d, r, x2.device, x2.dtype)
     flags = _flags(x2)
     dx = torch.empty_like(x2)
     dwg = torch.zeros((num_experts, r, d), device=x2.device, dtype=torch.float32)
