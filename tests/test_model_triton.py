@@ -56,3 +56,19 @@ def test_triton_packed_batch_matches_eager(tiny_dirs):
         outs[backend] = (out.logits.detach(), model.projection.weight.grad.clone())
     assert_close_to_scale(outs["triton"][0], outs["eager"][0], "logits")
     assert_close_to_scale(outs["triton"][1], outs["eager"][1], "projection grad")
+
+
+@needs_triton
+@pytest.mark.parametrize("stage, builds", [(1, 2), (2, 1)])
+def test_route_schedule_is_built_once_per_forward(tiny_dirs, monkeypatch, stage, builds):
+    """Every layer shares one expert schedule (stage 1's inverted last layer gets a second one)."""
+    import pill_kernels
+
+    calls = []
+    real = pill_kernels.build_route_schedule
+    monkeypatch.setattr(pill_kernels, "build_route_schedule", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = PILLConfig(stage=stage, rank=4, num_query_tokens=8, vpg_width=64, attn_backend="eager",
+                     adapter_backend="triton")
+    model = load_pill(tiny_dirs["llm"], None, cfg, dtype=torch.float32)
+    model(**{k: v for k, v in batch_with_images(len(model.tokenizer)).items() if k != "labels"})
+    assert len(calls) == builds

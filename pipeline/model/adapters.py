@@ -57,23 +57,47 @@ class Adapter(nn.Module):
         return self.d1.weight, self.d2.weight, self.u.weight
 
 
-def routed_adapter(x: torch.Tensor, route: torch.Tensor, experts: list[Adapter], backend: str) -> torch.Tensor:
+class RouteSchedules:
+    """The fused kernel's expert schedules for one model forward, built once and shared by every layer: the route
+    is the same in all layers (only stage 1's last layer inverts it, which gets its own schedule)."""
+
+    def __init__(self, modality_mask: torch.Tensor):
+        self.modality_mask = modality_mask
+        self._built: dict[tuple[bool, int], object] = {}
+
+    def get(self, inverted: bool, num_experts: int):
+        key = (inverted, num_experts)
+        if key not in self._built:
+            from pill_kernels import build_route_schedule
+
+            route = self.modality_mask.long() if num_experts > 1 else torch.zeros_like(self.modality_mask,
+                                                                                          dtype=torch.long)
+            self._built[key] = build_route_schedule(1 - route if inverted else route, num_experts)
+        return self._built[key]
+
+
+def routed_adapter(x: torch.Tensor, route: torch.Tensor | None, experts: list[Adapter], backend: str,
+                   schedule=None) -> torch.Tensor:
     """x + A_{route[t]}(x[t]) per token. `route` holds expert indices (TEXT=0, VISUAL=1).
 
     eager is PILL's reference formulation: every expert runs on every token and the output is selected, which
-    is simple and exact but does E times the adapter work; triton computes only each token's own expert.
+    is simple and exact but does E times the adapter work; triton computes only each token's own expert, with
+    `schedule` (RouteSchedules.get) built once per forward instead of in every layer.
     """
     if len(experts) == 1:
         route = None
     if backend == "triton":
         from pill_kernels import routed_swiglu_adapter
 
+        # The experts stay separate Linear modules (their names are the export format), so their weights are
+        # stacked per call: 3 x E x r x d fp32 (1.5 MB per layer at 7B), small beside the layer's frozen weights.
         ws = [e.stacked_weights() for e in experts]
         w_gate = torch.stack([w[0] for w in ws])
         w_down = torch.stack([w[1] for w in ws])
         w_up = torch.stack([w[2] for w in ws])
-        r = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device) if route is None else route.long()
-        return routed_swiglu_adapter(x, r, w_gate, w_down, w_up)
+        if schedule is None:
+            schedule = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device) if route is None else route.long()
+        return routed_swiglu_adapter(x, schedule, w_gate, w_down, w_up)
     if route is None:
         return experts[0](x)
     out = experts[0].delta(x)

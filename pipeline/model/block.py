@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from pipeline.model.adapters import TEXT, VISUAL, Adapter, routed_adapter
+from pipeline.model.adapters import TEXT, VISUAL, Adapter, RouteSchedules, routed_adapter
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask
 from pipeline.model.config import PILLConfig
 
@@ -50,11 +50,13 @@ class PILLBlock(nn.Module):
         self.attn_backend = cfg.attn_backend
         self.adapter_backend = cfg.adapter_backend
 
+    @property
+    def inverts_route(self) -> bool:
+        return self.is_last and self.cfg.stage == 1 and self.cfg.invert_last_layer_routing
+
     def ffn_route(self, modality_mask: torch.Tensor) -> torch.Tensor:
         route = modality_mask.long()  # TEXT=0, VISUAL=1
-        if self.is_last and self.cfg.stage == 1 and self.cfg.invert_last_layer_routing:
-            route = 1 - route
-        return route
+        return 1 - route if self.inverts_route else route
 
     def forward(
         self,
@@ -64,6 +66,7 @@ class PILLBlock(nn.Module):
         modality_mask: torch.Tensor,  # (B, T) bool
         mask: AttnMask,
         cache: KVCache | None = None,
+        schedules: RouteSchedules | None = None,
     ) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
         """(output, this layer's cache, mean |gate| over visual tokens and heads (detached) or None)."""
         cfg, attn = self.cfg, base.self_attn
@@ -95,12 +98,15 @@ class PILLBlock(nn.Module):
         h = x + attn.o_proj(o.reshape(B, T, -1))
 
         h_n = base.post_attention_layernorm(h)
+        fused = self.adapter_backend == "triton" and schedules is not None
         if self.adapter_ffn is not None:
-            f = routed_adapter(h_n, None, [self.adapter_ffn], self.adapter_backend)
+            f = routed_adapter(h_n, None, [self.adapter_ffn], self.adapter_backend,
+                               schedules.get(False, 1) if fused else None)
         else:
             experts = [None, None]
             experts[TEXT], experts[VISUAL] = self.adapter_t, self.adapter_v
-            f = routed_adapter(h_n, self.ffn_route(modality_mask), experts, self.adapter_backend)
+            f = routed_adapter(h_n, self.ffn_route(modality_mask), experts, self.adapter_backend,
+                               schedules.get(self.inverts_route, 2) if fused else None)
         return h + base.mlp(f), new_cache, gate_abs
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.constants import image_placeholder_id  # noqa: F401  (re-exported: the model's placeholder rule)
+from pipeline.model.adapters import RouteSchedules
 from pipeline.model.attention import AttnMask
 from pipeline.model.backends import resolve_backends
 from pipeline.model.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FrozenLLMMethod, MethodOutput  # noqa: F401
@@ -115,6 +116,7 @@ class PILL(FrozenLLMMethod):
                                              zero3=hasattr(self.projection.weight, "ds_id"))
             for block in self.blocks:
                 block.attn_backend, block.adapter_backend = self.backends
+        attn_backend, adapter_backend = self.backends
         B, T = input_ids.shape
         if modality_mask is None:
             modality_mask = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -139,6 +141,8 @@ class PILL(FrozenLLMMethod):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
+        if cu_seqlens is not None and max_seqlen is None and attn_backend == "triton":
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one sync per forward, not per layer
         mask = AttnMask(causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if cu_seqlens is not None:
             mask.doc_ids = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(T, device=x.device),
@@ -149,10 +153,11 @@ class PILL(FrozenLLMMethod):
         # come after it), so no padding mask is needed and every backend takes its unmasked fast path.
         position_embeddings = self.llm.model.rotary_emb(x, position_ids)
 
+        schedules = RouteSchedules(modality_mask) if adapter_backend == "triton" else None
         new_cache, gates = [], []
         for i, (block, base) in enumerate(zip(self.blocks, self.llm.model.layers)):
             x, layer_cache, gate_abs = block(x, base, position_embeddings, modality_mask, mask,
-                                             past_key_values[i] if past_key_values else None)
+                                             past_key_values[i] if past_key_values else None, schedules)
             new_cache.append(layer_cache)
             gates.append(gate_abs)
         h = self.llm.model.norm(x)
