@@ -126,13 +126,8 @@ def run_method(name: str, steps_scale: float, nprocs: int) -> dict:
     (run_dir / "train.out").open("a").write(proc.stdout)
     usage = json.loads(lines[-1]) if lines else {"rc": proc.returncode, "maxrss_kb": 0}
     row = {"method": name, "rc": usage["rc"], "wall_s": round(wall, 1), "peak_rss_mb": round(usage["maxrss_kb"] / 1024)}
-    ev = run_dir / "eval.json"
-    if usage["rc"] == 0 and ev.is_file():
-        e = json.loads(ev.read_text())
-        row.update(accuracy=e["accuracy"], accuracy_no_image=e["accuracy_no_image"], chance=e["chance"], n=e["n"],
-                   unparsed=e["with_image"]["unparsed"], unparsed_no_image=e["without_image"]["unparsed"],
-                   accuracy_random_fallback=e["with_image"]["accuracy_random_fallback"],
-                   accuracy_no_image_random_fallback=e["without_image"]["accuracy_random_fallback"])
+    if usage["rc"] == 0:
+        row.update(eval_fields(run_dir))
     results = sorted(run_dir.glob("**/result.json"))
     if results:
         r = json.loads(results[-1].read_text())  # the last stage (the one that is evaluated)
@@ -141,21 +136,38 @@ def run_method(name: str, steps_scale: float, nprocs: int) -> dict:
     return row
 
 
+def eval_fields(run_dir: Path) -> dict:
+    """The held-out numbers of one method's eval.json (empty when it has none)."""
+    ev = run_dir / "eval.json"
+    if not ev.is_file():
+        return {}
+    e = json.loads(ev.read_text())
+    w, wo = e["with_image"], e["without_image"]
+    return dict(accuracy=e["accuracy"], accuracy_no_image=e["accuracy_no_image"], chance=e["chance"], n=e["n"],
+                unparsed=w["unparsed"], unparsed_no_image=wo["unparsed"],
+                accuracy_color=w["categories"]["qtype:color"]["accuracy"],
+                accuracy_shape=w["categories"]["qtype:shape"]["accuracy"],
+                accuracy_random_fallback=w["accuracy_random_fallback"],
+                accuracy_no_image_random_fallback=wo["accuracy_random_fallback"])
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ("| method | acc. with images | acc. images removed | chance | trainable (tiny) | trainable (LLaMA-2-7B) "
-            "| samples/s | peak RSS / rank | wall |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | acc. with images (colour / shape) | acc. images removed (random fallback) | chance "
+            "| trainable (tiny) | trainable (LLaMA-2-7B) | samples/s | peak RSS / rank | wall |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     out = []
     for r in rows:
-        acc = (f"{r['accuracy']:.1f}% ({r['unparsed']} unparsed)",
-               f"{r['accuracy_no_image']:.1f}% ({r['unparsed_no_image']} unparsed)", f"{r['chance']:.1f}%") \
+        acc = (f"{r['accuracy']:.1f}% ({r['accuracy_color']:.0f} / {r['accuracy_shape']:.0f})",
+               f"{r['accuracy_no_image']:.1f}% ({r['accuracy_no_image_random_fallback']:.1f}%), "
+               f"{r['unparsed_no_image']} unparsed", f"{r['chance']:.1f}%") \
             if "accuracy" in r else (f"failed (rc {r['rc']})", "-", "-")
         out.append(f"| {r['method']} | {acc[0]} | {acc[1]} | {acc[2]} | {r['trainable_tiny']:,} | "
                    f"{r['trainable_7b']:,} | {r.get('samples_per_s', '-')} | {r['peak_rss_mb']} MB | "
                    f"{r['wall_s']:.0f} s |")
     return (head + "\n".join(out) + "\n\nAccuracy: greedy generation, then the first \"The answer is X\" (the "
             "ScienceQA "
-            "protocol, n held-out questions); an unparsed answer counts as wrong. compare.json also holds the accuracy "
-            "with unparsed answers replaced by a random option (`*_random_fallback`).\n")
+            "protocol, n held-out questions); an unparsed answer counts as wrong, the random fallback replaces it by "
+            "a random option.\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (quick checks)")
     ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite compare.md/json from the runs already in runs/compare (no training)")
     args = ap.parse_args(argv)
+    if args.report_only:
+        return report_only()
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows = []
@@ -174,15 +190,26 @@ def main(argv: list[str] | None = None) -> int:
         row.update(trainable_tiny=counts["tiny"], trainable_7b=counts["llama2-7b"])
         rows.append(row)
         print(f"[compare] {json.dumps(row)}", flush=True)
-    total = time.time() - t0
+    write_report(rows, time.time() - t0, args.nprocs, args.steps_scale)
+    return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+def report_only() -> int:
+    old = json.loads((OUT / "compare.json").read_text())
+    for row in old["rows"]:
+        row.update(eval_fields(OUT / row["method"]))
+    write_report(old["rows"], old["total_wall_s"], old.get("nprocs", 2), old["steps_scale"])
+    return 0
+
+
+def write_report(rows: list[dict], total: float, nprocs: int, steps_scale: float) -> None:
     md = (f"# make compare: PILL and its peers on the demo data\n\nCommand: `make compare` (scripts/compare.py), "
-          f"{args.nprocs} DeepSpeed ranks, ZeRO-2, fp32, CPU; total wall time {total / 60:.1f} min.\n\n"
+          f"{nprocs} DeepSpeed ranks, ZeRO-2, fp32, CPU; total wall time {total / 60:.1f} min.\n\n"
           + markdown(rows))
     (OUT / "compare.md").write_text(md)
-    (OUT / "compare.json").write_text(json.dumps({"total_wall_s": round(total, 1), "rows": rows,
-                                                  "steps_scale": args.steps_scale}, indent=2))
+    (OUT / "compare.json").write_text(json.dumps({"total_wall_s": round(total, 1), "rows": rows, "nprocs": nprocs,
+                                                  "steps_scale": steps_scale}, indent=2))
     print(md)
-    return 0 if all(r["rc"] == 0 for r in rows) else 1
 
 
 if __name__ == "__main__":
