@@ -241,3 +241,24 @@ def test_text_only_micro_batch_has_the_image_batch_gradient_graph(name, tiny_dir
     text = {**b, "modality_mask": torch.zeros_like(b["modality_mask"]), "pixel_values": None}
     text_only = _grad_order(model, text)
     assert text_only == with_image and len(with_image) == len(model.trainable_parameters())
+
+
+@pytest.mark.parametrize("preset,method,stages", [("llama_adapter_scienceqa", "llama_adapter", [2]),
+                                                  ("lavin_scienceqa", "lavin", [2]),
+                                                  ("excitor_scienceqa", "excitor", [2]), ("iaa_llava", "iaa", [1, 2])])
+def test_peer_presets_load_and_fill_every_ds_config(preset, method, stages):
+    from pathlib import Path
+
+    from pipeline.training.config import load_config
+    from pipeline.training.ds_config import fill_ds_config, load_ds_config, plan_batch
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / f"{preset}.yaml")
+    assert cfg.model.method == method and [s.stage for s in cfg.stages] == stages
+    get_method(method).config_cls.from_dict(dict(cfg.model.peer))
+    for ds in ("zero1", "zero2", "zero3", "zero2_offload"):
+        raw = load_ds_config(repo / "ds_configs" / f"{ds}.json")
+        for s in cfg.stages:
+            plan = plan_batch(s, 8)
+            d = fill_ds_config(raw, cfg, s, plan, torch.device("cpu"), hidden_size=64)
+            assert "auto" not in json.dumps(d)
