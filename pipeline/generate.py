@@ -108,8 +108,8 @@ def _eos_ids(model) -> set[int]:
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    p = model.projection.weight
-    return p.device, model.llm.get_input_embeddings().weight.dtype
+    emb = model.llm.get_input_embeddings().weight  # every method has one (not every method has a projection)
+    return emb.device, emb.dtype
 
 
 @torch.no_grad()

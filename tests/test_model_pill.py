@@ -207,3 +207,22 @@ def test_save_adapter_with_external_master_weights(tiny_dirs, tmp_path):
     assert all(torch.equal(p, master[n]) for n, p in other.trainable_parameters())
     with pytest.raises(ValueError, match="missing=.*projection.weight"):
         model.save_adapter(tmp_path / "bad", state_dict={k: v for k, v in master.items() if k != "projection.weight"})
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_batch_without_images_gives_gradients_to_the_same_parameters(tiny_dirs, stage):
+    """ZeRO-2 reduces gradients in hook order: a rank whose micro-batch has no image (ScienceQA has text-only
+    questions) must produce a gradient, zero where unused, for exactly the parameters the other ranks do."""
+    model = make(tiny_dirs, stage=stage)
+    randomize(model)
+    b = batch_with_images(len(model.tokenizer))
+    with_img = dict(b)
+    model(**with_img).loss.backward()
+    seen_with = {n for n, p in model.trainable_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    text_only = {k: v for k, v in b.items() if k not in ("image_features", "pixel_values")}
+    text_only["modality_mask"] = torch.zeros_like(b["modality_mask"])
+    model(**text_only).loss.backward()
+    seen_without = {n for n, p in model.trainable_parameters() if p.grad is not None}
+    assert seen_without == seen_with, sorted(seen_with ^ seen_without)
+    assert model.projection.weight.grad.abs().sum() == 0

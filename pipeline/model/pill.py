@@ -129,6 +129,10 @@ class PILL(FrozenLLMMethod):
             torch._assert_async(modality_mask.sum() == vis.shape[0],
                                 "modality_mask must mark exactly N_images * K visual tokens")
             x = x.masked_scatter(modality_mask.unsqueeze(-1), vis)
+        elif torch.is_grad_enabled() and self.projection.weight.requires_grad:
+            # No image in this micro-batch: P still takes part (on zero rows, a zero gradient), so every rank's
+            # backward fires the same gradient hooks in the same order (ZeRO-2 reduces in that order).
+            x = x + self.projection(x.new_zeros(0, self.cfg.vpg_width, dtype=self.projection.weight.dtype)).sum()
 
         past_len = past_key_values[0][0].shape[1] if past_key_values else 0
         if self.sliding_window is not None and past_len + T > self.sliding_window:
