@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vpg-qformer", default=None, help="LAVIS Q-former .pth (instead of --vpg)")
     p.add_argument("--vpg-vit", default=None, help="LAVIS EVA ViT-g .pth (with --vpg-qformer)")
     p.add_argument("--vpg-config", default=None, help="BLIP-2 config dir (with --vpg-qformer)")
+    p.add_argument("--clip", default=None, help="a CLIP ViT vision dir, or 'tiny': the peers' front end (instead of "
+                   "--vpg)")
+    p.add_argument("--clip-features", default=None, help="with --clip: cls:<blocks> (CLS states after those "
+                   "1-based blocks), patch:<block> (patch states of one block), or method:<peer> (what that peer reads)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--name", default=None, help="index name (default: the input shards' prefix)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -123,22 +127,31 @@ def main(argv: list[str] | None = None) -> int:
     names = [Path(u).name for u in urls]
     if len(set(names)) != len(names):
         raise ValueError("--shards: input shard file names repeat; encode each directory separately")
-    if bool(a.vpg) == bool(a.vpg_qformer):
-        raise ValueError("give exactly one of --vpg (dir or 'tiny') and --vpg-qformer (+ --vpg-vit, --vpg-config)")
+    if sum(map(bool, (a.vpg, a.vpg_qformer, a.clip))) != 1:
+        raise ValueError("give exactly one of --vpg (dir or 'tiny'), --vpg-qformer (+ --vpg-vit, --vpg-config) and "
+                         "--clip (+ --clip-features)")
+    if bool(a.clip) != bool(a.clip_features):
+        raise ValueError("--clip and --clip-features go together (e.g. --clip tiny --clip-features method:lavin)")
     lavis = None
     if a.vpg_qformer:
         if not a.vpg_config:
             raise ValueError("--vpg-qformer needs --vpg-config (a BLIP-2 config dir)")
         lavis = {"qformer": a.vpg_qformer, "config": a.vpg_config, **({"vit": a.vpg_vit} if a.vpg_vit else {})}
     device = torch.device(a.device)
-    vpg = load_vpg(a.vpg, a.tiny_dir, getattr(torch, a.dtype), lavis).to(device)
+    if a.clip:
+        from pipeline.model.clip import CLIPFeatures, CLIPFrontEnd
+
+        vpg = CLIPFeatures(CLIPFrontEnd.from_pretrained(a.clip, getattr(torch, a.dtype)), a.clip_features).to(device)
+    else:
+        vpg = load_vpg(a.vpg, a.tiny_dir, getattr(torch, a.dtype), lavis).to(device)
     a.out.mkdir(parents=True, exist_ok=True)
     ipath = a.out / f"{name}-index.json"
     old = None if a.no_resume else _load_index(ipath)
     prev = {s["file"]: s for s in (old or {}).get("shards", []) if s}
     index: dict[str, Any] = {"format": INDEX_FORMAT, "name": name, "builder": "encode", "content": "features",
                              "num_query_tokens": int(vpg.num_query_tokens), "width": int(vpg.width),
-                             "vpg": a.vpg or a.vpg_qformer, "shards": [None] * len(urls)}
+                             "vpg": f"clip:{a.clip}:{vpg.spec}" if a.clip else (a.vpg or a.vpg_qformer),
+                             "shards": [None] * len(urls)}
     counter = SkipCounter()
     for i, url in enumerate(tqdm(urls, desc="encode", unit="shard", disable=a.no_progress)):
         out_path = a.out / Path(url).name

@@ -5,6 +5,7 @@ import json
 import tarfile
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.data import DataConfig, SourceConfig, build_loader
@@ -67,3 +68,28 @@ def _png():
     from tests.datagen import png_bytes
 
     return png_bytes()
+
+
+def test_encode_clip_features_for_a_peer(tmp_path, monkeypatch):
+    """--clip tiny --clip-features method:<peer> writes what that peer's front end computes from the pixels."""
+    from pipeline.model.clip import CLIPFeatures, CLIPFrontEnd
+
+    monkeypatch.setenv("PILL_TINY_DIR", str(tmp_path / "tiny"))
+    build_demo(DemoConfig(n_train=4, n_val=0, image_size=64), tmp_path / "px", max_samples=4)
+    args = ["--shards", str(tmp_path / "px" / "train-000000.tar"), "--clip", "tiny", "--clip-features",
+            "method:lavin", "--out", str(tmp_path / "ft"), "--no-progress"]
+    assert main(args) == 0
+    idx = json.loads((tmp_path / "ft" / "train-index.json").read_text())
+    feats = CLIPFeatures(CLIPFrontEnd.from_pretrained("tiny"), "method:lavin")
+    assert idx["vpg"].startswith("clip:tiny:cls:") and idx["num_query_tokens"] == feats.num_query_tokens
+    with tarfile.open(tmp_path / "ft" / "train-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    with tarfile.open(tmp_path / "px" / "train-000000.tar") as tar:
+        src = {m.name: tar.extractfile(m).read() for m in tar}
+    feat = torch.from_numpy(np.load(io.BytesIO(members["train_000000.feat.npy"]))).float()
+    mean, std = default_mean_std()
+    ref = feats(normalise([decode_image(src["train_000000.png"], feats.image_size)], mean, std, feats.image_size))[0]
+    assert feat.shape == ref.shape
+    torch.testing.assert_close(feat, ref, atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="--clip and --clip-features"):
+        main(["--shards", str(tmp_path / "px" / "train-000000.tar"), "--clip", "tiny", "--out", str(tmp_path / "x")])
