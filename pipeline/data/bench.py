@@ -73,9 +73,11 @@ def photo_jpeg(rng: np.random.Generator, w: int, h: int, photo: Image.Image | No
 
 
 def make_shards(out: Path, kind: str, n: int, per_shard: int = 200, size: tuple[int, int] = (224, 224),
-                K: int = 32, W: int = 768) -> list[str]:
+                K: int = 32, W: int = 768, noise: bool = False) -> list[str]:
+    """`kind` "jpeg" (photo crops, or 1/f noise with `noise`: sharp to the pixel, the harsh case for reduced-size
+    decoding; the crops are upsampled and soft at 1000 px) or "features"."""
     rng = np.random.default_rng(0)
-    photo = sample_photo() if kind == "jpeg" else None
+    photo = sample_photo() if kind == "jpeg" and not noise else None
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in range((n + per_shard - 1) // per_shard):
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sets", nargs="+", default=list(SETS))
     p.add_argument("--rounds", type=int, default=3, help="runs per measurement; the best is reported")
     p.add_argument("--scales", action="store_true", help="simplejpeg decode + resize cost at every DCT scale")
+    p.add_argument("--noise", action="store_true", help="JPEG sets of 1/f noise instead of photo crops")
     p.add_argument("--margin", type=float, default=None,
                    help=f"transforms.DCT_MARGIN for this run (default {transforms.DCT_MARGIN})")
     p.add_argument("--profile", action="store_true", help="cProfile of the feature path")
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         transforms.DCT_MARGIN = a.margin
     decoders = {"simplejpeg": True, "pillow": False} if transforms.simplejpeg is not None else {"pillow": False}
     print(f"machine: {os.cpu_count()} cpu(s), load {os.getloadavg()[0]:.1f}; {a.n} samples per set; K={a.K}; "
-          f"batch 16; shards in {root}; JPEG decoders: {', '.join(decoders)}; DCT margin {transforms.DCT_MARGIN}")
+          f"batch 16; shards in {root}; JPEG decoders: {', '.join(decoders)}; DCT margin {transforms.DCT_MARGIN}; "
+          f"JPEG content: {'1/f noise' if a.noise else 'photo crops'}")
     for name in a.sets:
         if name == "features":
             urls = make_shards(root / name, "features", a.n, K=a.K)
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.profile:
                 print(profile_features(urls, tok, a.K))
             continue
-        urls = make_shards(root / name, "jpeg", a.n, size=SETS[name])
+        urls = make_shards(root / name, "jpeg", a.n, size=SETS[name], noise=a.noise)
         for w in a.workers:
             key = "samples_per_cpu_s" if w == 0 else "samples_per_s"  # workers > 0: their CPU is not ours
             ours: dict[str, list[float]] = {d: [] for d in decoders}
