@@ -88,7 +88,7 @@ _SOI = b"\xff\xd8\xff"
 DCT_SCALES = (1, 2, 4, 8)
 # The reduced decode must keep >= DCT_MARGIN x size on both sides. DCT scaling truncates each 8 x 8 block's spectrum,
 # a different low-pass than the bicubic antialias; measured at 1/2 on JPEGs at their native sharpness, mean abs error
-# vs a full decode + Pillow's resize (worst of three photos; 1/f noise): 3.4/255 at 1x, 1.8 at 1.5x, 1.25 at 2x,
+# vs a full decode + Pillow's resize (worst of three photos): 3.4/255 at 1x, 1.8 at 1.5x, 1.25 at 2x,
 # 0.7 at 3x (docs/data.md). So 3x: at 224 px, 1/2 from 1344 px, 1/4 from 2688 px, 1/8 from 5376 px.
 DCT_MARGIN = 3.0
 
@@ -100,7 +100,7 @@ def dct_scale(width: int, height: int, size: int, margin: float | None = None) -
 
 
 def decode_image(data: bytes, size: int, turbo: bool | None = None) -> np.ndarray:
-    """bytes -> (size, size, 3) uint8: JPEG at reduced DCT scale when larger than `size`, then the bicubic resize.
+    """bytes -> (size, size, 3) uint8: JPEG at reduced DCT scale when >= DCT_MARGIN x size, then the bicubic resize.
 
     `turbo`: decode JPEG with simplejpeg (default: when installed); False or not installed: Pillow."""
     decoded = None
@@ -126,7 +126,7 @@ def _decode_turbo(data: bytes, size: int) -> tuple[np.ndarray, tuple[float, floa
 def _decode_pillow(data: bytes, size: int) -> tuple[np.ndarray, tuple[float, float]]:
     img = Image.open(io.BytesIO(data))
     # JPEG: the scale dct_scale picks (draft's rule is the same); `box` is the picture's extent in decoded pixels (the
-    # decoded size is rounded up: it can end a fraction of a pixel past it). Other formats return None.
+    # decoded array is rounded up: it can reach a fraction of a pixel past the picture). Other formats: None.
     need = math.ceil(size * DCT_MARGIN)
     _, box = img.draft("RGB", (need, need)) or (None, (0, 0) + img.size)
     if img.mode != "RGB":
