@@ -34,6 +34,7 @@ setup(
         "triton>=3.6",
         "tensorboard>=2.21",
         "pillow>=13.0",
+        "simplejpeg>=1.9",  # libjpeg-turbo decode for the JPEG path (Pillow is the fallback when it is missing)
         "numpy>=2.4",
         "tqdm>=4.70",
         "pyyaml>=6.0",
