@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if _EARLY_SIGNALS:
         preempt.signum = _EARLY_SIGNALS[0]
     t0 = time.time()
+    preempted = False
     try:
         run_prepare_steps(cfg.prepare, ctx.is_main)
         if ctx.is_main:
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             write_summary(cfg, results, eval_result, time.time() - t0)
         return 0
     except Preempted:
+        preempted = True
         return EXIT_PREEMPTED
     except NonFiniteLossError as e:
         if ctx.is_main:
@@ -183,7 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
-        preempt.uninstall()
+        if preempted:
+            # The checkpoint is written and every rank is leaving with 99. srun (--kill-on-bad-exit) sends SIGTERM
+            # to the ranks still shutting down once the first has exited; with the default action their exit
+            # would turn into 143 and the job would not requeue. So the stop signals stay ignored until exit.
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            preempt.uninstall()
 
 
 def write_summary(cfg: TrainConfig, results: list, eval_result: dict | None, wall: float) -> None:

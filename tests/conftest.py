@@ -37,3 +37,44 @@ def tiny_gqa_dirs(tmp_path_factory):
     from pipeline.model.tiny import build_tiny_pill_dirs
 
     return build_tiny_pill_dirs(tmp_path_factory.mktemp("tiny_gqa"), num_heads=4, n_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def dist_world_of_one():
+    import torch.distributed as dist
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if dist.is_initialized():
+        yield
+        return
+    from pipeline.training.dist import _free_port
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    import deepspeed
+    import deepspeed.comm.comm as ds_comm
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    yield
+    # Leave the session as we found it: other test files must not inherit a process group or rank variables.
+    dist.destroy_process_group()
+    ds_comm.cdb = None
+    _forget_deepspeed_groups()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals; a later world of one must not find the destroyed ones."""
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name == name.upper():
+            if isinstance(value, dict):
+                value.clear()
+            elif value is not None and not isinstance(value, (int, str, bool, float)):
+                setattr(groups, name, None)

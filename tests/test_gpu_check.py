@@ -35,6 +35,8 @@ def test_gpu_check_rejects_unknown_arguments():
 
 
 def test_makefile_target():
-    r = subprocess.run(["make", "-n", "gpu-check", "GPU_CHECK_ARGS=--dry-run"], cwd=REPO, capture_output=True,
-                       text=True)
+    # Under `make test` the parent make's MAKEFLAGS/MAKELEVEL would add "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    r = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "GPU_CHECK_ARGS=--dry-run"], cwd=REPO,
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "bash scripts/gpu_check.sh --dry-run", r.stdout + r.stderr

@@ -12,34 +12,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def dist_world_of_one():
-    import torch.distributed as dist
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if dist.is_initialized():
-        yield
-        return
-    from pipeline.training.dist import _free_port
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    import deepspeed
-    import deepspeed.comm.comm as ds_comm
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    yield
-    # Leave the session as we found it: other test files must not inherit a process group or rank variables.
-    dist.destroy_process_group()
-    ds_comm.cdb = None
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 class _Toy(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -188,6 +188,16 @@ def test_sigterm_checkpoints_and_exits_99_then_resumes_at_another_world_size(wor
     _wait_for_step(workdir / "term", 3, procs)
     for p in procs:
         p.send_signal(signal.SIGTERM)  # what Slurm sends to every task before preemption
+    # Once the first rank has exited 99, srun (--kill-on-bad-exit) SIGTERMs the others while they shut down:
+    # after the checkpoint, a rank must still leave with 99 (not 143), or the job is not requeued.
+    while all(p.poll() is None for p in procs):
+        time.sleep(0.01)
+    t_end = time.time() + 30
+    while time.time() < t_end and any(p.poll() is None for p in procs):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        time.sleep(0.002)
     rcs, out = _wait(procs)
     assert rcs == [99, 99], out
     run = workdir / "term"

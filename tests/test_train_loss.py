@@ -10,7 +10,6 @@ import torch
 
 from pipeline.model import PILLConfig, load_pill
 from pipeline.training.checkpointing import apply_activation_checkpointing
-from tests.test_train_consolidated import dist_world_of_one  # noqa: F401  (fixture)
 
 
 def _model(tiny_dirs, stage: int = 2):
@@ -62,7 +61,7 @@ def test_checkpointing_every_n_layers_and_names_unchanged(tiny_dirs):
         apply_activation_checkpointing(model, every_n_layers=0)
 
 
-def test_loss_weights_every_answer_token_of_the_global_batch_equally(tiny_dirs, dist_world_of_one):  # noqa: F811
+def test_loss_weights_every_answer_token_of_the_global_batch_equally(tiny_dirs, dist_world_of_one):
     """1 rank x accumulation 4 (the real DeepSpeed engine and train_step) == one big batch, and == 4 ranks x 1
     (DeepSpeed averages gradients over ranks: the mean of per-rank gradients computed with the same rule)."""
     import deepspeed
