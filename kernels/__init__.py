@@ -9,16 +9,16 @@ the range transformers accepts), so the probe reads that metadata and reports th
 importing it; there is deliberately no `__version__` here for the case where no metadata is found.
 """
 
+from . import ops  # noqa: F401,E402  (registers the torch.library custom ops)
 from .gated_attention import GatedAttentionFunction, gated_attention, gated_attention_ref
 from .routed_adapter import (
-    RouteSchedule,
     RoutedSwiGLUAdapterFunction,
+    RouteSchedule,
     build_route_schedule,
     routed_swiglu_adapter,
     routed_swiglu_adapter_eager,
     routed_swiglu_adapter_ref,
 )
-from . import ops  # noqa: F401,E402  (registers the torch.library custom ops)
 
 __all__ = [
     "GatedAttentionFunction",

@@ -9,7 +9,6 @@ PyTorch reference otherwise; the reference backward recomputes the reference und
 """
 
 import importlib
-from typing import Optional
 
 import torch
 
@@ -49,9 +48,9 @@ def _triton(t: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op(f"{NS}::gated_attention_fwd", mutates_args=())
-def gated_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: Optional[torch.Tensor],
-                        cu_seqlens: Optional[torch.Tensor], kv_seqlens: Optional[torch.Tensor], causal: bool,
-                        max_seqlen: Optional[int], softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None,
+                        cu_seqlens: torch.Tensor | None, kv_seqlens: torch.Tensor | None, causal: bool,
+                        max_seqlen: int | None, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out like q, base-2 LSE head-major (Hq, Nq) fp32; empty on the reference path)."""
     _ga._check(q, k, v, value_gate, cu_seqlens, kv_seqlens)
     if not _triton(q):
@@ -75,9 +74,9 @@ def _(q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen, softmax_s
 
 @torch.library.custom_op(f"{NS}::gated_attention_bwd", mutates_args=())
 def gated_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        value_gate: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                        cu_seqlens: Optional[torch.Tensor], kv_seqlens: Optional[torch.Tensor], causal: bool,
-                        max_seqlen: Optional[int], softmax_scale: float) -> list[torch.Tensor]:
+                        value_gate: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+                        cu_seqlens: torch.Tensor | None, kv_seqlens: torch.Tensor | None, causal: bool,
+                        max_seqlen: int | None, softmax_scale: float) -> list[torch.Tensor]:
     """-> [dq, dk, dv] (+ [dgate] when a gate was given)."""
     if not _triton(q):  # reference: recompute under autograd
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -127,8 +126,8 @@ gated_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
 @torch.library.custom_op(f"{NS}::gated_attention_decode", mutates_args=())
-def gated_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: Optional[torch.Tensor],
-                           kv_seqlens: Optional[torch.Tensor], causal: bool, softmax_scale: float) -> torch.Tensor:
+def gated_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None,
+                           kv_seqlens: torch.Tensor | None, causal: bool, softmax_scale: float) -> torch.Tensor:
     """Forward-only split-KV decode (padded layout, Tq <= DECODE_MAX_Q): generation against a KV cache."""
     _ga._check(q, k, v, value_gate, None, kv_seqlens)
     if not _triton(q):

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", default=None, help="a CLIP ViT vision dir, or 'tiny': the peers' front end (instead of "
                    "--vpg)")
     p.add_argument("--clip-features", default=None, help="with --clip: cls:<blocks> (CLS states after those "
-                   "1-based blocks), patch:<block> (patch states of one block), or method:<peer> (what that peer reads)")
+                   "1-based blocks), patch:<block> (patch states of one block), or method:<peer> (what it reads)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--name", default=None, help="index name (default: the input shards' prefix)")
     p.add_argument("--batch-size", type=int, default=64)

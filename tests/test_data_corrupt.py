@@ -11,9 +11,9 @@ import torch
 from pipeline.data import DataConfig
 from pipeline.data.collate import Collator
 from pipeline.data.records import SkipCounter, iter_tar
-from tests.datagen import make_loader, png_bytes, sqa_meta, tiny_tokenizer
-from pipeline.data.transforms import default_mean_std
 from pipeline.data.tarwrite import Sample, write_tar
+from pipeline.data.transforms import default_mean_std
+from tests.datagen import make_loader, png_bytes, sqa_meta, tiny_tokenizer
 
 K = 4
 

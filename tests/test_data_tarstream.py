@@ -10,6 +10,7 @@ import pytest
 from pipeline.data.tarstream import TarError, iter_members
 from pipeline.data.transforms import _npy
 
+
 def _long_name(fmt) -> str:
     """Over 100 characters: a GNU long-name / pax header, or (ustar) the prefix field."""
     return "d/" + "x" * 90 + "/y.feat.npy" if fmt == tarfile.USTAR_FORMAT else "d/" + "x" * 150 + ".feat.npy"

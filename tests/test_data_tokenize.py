@@ -6,8 +6,8 @@ import torch
 
 from pipeline.data import DataConfig, render
 from pipeline.data.prompts import PromptError, with_image_marker
-from tests.datagen import sqa_meta, tiny_tokenizer
 from pipeline.data.tokenize import IGNORE, conversation_pieces, encode_pieces, encode_prompt, placeholder_id
+from tests.datagen import sqa_meta, tiny_tokenizer
 
 K = 8
 

@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-from tests.test_model_pill import assert_close_to_scale
-
 from pipeline.eval.prompts import Prompt
 from pipeline.generate import (
     GenerationConfig,
@@ -13,6 +11,7 @@ from pipeline.generate import (
     load_trained,
     select_next,
 )
+from tests.test_model_pill import assert_close_to_scale
 
 
 def _perturb(model, seed=0, std=0.3):

@@ -9,7 +9,6 @@ import importlib
 import pytest
 import torch
 import triton
-
 from pill_kernels import (
     RoutedSwiGLUAdapterFunction,
     build_route_schedule,

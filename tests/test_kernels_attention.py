@@ -8,7 +8,6 @@ import importlib
 
 import pytest
 import torch
-
 from pill_kernels import GatedAttentionFunction, gated_attention, gated_attention_ref
 
 ga = importlib.import_module("pill_kernels.gated_attention")  # the package attribute of that name is the function

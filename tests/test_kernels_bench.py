@@ -77,7 +77,6 @@ def test_compile_report_attention_is_wgmma_without_spills(tmp_path):
 def test_compile_report_occupancy_and_specialisation_rules():
     """The H100 occupancy arithmetic and the runtime's specialisation rules the report compiles with."""
     import torch
-
     from pill_kernels.compile_report import _specialize, ctas_per_sm
 
     assert ctas_per_sm(regs=255, num_warps=8, shared=128 * 1024) == 1  # registers and shared memory both bind

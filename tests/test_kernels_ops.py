@@ -7,10 +7,9 @@ reference inside the op; the compiler backend is aot_eager (the graph capture is
 
 import importlib
 
+import pill_kernels
 import pytest
 import torch
-
-import pill_kernels
 
 ga = importlib.import_module("pill_kernels.gated_attention")
 ra = importlib.import_module("pill_kernels.routed_adapter")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pill_kernels import gated_attention_ref, routed_swiglu_adapter_ref
+
 from pipeline.model.adapters import TEXT, VISUAL, Adapter, routed_adapter
 from pipeline.model.attention import AttnMask, eager_attention, sdpa_attention
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tests.datagen import png_bytes, read_tar_samples
 from shards import llava_instruct, llava_pretrain, scienceqa
+from tests.datagen import png_bytes, read_tar_samples
 
 
 @pytest.mark.parametrize("mod", ["llava_pretrain", "scienceqa", "llava_instruct", "demo", "encode", "demo_probe"])

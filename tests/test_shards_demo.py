@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.datagen import read_tar_samples
 from shards.demo import COLORS, DemoConfig, build_demo, main, make_scene
+from tests.datagen import read_tar_samples
 
 
 def test_deterministic_and_split(tmp_path):

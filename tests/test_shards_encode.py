@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pipeline.data import DataConfig, SourceConfig, build_loader
-from tests.datagen import tiny_tokenizer
 from pipeline.data.transforms import decode_image, default_mean_std, normalise
 from shards.demo import DemoConfig, build_demo
 from shards.encode import load_vpg, main
+from tests.datagen import tiny_tokenizer
 
 
 def test_encode_demo_and_train_on_features(tmp_path):

@@ -6,8 +6,6 @@ one), so the check is exact: after the restore, one more identical step gives id
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 

@@ -29,10 +29,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline.constants import IMAGE_MEAN, IMAGE_STD
+from pipeline.data import transforms
 from pipeline.data.config import DataConfig, SourceConfig
 from pipeline.data.loader import build_loader
 from pipeline.data.tarwrite import Sample, write_tar
-from pipeline.data import transforms
 from pipeline.data.transforms import decode_image, resize_bicubic
 
 SETS = {"jpeg224": (224, 224), "jpeg500": (500, 375), "jpeg1000": (1000, 750), "jpeg500sq": (500, 500),
@@ -196,8 +196,8 @@ def scale_table(urls: list[str], size: int = 224, limit: int = 60, rounds: int =
             continue
         extent = (w * m / 8, h * m / 8)
         arrs = [simplejpeg.decode_jpeg(d, "RGB", **dims) for d in datas]
-        dec = _cpu_ms(lambda d: simplejpeg.decode_jpeg(d, "RGB", **dims), datas, rounds)
-        res = _cpu_ms(lambda a: resize_bicubic(a, size, extent), arrs, rounds)
+        dec = _cpu_ms(lambda d, dims=dims: simplejpeg.decode_jpeg(d, "RGB", **dims), datas, rounds)
+        res = _cpu_ms(lambda a, extent=extent: resize_bicubic(a, size, extent), arrs, rounds)
         err = np.mean([np.abs(resize_bicubic(a, size, extent).astype(np.float32) - r).mean()
                        for a, r in zip(arrs, refs)])
         rows.append(f"  {m}/8 -> {arrs[0].shape[1]}x{arrs[0].shape[0]}: decode {dec:.2f} ms + resize {res:.2f} ms = "

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
 
 from pipeline.constants import IMAGE_MEAN, IMAGE_STD  # noqa: F401  (BLIP-2's normalisation, one source)
+
 VPG_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 
 

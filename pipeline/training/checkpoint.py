@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pipeline.training.config import ConfigError
-import torch.distributed as dist
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 

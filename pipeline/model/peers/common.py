@@ -211,7 +211,7 @@ def load_peer(cls: type, llm_path: Any, vision_path: Any, cfg: Any, *, dtype: to
         for name, child in model.named_children():
             if name != "llm":
                 child.to(device)
-        for name, p in model.named_parameters(recurse=False):
+        for _, p in model.named_parameters(recurse=False):
             p.data = p.data.to(device)
     if adapter_path is not None:
         model.load_adapter(adapter_path)

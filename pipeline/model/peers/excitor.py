@@ -47,9 +47,18 @@ from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask, dense_mask
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
-from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, expand_heads, extend,
-                                         same_graph_on_every_rank,
-                                         image_rows, lm_output, project_qkv)
+from pipeline.model.peers.common import (
+    LayerStep,
+    PeerCache,
+    PeerConfigMixin,
+    SeqContext,
+    expand_heads,
+    extend,
+    image_rows,
+    lm_output,
+    project_qkv,
+    same_graph_on_every_rank,
+)
 from pipeline.model.pill import check_llm
 
 VIT_L_WIDTH = 1024

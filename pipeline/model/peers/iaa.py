@@ -39,9 +39,17 @@ import torch
 from torch import nn
 
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
-from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, frozen_layer, has_image,
-                                         resolve_attn_backend, same_graph_on_every_rank,
-                                         scatter_visual_tokens)
+from pipeline.model.peers.common import (
+    LayerStep,
+    PeerCache,
+    PeerConfigMixin,
+    SeqContext,
+    frozen_layer,
+    has_image,
+    resolve_attn_backend,
+    same_graph_on_every_rank,
+    scatter_visual_tokens,
+)
 from pipeline.model.pill import causal_lm_loss, check_llm
 
 VIT_L_WIDTH, VIT_L_PATCHES = 1024, 256
@@ -153,7 +161,7 @@ class IAA(FrozenLLMMethod):
             idx = rows.nonzero().squeeze(1)
             if idx.numel() == 0 and not (path == "mm" and same_graph_on_every_rank() and cache is None):
                 continue  # (training runs the image path on zero rows: the same graph on every rank, common.py)
-            sub = lambda t: None if t is None else t[idx]  # noqa: E731
+            sub = lambda t, idx=idx: None if t is None else t[idx]  # noqa: E731
             sub_cache = cache.extra["paths"][path] if cache is not None else None
             lg, ls, n, paths[path] = self._run(path, input_ids[idx], sub(attention_mask), mm[idx], sub(labels),
                                                vis, sub(position_ids), sub_cache, use_cache, return_logits,

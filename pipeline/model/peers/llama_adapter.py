@@ -39,9 +39,19 @@ from torch import nn
 from pipeline.model.attention import ATTENTION_BACKENDS
 from pipeline.model.base import FrozenLLMMethod, MethodOutput
 from pipeline.model.clip import check_layers, evenly_spaced_layers
-from pipeline.model.peers.common import (LayerStep, PeerCache, PeerConfigMixin, SeqContext, expand_heads,
-                                         same_graph_on_every_rank, extend,
-                                         image_rows, lm_output, project_qkv, resolve_attn_backend)
+from pipeline.model.peers.common import (
+    LayerStep,
+    PeerCache,
+    PeerConfigMixin,
+    SeqContext,
+    expand_heads,
+    extend,
+    image_rows,
+    lm_output,
+    project_qkv,
+    resolve_attn_backend,
+    same_graph_on_every_rank,
+)
 from pipeline.model.pill import check_llm
 
 VIT_L_LAYERS, VIT_L_WIDTH = 24, 1024  # shapes assumed when no front end is loaded (precomputed features)
