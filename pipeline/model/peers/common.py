@@ -187,6 +187,23 @@ def same_graph_on_every_rank() -> bool:
     return torch.is_grad_enabled()
 
 
+def front_end_features(model: nn.Module, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None,
+                       compute, empty_shape: tuple[int, ...], kind: str) -> torch.Tensor | None:
+    """A batch's CLIP features: precomputed `image_features`, else `compute(pixel_values)` on the front end; with
+    no image, zero rows of `empty_shape` while training (same_graph_on_every_rank) and None otherwise."""
+    feats = image_features
+    if feats is None and pixel_values is not None and pixel_values.numel():
+        if model.vpg is None:
+            raise ValueError(f"batch has pixel_values but {type(model).__name__} was built without a CLIP front end: "
+                             f"give model.vpg_path (a CLIP dir or 'tiny') or train on precomputed {kind} features")
+        feats = compute(pixel_values)
+    if feats is None or feats.numel() == 0:
+        if not same_graph_on_every_rank():
+            return None
+        feats = model.projection.weight.new_zeros(0, *empty_shape)
+    return feats
+
+
 # ---- output ---------------------------------------------------------------------------------------------------------
 def lm_output(h: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor | None, return_logits: bool,
               num_items_in_batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:

@@ -54,10 +54,10 @@ from pipeline.model.peers.common import (
     SeqContext,
     expand_heads,
     extend,
+    front_end_features,
     image_rows,
     lm_output,
     project_qkv,
-    same_graph_on_every_rank,
 )
 from pipeline.model.pill import check_llm
 
@@ -145,16 +145,11 @@ class Excitor(FrozenLLMMethod):
         """(vk, vv, has_img): (B, Np, D) W_k^Ex F_v and W_v^Ex F_v per row (zeros where no image), or None."""
         if self.projection is None:
             return None
-        feats = image_features
-        if feats is None and pixel_values is not None and pixel_values.numel():
-            if self.vpg is None:
-                raise ValueError("batch has pixel_values but Excitor was built without a CLIP front end: give "
-                                 "model.vpg_path (a CLIP dir or 'tiny') or train on precomputed patch features")
-            feats = self.vpg.patch_features(pixel_values, self.cfg.vision_layer)  # (N, Np, W)
-        if feats is None or feats.numel() == 0:
-            if not same_graph_on_every_rank():
-                return None
-            feats = self.projection.weight.new_zeros(0, 1, self.cfg.vision_width)  # no row sees it (has = False)
+        feats = front_end_features(self, pixel_values, image_features,
+                                   lambda px: self.vpg.patch_features(px, self.cfg.vision_layer),  # (N, Np, W)
+                                   (1, self.cfg.vision_width), "patch")  # zero rows: no row sees them
+        if feats is None:
+            return None
         rows = image_rows(mm, self.cfg.num_query_tokens)
         if rows.numel() != torch.unique(rows).numel():
             raise ValueError("Excitor takes at most one image per row (its excitor keys hold one image's patches)")

@@ -44,6 +44,7 @@ from pipeline.model.peers.common import (
     PeerCache,
     PeerConfigMixin,
     SeqContext,
+    front_end_features,
     frozen_layer,
     has_image,
     resolve_attn_backend,
@@ -129,16 +130,11 @@ class IAA(FrozenLLMMethod):
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def visual_tokens(self, pixel_values, image_features) -> torch.Tensor | None:
-        feats = image_features
-        if feats is None and pixel_values is not None and pixel_values.numel():
-            if self.vpg is None:
-                raise ValueError("batch has pixel_values but IAA was built without a CLIP front end: give "
-                                 "model.vpg_path (a CLIP dir or 'tiny') or train on precomputed patch features")
-            feats = self.vpg.patch_features(pixel_values, self.cfg.vision_layer)  # (N, K, W)
-        if feats is None or feats.numel() == 0:
-            if not same_graph_on_every_rank():
-                return None
-            feats = self.projection.weight.new_zeros(0, self.cfg.num_query_tokens, self.cfg.vision_width)
+        feats = front_end_features(self, pixel_values, image_features,
+                                   lambda px: self.vpg.patch_features(px, self.cfg.vision_layer),  # (N, K, W)
+                                   (self.cfg.num_query_tokens, self.cfg.vision_width), "patch")
+        if feats is None:
+            return None
         return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))  # (N, K, D)
 
     def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,

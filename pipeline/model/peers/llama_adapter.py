@@ -46,11 +46,11 @@ from pipeline.model.peers.common import (
     SeqContext,
     expand_heads,
     extend,
+    front_end_features,
     image_rows,
     lm_output,
     project_qkv,
     resolve_attn_backend,
-    same_graph_on_every_rank,
 )
 from pipeline.model.pill import check_llm
 
@@ -133,16 +133,11 @@ class LlamaAdapter(FrozenLLMMethod):
         """(B, D) the summed I_p of each row's images, or None when the batch has no image."""
         if self.projection is None:
             return None
-        feats = image_features
-        if feats is None and pixel_values is not None and pixel_values.numel():
-            if self.vpg is None:
-                raise ValueError("batch has pixel_values but LlamaAdapter was built without a CLIP front end: give "
-                                 "model.vpg_path (a CLIP dir or 'tiny') or train on precomputed CLS features")
-            feats = self.vpg.cls_features(pixel_values, self.cfg.clip_layers)  # (N, M, W)
-        if feats is None or feats.numel() == 0:
-            if not same_graph_on_every_rank():
-                return None
-            feats = self.projection.weight.new_zeros(0, len(self.cfg.clip_layers), self.cfg.vision_width)
+        feats = front_end_features(self, pixel_values, image_features,
+                                   lambda px: self.vpg.cls_features(px, self.cfg.clip_layers),  # (N, M, W)
+                                   (len(self.cfg.clip_layers), self.cfg.vision_width), "CLS")
+        if feats is None:
+            return None
         ip = self.projection_out(self.projection(feats.to(self.projection.weight.dtype).flatten(1)))  # (N, D)
         rows = image_rows(modality_mask, self.cfg.num_query_tokens)
         return torch.zeros(B, ip.shape[-1], dtype=ip.dtype, device=ip.device).index_add(0, rows, ip)
