@@ -39,6 +39,11 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/pill-gpu-check.XXXXXX")
 mkdir -p "$out"
 
 # ---- environment: carried wheels, the kernels as pill_kernels, the repo on the path ----
+if [[ $dry != 1 ]] && ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  log "ERROR: $py sees no CUDA device (or no torch): run this on a GPU host, or 'bash scripts/gpu_check.sh" \
+    "--dry-run' for the CPU rehearsal at tiny shapes"
+  exit 2
+fi
 site=${PILL_SITE:-$work/site}
 mkdir -p "$site"
 wheels=${PILL_WHEELS:-$repo/.whl}
@@ -46,7 +51,9 @@ if ! "$py" -c "import deepspeed, webdataset, pydantic" 2>/dev/null; then
   if compgen -G "$wheels/*.whl" >/dev/null; then
     log "installing the carried wheels from $wheels into $site (no network, no deps)"
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-      "$wheels"/*.whl || { log "ERROR: installing $wheels/*.whl failed"; exit 2; }
+      "$wheels"/*.whl || { log "ERROR: installing $wheels/*.whl failed: the wheels must match $("$py" -V 2>&1)" \
+        "(device-wheels.sh builds them for the GPU host's Python); rebuild them for this interpreter or set" \
+        "PILL_PYTHON to one that has deepspeed, webdataset and pydantic"; exit 2; }
   else
     log "ERROR: deepspeed/webdataset/pydantic are missing and $wheels holds no wheels:" \
       "run 'bash ../shared/tools/device-wheels.sh' where pip works, then carry .whl"

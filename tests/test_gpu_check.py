@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,14 @@ def test_makefile_target():
     r = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "GPU_CHECK_ARGS=--dry-run"], cwd=REPO,
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "bash scripts/gpu_check.sh --dry-run", r.stdout + r.stderr
+
+
+def test_without_a_gpu_it_stops_at_once_and_names_the_dry_run(tmp_path):
+    """On a host without CUDA (and not --dry-run) the check refuses before installing or running anything."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    env.update(PILL_PYTHON=sys.executable, PILL_WHEELS=str(tmp_path / "none"), CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--out", str(tmp_path / "out")], cwd=REPO,
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no CUDA device" in r.stdout + r.stderr and "--dry-run" in r.stdout + r.stderr
+    assert not list((tmp_path / "out").glob("*.json"))
