@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
+from pipeline.model.base import trainable_table
 from pipeline.model.config import PILLConfig
 from pipeline.model.pill import PILL, check_llm
 
@@ -48,15 +48,7 @@ def group_of(name: str) -> str:
 
 def report(model: PILL) -> tuple[list[tuple[str, int, int]], int]:
     """[(group, trainable, total)] and the trainable total."""
-    trainable, total = defaultdict(int), defaultdict(int)
-    for name, p in model.named_parameters():
-        if name.startswith(("llm.", "vpg.")):
-            continue
-        total[group_of(name)] += p.numel()
-        if p.requires_grad:
-            trainable[group_of(name)] += p.numel()
-    rows = [(g, trainable[g], total[g]) for g in sorted(total)]
-    return rows, sum(trainable.values())
+    return trainable_table(model, group_of)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,6 +133,20 @@ class FrozenLLMMethod(nn.Module):
         return meta
 
 
+def trainable_table(model: nn.Module, group_of) -> tuple[list[tuple[str, int, int]], int]:
+    """[(group, trainable, total)] over the method's own parameters (not the frozen LLM / front end), and the
+    trainable total; `group_of(name)` names each parameter's row."""
+    trainable: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if name.startswith(("llm.", "vpg.")):
+            continue
+        g = group_of(name)
+        total[g] = total.get(g, 0) + p.numel()
+        trainable[g] = trainable.get(g, 0) + (p.numel() if p.requires_grad else 0)
+    return [(g, trainable[g], total[g]) for g in sorted(total)], sum(trainable.values())
+
+
 def read_export_meta(path: str | Path) -> dict[str, Any]:
     """adapter_config.json with `method` and `config` normalised (PILL exports keep their `pill_config` key)."""
     path = Path(path)

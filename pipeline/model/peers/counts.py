@@ -8,11 +8,12 @@ which ones this engine reproduces exactly and which are reconstructions (docs/pe
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from typing import Any
 
 import torch
 from transformers import LlamaForCausalLM
+
+from pipeline.model.base import trainable_table
 
 PUBLISHED: dict[str, str] = {
     "llama_adapter": "paper: 1.2M text-only (1,229,760 exact: multimodal=false), 1.8M with the image MLP "
@@ -41,15 +42,7 @@ def group_of(name: str) -> str:
 
 
 def peer_report(model) -> tuple[list[tuple[str, int, int]], int]:
-    trainable, total = defaultdict(int), defaultdict(int)
-    for name, p in model.named_parameters():
-        if name.startswith(("llm.", "vpg.")):
-            continue
-        total[group_of(name)] += p.numel()
-        if p.requires_grad:
-            trainable[group_of(name)] += p.numel()
-    rows = [(g, trainable[g], total[g]) for g in sorted(total)]
-    return rows, sum(trainable.values())
+    return trainable_table(model, group_of)
 
 
 def print_peer_report(name: str, model, source: str) -> int:
