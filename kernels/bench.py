@@ -289,14 +289,14 @@ def _write(out: Path, env, rows, smoke=None) -> None:
 # ---------------------------------------------------------------------------------------------------------- smoke
 def smoke() -> str:
     """Both ops, forward and every gradient, through the Triton interpreter on tiny shapes vs the references."""
-    from . import GatedAttentionFunction, RoutedSwiGLUAdapterFunction, gated_attention_ref
+    from . import RoutedSwiGLUAdapterFunction, gated_attention, gated_attention_ref
     from .routed_adapter import routed_swiglu_adapter_ref
 
     torch.manual_seed(0)
     worst = {}
     q, k, v, g = _attn_inputs(2, 21, 4, 2, 32, 0.3, torch.float32, "cpu")
     for causal in (True, False):
-        out = GatedAttentionFunction.apply(q, k, v, g, causal)
+        out = gated_attention(q, k, v, g, causal=causal)  # the custom op training calls
         ref = gated_attention_ref(q, k, v, g, causal=causal)
         do = torch.randn_like(out)
         got = [out, *torch.autograd.grad(out, [q, k, v, g], do)]

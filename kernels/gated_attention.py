@@ -86,15 +86,29 @@ def _key_bounds(start_m, k_len, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
+def _load_rows(base, offs_n, offs_d, stride, n_lim, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """A (rows x BLOCK_D) tile. The row mask only in boundary blocks (a block inside the sequence loads
+    unpredicated), the column mask only where the head dim is not a power of two."""
+    ptrs = base + offs_n[:, None].to(tl.int64) * stride + offs_d[None, :]
+    if MASK_ROWS:
+        t = tl.load(ptrs, mask=(offs_n[:, None] < n_lim) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
                offs_m, offs_d, lo, hi, k_len, diag, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(k_base, offs_n, offs_d, stride_kt, k_len, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vt, k_len, HEAD_DIM, BLOCK_D, MASKED)
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -117,11 +131,26 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
         if HAS_GATE:
             # gate on the columns of P (one multiply of the fp32 tile already in registers), not on the V tile:
             # V goes from shared memory straight into the wgmma; the head-major gate row is a contiguous load
-            g = tl.load(g_base + offs_n, mask=offs_n < k_len, other=0.0)
+            if MASKED:
+                g = tl.load(g_base + offs_n, mask=offs_n < k_len, other=0.0)
+            else:
+                g = tl.load(g_base + offs_n)
             p = p * g[None, :]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _causal_block(CAUSAL: tl.constexpr):
+    """Block index along the query axis (grid axis 2, the slowest: the hardware starts programs in grid order).
+    Causal rows are started longest first (the last query block sees the most keys), so the short blocks fill
+    the tail of the launch instead of one long block running alone at its end."""
+    if CAUSAL:
+        m = tl.num_programs(2) - 1 - tl.program_id(2)
+    else:
+        m = tl.program_id(2)
+    return m
 
 
 @triton.jit(do_not_specialize=["stride_gh", "stride_lh"])
@@ -133,10 +162,11 @@ def _gated_attn_fwd_kernel(Q, K, V, G, OUT, LSE, CU_Q, CU_K, KV_LENS,
                            HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
                            DOT_PREC: tl.constexpr):
     # G and LSE are head-major (Hq, N): stride_gh / stride_lh are the token count, not specialised on (a new
-    # sequence length must not compile a new kernel)
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2)
+    # sequence length must not compile a new kernel). Grid (Hq, sequences, query blocks): neighbouring programs
+    # are the heads of one KV group at one query block, so they share the K/V tiles in L2.
+    h = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    start_m = _causal_block(CAUSAL) * BLOCK_M
     q_start, q_len, k_start, k_len, diag = _seq_info(CU_Q, CU_K, KV_LENS, b, HAS_KV_LENS)
     if start_m >= q_len:
         return
@@ -158,10 +188,10 @@ def _gated_attn_fwd_kernel(Q, K, V, G, OUT, LSE, CU_Q, CU_K, KV_LENS,
     full_end, hi = _key_bounds(start_m, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
                                offs_m, offs_d, 0, full_end, k_len, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
                                offs_m, offs_d, full_end, hi, k_len, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
     empty = l_i == 0.0  # no visible key: output 0, LSE +inf so the backward sees P = 0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
@@ -203,10 +233,10 @@ def _gated_attn_decode_kernel(Q, K, V, G, OPART, MPART, LPART, CU_Q, CU_K, KV_LE
     end = lo + chunk
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
                                offs_m, offs_d, lo, tl.minimum(end, full_end), k_len, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
                                offs_m, offs_d, tl.maximum(lo, full_end), tl.minimum(end, hi), k_len, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
     m_valid = offs_m < q_len
     tl.store(OPART + s.to(tl.int64) * stride_os + row * stride_ot + h * stride_oh + offs_d[None, :], acc,
              mask=q_mask)
@@ -231,19 +261,24 @@ def _bwd_delta_kernel(O, DO, DELTA, n_rows, stride_ot, stride_oh, stride_dot, st
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dvu, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
-                    stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
+def _bwd_dkdv_inner(dk, dv, k, v, g, Q, DO, G, LSE, DELTA, q_start, h_kv, krow, n_valid,
+                    stride_qt, stride_qh, stride_dot, stride_doh, stride_gh, stride_lh,
                     offs_n, offs_d, lo, hi, q_len, diag, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    HAS_GATE: tl.constexpr, GATE_ONCE: tl.constexpr, DOT_F32: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Transposed orientation (keys are the rows: BLOCK_N = 64-128 rows per dot, enough for wgmma):
-    S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
+    S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q, over the query blocks [lo, hi) of every query head
+    of the KV group, as ONE flat loop (head-major): a loop nest over heads would keep more state live across
+    the inner loop and spill at d128 (184 B measured, ungated 32/8 heads).
 
-    GATE_ONCE: dvu accumulates the UNgated P^T dO of one head; the caller applies the gate once. Otherwise (GQA:
-    several heads share the dV tile, and a third (keys x D) accumulator would spill) the gate scales P^T per step
-    and dg accumulates rowsum(P^T * dP^T) per step."""
-    for start_m in range(lo, hi, BLOCK_M):
+    The gate's own gradient is not computed here (the dQ kernel has P and dO V^T and takes its column sums), so
+    the gated loop carries no extra accumulator and runs the ungated tiles. One query head per KV head: dv
+    accumulates the ungated P^T dO and the caller gates it once (``g`` given); under GQA the heads share the dV
+    tile with different gates, so the gate row is loaded per step and scales P^T."""
+    n_blocks = (hi - lo) // BLOCK_M
+    for it in range(0, GROUP * n_blocks):
+        h = h_kv * GROUP + it // n_blocks
+        start_m = lo + (it % n_blocks) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < q_len
         row = (q_start + offs_m).to(tl.int64)
@@ -261,20 +296,20 @@ def _bwd_dkdv_inner(dk, dvu, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
         if MASKED and CAUSAL:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dO . v with the UNgated v
-        if HAS_GATE and not GATE_ONCE:
-            dvu = tl.dot((p_t * g[:, None]).to(do.dtype), do, dvu, input_precision=DOT_PREC)
-            dg += tl.sum(p_t * dp_t, 1)
+        if HAS_GATE and GROUP > 1:
+            g = tl.load(G + h * stride_gh + krow, mask=n_valid, other=0.0)
+            dv = tl.dot((p_t * g[:, None]).to(do.dtype), do, dv, input_precision=DOT_PREC)
         else:
-            dvu = tl.dot(p_t.to(do.dtype), do, dvu, input_precision=DOT_PREC)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         if HAS_GATE:
             dp_t = dp_t * g[:, None]
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    return dk, dvu, dg
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=["stride_gh", "stride_lh"])
-def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU_K, KV_LENS,
+def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, KV_LENS,
                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                                 stride_gh, stride_dot, stride_doh, stride_lh,
                                 stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -283,10 +318,11 @@ def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                                 HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
                                 DOT_PREC: tl.constexpr):
-    # DG is head-major (Hq, Nk) fp32 like G (same stride_gh)
-    start_n = tl.program_id(0) * BLOCK_N
-    h_kv = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2)
+    # grid (Hkv, sequences, key blocks): key block 0 sees every causal query row, so ascending order on the
+    # slowest axis starts the longest programs first
+    h_kv = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    start_n = tl.program_id(2) * BLOCK_N
     q_start, q_len, k_start, k_len, diag = _seq_info(CU_Q, CU_K, KV_LENS, b, HAS_KV_LENS)
     if start_n >= k_len:  # padded keys keep the zeros the launcher allocated
         return
@@ -301,8 +337,8 @@ def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU
         k = k.to(tl.float32)
         v = v.to(tl.float32)
 
-    # Query blocks [lo, mid) straddle the causal diagonal: masked; [mid, q_len) are not. Keys past k_len need no
-    # mask here: row j of P^T only feeds dK/dV/dg row j, and those rows are never stored.
+    # Query blocks [lo, mid) straddle the causal diagonal: masked; [mid, q_end) are not. Keys past k_len need no
+    # mask here: row j of P^T only feeds dK/dV row j, and those rows are never stored.
     q_end = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
     if CAUSAL:
         lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
@@ -315,27 +351,20 @@ def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for hg in range(GROUP):  # every query head of this KV group adds into the same dK/dV tile
-        h = h_kv * GROUP + hg
-        dg = tl.zeros([BLOCK_N], tl.float32)
-        if HAS_GATE:
-            g = tl.load(G + h * stride_gh + krow, mask=n_valid, other=0.0)
-        else:
-            g = dg  # unused
-        dk, dv, dg = _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
-                                     stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-                                     offs_n, offs_d, lo, mid, q_len, diag, qk_scale,
-                                     HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_GATE, GROUP == 1, DOT_F32, DOT_PREC)
-        dk, dv, dg = _bwd_dkdv_inner(dk, dv, dg, k, v, g, Q, DO, LSE, DELTA, q_start, h,
-                                     stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
-                                     offs_n, offs_d, mid, q_len, q_len, diag, qk_scale,
-                                     HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_GATE, GROUP == 1, DOT_F32, DOT_PREC)
-        if HAS_GATE:
-            if GROUP == 1:
-                # one head owns the tile: dv holds the ungated P^T dO; dg = rowsum(v * P^T dO), dV = g P^T dO
-                dg = tl.sum(v.to(tl.float32) * dv, 1)
-                dv = dv * g[:, None]
-            tl.store(DG + h * stride_gh + krow, dg, mask=n_valid)
+    if HAS_GATE and GROUP == 1:
+        g = tl.load(G + h_kv * stride_gh + krow, mask=n_valid, other=0.0)
+    else:
+        g = tl.zeros([BLOCK_N], tl.float32)  # GQA: loaded per step inside the loop (or no gate)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, g, Q, DO, G, LSE, DELTA, q_start, h_kv, krow, n_valid,
+                             stride_qt, stride_qh, stride_dot, stride_doh, stride_gh, stride_lh,
+                             offs_n, offs_d, lo, mid, q_len, diag, qk_scale,
+                             GROUP, HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, g, Q, DO, G, LSE, DELTA, q_start, h_kv, krow, n_valid,
+                             stride_qt, stride_qh, stride_dot, stride_doh, stride_gh, stride_lh,
+                             offs_n, offs_d, mid, q_end, q_len, diag, qk_scale,
+                             GROUP, HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    if HAS_GATE and GROUP == 1:
+        dv = dv * g[:, None]  # one head owns the tile: gate the ungated P^T dO once
     dk = dk * sm_scale
     tl.store(DK + krow[:, None] * stride_dkt + h_kv * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kv_mask)
@@ -344,15 +373,16 @@ def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, DG, CU_Q, CU
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, dg_base, stride_kt, stride_vt,
                   offs_m, offs_d, lo, hi, k_len, diag, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ += dS K over the key blocks; with a gate also the gate's gradient of this query block,
+    dg_j = sum_i P_ij (dO_i . v_j): the column sums of P * (dO V^T) (UNgated), both already in registers."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(k_base, offs_n, offs_d, stride_kt, k_len, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vt, k_len, HEAD_DIM, BLOCK_D, MASKED)
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -365,25 +395,33 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stri
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if HAS_GATE:
-            g = tl.load(g_base + offs_n, mask=offs_n < k_len, other=0.0)
+            # one program per (query block, head) owns this partial row: no atomics, summed once afterwards
+            if MASKED:
+                g = tl.load(g_base + offs_n, mask=offs_n < k_len, other=0.0)
+                tl.store(dg_base + offs_n, tl.sum(p * dp, 0), mask=offs_n < k_len)
+            else:
+                g = tl.load(g_base + offs_n)
+                tl.store(dg_base + offs_n, tl.sum(p * dp, 0))
             dp = dp * g[None, :]
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 
-@triton.jit(do_not_specialize=["stride_gh", "stride_lh"])
-def _gated_attn_bwd_dq_kernel(Q, K, V, G, DO, LSE, DELTA, DQ, CU_Q, CU_K, KV_LENS,
+@triton.jit(do_not_specialize=["stride_gh", "stride_lh", "stride_gp"])
+def _gated_attn_bwd_dq_kernel(Q, K, V, G, DO, LSE, DELTA, DQ, DGP, CU_Q, CU_K, KV_LENS,
                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_gh, stride_dot, stride_doh, stride_lh,
-                              stride_dqt, stride_dqh, qk_scale, sm_scale,
+                              stride_dqt, stride_dqh, stride_gp, qk_scale, sm_scale,
                               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                               HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
                               DOT_PREC: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2)
+    # DGP: the gate-gradient partials (query blocks, Hq, Nk) fp32, zero-filled; grid as the forward's
+    h = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    m_block = _causal_block(CAUSAL)
+    start_m = m_block * BLOCK_M
     q_start, q_len, k_start, k_len, diag = _seq_info(CU_Q, CU_K, KV_LENS, b, HAS_KV_LENS)
     if start_m >= q_len:
         return
@@ -403,14 +441,15 @@ def _gated_attn_bwd_dq_kernel(Q, K, V, G, DO, LSE, DELTA, DQ, CU_Q, CU_K, KV_LEN
     k_base = K + k_start * stride_kt + h_kv * stride_kh
     v_base = V + k_start * stride_vt + h_kv * stride_vh
     g_base = G + h * stride_gh + k_start
+    dg_base = DGP + m_block.to(tl.int64) * stride_gp + h * stride_gh + k_start
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, hi = _key_bounds(start_m, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, dg_base, stride_kt, stride_vt,
                        offs_m, offs_d, 0, full_end, k_len, diag, qk_scale,
-                       HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, stride_kt, stride_vt,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, dg_base, stride_kt, stride_vt,
                        offs_m, offs_d, full_end, hi, k_len, diag, qk_scale,
-                       HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
     dq = dq * sm_scale
     tl.store(DQ + row[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=q_mask)
@@ -432,7 +471,8 @@ def _cfg(m, n, warps, stages):
 # Tiles per (BLOCK_D, dtype) on Hopper (sm_90), chosen from the compile report (wgmma for every dot, no spills,
 # shared memory within 227 KB; docs/kernels.md); not tuned on a GPU yet. fwd: BLOCK_M queries x BLOCK_N keys;
 # dkdv: BLOCK_M queries streamed past BLOCK_N keys (the keys are the wgmma rows); dq: BLOCK_M queries x BLOCK_N
-# keys. Sequence length is not part of the key: a new length never compiles a new kernel.
+# keys. Gated and ungated attention share every tile (the gate's gradient lives in the dQ kernel). Sequence
+# length is not part of the key: a new length never compiles a new kernel.
 _BF16 = (torch.bfloat16, torch.float16)
 _HOPPER = {
     **{(64, dt): {"fwd": _cfg(128, 64, 4, 3), "dkdv": _cfg(32, 128, 8, 2), "dq": _cfg(128, 32, 4, 2)}
@@ -442,14 +482,15 @@ _HOPPER = {
     **{(256, dt): {"fwd": _cfg(64, 64, 8, 2), "dkdv": _cfg(32, 64, 8, 1), "dq": _cfg(128, 16, 8, 1)}
        for dt in _BF16},
 }
+# dK/dV when the grid above would leave SMs idle (few KV heads, e.g. SmolLM2's 3 at 2 x 2048: 96 programs for
+# 132 SMs): half as many keys per program, twice the programs
+_DKDV_NARROW = {64: _cfg(32, 64, 4, 2), 128: _cfg(32, 64, 4, 2)}
 # Any other GPU / head dim with bf16/fp16: small tiles that fit Ampere's 164 KB.
 _FALLBACK = {"fwd": _cfg(64, 32, 4, 2), "dkdv": _cfg(32, 64, 4, 1), "dq": _cfg(64, 32, 4, 1)}
 # fp32 (IEEE dots on CUDA cores, a correctness path): tiles small enough not to spill up to head dim 128
 _FP32 = {w: {"fwd": _cfg(32, 32, w, 1), "dkdv": _cfg(16, 32, w, 1), "dq": _cfg(32, 16, w, 1)} for w in (4, 8)}
 _INTERP = {"fwd": _cfg(16, 16, 1, 1), "dkdv": _cfg(16, 16, 1, 1), "dq": _cfg(16, 16, 1, 1)}
-# dK/dV with a gate at head dim 128 (the gate row, and under GQA the per-step dg row sum, cost registers):
-# fewer keys per tile (MHA, gate applied once) or fewer queries per step (GQA) keep it free of spills
-_DKDV_GATED = {(128, False): _cfg(32, 64, 8, 2), (128, True): _cfg(16, 64, 8, 2)}
+H100_SMS = 132  # what a launch planned on meta tensors (the compile report) is sized for
 
 
 def _arch(device: torch.device) -> int:
@@ -460,20 +501,31 @@ def _arch(device: torch.device) -> int:
     return 90
 
 
-def _configs(block_d: int, dtype: torch.dtype, device: torch.device, gated: bool = False,
-             gqa: bool = False) -> dict:
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS
+
+
+def _configs(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes per kernel from the (BLOCK_D, dtype, arch) table; the interpreter runs programs one by one,
     so small tiles keep it fast."""
     if not on_gpu(device):
         return _INTERP
     if dtype == torch.float32:
         return _FP32[8 if block_d >= 128 else 4]
-    arch = _arch(device)
-    table = _HOPPER if arch in (90,) else {}
-    cfgs = dict(table.get((max(64, block_d), dtype), _FALLBACK))
-    if gated and arch == 90 and (block_d, gqa) in _DKDV_GATED and dtype in _BF16:
-        cfgs["dkdv"] = _DKDV_GATED[(block_d, gqa)]
-    return cfgs
+    table = _HOPPER if _arch(device) == 90 else {}
+    return dict(table.get((max(64, block_d), dtype), _FALLBACK))
+
+
+def _dkdv_config(cfgs: dict, block_d: int, dtype: torch.dtype, device: torch.device, n_programs) -> dict:
+    """The dK/dV tile; the narrow one on Hopper when ``n_programs(BLOCK_N)`` would not cover the SMs."""
+    cfg = cfgs["dkdv"]
+    narrow = _DKDV_NARROW.get(block_d)
+    if (narrow and on_gpu(device) and dtype in _BF16 and _arch(device) == 90
+            and n_programs(cfg["BLOCK_N"]) < _sm_count(device)):
+        return narrow
+    return cfg
 
 
 def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
@@ -493,7 +545,7 @@ def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
     lse = torch.empty((h_q, n_q), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
     cfg = _configs(block_d, q.dtype, q.device)["fwd"]
-    grid = (triton.cdiv(max_q, cfg["BLOCK_M"]), h_q, n_seq)
+    grid = (h_q, n_seq, triton.cdiv(max_q, cfg["BLOCK_M"]))
     launch(
         _gated_attn_fwd_kernel, grid, q, k, v, g if g is not None else lse, o, lse, cu_q, cu_k,
         kv_lens if kv_lens is not None else cu_q,
@@ -526,24 +578,27 @@ def _bwd(do, q, k, v, g, o, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_s
     delta = _delta(o, do, block_d)
     alloc = torch.zeros_like if zero_init else torch.empty_like  # rows no program visits must get 0
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
-    dg = alloc(g) if g is not None else None
-    cfgs = _configs(block_d, q.dtype, q.device, gated=g is not None, gqa=h_q > h_kv)
+    cfgs = _configs(block_d, q.dtype, q.device)
+    dkdv = _dkdv_config(cfgs, block_d, q.dtype, q.device, lambda bn: triton.cdiv(max_k, bn) * h_kv * n_seq)
+    n_mblocks = triton.cdiv(max_q, cfgs["dq"]["BLOCK_M"])
+    # the gate's gradient: one fp32 partial row per (dQ query block, head), zero where a block sees no key,
+    # summed below; deterministic (no atomics) at cdiv(max_q, BLOCK_M) x Hq x Nk x 4 bytes
+    dg_part = torch.zeros((n_mblocks, h_q, k.shape[0]), device=q.device) if g is not None else None
     flags = dict(GROUP=h_q // h_kv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_GATE=g is not None,
                  HAS_KV_LENS=kv_lens is not None, **_dot_flags(q.dtype, q.device))
     g_arg = g if g is not None else lse
     kv_arg = kv_lens if kv_lens is not None else cu_q
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               g.stride(0) if g is not None else 0, do.stride(0), do.stride(1), lse.stride(0))
-    grid = (triton.cdiv(max_k, cfgs["dkdv"]["BLOCK_N"]), h_kv, n_seq)
     launch(
-        _gated_attn_bwd_dkdv_kernel, grid, q, k, v, g_arg, do, lse, delta, dk, dv,
-        dg if dg is not None else lse, cu_q, cu_k, kv_arg, *common,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), sm_scale * LOG2E, sm_scale,
-        **flags, **cfgs["dkdv"])
-    grid = (triton.cdiv(max_q, cfgs["dq"]["BLOCK_M"]), h_q, n_seq)
+        _gated_attn_bwd_dkdv_kernel, (h_kv, n_seq, triton.cdiv(max_k, dkdv["BLOCK_N"])), q, k, v, g_arg, do, lse,
+        delta, dk, dv, cu_q, cu_k, kv_arg, *common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        sm_scale * LOG2E, sm_scale, **flags, **dkdv)
     launch(
-        _gated_attn_bwd_dq_kernel, grid, q, k, v, g_arg, do, lse, delta, dq, cu_q, cu_k, kv_arg, *common,
-        dq.stride(0), dq.stride(1), sm_scale * LOG2E, sm_scale, **flags, **cfgs["dq"])
+        _gated_attn_bwd_dq_kernel, (h_q, n_seq, n_mblocks), q, k, v, g_arg, do, lse, delta, dq,
+        dg_part if g is not None else lse, cu_q, cu_k, kv_arg, *common, dq.stride(0), dq.stride(1),
+        dg_part.stride(0) if g is not None else 0, sm_scale * LOG2E, sm_scale, **flags, **cfgs["dq"])
+    dg = dg_part.sum(0) if g is not None else None
     return dq, dk, dv, dg
 
 
@@ -630,59 +685,149 @@ def _scale(softmax_scale: float | None, head_dim: int) -> float:
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
 
-class GatedAttentionFunction(torch.autograd.Function):
-    """Triton forward/backward; inputs as for ``gated_attention`` (positional)."""
+# --------------------------------------------------------------------------------------------------------------
+# torch.library custom ops: the one autograd path (training, tests and bench all call gated_attention)
+# --------------------------------------------------------------------------------------------------------------
+NS = __name__.split(".")[0]  # the package's import name: `pill_kernels` installed, `kernels` from the repo root
+
+
+def _prepare(q, k, v, g, cu_seqlens, kv_seqlens, max_seqlen):
+    """Flatten to the packed layout the kernels use: padded (B, T, H, D) becomes packed rows with synthetic
+    cu_seqlens; the gate becomes head-major (Hq, Nk) fp32 (each program reads its head's row contiguously)."""
+    dev = q.device
+    if cu_seqlens is None:
+        bsz, t_q = q.shape[:2]
+        t_k = k.shape[1]
+        cu_q = torch.arange(0, (bsz + 1) * t_q, t_q, device=dev, dtype=torch.int32)
+        cu_k = torch.arange(0, (bsz + 1) * t_k, t_k, device=dev, dtype=torch.int32)
+        max_q, max_k = t_q, t_k
+        kv_lens = kv_seqlens.to(device=dev, dtype=torch.int32).contiguous() if kv_seqlens is not None else None
+    else:
+        cu_q = cu_k = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
+        if max_seqlen is None:  # one host sync (inside the op, invisible to the compiler); pass max_seqlen
+            max_seqlen = int((cu_q[1:] - cu_q[:-1]).max().item()) if cu_q.numel() > 1 else 0
+        max_q = max_k = int(max_seqlen)
+        kv_lens = None
+    h_q, d = q.shape[-2:]
+    h_kv = k.shape[-2]
+    g2 = g.reshape(-1, h_q).t().float().contiguous() if g is not None else None
+    zero_init = cu_seqlens is not None or kv_lens is not None  # rows no program visits must be 0
+    return (q.contiguous().view(-1, h_q, d), k.contiguous().view(-1, h_kv, d), v.contiguous().view(-1, h_kv, d),
+            g2, cu_q, cu_k, kv_lens, max_q, max_k, zero_init)
+
+
+@torch.library.custom_op(f"{NS}::gated_attention_fwd", mutates_args=())
+def gated_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None,
+                        cu_seqlens: torch.Tensor | None, kv_seqlens: torch.Tensor | None, causal: bool,
+                        max_seqlen: int | None, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out like q, base-2 LSE head-major (Hq, Nq) fp32; empty on the reference path)."""
+    _check(q, k, v, value_gate, cu_seqlens, kv_seqlens)
+    if not _use_triton(q):
+        out = gated_attention_ref(q, k, v, value_gate, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                  softmax_scale=softmax_scale, kv_seqlens=kv_seqlens)
+        return out.contiguous(), q.new_empty((0,), dtype=torch.float32)
+    q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, _max_k, zero_init = _prepare(
+        q, k, v, value_gate, cu_seqlens, kv_seqlens, max_seqlen)
+    if q2.shape[0] == 0 or cu_q.numel() < 2:
+        return torch.zeros_like(q), torch.zeros((q.shape[-2], q2.shape[0]), device=q.device)
+    o2, lse = _fwd(q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, causal, softmax_scale, zero_init)
+    return o2.view(q.shape), lse
+
+
+@gated_attention_fwd.register_fake
+def _(q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen, softmax_scale):
+    n_q = q.shape[0] * q.shape[1] if cu_seqlens is None else q.shape[0]
+    lse_shape = (q.shape[-2], n_q) if _use_triton(q) else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _ref_grads(do, q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen, softmax_scale):
+    """The reference path's backward: recompute the reference under autograd."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    if value_gate is not None:
+        leaves.append(value_gate.detach().requires_grad_())
+    with torch.enable_grad():
+        ref = gated_attention_ref(*leaves[:3], leaves[3] if value_gate is not None else None, causal=causal,
+                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softmax_scale=softmax_scale,
+                                  kv_seqlens=kv_seqlens)
+        return [t.contiguous() for t in torch.autograd.grad(ref, leaves, do)]
+
+
+@torch.library.custom_op(f"{NS}::gated_attention_bwd", mutates_args=())
+def gated_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        value_gate: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+                        cu_seqlens: torch.Tensor | None, kv_seqlens: torch.Tensor | None, causal: bool,
+                        max_seqlen: int | None, softmax_scale: float) -> list[torch.Tensor]:
+    """-> [dq, dk, dv] (+ [dgate] when a gate was given)."""
+    if not _use_triton(q):
+        return _ref_grads(do, q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen, softmax_scale)
+    q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, max_k, zero_init = _prepare(
+        q, k, v, value_gate, cu_seqlens, kv_seqlens, max_seqlen)
+    if q2.shape[0] == 0 or cu_q.numel() < 2:
+        grads = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)]
+        return grads + ([torch.zeros_like(value_gate)] if value_gate is not None else [])
+    dq, dk, dv, dg = _bwd(do.reshape(q2.shape), q2, k2, v2, g2, out.reshape(q2.shape), lse, cu_q, cu_k, kv_lens,
+                          max_q, max_k, causal, softmax_scale, zero_init)
+    grads = [dq.view(q.shape), dk.view(k.shape), dv.view(k.shape)]
+    if dg is not None:  # head-major fp32 -> the caller's (..., Tk, Hq) layout and dtype
+        grads.append(dg.t().to(value_gate.dtype).contiguous().view(value_gate.shape))
+    return grads
+
+
+@gated_attention_bwd.register_fake
+def _(do, q, k, v, value_gate, out, lse, cu_seqlens, kv_seqlens, causal, max_seqlen, softmax_scale):
+    grads = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
+    return grads + ([value_gate.new_empty(value_gate.shape)] if value_gate is not None else [])
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, g, cu_seqlens, kv_seqlens, causal, max_seqlen, softmax_scale = inputs
+    ctx.save_for_backward(q, k, v, g, output[0], output[1], cu_seqlens, kv_seqlens)
+    ctx.meta = (causal, max_seqlen, softmax_scale, g is not None)
+
+
+def _attn_backward(ctx, d_out, _d_lse):
+    """The backward of ``gated_attention_fwd``: one call of the bwd op."""
+    q, k, v, g, out, lse, cu_seqlens, kv_seqlens = ctx.saved_tensors
+    causal, max_seqlen, softmax_scale, has_gate = ctx.meta
+    grads = gated_attention_bwd(d_out.contiguous(), q, k, v, g, out, lse, cu_seqlens, kv_seqlens, causal,
+                                max_seqlen, softmax_scale)
+    dg = grads[3] if has_gate else None
+    return grads[0], grads[1], grads[2], dg, None, None, None, None, None
+
+
+gated_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
+
+
+@torch.library.custom_op(f"{NS}::gated_attention_decode", mutates_args=())
+def gated_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None,
+                           kv_seqlens: torch.Tensor | None, causal: bool, softmax_scale: float) -> torch.Tensor:
+    """Forward-only split-KV decode (padded layout, Tq <= DECODE_MAX_Q): generation against a KV cache."""
+    _check(q, k, v, value_gate, None, kv_seqlens)
+    if not _use_triton(q):
+        return gated_attention_ref(q, k, v, value_gate, causal=causal, softmax_scale=softmax_scale,
+                                   kv_seqlens=kv_seqlens).contiguous()
+    q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, max_k, _zero = _prepare(q, k, v, value_gate, None, kv_seqlens, None)
+    if q2.shape[0] == 0:
+        return torch.zeros_like(q)
+    return _decode(q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, max_k, causal, softmax_scale).view(q.shape)
+
+
+@gated_attention_decode.register_fake
+def _(q, k, v, value_gate, kv_seqlens, causal, softmax_scale):
+    return q.new_empty(q.shape)
+
+
+class GatedAttentionFunction:
+    """Not a second autograd path: ``apply`` is the custom op ``gated_attention`` trains through (forward
+    ``<ns>::gated_attention_fwd``, its registered backward ``<ns>::gated_attention_bwd``), with the positional
+    order of the old ``autograd.Function``. Kept only for the package's export; call ``gated_attention``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, value_gate=None, causal=True, cu_seqlens=None, max_seqlen=None, softmax_scale=None,
-                kv_seqlens=None):
-        _check(q, k, v, value_gate, cu_seqlens, kv_seqlens)
-        dev = q.device
-        if cu_seqlens is None:  # padded: flatten to packed rows with synthetic cu_seqlens
-            bsz, t_q, h_q, d = q.shape
-            t_k = k.shape[1]
-            cu_q = torch.arange(0, (bsz + 1) * t_q, t_q, device=dev, dtype=torch.int32)
-            cu_k = torch.arange(0, (bsz + 1) * t_k, t_k, device=dev, dtype=torch.int32)
-            max_q, max_k = t_q, t_k
-            kv_lens = kv_seqlens.to(device=dev, dtype=torch.int32).contiguous() if kv_seqlens is not None else None
-        else:
-            cu_q = cu_k = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
-            if max_seqlen is None:  # one host sync; pass max_seqlen to avoid it
-                max_seqlen = int((cu_q[1:] - cu_q[:-1]).max().item()) if cu_q.numel() > 1 else 0
-            max_q = max_k = int(max_seqlen)
-            kv_lens = None
-        h_q, d = q.shape[-2:]
-        h_kv = k.shape[-2]
-        q2 = q.contiguous().view(-1, h_q, d)
-        k2 = k.contiguous().view(-1, h_kv, d)
-        v2 = v.contiguous().view(-1, h_kv, d)
-        # gate head-major (Hq, Nk) fp32: each program reads its query head's gate row contiguously
-        g2 = value_gate.reshape(-1, h_q).t().float().contiguous() if value_gate is not None else None
-        sm_scale = _scale(softmax_scale, d)
-        ctx.zero_init = cu_seqlens is not None or kv_lens is not None
-        if q2.shape[0] == 0 or cu_q.numel() < 2:
-            o2, lse = torch.zeros_like(q2), torch.zeros((h_q, q2.shape[0]), device=dev)
-        else:
-            o2, lse = _fwd(q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, ctx.zero_init)
-        ctx.save_for_backward(q2, k2, v2, g2, o2, lse, cu_q, cu_k, kv_lens)
-        ctx.meta = (causal, sm_scale, max_q, max_k, q.shape, k.shape, value_gate.dtype if value_gate is not None
-                    else None)
-        return o2.view(q.shape)
-
-    @staticmethod
-    def backward(ctx, do):
-        q2, k2, v2, g2, o2, lse, cu_q, cu_k, kv_lens = ctx.saved_tensors
-        causal, sm_scale, max_q, max_k, q_shape, k_shape, gate_dtype = ctx.meta
-        do2 = do.reshape(q2.shape)
-        if q2.shape[0] == 0 or cu_q.numel() < 2:
-            dq, dk, dv = torch.zeros_like(q2), torch.zeros_like(k2), torch.zeros_like(v2)
-            dg = torch.zeros_like(g2) if gate_dtype is not None else None
-        else:
-            dq, dk, dv, dg = _bwd(do2, q2, k2, v2, g2, o2, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_scale,
-                                  ctx.zero_init)
-        if dg is not None:  # head-major fp32 -> the caller's (..., Tk, Hq) layout and dtype
-            dg = dg.t().to(gate_dtype).reshape(k_shape[:-2] + (q_shape[-2],))
-        return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), dg, None, None, None, None, None
+    def apply(q, k, v, value_gate=None, causal=True, cu_seqlens=None, max_seqlen=None, softmax_scale=None,
+              kv_seqlens=None):
+        scale = _scale(softmax_scale, q.shape[-1])
+        return gated_attention_fwd(q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen, scale)[0]
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -690,15 +835,13 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def _triton_attention(q, k, v, value_gate, causal, cu_seqlens, max_seqlen, softmax_scale, kv_seqlens):
-    """The Triton path through the registered custom op (one node for torch.compile; kernels/ops.py)."""
-    from . import ops
-
+    """The Triton path through the registered custom ops (one graph node each for torch.compile)."""
     scale = _scale(softmax_scale, q.shape[-1])
     if cu_seqlens is None and q.dim() == 4 and q.shape[1] <= DECODE_MAX_Q and not (
             torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, value_gate))):
         # generation: a few new queries against the cache, no gradient: split the keys (flash-decoding)
-        return ops.gated_attention_decode(q, k, v, value_gate, kv_seqlens, causal, scale)
-    return ops.gated_attention_fwd(q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen, scale)[0]
+        return gated_attention_decode(q, k, v, value_gate, kv_seqlens, causal, scale)
+    return gated_attention_fwd(q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen, scale)[0]
 
 
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None = None, *,

@@ -3,13 +3,25 @@
 The compile report (``kernels/compile_report.py``) calls the real launchers on ``meta`` tensors of the headline
 shapes inside ``capture()``: it gets exactly the kernels, constexprs, launch options and grids the launchers
 would pick on a GPU, without a GPU and without duplicating the launchers' choices.
+
+Under TRITON_INTERPRET=1 the first launch also checks the interpreter against numpy: Triton 3.6's interpreter
+turns a loop bound into a Python int with ``int(handle.data)`` on a 1-element array, which numpy >= 2.4 refuses
+(``TypeError: only 0-dimensional arrays can be converted to Python scalars``, triton-lang/triton#9171, fixed by
+``.squeeze()`` in later Tritons, 3.9 included). Every kernel here loops over runtime bounds (KV blocks, d-tiles,
+token blocks), so that cannot be avoided in our code: the bound is numpy < 2.4 for that interpreter, raised here
+by name instead of as an InterpreterError inside the first kernel. Compiled (GPU) launches do not touch numpy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -32,7 +44,34 @@ def launch(kernel, grid: tuple, *args, tag: str = "", **kwargs) -> None:
     if _CAPTURED is not None:
         _CAPTURED.append(Launch(kernel, tuple(grid), args, kwargs, tag or kernel.__name__))
         return
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        check_interpreter_numpy()
     kernel[grid](*args, **kwargs)
+
+
+def interpreter_needs_old_numpy() -> bool:
+    """True when the installed Triton's interpreter converts loop bounds with ``int(handle.data)`` on a
+    1-element array (Triton 3.6), which numpy >= 2.4 refuses; later Tritons squeeze first."""
+    from triton.runtime import interpreter
+
+    try:
+        src = inspect.getsource(interpreter._patch_lang_tensor)
+    except (AttributeError, OSError, TypeError):  # a layout we do not know: assume it is fixed
+        return False
+    return "int(self.handle.data)" in src
+
+
+@functools.cache
+def check_interpreter_numpy() -> None:
+    """Raise, naming the fix, where the Triton interpreter cannot run our kernels with the installed numpy."""
+    if tuple(int(part) for part in np.__version__.split(".")[:2]) < (2, 4):
+        return
+    if interpreter_needs_old_numpy():
+        import triton
+
+        raise RuntimeError(f"the Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) needs numpy < 2.4 "
+                           f"(found {np.__version__}; triton-lang/triton#9171): pip install 'numpy<2.4', or a "
+                           "newer Triton (3.9 works with numpy 2.4)")
 
 
 @contextlib.contextmanager

@@ -38,7 +38,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
+import transformers
+from transformers import Blip2Config, LlamaConfig, LlamaForCausalLM
+
+from pipeline.memory import GB, MemorySetup, ParamCounts, ds_bucket, estimate
+from pipeline.model.adapters import ADAPTER_BACKENDS
+from pipeline.model.attention import ATTENTION_BACKENDS
+from pipeline.model.config import PILLConfig
+from pipeline.model.pill import PILL
+from pipeline.model.vpg import VPG
+from pipeline.params import PRESETS
+from pipeline.training.checkpointing import apply_activation_checkpointing
+from pipeline.training.config import OptimConfig
+from pipeline.training.dist import init_distributed
+from pipeline.training.optim import build_optimizer, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 K, W = 32, 768  # visual tokens per image, Q-former width (BLIP-2)
@@ -70,12 +85,6 @@ class Point:
 
 def build_pill(preset: str, device: torch.device, dtype: torch.dtype, vpg: str):
     """PILL (stage 2) on a random Llama of the preset's shape, allocated on `device` in `dtype` from the start."""
-    from transformers import Blip2Config, LlamaConfig, LlamaForCausalLM
-
-    from pipeline.model.config import PILLConfig
-    from pipeline.model.pill import PILL
-    from pipeline.model.vpg import VPG
-    from pipeline.params import PRESETS
 
     llm_config = LlamaConfig(**PRESETS[preset], max_position_embeddings=8192)
     previous = torch.get_default_dtype()
@@ -105,10 +114,6 @@ def ds_config(micro_batch: int, bf16: bool) -> dict[str, Any]:
 
 
 def build_engine(model, micro_batch: int, bf16: bool):
-    import deepspeed
-
-    from pipeline.training.config import OptimConfig
-    from pipeline.training.optim import build_optimizer, param_groups
 
     optim = OptimConfig()
     opt = build_optimizer(param_groups(model.trainable_parameters(), optim), 1e-4, optim, cpu_offload=False)
@@ -210,8 +215,6 @@ def useful_flops(llm_config, cfg, batch: dict[str, Any]) -> float:
 
 
 def predicted_peak(llm_config, cfg, counts, p: Point, batch: dict[str, Any], bf16: bool) -> float:
-    from pipeline.memory import MemorySetup, ds_bucket, estimate
-
     bucket, overlap = ds_bucket(REPO / "ds_configs" / "zero2.json")
     B, T = batch["input_ids"].shape
     s = MemorySetup(micro_batch=B, seq=T, precision="bf16" if bf16 else "fp32", zero_stage=2, world=1,
@@ -297,10 +300,6 @@ def batches_for(p: Point, vocab: int, n_batches: int) -> list[dict[str, Any]]:
 
 
 def run(args) -> dict[str, Any]:
-    from pipeline.memory import GB, ParamCounts
-    from pipeline.training.checkpointing import apply_activation_checkpointing
-    from pipeline.training.dist import init_distributed
-
     ctx = init_distributed()
     device = ctx.device
     on_gpu = device.type == "cuda"
@@ -371,9 +370,6 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def versions() -> dict[str, str]:
-    import deepspeed
-    import transformers
-
     v = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
          "python": platform.python_version()}
     try:
@@ -444,9 +440,9 @@ def parse_args(argv: list[str] | None, on_gpu: bool) -> argparse.Namespace:
             setattr(a, k, v)
     for b in a.backends:
         attn, _, adapter = b.partition("+")
-        if attn not in ("eager", "sdpa", "triton") or adapter not in ("eager", "triton"):
-            ap.error(f"--backends {b}: want ATTN+ADAPTER with ATTN in eager|sdpa|triton, ADAPTER in eager|triton")
-    from pipeline.params import PRESETS
+        if attn not in ATTENTION_BACKENDS or adapter not in ADAPTER_BACKENDS:
+            ap.error(f"--backends {b}: want ATTN+ADAPTER with ATTN in {'|'.join(ATTENTION_BACKENDS)}, ADAPTER in "
+                     f"{'|'.join(ADAPTER_BACKENDS)}")
 
     bad = [p for p in a.presets if p not in PRESETS]
     if bad:

@@ -24,7 +24,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.eval.prompts import Prompt
+from pipeline.data.chat_template import end_of_turn_ids
+from pipeline.data.config import PROMPT_FORMATS
+from pipeline.data.eval import chat_prompt, default_data_config, image_tensor, shard_prompts
+from pipeline.data.prompt_cut import Prompt
+from pipeline.data.prompts import prompt_format_problem
+from pipeline.model.attention import ATTN_BACKEND_CHOICES
 
 
 @dataclass
@@ -70,9 +75,9 @@ def _left_pad(prompts: Sequence[Prompt], pad_id: int, device) -> tuple[torch.Ten
     mm = torch.zeros((len(prompts), T), dtype=torch.bool)
     for b, p in enumerate(prompts):
         n = len(p.input_ids)
-        ids[b, T - n:] = torch.as_tensor(p.input_ids)
-        attn[b, T - n:] = 1
-        mm[b, T - n:] = torch.as_tensor(p.modality_mask, dtype=torch.bool)
+        ids[b, T - n :] = torch.as_tensor(p.input_ids)
+        attn[b, T - n :] = 1
+        mm[b, T - n :] = torch.as_tensor(p.modality_mask, dtype=torch.bool)
     return ids.to(device), attn.to(device), mm.to(device)
 
 
@@ -95,15 +100,21 @@ def check_prompts(model, prompts: Sequence[Prompt]) -> None:
     for p in prompts:
         n_img = 0 if p.images is None else len(p.images)
         if sum(p.modality_mask) != n_img * K:
-            raise ValueError(f"prompt {p.key or '?'}: {sum(p.modality_mask)} visual positions for {n_img} image(s) "
-                             f"x K={K}")
+            raise ValueError(
+                f"prompt {p.key or '?'}: {sum(p.modality_mask)} visual positions for {n_img} image(s) x K={K}"
+            )
 
 
-def _eos_ids(model) -> set[int]:
+def stop_ids(model) -> set[int]:
+    """Token ids that end a generation: the LLM's generation_config eos_token_id (one id or a list, from its
+    generation_config.json), the tokenizer's eos, and the end-of-turn token of the tokenizer's chat template
+    (ChatML `<|im_end|>`, Llama-3 `<|eot_id|>`): a chat model ends its answer with that, not with eos."""
     tok = getattr(model, "tokenizer", None)
     ids = {tok.eos_token_id} if tok is not None and tok.eos_token_id is not None else set()
     gen_eos = getattr(getattr(model.llm, "generation_config", None), "eos_token_id", None)
     ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else ({gen_eos} if gen_eos is not None else set())
+    if tok is not None:
+        ids |= set(end_of_turn_ids(tok))
     return ids
 
 
@@ -124,7 +135,7 @@ def generate_ids(model, prompts: Sequence[Prompt], cfg: GenerationConfig | None 
     device, dtype = model_device_dtype(model)
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    eos = _eos_ids(model) if cfg.stop_at_eos else set()
+    eos = stop_ids(model) if cfg.stop_at_eos else set()
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
 
     ids, attn, mm = _left_pad(prompts, pad_id, device)
@@ -142,8 +153,13 @@ def generate_ids(model, prompts: Sequence[Prompt], cfg: GenerationConfig | None 
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=attn, modality_mask=torch.zeros((B, 1), dtype=torch.bool,
-                    device=device), past_key_values=out.past_key_values, use_cache=True)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=attn,
+            modality_mask=torch.zeros((B, 1), dtype=torch.bool, device=device),
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
     table = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
     return [_cut_at_eos(row, eos) for row in table]
 
@@ -158,7 +174,7 @@ def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
 def _generate_uncached(model, prompt: Prompt, cfg: GenerationConfig) -> list[int]:
     """Reference decoding: the full forward over prompt + generated text at every step, no cache, no padding."""
     device, dtype = model_device_dtype(model)
-    eos = _eos_ids(model) if cfg.stop_at_eos else set()
+    eos = stop_ids(model) if cfg.stop_at_eos else set()
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     ids = torch.as_tensor([list(prompt.input_ids)], device=device)
     mm = torch.as_tensor([list(prompt.modality_mask)], dtype=torch.bool, device=device)
@@ -175,8 +191,9 @@ def _generate_uncached(model, prompt: Prompt, cfg: GenerationConfig) -> list[int
     return new
 
 
-def generate(model, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None, batch_size: int = 8,
-             progress: bool = False) -> list[str]:
+def generate(
+    model, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None, batch_size: int = 8, progress: bool = False
+) -> list[str]:
     """Decoded text per prompt, in input order, batch_size prompts per forward."""
     texts = []
     starts = range(0, len(prompts), batch_size)
@@ -185,14 +202,20 @@ def generate(model, prompts: Sequence[Prompt], cfg: GenerationConfig | None = No
 
         starts = tqdm(starts, desc="generate", unit="batch")
     for start in starts:
-        for row in generate_ids(model, prompts[start:start + batch_size], cfg):
+        for row in generate_ids(model, prompts[start : start + batch_size], cfg):
             texts.append(model.tokenizer.decode(row, skip_special_tokens=True))
     return texts
 
 
 # ---- loading a trained export --------------------------------------------------------------------------------------
-def load_trained(llm: str | Path, adapter: str | Path | None, vpg: str | Path | None = None,
-                 attn_backend: str | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+def load_trained(
+    llm: str | Path,
+    adapter: str | Path | None,
+    vpg: str | Path | None = None,
+    attn_backend: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+):
     """The frozen LLM + front end with the trained weights of `adapter` (any method's export dir), in eval mode.
 
     The method and its config (stage, modules, rank) are read from the export's adapter_config.json, so gates and
@@ -208,13 +231,31 @@ def load_trained(llm: str | Path, adapter: str | Path | None, vpg: str | Path | 
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--llm / --vpg / --adapter / --attn-backend / --device, shared by the eval CLIs."""
+    """--llm / --vpg / --adapter / --attn-backend / --device / --prompt-format, shared by the eval CLIs."""
     parser.add_argument("--llm", required=True, help="frozen LLM dir (transformers checkpoint + tokenizer)")
     parser.add_argument("--vpg", default=None, help="BLIP-2 VPG dir (omit for precomputed-feature shards)")
-    parser.add_argument("--adapter", default=None, help="export dir of any method (adapter_model.safetensors + "
-                        "adapter_config.json, which names the method)")
-    parser.add_argument("--attn-backend", default=None, choices=["auto", "eager", "sdpa", "triton"])
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="export dir of any method (adapter_model.safetensors + adapter_config.json, which names the method)",
+    )
+    parser.add_argument("--attn-backend", default=None, choices=ATTN_BACKEND_CHOICES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # the export does not record the format: a run that set data.prompt_format explicitly must say it again here
+    parser.add_argument(
+        "--prompt-format",
+        default="auto",
+        choices=PROMPT_FORMATS,
+        help="the training run's data.prompt_format (auto: from the LLM's tokenizer, as training)",
+    )
+
+
+def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What add_model_args' values can be checked for before the (slow) model load: --prompt-format chat_template
+    with an --llm whose tokenizer has no chat template."""
+    problem = prompt_format_problem(args.prompt_format, args.llm)
+    if problem:
+        parser.error(problem.replace("data.prompt_format", "--prompt-format"))
 
 
 def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
@@ -226,13 +267,12 @@ def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 6
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.eval.inputs import chat_prompt, image_tensor, shard_prompts
-
     parser = argparse.ArgumentParser(description="Generate text with a trained PILL (KV cache, batched).")
     add_model_args(parser)
     add_generation_args(parser)
@@ -242,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="batch mode: predictions JSONL")
     parser.add_argument("--limit", type=int, default=None, help="batch mode: first N samples only")
     args = parser.parse_args(argv)
+    check_model_args(parser, args)
     if bool(args.prompt) == bool(args.shards):
         parser.error("give exactly one of --prompt (quick look) or --shards (batch mode)")
     if args.shards and not args.out:
@@ -252,10 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = generation_config(args)
     if args.prompt:
         images = image_tensor(args.image, model) if args.image else None
-        prompt = chat_prompt(model, args.prompt, images)
+        prompt = chat_prompt(model, args.prompt, images, prompt_format=args.prompt_format)
         print(generate(model, [prompt], cfg)[0])
         return 0
-    prompts = shard_prompts(args.shards, model, limit=args.limit)
+    data_cfg = default_data_config(num_query_tokens=model.cfg.num_query_tokens, prompt_format=args.prompt_format)
+    prompts = shard_prompts(args.shards, model, data_cfg, limit=args.limit)
     texts = generate(model, prompts, cfg, batch_size=args.batch_size, progress=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers import Blip2Config
+
+from pipeline.model.adapters import ADAPTER_BACKENDS
+from pipeline.model.attention import ATTENTION_BACKENDS
+from pipeline.model.vpg import VPG
 
 Precision = Literal["bf16", "fp32"]
 GB = 1e9
@@ -94,8 +99,8 @@ class MemorySetup:
     checkpointing: bool = False
     checkpoint_every: int = 1
     """Wrap every n-th decoder layer (1 = all), as torchtitan's selective per-layer checkpointing."""
-    attn_backend: Literal["sdpa", "triton", "eager"] = "sdpa"
-    adapter_backend: Literal["eager", "triton"] = "eager"
+    attn_backend: Literal[tuple(ATTENTION_BACKENDS)] = "sdpa"
+    adapter_backend: Literal[ADAPTER_BACKENDS] = "eager"
     images_per_sample: int = 1
     loss_positions: int | None = None
     """Answer (label) positions per micro-batch, where the loss runs the LM head in fp32; None = all B x T."""
@@ -253,10 +258,6 @@ def estimate(llm_config, cfg, counts: ParamCounts, s: MemorySetup) -> MemoryEsti
 
 def blip2_vpg_params() -> int:
     """BLIP-2's ViT-g/14 + Q-former + 32 queries (transformers' default Blip2Config), counted on meta."""
-    from transformers import Blip2Config
-
-    from pipeline.model.vpg import VPG
-
     with torch.device("meta"):
         return sum(p.numel() for p in VPG(Blip2Config()).parameters())
 
@@ -292,8 +293,8 @@ def add_memory_args(ap) -> None:
     g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     g.add_argument("--vpg", choices=("features", "blip2"), default="features",
                    help="precomputed Q-former features (no VPG on the GPU) or the frozen BLIP-2 ViT-g + Q-former")
-    g.add_argument("--attn-backend", choices=("sdpa", "triton", "eager"), default="sdpa")
-    g.add_argument("--adapter-backend", choices=("eager", "triton"), default="eager")
+    g.add_argument("--attn-backend", choices=tuple(ATTENTION_BACKENDS), default="sdpa")
+    g.add_argument("--adapter-backend", choices=ADAPTER_BACKENDS, default="eager")
     g.add_argument("--loss-positions", type=int, default=None,
                    help="answer positions per micro-batch (default: all micro-batch x seq, the worst case)")
 

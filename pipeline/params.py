@@ -1,24 +1,27 @@
-"""Trainable-parameter report: `python -m pipeline.params --llm-preset llama2-7b --stage 2`.
+"""Trainable-parameter report of any method: `python -m pipeline.params --llm-preset llama2-7b --stage 2`.
+
+Builds the frozen LLM on the meta device (no weights, no memory, seconds) with the method around it (PILL by
+default; `--method lavin` etc. for the peers, with a CLIP ViT-L/14 front end) and prints the trainable parameters
+per module group, the method's published count, and as the last line `trainable=<integer>`.
 
 With `--memory` (and `--micro-batch --seq [--checkpointing] [--zero 2|3 --world N] ...`) it prints the predicted
-peak memory per GPU by component instead (pipeline.memory); the last line is then `predicted_peak_gb=<float>`.
-
-Builds the frozen LLM on the meta device (no weights, no memory, seconds) with PILL around it and prints the
-trainable parameters per module group; the last line is `trainable=<integer>`.
+memory per GPU instead: by component for methods pipeline.memory models layer by layer (PILL; last line
+`predicted_peak_gb=<float>`), the trainable state by ZeRO stage for the others (last line `predicted_state_gb=`).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import json
 from pathlib import Path
+from typing import Any
 
-import torch
-from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+from torch import nn
+from transformers import AutoConfig, LlamaConfig
 
-from pipeline.model.base import trainable_table
-from pipeline.model.config import PILLConfig
-from pipeline.model.pill import PILL, check_llm
+from pipeline.memory import GB, MemorySetup, add_memory_args, print_memory, trainable_state_bytes
+from pipeline.model import PILL, PILLConfig, check_llm, get_method, method_names
+from pipeline.model.base import MethodSpec, trainable_table
 
 PRESETS: dict[str, dict] = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -30,48 +33,104 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=512),
 }
+CONFIG_FLAGS = ("rank", "vpg_width", "adapter_act", "momae", "mag", "attn_adapter")
+"""Shorthand flags, each setting the config field of its name (an error for a method without that field)."""
 
 
 def meta_pill(llm_config, cfg: PILLConfig) -> PILL:
-    with torch.device("meta"):
-        return PILL(LlamaForCausalLM(llm_config), cfg)
+    return get_method("pill").meta_model(llm_config, cfg)
 
 
-def group_of(name: str) -> str:
-    if name.startswith("projection."):
-        return "projection P"
-    m = re.match(r"blocks\.\d+\.([a-z_]+)\.", name)
-    return {"adapter_v": "A_v (visual FFN expert)", "adapter_t": "A_t (text FFN expert)",
-            "adapter_ffn": "A_ffn (shared FFN adapter)", "attn_adapter": "A_attn (attention adapter)",
-            "gate": "W_g (MAG gate)"}.get(m.group(1) if m else "", "other")
+def meta_method(name: str, llm_config, overrides: dict[str, Any] | None = None,
+                clip_preset: dict | None = None) -> nn.Module:
+    """The method `name` (its config from `overrides`) around a meta-device LLM of `llm_config`."""
+    spec = get_method(name)
+    return spec.meta_model(llm_config, spec.config_cls.from_dict(dict(overrides or {})), clip_preset=clip_preset)
 
 
-def report(model: PILL) -> tuple[list[tuple[str, int, int]], int]:
+def report(model: nn.Module, spec: MethodSpec | None = None) -> tuple[list[tuple[str, int, int]], int]:
     """[(group, trainable, total)] and the trainable total."""
-    return trainable_table(model, group_of)
+    spec = spec or get_method(model.method)
+    return trainable_table(model, spec.row_of)
 
 
-def main(argv: list[str] | None = None) -> int:
+def print_report(spec: MethodSpec, model: nn.Module, source: str) -> int:
+    c = model.llm.config
+    rows, n_trainable = report(model, spec)
+    n_frozen = sum(p.numel() for n, p in model.named_parameters() if n.startswith("llm."))
+    front = model.vpg
+    front_desc = f"; CLIP width={front.width} blocks={front.num_layers}" if front is not None else ""
+    print(f"{spec.name} on {source}: d_model={c.hidden_size} layers={c.num_hidden_layers} "
+          f"heads={c.num_attention_heads} stage={model.cfg.stage}{front_desc}")
+    print(f"{'group':32s} {'trainable':>16s} {'total':>16s}")
+    for g, t, tot in rows:
+        print(f"{g:32s} {t:>16,d} {tot:>16,d}")
+    print(f"{'frozen LLM':32s} {0:>16,d} {n_frozen:>16,d}")
+    print(f"trainable share of the LLM: {100 * n_trainable / n_frozen:.3f}%")
+    if spec.published:
+        print(spec.published)
+    print(f"trainable={n_trainable}")
+    return 0
+
+
+def print_state_memory(args: argparse.Namespace, name: str, model: nn.Module, source: str) -> int:
+    """Per-GPU bytes of the trainable state (weights, grads, fp32 master, Adam) by ZeRO stage, and the frozen LLM:
+    what decides the ZeRO stage of a method with billions of trainables (IAA)."""
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    frozen = sum(q.numel() for n, q in model.named_parameters() if n.startswith("llm."))
+    elem = 2 if args.precision == "bf16" else 4
+    print(f"{name} on {source}: trainable {p:,}, frozen LLM {frozen:,} ({frozen * elem / GB:.1f} GB in "
+          f"{args.precision}, not partitioned except under ZeRO-3); world={args.world}; GB = 1e9 bytes")
+    print(f"{'ZeRO':>4s} {'trainable weights+grads':>24s} {'optimizer':>10s} {'+frozen LLM':>12s}")
+    peak = 0.0
+    for z in (0, 1, 2, 3):
+        s = MemorySetup(micro_batch=args.micro_batch, seq=args.seq, precision=args.precision, zero_stage=z,
+                        world=args.world)
+        parts = trainable_state_bytes(p, s, model.llm.config.hidden_size)
+        w, o = parts["trainable weights + grads"], parts["optimizer (fp32 master, Adam m, v)"]
+        fz = frozen * elem / (args.world if z == 3 else 1)
+        print(f"{z:>4d} {w / GB:>24.2f} {o / GB:>10.2f} {(w + o + fz) / GB:>12.2f}")
+        if z == args.zero:
+            peak = (w + o + fz) / GB
+    print("activations are not included (pipeline.memory models PILL's layers only)")
+    print(f"predicted_state_gb={peak:.3f}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--llm-preset", choices=sorted(PRESETS), default="llama2-7b")
     src.add_argument("--llm", type=Path, help="a local transformers LLM directory (only config.json is read)")
-    ap.add_argument("--stage", type=int, choices=(1, 2), default=2)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--vpg-width", type=int, default=768)
-    ap.add_argument("--adapter-act", choices=("swiglu", "gelu", "none"), default="swiglu")
-    ap.add_argument("--no-momae", action="store_true")
-    ap.add_argument("--no-mag", action="store_true")
-    ap.add_argument("--no-attn-adapter", action="store_true")
-    ap.add_argument("--method", default="pill", help="pill | llama_adapter | lavin | excitor | iaa (the peers: "
-                    "pipeline.model.peers; the PILL flags above do not apply to them)")
-    ap.add_argument("--method-config", default="{}", help="JSON overrides of the peer's config, e.g. "
+    ap.add_argument("--method", default="pill", choices=method_names(), help="pipeline.model.methods' table")
+    ap.add_argument("--stage", type=int, choices=(1, 2), default=2, help="(a one-stage method: its stage)")
+    ap.add_argument("--method-config", default="{}", help="JSON overrides of the method's config, e.g. "
                     "'{\"multimodal\": false}' or '{\"insert_after\": [0, 10, 20, 31]}'")
-    from pipeline.memory import add_memory_args, print_memory
-
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--vpg-width", type=int)
+    ap.add_argument("--adapter-act", choices=("swiglu", "gelu", "none"))
+    ap.add_argument("--no-momae", dest="momae", action="store_false", default=None)
+    ap.add_argument("--no-mag", dest="mag", action="store_false", default=None)
+    ap.add_argument("--no-attn-adapter", dest="attn_adapter", action="store_false", default=None)
     add_memory_args(ap)
-    args = ap.parse_args(argv)
+    return ap
 
+
+def method_overrides(args: argparse.Namespace, spec: MethodSpec, ap: argparse.ArgumentParser) -> dict[str, Any]:
+    overrides = json.loads(args.method_config)
+    fields = set(spec.config_cls.__dataclass_fields__)
+    for flag in CONFIG_FLAGS:
+        if getattr(args, flag) is not None:
+            if flag not in fields:
+                ap.error(f"--{flag.replace('_', '-')}: method {spec.name} has no config field {flag!r}")
+            overrides[flag] = getattr(args, flag)
+    overrides.setdefault("stage", args.stage if args.stage in spec.stages else spec.stages[-1])
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
     if args.llm is not None:
         if not (args.llm / "config.json").is_file():
             ap.error(f"--llm {args.llm}: no config.json there")
@@ -79,41 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         check_llm(llm_config, str(args.llm / "config.json"))
         source = str(args.llm)
     else:
-        llm_config = LlamaConfig(**PRESETS[args.llm_preset])
-        source = args.llm_preset
-    if args.method != "pill":
-        return _peer_main(args, llm_config, source)
-    cfg = PILLConfig(stage=args.stage, rank=args.rank, vpg_width=args.vpg_width, adapter_act=args.adapter_act,
-                     momae=not args.no_momae, mag=not args.no_mag, attn_adapter=not args.no_attn_adapter)
-    model = meta_pill(llm_config, cfg)
-    if args.memory:
-        return print_memory(args, llm_config, cfg, model, source)
-    rows, n_trainable = report(model)
-    n_frozen = sum(p.numel() for n, p in model.named_parameters() if n.startswith("llm."))
-    print(f"PILL on {source}: d_model={llm_config.hidden_size} layers={llm_config.num_hidden_layers} "
-          f"heads={llm_config.num_attention_heads} rank={cfg.rank} stage={cfg.stage}")
-    print(f"{'group':32s} {'trainable':>14s} {'total':>14s}")
-    for g, t, tot in rows:
-        print(f"{g:32s} {t:>14,d} {tot:>14,d}")
-    print(f"{'frozen LLM':32s} {0:>14,d} {n_frozen:>14,d}")
-    print(f"trainable share of the LLM: {100 * n_trainable / n_frozen:.3f}%")
-    print(f"trainable={n_trainable}")
-    return 0
-
-
-def _peer_main(args, llm_config, source: str) -> int:
-    import json
-
-    from pipeline.model.methods import get_method
-    from pipeline.model.peers.counts import meta_peer, print_peer_memory, print_peer_report
-
+        llm_config, source = LlamaConfig(**PRESETS[args.llm_preset]), args.llm_preset
     spec = get_method(args.method)
-    overrides = json.loads(args.method_config)
-    overrides.setdefault("stage", args.stage if args.stage in spec.stages else spec.stages[-1])
-    model = meta_peer(args.method, llm_config, overrides)
+    model = meta_method(args.method, llm_config, method_overrides(args, spec, ap))
+    if args.memory and spec.layer_memory_model:
+        return print_memory(args, llm_config, model.cfg, model, source)
     if args.memory:
-        return print_peer_memory(args, args.method, model, source)
-    return print_peer_report(args.method, model, source)
+        return print_state_memory(args, spec.name, model, source)
+    return print_report(spec, model, source)
 
 
 if __name__ == "__main__":

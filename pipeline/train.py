@@ -31,8 +31,26 @@ _EARLY_SIGNALS: list[int] = []
 for _sig in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(_sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
-from pipeline.training.config import ConfigError, TrainConfig, load_config  # noqa: E402
-from pipeline.training.dist import EXIT_PREEMPTED  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.data.prompts import prompt_format_problem  # noqa: E402
+from pipeline.data.shardlists import check_exists, expand_shards  # noqa: E402
+from pipeline.training.config import (  # noqa: E402
+    ConfigError,
+    TrainConfig,
+    describe_config,
+    load_config_with_sources,
+)
+from pipeline.training.dist import (  # noqa: E402
+    EXIT_PREEMPTED,
+    DistContext,
+    Preempted,
+    PreemptionFlag,
+    init_distributed,
+)
+from pipeline.training.ds_config import fill_ds_config, load_ds_config, plan_batch  # noqa: E402
+from pipeline.training.evaluate import evaluate_export  # noqa: E402
+from pipeline.training.loop import NonFiniteLossError, StageResult, run_stage  # noqa: E402
 from pipeline.training.presets import resolve_preset, run_prepare_steps  # noqa: E402
 
 DEFAULT_PRESET = "demo"
@@ -51,24 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", "--output_dir", default=None, help="run directory (default: output_dir)")
     p.add_argument("--resume", default=None, help="auto (default: continue from the run dir), never, or a "
                                                   "checkpoint directory")
+    p.add_argument("--print-config", action="store_true", help="print every field of the resolved config with its "
+                   "value and where it came from (default, --config, --set), then exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = load_config(resolve_preset(args.config or DEFAULT_PRESET, "configs", ".yaml"), args.overrides)
+    preset = resolve_preset(args.config or DEFAULT_PRESET, "configs", ".yaml")
+    cfg, sources = load_config_with_sources(preset, args.overrides)
     if args.output_dir:
-        cfg.output_dir = args.output_dir
+        cfg.output_dir, sources["output_dir"] = args.output_dir, "--output-dir"
     if args.resume:
-        cfg.checkpoint.resume = args.resume
+        cfg.checkpoint.resume, sources["checkpoint.resume"] = args.resume, "--resume"
+    if args.print_config:
+        print(describe_config(cfg, sources))
     return cfg
 
 
 def validate_before_launch(cfg: TrainConfig, raw_ds: dict, world_size: int) -> None:
     """Everything that can be checked without a model: batch arithmetic and the DeepSpeed combination."""
-    import torch
-
-    from pipeline.training.ds_config import fill_ds_config, plan_batch
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     for i, s in enumerate(cfg.stages):
@@ -78,7 +98,6 @@ def validate_before_launch(cfg: TrainConfig, raw_ds: dict, world_size: int) -> N
 
 def check_paths(cfg: TrainConfig) -> None:
     """Local inputs that do not exist fail here, naming the field, before any process group or model load."""
-    from pipeline.data.shardlists import check_exists, expand_shards
 
     m = cfg.model
     if m.llm_path != "tiny":
@@ -90,6 +109,8 @@ def check_paths(cfg: TrainConfig) -> None:
     if m.vpg_path not in (None, "tiny") and not Path(m.vpg_path).is_dir():
         raise ConfigError(f"model.vpg_path={m.vpg_path!r} does not exist (a transformers BLIP-2 / CLIP directory; "
                           "null to train on precomputed-feature shards)")
+    if problem := prompt_format_problem(cfg.data.prompt_format, m.llm_path):  # from the tokenizer's files
+        raise ConfigError(problem)
     prepared = [Path(p.creates).resolve() for p in cfg.prepare if p.creates]
     for i, s in enumerate(cfg.stages):
         if s.init_from is not None and not (Path(s.init_from) / "adapter_model.safetensors").is_file():
@@ -123,55 +144,66 @@ def check_sliding_window(llm_config: dict, max_length: int, source: str) -> None
                           f"model; set data.max_length <= {window}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def configure(args: argparse.Namespace) -> tuple[TrainConfig, dict] | int:
+    """The resolved config and DeepSpeed config, checked; or the exit code (--print-config, a config error)."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     try:
         cfg = resolve_config(args)
-        from pipeline.training.ds_config import load_ds_config
-
+        if args.print_config:
+            return 0
         raw_ds = load_ds_config(resolve_preset(args.ds_config or "zero2", "ds_configs", ".json"))
         validate_before_launch(cfg, raw_ds, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
     except ConfigError as e:
         if rank == 0:
             print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    return cfg, raw_ds
 
-    from pipeline.training.dist import Preempted, PreemptionFlag, init_distributed
-    from pipeline.training.loop import NonFiniteLossError, run_stage
 
+def run_stages(cfg: TrainConfig, raw_ds: dict, ctx: DistContext, preempt: PreemptionFlag) -> list[StageResult]:
+    """Each stage in order, each starting from the previous stage's export (or its own `init_from`)."""
+    results: list[StageResult] = []
+    init_from = None
+    for i, (s, sdir) in enumerate(zip(cfg.stages, stage_dirs(cfg))):
+        done = sdir / "result.json"
+        if len(cfg.stages) > 1 and done.is_file() and cfg.checkpoint.resume == "auto":
+            # A finished earlier stage of a multi-stage run is not repeated after a restart.
+            results.append(StageResult(**json.loads(done.read_text())))
+        else:
+            results.append(run_stage(cfg, i, raw_ds, ctx, sdir, s.init_from or init_from, preempt,
+                                     cfg.checkpoint.resume))
+        init_from = results[-1].export_dir
+    return results
+
+
+def train_and_evaluate(cfg: TrainConfig, raw_ds: dict, ctx: DistContext, preempt: PreemptionFlag) -> None:
+    t0 = time.time()
+    run_prepare_steps(cfg.prepare, ctx.is_main)
+    if ctx.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    results = run_stages(cfg, raw_ds, ctx, preempt)
+    eval_result = None
+    if cfg.eval.enabled and cfg.stages[-1].eval_shards:
+        last = results[-1]
+        eval_result = evaluate_export(cfg, last.export_dir, ctx, last.llm_path, last.vpg_path)
+    if ctx.is_main:
+        write_summary(cfg, results, eval_result, time.time() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configured = configure(args)
+    if isinstance(configured, int):
+        return configured
+    cfg, raw_ds = configured
     ctx = init_distributed(args.local_rank)
     preempt = PreemptionFlag().install()
     if _EARLY_SIGNALS:
         preempt.signum = _EARLY_SIGNALS[0]
-    t0 = time.time()
     preempted = False
     try:
-        run_prepare_steps(cfg.prepare, ctx.is_main)
-        if ctx.is_main:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-        results, init_from = [], None
-        for i, (s, sdir) in enumerate(zip(cfg.stages, stage_dirs(cfg))):
-            init = s.init_from or init_from
-            done = sdir / "result.json"
-            if len(cfg.stages) > 1 and done.is_file() and cfg.checkpoint.resume == "auto":
-                # A finished earlier stage of a multi-stage run is not repeated after a restart.
-                from pipeline.training.loop import StageResult
-
-                results.append(StageResult(**json.loads(done.read_text())))
-                init_from = results[-1].export_dir
-                continue
-            results.append(run_stage(cfg, i, raw_ds, ctx, sdir, init, preempt, cfg.checkpoint.resume))
-            init_from = results[-1].export_dir
-        eval_result = None
-        if cfg.eval.enabled and cfg.stages[-1].eval_shards:
-            from pipeline.training.evaluate import evaluate_export
-
-            last = results[-1]
-            eval_result = evaluate_export(cfg, last.export_dir, ctx, last.llm_path, last.vpg_path)
-        if ctx.is_main:
-            write_summary(cfg, results, eval_result, time.time() - t0)
+        train_and_evaluate(cfg, raw_ds, ctx, preempt)
         return 0
     except Preempted:
         preempted = True

@@ -26,6 +26,11 @@ import time
 from pathlib import Path
 
 import yaml
+from transformers import LlamaConfig
+
+from pipeline.model import get_method
+from pipeline.model.clip import tiny_clip_config
+from pipeline.params import PRESETS, meta_method
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "runs" / "compare"
@@ -74,24 +79,14 @@ def method_config(name: str, steps_scale: float) -> dict:
 
 def trainable_counts(name: str) -> dict[str, int]:
     """(tiny shape, LLaMA-2-7B shape) trainable parameters of the method's last stage, on the meta device."""
-    from transformers import LlamaConfig
-
-    from pipeline.params import PRESETS, meta_pill
-
     counts = {}
     for preset in ("tiny", "llama2-7b"):
         llm_config = LlamaConfig(**PRESETS[preset])
-        if name == "pill":
-            from pipeline.model.config import PILLConfig
-
-            model = meta_pill(llm_config, PILLConfig(stage=2, rank=16 if preset == "tiny" else 32,
-                                                     vpg_width=64 if preset == "tiny" else 768))
-        else:
-            from pipeline.model.clip import tiny_clip_config
-            from pipeline.model.peers.counts import meta_peer
-
-            clip = tiny_clip_config().to_dict() if preset == "tiny" else None
-            model = meta_peer(name, llm_config, {"stage": 2}, clip_preset=_clip_kwargs(clip))
+        clip = _clip_kwargs(tiny_clip_config().to_dict()) if preset == "tiny" else None
+        overrides = {"stage": 2}
+        if get_method(name).front_end == "blip2":
+            overrides.update(rank=16 if preset == "tiny" else 32, vpg_width=64 if preset == "tiny" else 768)
+        model = meta_method(name, llm_config, overrides, clip_preset=clip)
         counts[preset] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return counts
 

@@ -26,6 +26,10 @@ from tqdm import tqdm
 from pipeline.data.records import SkipCounter, iter_tar
 from pipeline.data.shardlists import expand_shards
 from pipeline.data.transforms import decode_image, default_mean_std, image_exts, normalise
+from pipeline.model import load_clip
+from pipeline.model import load_vpg as model_load_vpg
+from pipeline.model.methods import clip_features
+from pipeline.model.tiny import build_tiny_pill_dirs
 from shards.writer import INDEX_FORMAT, Sample, _finalise, _load_index, _save_index, write_tar
 
 log = logging.getLogger(__name__)
@@ -36,13 +40,9 @@ def load_vpg(spec: str, tiny_dir: Path, dtype: torch.dtype = torch.float32,
     """`tiny`: the random tiny BLIP-2 of pipeline.model.tiny (built once under tiny_dir, the same one training's
     `tiny` uses); a transformers BLIP-2 dir;
     or LAVIS checkpoints (`lavis` = {"qformer": pth, "vit": pth, "config": dir}) via pipeline.model.load_vpg."""
-    from pipeline.model import load_vpg as model_load_vpg
-
     if lavis:
         return model_load_vpg(lavis, dtype)
     if spec == "tiny":
-        from pipeline.model.tiny import build_tiny_pill_dirs
-
         spec = str(build_tiny_pill_dirs(tiny_dir)["vpg"])
     return model_load_vpg(spec, dtype)
 
@@ -96,7 +96,7 @@ def encode_shard(url: str, out_path: Path, vpg: Any, device: torch.device, batch
             "source": url, "source_bytes": os.path.getsize(url) if os.path.exists(url) else -1}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shards.encode", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, help="input shards: brace pattern, directory or *-index.json")
     p.add_argument("--vpg", default=None, help="transformers BLIP-2 VPG dir, or 'tiny'")
@@ -116,14 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny-dir", type=Path, default=Path(".cache/tiny_pill"), help="where 'tiny' is built")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def check_args(a: argparse.Namespace) -> list[str]:
+    """The input shard urls; every bad flag combination fails here, before a front end loads."""
     urls = expand_shards(a.shards)
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"--shards: {len(missing)} input shard(s) not found, e.g. {missing[0]}")
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
-    name = a.name or Path(urls[0]).name.rsplit("-", 1)[0]
     names = [Path(u).name for u in urls]
     if len(set(names)) != len(names):
         raise ValueError("--shards: input shard file names repeat; encode each directory separately")
@@ -132,18 +135,33 @@ def main(argv: list[str] | None = None) -> int:
                          "--clip (+ --clip-features)")
     if bool(a.clip) != bool(a.clip_features):
         raise ValueError("--clip and --clip-features go together (e.g. --clip tiny --clip-features method:lavin)")
+    if a.vpg_qformer and not a.vpg_config:
+        raise ValueError("--vpg-qformer needs --vpg-config (a BLIP-2 config dir)")
+    return urls
+
+
+def build_front_end(a: argparse.Namespace, device: torch.device):
+    """The frozen front end the flags name: a CLIP feature reader, or the VPG (a dir, 'tiny' or LAVIS files)."""
+    dtype = getattr(torch, a.dtype)
+    if a.clip:
+        return clip_features(load_clip(a.clip, dtype), a.clip_features).to(device)
     lavis = None
     if a.vpg_qformer:
-        if not a.vpg_config:
-            raise ValueError("--vpg-qformer needs --vpg-config (a BLIP-2 config dir)")
         lavis = {"qformer": a.vpg_qformer, "config": a.vpg_config, **({"vit": a.vpg_vit} if a.vpg_vit else {})}
-    device = torch.device(a.device)
-    if a.clip:
-        from pipeline.model.clip import CLIPFeatures, CLIPFrontEnd
+    return load_vpg(a.vpg, a.tiny_dir, dtype, lavis).to(device)
 
-        vpg = CLIPFeatures(CLIPFrontEnd.from_pretrained(a.clip, getattr(torch, a.dtype)), a.clip_features).to(device)
-    else:
-        vpg = load_vpg(a.vpg, a.tiny_dir, getattr(torch, a.dtype), lavis).to(device)
+
+def _up_to_date(entry: dict | None, url: str, out_path: Path) -> bool:
+    return bool(entry and out_path.exists() and entry.get("source_bytes") == os.path.getsize(url)
+                and out_path.stat().st_size == entry["bytes"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    urls = check_args(a)
+    name = a.name or Path(urls[0]).name.rsplit("-", 1)[0]
+    device = torch.device(a.device)
+    vpg = build_front_end(a, device)
     a.out.mkdir(parents=True, exist_ok=True)
     ipath = a.out / f"{name}-index.json"
     old = None if a.no_resume else _load_index(ipath)
@@ -155,10 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     counter = SkipCounter()
     for i, url in enumerate(tqdm(urls, desc="encode", unit="shard", disable=a.no_progress)):
         out_path = a.out / Path(url).name
-        old_entry = prev.get(out_path.name)
-        if (old_entry and out_path.exists() and old_entry.get("source_bytes") == os.path.getsize(url)
-                and out_path.stat().st_size == old_entry["bytes"]):
-            index["shards"][i] = old_entry
+        if _up_to_date(prev.get(out_path.name), url, out_path):
+            index["shards"][i] = prev[out_path.name]
             continue
         index["shards"][i] = encode_shard(url, out_path, vpg, device, a.batch_size, counter)
         _finalise(index)

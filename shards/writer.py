@@ -168,6 +168,30 @@ def _finalise(index: dict[str, Any]) -> None:
     index["complete"] = all(s is not None for s in index["shards"])
 
 
+def _pending_jobs(items, keys, plan, make_sample, cfg: WriterConfig, old_by_file: dict, index: dict) -> list:
+    """Shards still to write; a shard already complete from the same plan goes straight into `index`."""
+    jobs = []
+    for i, (a, b) in enumerate(plan):
+        path = cfg.out_dir / shard_name(cfg.name, i)
+        h = _plan_hash(keys[a:b])
+        prev = old_by_file.get(path.name)
+        if prev and prev.get("plan") == h and path.exists() and path.stat().st_size == prev["bytes"]:
+            index["shards"][i] = prev
+            continue
+        jobs.append((i, path, list(items[a:b]), make_sample, h))
+    return jobs
+
+
+def _remove_stale_shards(cfg: WriterConfig, n_planned: int) -> None:
+    """Shards from an earlier, longer plan would otherwise be picked up by a `*.tar` glob."""
+    planned = {shard_name(cfg.name, i) for i in range(n_planned)}
+    pattern = re.compile(re.escape(cfg.name) + r"-\d{6}\.tar")
+    for p in cfg.out_dir.glob(f"{cfg.name}-*.tar"):
+        if pattern.fullmatch(p.name) and p.name not in planned:
+            log.warning("removing stale shard %s (not in the current plan)", p)
+            p.unlink()
+
+
 def write_shards(
     items: Sequence[Any],
     keys: Sequence[str],
@@ -195,22 +219,8 @@ def write_shards(
         "shards": [None] * len(plan),
         **cfg.meta,
     }
-    jobs = []
-    for i, (a, b) in enumerate(plan):
-        path = cfg.out_dir / shard_name(cfg.name, i)
-        h = _plan_hash(keys[a:b])
-        prev = old_by_file.get(path.name)
-        if prev and prev.get("plan") == h and path.exists() and path.stat().st_size == prev["bytes"]:
-            index["shards"][i] = prev
-            continue
-        jobs.append((i, path, list(items[a:b]), make_sample, h))
-    # Stale shards from an earlier, longer plan would otherwise be picked up by a `*.tar` glob.
-    planned = {shard_name(cfg.name, i) for i in range(len(plan))}
-    pattern = re.compile(re.escape(cfg.name) + r"-\d{6}\.tar")
-    for p in cfg.out_dir.glob(f"{cfg.name}-*.tar"):
-        if pattern.fullmatch(p.name) and p.name not in planned:
-            log.warning("removing stale shard %s (not in the current plan)", p)
-            p.unlink()
+    jobs = _pending_jobs(items, keys, plan, make_sample, cfg, old_by_file, index)
+    _remove_stale_shards(cfg, len(plan))
     n_kept = len(plan) - len(jobs)
     if n_kept:
         log.info("resume: keeping %d complete shard(s), writing %d", n_kept, len(jobs))

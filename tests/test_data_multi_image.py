@@ -23,8 +23,14 @@ def tok(tmp_path_factory):
 
 def _chat(n_markers: int, **extra) -> bytes:
     text = " and ".join(["<image>"] * n_markers) + ": which colours?"
-    return json.dumps({"source": "llava_instruct", "has_image": True, "conversations": [
-        {"from": "human", "value": text}, {"from": "gpt", "value": "Red, then blue."}], **extra}).encode()
+    return json.dumps(
+        {
+            "source": "llava_instruct",
+            "has_image": True,
+            "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "Red, then blue."}],
+            **extra,
+        }
+    ).encode()
 
 
 def _npy(v: float) -> bytes:
@@ -35,22 +41,36 @@ def _npy(v: float) -> bytes:
 
 @pytest.fixture
 def shard(tmp_path):
-    write_tar(tmp_path / "m-000000.tar", [
-        Sample("zero_one", {"0.jpg": png_bytes(RED, fmt="JPEG"), "1.png": png_bytes(BLUE), "json": _chat(2)}),
-        Sample("plain_one", {"jpg": png_bytes(RED, fmt="JPEG"), "1.jpg": png_bytes(BLUE, fmt="JPEG"),
-                             "json": _chat(2)}),
-        Sample("mismatch", {"0.png": png_bytes(RED), "1.png": png_bytes(BLUE), "json": _chat(1)}),
-        Sample("listed", {"0.png": png_bytes(RED), "1.png": png_bytes(BLUE),
-                          "json": _chat(3, image=["a", "b", "c"])}),
-        Sample("single", {"png": png_bytes(RED), "json": _chat(0)}),  # LLaVA: a missing marker goes in front
-    ])
+    write_tar(
+        tmp_path / "m-000000.tar",
+        [
+            Sample("zero_one", {"0.jpg": png_bytes(RED, fmt="JPEG"), "1.png": png_bytes(BLUE), "json": _chat(2)}),
+            Sample(
+                "plain_one", {"jpg": png_bytes(RED, fmt="JPEG"), "1.jpg": png_bytes(BLUE, fmt="JPEG"), "json": _chat(2)}
+            ),
+            Sample("mismatch", {"0.png": png_bytes(RED), "1.png": png_bytes(BLUE), "json": _chat(1)}),
+            Sample(
+                "listed", {"0.png": png_bytes(RED), "1.png": png_bytes(BLUE), "json": _chat(3, image=["a", "b", "c"])}
+            ),
+            Sample("single", {"png": png_bytes(RED), "json": _chat(0)}),  # LLaVA: a missing marker goes in front
+        ],
+    )
     return str(tmp_path / "m-000000.tar")
 
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_images_follow_their_markers_through_collation_and_packing(tok, shard, pack):
-    ld = make_loader(tok, shard, task="chat", batch_size=5, num_query_tokens=K, num_workers=0, shuffle_buffer=0,
-                     shuffle_shards=False, pack=pack)
+    ld = make_loader(
+        tok,
+        shard,
+        task="chat",
+        batch_size=5,
+        num_query_tokens=K,
+        num_workers=0,
+        shuffle_buffer=0,
+        shuffle_shards=False,
+        pack=pack,
+    )
     (b,) = list(ld)
     assert [m["key"] for m in b["meta"]] == ["zero_one", "plain_one", "single"]
     assert ld.skipped() == {"image_count_mismatch": 2}
@@ -67,10 +87,20 @@ def test_images_follow_their_markers_through_collation_and_packing(tok, shard, p
 
 
 def test_feature_shards_with_several_images(tok, tmp_path):
-    write_tar(tmp_path / "f-000000.tar", [Sample("f", {"0.feat.npy": _npy(1), "1.feat.npy": _npy(2),
-                                                       "json": _chat(2)})])
-    (b,) = list(make_loader(tok, str(tmp_path / "f-000000.tar"), task="chat", batch_size=1, num_query_tokens=K,
-                            num_workers=0, shuffle_buffer=0))
+    write_tar(
+        tmp_path / "f-000000.tar", [Sample("f", {"0.feat.npy": _npy(1), "1.feat.npy": _npy(2), "json": _chat(2)})]
+    )
+    (b,) = list(
+        make_loader(
+            tok,
+            str(tmp_path / "f-000000.tar"),
+            task="chat",
+            batch_size=1,
+            num_query_tokens=K,
+            num_workers=0,
+            shuffle_buffer=0,
+        )
+    )
     assert b["image_features"].shape == (2, K, 6) and b["image_features"][:, 0, 0].tolist() == [1.0, 2.0]
 
 
@@ -85,12 +115,13 @@ def test_evaluation_prompts_carry_every_image(tok, shard, tiny_dirs):
 
 def test_a_two_image_prompt_generates(tiny_dirs, tmp_path):
     """The model reads several images at their positions: a two-image chat prompt runs through generate."""
-    from pipeline.eval.inputs import chat_prompt
+    from pipeline.data.eval import chat_prompt
     from pipeline.generate import GenerationConfig, generate
     from pipeline.model import PILLConfig, load_pill
 
-    model = load_pill(tiny_dirs["llm"], tiny_dirs["vpg"], cfg=PILLConfig(stage=2, rank=4, num_query_tokens=8,
-                                                                         vpg_width=64)).eval()
+    model = load_pill(
+        tiny_dirs["llm"], tiny_dirs["vpg"], cfg=PILLConfig(stage=2, rank=4, num_query_tokens=8, vpg_width=64)
+    ).eval()
     images = torch.randn(2, 3, model.vpg.image_size, model.vpg.image_size)
     p = chat_prompt(model, "<image> or <image>?", images)
     assert sum(p.modality_mask) == 2 * 8
@@ -102,8 +133,17 @@ def test_a_literal_marker_in_scienceqa_text_is_not_an_image(tok, tmp_path):
     """The ScienceQA template places the images; '<image>' typed into a question stays text."""
     from tests.datagen import sqa_meta
 
-    write_tar(tmp_path / "q-000000.tar", [Sample("q", {"png": png_bytes(), "json": json.dumps(
-        sqa_meta(0, question="What does <image> show?")).encode()})])
-    (b,) = list(make_loader(tok, str(tmp_path / "q-000000.tar"), batch_size=1, num_query_tokens=K,
-                            num_workers=0, shuffle_buffer=0))
+    write_tar(
+        tmp_path / "q-000000.tar",
+        [
+            Sample(
+                "q", {"png": png_bytes(), "json": json.dumps(sqa_meta(0, question="What does <image> show?")).encode()}
+            )
+        ],
+    )
+    (b,) = list(
+        make_loader(
+            tok, str(tmp_path / "q-000000.tar"), batch_size=1, num_query_tokens=K, num_workers=0, shuffle_buffer=0
+        )
+    )
     assert b["pixel_values"].shape[0] == 1 and int(b["modality_mask"].sum()) == K

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from pipeline.eval.prompts import Prompt
+from pipeline.data.prompt_cut import Prompt
 from pipeline.generate import (
     GenerationConfig,
     generate,
     generate_ids,
     load_trained,
     select_next,
+    stop_ids,
 )
 from tests.test_model_pill import assert_close_to_scale
 
@@ -53,8 +54,9 @@ def test_export_roundtrip_keeps_stage_and_gates(trained):
     assert any(p.abs().sum() > 0 for n, p in trained.named_parameters() if ".gate." in n)
 
 
-@pytest.mark.parametrize("backend, kind", [("eager", "image_features"), ("sdpa", "image_features"),
-                                           ("sdpa", "pixel_values")])
+@pytest.mark.parametrize(
+    "backend, kind", [("eager", "image_features"), ("sdpa", "image_features"), ("sdpa", "pixel_values")]
+)
 def test_cached_batched_equals_uncached(trained, backend, kind):
     trained.cfg.attn_backend = backend
     prompts = _prompts(trained, kind=kind)
@@ -76,10 +78,20 @@ def test_cache_logits_match_full_forward(trained):
         full = trained(input_ids=ids, modality_mask=mm, pixel_values=p.images).logits
         out = trained(input_ids=ids[:, :-2], modality_mask=mm[:, :-2], pixel_values=p.images, use_cache=True)
         attn = torch.ones_like(ids)
-        out = trained(input_ids=ids[:, -2:-1], attention_mask=attn[:, :-1], modality_mask=mm[:, -2:-1],
-                      past_key_values=out.past_key_values, use_cache=True)
-        out = trained(input_ids=ids[:, -1:], attention_mask=attn, modality_mask=mm[:, -1:],
-                      past_key_values=out.past_key_values, use_cache=True)
+        out = trained(
+            input_ids=ids[:, -2:-1],
+            attention_mask=attn[:, :-1],
+            modality_mask=mm[:, -2:-1],
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        out = trained(
+            input_ids=ids[:, -1:],
+            attention_mask=attn,
+            modality_mask=mm[:, -1:],
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
     # fp32 reorderings (a 1-row decode vs the full forward) differ by ~1e-6 of the logits' scale
     assert_close_to_scale(out.logits[:, -1], full[:, -1], "cached decode logits", rel=1e-4)
     # the visual tokens matter (gates open): other visual features change the next-token logits. Features, not
@@ -100,13 +112,18 @@ def test_gqa_cached_equals_uncached(tiny_gqa_dirs):
     model.eval()
     g = torch.Generator().manual_seed(3)
     prompts = [
-        Prompt([1] + [0] * 8 + [40, 41, 42], [False] + [True] * 8 + [False] * 3,
-               torch.randn(1, 8, 64, generator=g), image_kind="image_features"),
+        Prompt(
+            [1] + [0] * 8 + [40, 41, 42],
+            [False] + [True] * 8 + [False] * 3,
+            torch.randn(1, 8, 64, generator=g),
+            image_kind="image_features",
+        ),
         Prompt([1, 50, 51], [False] * 3),
     ]
     cfg = GenerationConfig(max_new_tokens=5, stop_at_eos=False)
     assert generate_ids(model, prompts, cfg) == generate_ids(
-        model, prompts, GenerationConfig(max_new_tokens=5, stop_at_eos=False, use_cache=False))
+        model, prompts, GenerationConfig(max_new_tokens=5, stop_at_eos=False, use_cache=False)
+    )
 
 
 def test_sampling_reproducible_and_top_p(trained):
@@ -133,9 +150,10 @@ def test_select_next_top_p_keeps_the_nucleus():
 
 
 class _Counter(torch.nn.Module):
-    """Fake model: the next token is last + 1; token 9 is EOS. Checks stopping and padding of finished rows."""
+    """Fake model: the next token is last + 1; token 9 is EOS (or a given tokenizer's). Checks stopping and padding
+    of finished rows."""
 
-    def __init__(self):
+    def __init__(self, tokenizer=None):
         super().__init__()
         self.projection = torch.nn.Linear(1, 1)
         self.llm = torch.nn.Module()
@@ -144,11 +162,12 @@ class _Counter(torch.nn.Module):
         class Tok:
             eos_token_id, pad_token_id = 9, 0
 
-        self.tokenizer = Tok()
+        self.tokenizer = tokenizer or Tok()
+        self.vocab = len(tokenizer) if tokenizer is not None else 12
         self.cfg = type("Cfg", (), {"num_query_tokens": 2})()
 
     def forward(self, input_ids, past_key_values=None, **kw):
-        logits = torch.nn.functional.one_hot((input_ids + 1) % 12, 12).float()
+        logits = torch.nn.functional.one_hot((input_ids + 1) % self.vocab, self.vocab).float()
         return type("Out", (), {"logits": logits, "past_key_values": [()]})()
 
 
@@ -157,6 +176,26 @@ def test_stops_at_eos_per_row():
     assert generate_ids(_Counter(), prompts, GenerationConfig(max_new_tokens=4)) == [[8], [4, 5, 6, 7]]
     assert generate_ids(_Counter(), prompts, GenerationConfig(max_new_tokens=4, use_cache=False)) == [[8], [4, 5, 6, 7]]
     assert generate_ids(_Counter(), prompts, GenerationConfig(max_new_tokens=4, stop_at_eos=False))[0] == [8, 9, 10, 11]
+
+
+def test_stops_at_the_templates_end_of_turn(tmp_path):
+    """A ChatML model ends its answer with <|im_end|>, not with its eos: generation stops there, and at every id of
+    the LLM's generation_config eos_token_id list."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from tests.test_data_prompt_format import template_tokenizer
+
+    tok = template_tokenizer(tmp_path, "chatml")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    model = _Counter(tok)
+    assert im_end != tok.eos_token_id and stop_ids(model) == {tok.eos_token_id, im_end}
+    prompts = [Prompt([im_end - 3], [False]), Prompt([5], [False])]
+    for use_cache in (True, False):
+        out = generate_ids(model, prompts, GenerationConfig(max_new_tokens=4, use_cache=use_cache))
+        assert out == [[im_end - 2, im_end - 1], [6, 7, 8, 9]]
+    model.llm.generation_config = HFGenerationConfig(eos_token_id=[7, im_end - 1])
+    assert stop_ids(model) == {tok.eos_token_id, im_end, 7, im_end - 1}
+    assert generate_ids(model, prompts, GenerationConfig(max_new_tokens=4)) == [[im_end - 2], [6]]
 
 
 def test_prompt_with_wrong_visual_count_is_an_error():
@@ -179,19 +218,32 @@ def test_cli_quick_look_and_batch_mode(tiny_dirs, trained, tmp_path, capsys):
     from shards.demo import main as demo_main
 
     export = trained.save_adapter(tmp_path / "export")
-    model_args = ["--llm", str(tiny_dirs["llm"]), "--vpg", str(tiny_dirs["vpg"]), "--adapter", str(export),
-                  "--max-new-tokens", "4"]
+    model_args = [
+        "--llm",
+        str(tiny_dirs["llm"]),
+        "--vpg",
+        str(tiny_dirs["vpg"]),
+        "--adapter",
+        str(export),
+        "--max-new-tokens",
+        "4",
+    ]
     Image.new("RGB", (50, 40), (255, 0, 0)).save(tmp_path / "x.jpg")
     assert main(model_args + ["--image", str(tmp_path / "x.jpg"), "--prompt", "What colour is it?"]) == 0
     assert capsys.readouterr().out.strip() != ""
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         main(model_args + ["--image", str(tmp_path / "missing.jpg"), "--prompt", "hi"])
 
-    demo_main(["--out", str(tmp_path / "demo"), "--n-train", "2", "--n-val", "5", "--image-size", "32",
-               "--no-progress"])
+    demo_main(
+        ["--out", str(tmp_path / "demo"), "--n-train", "2", "--n-val", "5", "--image-size", "32", "--no-progress"]
+    )
     out = tmp_path / "gen.jsonl"
-    assert main(model_args + ["--shards", str(tmp_path / "demo" / "val-index.json"), "--out", str(out),
-                              "--batch-size", "2"]) == 0
+    assert (
+        main(
+            model_args + ["--shards", str(tmp_path / "demo" / "val-index.json"), "--out", str(out), "--batch-size", "2"]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and rows[0]["key"] == "val_000000" and isinstance(rows[0]["generation"], str)
     assert rows[0]["meta"]["choices"]

@@ -8,7 +8,7 @@ import importlib
 
 import pytest
 import torch
-from pill_kernels import GatedAttentionFunction, gated_attention, gated_attention_ref
+from pill_kernels import gated_attention, gated_attention_ref
 
 ga = importlib.import_module("pill_kernels.gated_attention")  # the package attribute of that name is the function
 CUDA = torch.cuda.is_available()
@@ -50,7 +50,9 @@ def _run(fn, leaves, do, **kw):
 
 
 def _triton(q, k, v, g, causal=True, cu_seqlens=None, max_seqlen=None, softmax_scale=None, kv_seqlens=None):
-    return GatedAttentionFunction.apply(q, k, v, g, causal, cu_seqlens, max_seqlen, softmax_scale, kv_seqlens)
+    """The public function: the custom op training takes (the decode path when no input needs a gradient)."""
+    return gated_attention(q, k, v, g, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                           softmax_scale=softmax_scale, kv_seqlens=kv_seqlens)
 
 
 def _check_fp32(leaves, **kw):
@@ -74,7 +76,8 @@ def _check_fp32(leaves, **kw):
      (1, 1, 2, 2, 32),     # single token
      (2, 33, 3, 1, 64),    # MQA, 3 query heads, head dim 64
      (1, 17, 2, 2, 128),   # head dim 128
-     (1, 20, 2, 1, 24)],   # head dim not a power of two (masked tile)
+     (1, 20, 2, 1, 24),    # head dim not a power of two (masked tile)
+     (2, 37, 9, 3, 64)],   # SmolLM2-135M: 9 query / 3 KV heads (not a power of two), head dim 64
 )
 def test_padded_random_gate(b, t, hq, hkv, d, causal):
     _check_fp32(_inputs((b, t, hq, d), (b, t, hkv, d), "random"), causal=causal)
@@ -112,6 +115,47 @@ def test_varlen_no_cross_document_attention(causal):
     q, k, v, g = (t.detach()[5:22].unsqueeze(0) for t in leaves)
     alone = _triton(q, k, v, g, causal=causal)[0]
     torch.testing.assert_close(got[0][5:22], alone, atol=1e-5, rtol=1e-5)
+
+
+@requires_triton_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_smollm2_shape_packed(dtype):
+    """SmolLM2-135M's attention (9 query / 3 KV heads, head dim 64), packed with a 1-token document and tokens
+    past the last document, forward and every gradient (fp16 by the flash-attn rule; bf16 dots are wrong in
+    the interpreter)."""
+    cu = torch.tensor([0, 1, 19, 52], dtype=torch.int32, device=DEV)
+    leaves = _inputs((55, 9, 64), (55, 3, 64), "random", seed=16)
+    if dtype == torch.float32:
+        got = _check_fp32(leaves, causal=True, cu_seqlens=cu, max_seqlen=33)
+        assert all(t[52:].abs().max() == 0 for t in got)
+    else:
+        _check_low_precision(leaves, dtype, causal=True, cu_seqlens=cu, max_seqlen=33)
+
+
+@requires_triton_path
+def test_gate_gradient_is_deterministic():
+    """The gate's gradient is summed from per-query-block partials, not with atomics: bit-identical reruns."""
+    leaves = _inputs((1, 45, 9, 64), (1, 45, 3, 64), "random", seed=17)
+    do = torch.randn(leaves[0].shape, generator=torch.Generator().manual_seed(3)).to(DEV)
+    first, second = _run(_triton, leaves, do), _run(_triton, leaves, do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@requires_triton_path
+def test_one_autograd_path(monkeypatch):
+    """gated_attention (what training calls) is the custom op: its backward is one call of the registered bwd op,
+    and the package's GatedAttentionFunction export is that same op, not a second autograd.Function."""
+    leaves = _inputs((1, 17, 9, 64), (1, 17, 3, 64), "random", seed=18)
+    do = torch.randn(leaves[0].shape, generator=torch.Generator().manual_seed(4)).to(DEV)
+    calls = []
+    real_bwd = ga.gated_attention_bwd
+    monkeypatch.setattr(ga, "gated_attention_bwd", lambda *a: calls.append(1) or real_bwd(*a))
+    via_public = _run(_triton, leaves, do)
+    assert calls == [1]
+    via_export = _run(lambda q, k, v, g, **kw: ga.GatedAttentionFunction.apply(q, k, v, g, True), leaves, do)
+    assert calls == [1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(via_public, via_export, strict=True))
+    assert not issubclass(ga.GatedAttentionFunction, torch.autograd.Function)
 
 
 @requires_triton_path

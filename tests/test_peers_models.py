@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pipeline.model.base import ADAPTER_CONFIG, read_export_meta
-from pipeline.model.load import load_export, load_method
-from pipeline.model.methods import get_method, method_names
+from pipeline.model import load_export, load_method
+from pipeline.model import get_method, method_names
+from pipeline.model.methods import clip_features
 
 PEERS = ["llama_adapter", "lavin", "excitor", "iaa"]
 
@@ -170,12 +171,10 @@ def test_bad_config_names_the_field(name, field, value):
 
 @pytest.mark.parametrize("name", ["llama_adapter", "excitor", "iaa"])
 def test_precomputed_clip_features_equal_the_pixel_path(name, tiny_dirs, clip_dir):
-    """What shards.encode would write (pipeline.model.clip.CLIPFeatures, spec method:<name>) gives the same logits
-    as the pixels through the model's own CLIP."""
-    from pipeline.model.clip import CLIPFeatures
-
+    """What shards.encode would write (pipeline.model.methods.clip_features, spec method:<name>) gives the same
+    logits as the pixels through the model's own CLIP."""
     model = make(name, tiny_dirs, clip_dir)
-    feats_fn = CLIPFeatures(model.vpg, f"method:{name}")
+    feats_fn = clip_features(model.vpg, f"method:{name}")
     if name == "excitor":  # precomputed patch rows need one placeholder per row (the collator's check)
         model = make(name, tiny_dirs, clip_dir, num_query_tokens=feats_fn.num_query_tokens)
     assert feats_fn.num_query_tokens == model.cfg.num_query_tokens
@@ -255,7 +254,7 @@ def test_peer_presets_load_and_fill_every_ds_config(preset, method, stages):
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / f"{preset}.yaml")
     assert cfg.model.method == method and [s.stage for s in cfg.stages] == stages
-    get_method(method).config_cls.from_dict(dict(cfg.model.peer))
+    assert isinstance(cfg.model.peer, get_method(method).config_cls)  # model.peer is typed by the method
     for ds in ("zero1", "zero2", "zero3", "zero2_offload"):
         raw = load_ds_config(repo / "ds_configs" / f"{ds}.json")
         for s in cfg.stages:

@@ -10,6 +10,8 @@ import torch
 
 from pipeline.data import DataConfig, SourceConfig, build_loader
 from pipeline.data.transforms import decode_image, default_mean_std, normalise
+from pipeline.model import load_clip
+from pipeline.model.methods import clip_features
 from shards.demo import DemoConfig, build_demo
 from shards.encode import load_vpg, main
 from tests.datagen import tiny_tokenizer
@@ -72,15 +74,13 @@ def _png():
 
 def test_encode_clip_features_for_a_peer(tmp_path, monkeypatch):
     """--clip tiny --clip-features method:<peer> writes what that peer's front end computes from the pixels."""
-    from pipeline.model.clip import CLIPFeatures, CLIPFrontEnd
-
     monkeypatch.setenv("PILL_TINY_DIR", str(tmp_path / "tiny"))
     build_demo(DemoConfig(n_train=4, n_val=0, image_size=64), tmp_path / "px", max_samples=4)
     args = ["--shards", str(tmp_path / "px" / "train-000000.tar"), "--clip", "tiny", "--clip-features",
             "method:lavin", "--out", str(tmp_path / "ft"), "--no-progress"]
     assert main(args) == 0
     idx = json.loads((tmp_path / "ft" / "train-index.json").read_text())
-    feats = CLIPFeatures(CLIPFrontEnd.from_pretrained("tiny"), "method:lavin")
+    feats = clip_features(load_clip("tiny"), "method:lavin")
     assert idx["vpg"].startswith("clip:tiny:cls:") and idx["num_query_tokens"] == feats.num_query_tokens
     with tarfile.open(tmp_path / "ft" / "train-000000.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar}

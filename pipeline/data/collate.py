@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.chat_template import TemplateError
 from pipeline.data.config import DataConfig
-from pipeline.data.prompts import PromptError, count_markers, detect_task, render
+from pipeline.data.prompts import PromptError, count_markers, detect_task, render, resolve_prompt_format
 from pipeline.data.records import SkipCounter
 from pipeline.data.tokenize import IGNORE, Encoded, conversation_pieces, encode_pieces
 from pipeline.data.transforms import (
@@ -33,10 +34,12 @@ from pipeline.data.transforms import (
 
 
 class Collator:
-    def __init__(self, cfg: DataConfig, tokenizer: Any, num_query_tokens: int, mean: tuple, std: tuple,
-                 with_meta: bool = False):
+    def __init__(
+        self, cfg: DataConfig, tokenizer: Any, num_query_tokens: int, mean: tuple, std: tuple, with_meta: bool = False
+    ):
         self.cfg, self.tok, self.mean, self.std = cfg, tokenizer, mean, std
         self.K, self.with_meta = num_query_tokens, with_meta
+        self.prompt_format = resolve_prompt_format(cfg.prompt_format, tokenizer)  # llama2 | chat_template
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
 
@@ -65,8 +68,10 @@ class Collator:
             return self._dummy()
         kinds = {"features" if v.ndim == 2 else "pixels" for v in images}
         if len(kinds) > 1:
-            raise ValueError("a batch mixes pixel and feature samples; mix sources of one kind only "
-                             f"(shards {sorted({r['__shard__'] for r in kept})})")
+            raise ValueError(
+                "a batch mixes pixel and feature samples; mix sources of one kind only "
+                f"(shards {sorted({r['__shard__'] for r in kept})})"
+            )
         batch = self._pack(rows) if self.cfg.pack else self._pad(rows)
         if kinds == {"features"}:
             batch["image_features"] = torch.from_numpy(np.stack(images)).float()
@@ -95,8 +100,7 @@ class Collator:
             return _skip(counter, r, "missing_image", "")
         listed = meta.get("image")
         if isinstance(listed, list) and exts and len(listed) != len(exts):
-            return _skip(counter, r, "image_count_mismatch", f"json lists {len(listed)} images, tar has "
-                                                             f"{len(exts)}")
+            return _skip(counter, r, "image_count_mismatch", f"json lists {len(listed)} images, tar has {len(exts)}")
         try:
             conv = render(meta, _txt(r), task, len(exts), self.cfg)
         except (PromptError, KeyError, TypeError, AttributeError) as e:
@@ -116,7 +120,10 @@ class Collator:
             except Exception as err:  # numpy / torch / PIL raise many types on bad bytes
                 reason = "bad_features" if feat_e else "undecodable_image"
                 return _skip(counter, r, reason, f".{e}: {type(err).__name__}: {err}")
-        return conversation_pieces(conv), visual
+        try:
+            return conversation_pieces(conv, prompt_format=self.prompt_format, tokenizer=self.tok), visual
+        except TemplateError as e:  # a template problem is the config's, not the sample's: stop with its name
+            raise ValueError(f"data.prompt_format={self.cfg.prompt_format}: {e}") from e
 
     def _pad(self, rows: list[Encoded]) -> dict[str, Any]:
         B, T = len(rows), max(len(e.input_ids) for e in rows)
@@ -127,8 +134,12 @@ class Collator:
         for i, e in enumerate(rows):
             n = len(e.input_ids)
             ids[i, :n], labels[i, :n], mm[i, :n], att[i, :n] = e.input_ids, e.labels, e.modality_mask, 1
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(att),
-                "labels": torch.from_numpy(labels), "modality_mask": torch.from_numpy(mm)}
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(att),
+            "labels": torch.from_numpy(labels),
+            "modality_mask": torch.from_numpy(mm),
+        }
 
     def _pack(self, rows: list[Encoded]) -> dict[str, Any]:
         lens = np.array([len(e.input_ids) for e in rows])
@@ -137,17 +148,26 @@ class Collator:
         total = int(cu[-1])
         pos = np.arange(total) - np.repeat(cu[:-1], lens)  # restarts at 0 at every sample
         cat = {k: np.concatenate([getattr(e, k) for e in rows])[None] for k in ("input_ids", "labels", "modality_mask")}
-        return {"input_ids": torch.from_numpy(cat["input_ids"]),
-                "attention_mask": torch.ones(1, total, dtype=torch.long),
-                "labels": torch.from_numpy(cat["labels"]), "modality_mask": torch.from_numpy(cat["modality_mask"]),
-                "cu_seqlens": torch.from_numpy(cu), "position_ids": torch.from_numpy(pos[None].astype(np.int64))}
+        return {
+            "input_ids": torch.from_numpy(cat["input_ids"]),
+            "attention_mask": torch.ones(1, total, dtype=torch.long),
+            "labels": torch.from_numpy(cat["labels"]),
+            "modality_mask": torch.from_numpy(cat["modality_mask"]),
+            "cu_seqlens": torch.from_numpy(cu),
+            "position_ids": torch.from_numpy(pos[None].astype(np.int64)),
+        }
 
     def _dummy(self) -> dict[str, Any]:
         bos, eos = self.tok.bos_token_id, self.tok.eos_token_id
-        batch = {"input_ids": torch.tensor([[bos, eos]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
-                 "labels": torch.tensor([[IGNORE, eos]]), "modality_mask": torch.zeros(1, 2, dtype=torch.bool),
-                 "pixel_values": torch.empty(0, 3, self.cfg.image_size, self.cfg.image_size),
-                 "num_samples": 0}
+        bos = eos if bos is None else bos  # ChatML tokenizers (Qwen, SmolLM2) have no bos
+        batch = {
+            "input_ids": torch.tensor([[bos, eos]]),
+            "attention_mask": torch.ones(1, 2, dtype=torch.long),
+            "labels": torch.tensor([[IGNORE, eos]]),
+            "modality_mask": torch.zeros(1, 2, dtype=torch.bool),
+            "pixel_values": torch.empty(0, 3, self.cfg.image_size, self.cfg.image_size),
+            "num_samples": 0,
+        }
         if self.with_meta:
             batch["meta"] = [{"dummy": True}]
         if self.cfg.pack:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 TASKS = ("auto", "caption", "scienceqa", "chat")
 SQA_FORMATS = ("QCM-A", "QCM-ALE")
 IMAGE_INPUTS = ("auto", "pixels", "features")
+PromptFormat = Literal["auto", "llama2", "chat_template"]
+PROMPT_FORMATS: tuple[str, ...] = get_args(PromptFormat)
 DEFAULT_SYSTEM = (
     "You are a helpful assistant. Look at the image (if any), read the question, context and options, "
     "and answer with the letter of the correct option."
@@ -66,19 +69,29 @@ class DataConfig:
     system_message: str = DEFAULT_SYSTEM
     caption_instruction: str = "Describe the image briefly."
     """stage-1 instruction when a sample has no LLaVA conversation (e.g. img2dataset output)"""
+    prompt_format: PromptFormat = "auto"
+    """llama2: the paper's `[INST] ... [/INST]` turns; chat_template: the tokenizer's own chat template; auto:
+    llama2 for a tokenizer without a template or with LLaMA-2's `[INST]` one, else chat_template (docs/data.md)"""
     pack: bool = False
     """concatenate the batch into one row with cu_seqlens / position_ids instead of padding"""
     log_skips: int = 20
     """log the first N skips per reason and worker with shard and key (all are counted)"""
 
     def __post_init__(self) -> None:
-        for name, lo in (("max_length", 8), ("num_workers", 0), ("shuffle_buffer", 0), ("image_size", 8),
-                         ("log_skips", 0)):
+        for name, lo in (
+            ("max_length", 8),
+            ("num_workers", 0),
+            ("shuffle_buffer", 0),
+            ("image_size", 8),
+            ("log_skips", 0),
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"data.{name} must be an integer >= {lo}, got {v!r}")
         if self.image_input not in IMAGE_INPUTS:
             raise ValueError(f"data.image_input must be {'|'.join(IMAGE_INPUTS)}, got {self.image_input!r}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"data.prompt_format must be {'|'.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         if self.sqa_format not in SQA_FORMATS:
             raise ValueError(f"data.sqa_format must be {'|'.join(SQA_FORMATS)}, got {self.sqa_format!r}")
         for name in ("image_mean", "image_std"):
@@ -123,8 +136,10 @@ class LoaderSpec:
             if getattr(self, name) < lo:
                 raise ValueError(f"build_loader: {name} must be >= {lo}, got {getattr(self, name)}")
         if self.data.max_length <= self.num_query_tokens + 4:
-            raise ValueError(f"data.max_length {self.data.max_length} leaves no room for text around "
-                             f"{self.num_query_tokens} visual positions")
+            raise ValueError(
+                f"data.max_length {self.data.max_length} leaves no room for text around "
+                f"{self.num_query_tokens} visual positions"
+            )
         if self.data.resampled and not self.samples_per_epoch:
             raise ValueError("data.resampled needs samples_per_epoch (the stream is infinite)")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:

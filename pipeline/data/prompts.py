@@ -9,18 +9,26 @@ markers are dropped). Several images: the text must hold exactly one marker per 
     ScienceQA:  [INST] <<SYS>>\n{system}\n<</SYS>>\n\nImage:<image>\nQuestion: ...\nContext: ...\nOptions: (A) ...
                 (B) ...\n [/INST] The answer is A. BECAUSE: {lecture} {solution}        (QCM-ALE; QCM-A stops at '.')
     chat:       [INST] {human 1} [/INST] {gpt 1} </s><s>[INST] {human 2} [/INST] {gpt 2} ...
+
+That is the `llama2` prompt format (the paper's). `chat_template` renders the same Conversation through the
+tokenizer's own chat template instead (chat_template.py); `resolve_prompt_format` picks one for `auto`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import string
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from pipeline.data.config import DataConfig
+from pipeline.data.config import PROMPT_FORMATS, DataConfig
 
 IMAGE = "<image>"
 LETTERS = string.ascii_uppercase
+log = logging.getLogger(__name__)
+_LOGGED: set[tuple[str, str]] = set()  # (tokenizer name, choice): the auto choice is logged once per process
 
 
 class PromptError(ValueError):
@@ -84,8 +92,9 @@ def render(meta: dict[str, Any], txt: str | None, task: str, n_images: int | boo
         for f in ("question", "choices", "answer"):
             if f not in meta:
                 raise PromptError("missing_field", f"ScienceQA record without '{f}' (has {sorted(meta)[:12]})")
-        return Conversation(cfg.system_message, [(scienceqa_user(meta, n, cfg.use_captions),
-                                                  scienceqa_answer(meta, cfg.sqa_format))])
+        return Conversation(
+            cfg.system_message, [(scienceqa_user(meta, n, cfg.use_captions), scienceqa_answer(meta, cfg.sqa_format))]
+        )
     if task == "caption":
         conv = meta.get("conversations")
         caption = (txt or "").strip() or str(meta.get("caption") or "").strip()
@@ -120,8 +129,9 @@ def with_image_markers(turns: list[tuple[str, str]], n_images: int) -> list[tupl
     """The user texts with exactly n_images markers in all (see the module docstring for the rules)."""
     found = sum(u.count(IMAGE) for u, _ in turns)
     if n_images <= 1:
-        out = [(with_image_marker(u, bool(n_images) and k == _first_marked(turns)), a) for k, (u, a) in
-               enumerate(turns)]
+        out = [
+            (with_image_marker(u, bool(n_images) and k == _first_marked(turns)), a) for k, (u, a) in enumerate(turns)
+        ]
         return out
     if found != n_images:
         raise PromptError("image_count_mismatch", f"{n_images} images but {found} {IMAGE} markers in the text")
@@ -141,3 +151,75 @@ def with_image_marker(text: str, has_image: bool) -> str:
         return f"{IMAGE}\n{text}"
     first = text.index(IMAGE) + len(IMAGE)
     return text[:first] + text[first:].replace(IMAGE, "")
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def chat_template_text(tokenizer: Any) -> str:
+    """The tokenizer's chat template source ('' when it has none; several named templates are joined)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        return "\n".join(str(t) for t in template.values())
+    return template or ""
+
+
+def resolve_prompt_format(setting: str, tokenizer: Any) -> str:
+    """`data.prompt_format` -> "llama2" or "chat_template".
+
+    auto: "llama2" when the tokenizer has no chat template, or when its template is LLaMA-2's own `[INST]` turn
+    format (Llama-2-chat, Mistral-Instruct: the paper's prompts are that format); else "chat_template". The auto
+    choice is logged once (INFO), naming the tokenizer."""
+    if setting not in PROMPT_FORMATS:
+        raise ValueError(f"data.prompt_format must be {'|'.join(PROMPT_FORMATS)}, got {setting!r}")
+    template = chat_template_text(tokenizer)
+    if setting == "chat_template" and not template:
+        raise ValueError(
+            f"data.prompt_format=chat_template but the tokenizer {tokenizer_name(tokenizer)} has no chat_template"
+        )
+    if setting != "auto":
+        return setting
+    if not template:
+        choice, why = "llama2", "it has no chat_template"
+    elif "[INST]" in template:
+        choice, why = "llama2", "its chat_template is the LLaMA-2 [INST] format"
+    else:
+        choice, why = "chat_template", "it has a chat_template of its own"
+    if (tokenizer_name(tokenizer), choice) not in _LOGGED:
+        _LOGGED.add((tokenizer_name(tokenizer), choice))
+        log.info("data.prompt_format=auto -> %s for tokenizer %s (%s)", choice, tokenizer_name(tokenizer), why)
+    return choice
+
+
+def saved_chat_template(llm_dir: str | Path) -> str | None:
+    """The chat template of the tokenizer saved in `llm_dir`, read from its files without loading it (the check runs
+    before any model load): chat_template.jinja, chat_template.json or tokenizer_config.json's "chat_template"
+    (a string, or a list of named templates); "" when it has none. None when `llm_dir` is not a local directory (a
+    named source such as "tiny" or a .gguf file, materialised later: the collator checks it then)."""
+    d = Path(llm_dir)
+    if not d.is_dir():
+        return None
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        f = d / name
+        template = json.loads(f.read_text(encoding="utf-8")).get("chat_template") if f.is_file() else None
+        if isinstance(template, list):  # [{"name": ..., "template": ...}]
+            template = "\n".join(str(t.get("template", "")) for t in template)
+        if template:
+            return str(template)
+    return ""
+
+
+def prompt_format_problem(setting: str, llm_dir: str | Path) -> str | None:
+    """What is wrong with `data.prompt_format` for the LLM in `llm_dir` (None: nothing that can be seen from its
+    files), for the checks before launch."""
+    if setting not in PROMPT_FORMATS:
+        return f"data.prompt_format must be {'|'.join(PROMPT_FORMATS)}, got {setting!r}"
+    if setting == "chat_template" and saved_chat_template(llm_dir) == "":
+        return (
+            f"data.prompt_format=chat_template but the tokenizer in {llm_dir} has no chat_template; use "
+            "data.prompt_format=llama2 (or auto)"
+        )
+    return None

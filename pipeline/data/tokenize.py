@@ -1,7 +1,9 @@
 """Conversations -> token ids, labels and modality_mask, for a whole batch with one tokenizer call.
 
-Layout (LLaMA-2 chat; <s>/</s> are the tokenizer's BOS/EOS ids, never tokenised text):
+Layout of prompt_format "llama2" (LLaMA-2 chat; <s>/</s> are the tokenizer's BOS/EOS ids, never tokenised text):
     <s>[INST] {sys block}{user text} [/INST]{answer}</s><s>[INST] {user 2} [/INST]{answer 2}</s> ...
+prompt_format "chat_template": the tokenizer's own template renders the text (chat_template.py says where the labels
+go); its special tokens are tokenised from that text.
 Each `<image>` marker becomes K placeholder positions (`image_placeholder_id`, overwritten by the model), with
 modality_mask True there. Labels equal input_ids on answer tokens and their EOS, -100 elsewhere (HF shift convention:
 the model shifts). Text pieces are tokenised separately (boundaries at images and answers), so the prompt used at
@@ -20,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.constants import image_placeholder_id
-from pipeline.data.prompts import IMAGE, Conversation
+from pipeline.data.chat_template import template_pieces
+from pipeline.data.prompts import IMAGE, Conversation, resolve_prompt_format
 
 IGNORE = -100
 SYS_BLOCK = "<<SYS>>\n{}\n<</SYS>>\n\n"
@@ -38,7 +41,19 @@ class Encoded:
 
 
 # piece kinds: ("bos",), ("eos", train), ("text", str, train), ("image",)
-def conversation_pieces(conv: Conversation, with_answer: bool = True) -> list[tuple]:
+def conversation_pieces(
+    conv: Conversation, with_answer: bool = True, prompt_format: str = "llama2", tokenizer: Any = None
+) -> list[tuple]:
+    """The pieces of a conversation in a prompt format (auto and chat_template need the tokenizer)."""
+    if prompt_format != "llama2":
+        if tokenizer is None:
+            raise ValueError(f"prompt_format {prompt_format!r} needs the tokenizer")
+        if resolve_prompt_format(prompt_format, tokenizer) == "chat_template":
+            return template_pieces(conv, tokenizer, with_answer)
+    return llama2_pieces(conv, with_answer)
+
+
+def llama2_pieces(conv: Conversation, with_answer: bool = True) -> list[tuple]:
     pieces: list[tuple] = []
     for k, (user, answer) in enumerate(conv.turns):
         last = k == len(conv.turns) - 1
@@ -61,13 +76,21 @@ def conversation_pieces(conv: Conversation, with_answer: bool = True) -> list[tu
     return pieces
 
 
-def encode_pieces(batch_pieces: list[list[tuple]], tokenizer: Any, num_query_tokens: int, max_length: int | None,
-                  ) -> list[Encoded | None]:
+def encode_pieces(
+    batch_pieces: list[list[tuple]],
+    tokenizer: Any,
+    num_query_tokens: int,
+    max_length: int | None,
+) -> list[Encoded | None]:
     """One batched tokenizer call for every text piece of the batch; None for samples truncated to no answer."""
     ids_list = _tokenize([p for pieces in batch_pieces for p in pieces if p[0] == "text"], tokenizer)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or eos is None:
-        raise ValueError("the tokenizer needs bos_token_id and eos_token_id (LLaMA-style <s> and </s>)")
+    needs = {p[0] for pieces in batch_pieces for p in pieces} & {"bos", "eos"}
+    if ("bos" in needs and bos is None) or ("eos" in needs and eos is None):
+        raise ValueError(
+            f"prompt_format llama2 needs the tokenizer's bos_token_id and eos_token_id (LLaMA-style <s> "
+            f"and </s>); {getattr(tokenizer, 'name_or_path', '')} has bos={bos} eos={eos}"
+        )
     ph = placeholder_id(tokenizer)
     K = num_query_tokens
     out: list[Encoded | None] = []
@@ -103,11 +126,15 @@ def encode_pieces(batch_pieces: list[list[tuple]], tokenizer: Any, num_query_tok
             ids, train, vis = ids[:cut], train[:cut], vis[:cut]
         arr = np.asarray(ids, dtype=np.int64)
         tr = np.asarray(train, dtype=bool)
-        if max_length is not None and not tr.any() and any(p[0] == "eos" for p in pieces):
+        if max_length is not None and not tr.any() and any(_trained(p) for p in pieces):
             out.append(None)
             continue
         out.append(Encoded(arr, np.where(tr, arr, IGNORE), np.asarray(vis, dtype=bool), n_img))
     return out
+
+
+def _trained(piece: tuple) -> bool:
+    return (piece[0] == "eos" and piece[1]) or (piece[0] == "text" and piece[2])
 
 
 _PROMPT_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {prompt text: ids}
@@ -138,6 +165,8 @@ def _tokenize(text_pieces: list[tuple], tokenizer: Any) -> list[list[int]]:
     return out  # type: ignore[return-value]
 
 
-def encode_prompt(conv: Conversation, tokenizer: Any, num_query_tokens: int) -> Encoded:
-    """The generation prompt: everything up to and including the last `[/INST]`, no answer, no truncation."""
-    return encode_pieces([conversation_pieces(conv, with_answer=False)], tokenizer, num_query_tokens, None)[0]
+def encode_prompt(conv: Conversation, tokenizer: Any, num_query_tokens: int, prompt_format: str = "auto") -> Encoded:
+    """The generation prompt: everything up to the last answer (llama2: the last `[/INST]`; a template: its
+    generation prompt), no answer, no truncation."""
+    pieces = conversation_pieces(conv, with_answer=False, prompt_format=prompt_format, tokenizer=tokenizer)
+    return encode_pieces([pieces], tokenizer, num_query_tokens, None)[0]

@@ -16,9 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.data.eval import chat_prompt, image_tensor
 from pipeline.eval.mme_data import MMEQuestion, load_mme
 from pipeline.eval.mme_scoring import markdown_table, score_mme
-from pipeline.generate import GenerationConfig, add_model_args, generate, load_trained
+from pipeline.generate import GenerationConfig, add_model_args, check_model_args, generate, load_trained
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def answer_questions(model, questions: list[MMEQuestion], cfg: GenerationConfig, batch_size: int,
-                     progress: bool = False) -> list[str]:
-    """Generated text per question; images are decoded chunk by chunk (the whole set does not fit in memory)."""
-    from pipeline.eval.inputs import chat_prompt, image_tensor
-
+def answer_questions(
+    model,
+    questions: list[MMEQuestion],
+    cfg: GenerationConfig,
+    batch_size: int,
+    progress: bool = False,
+    prompt_format: str = "auto",
+) -> list[str]:
+    """Generated text per question, prompts in prompt_format; images are decoded chunk by chunk (the whole set does
+    not fit in memory)."""
     texts: list[str] = []
     bar = None
     if progress:
@@ -46,7 +52,10 @@ def answer_questions(model, questions: list[MMEQuestion], cfg: GenerationConfig,
         bar = tqdm(total=len(questions), desc="MME", unit="question")
     it = iter(questions)
     while chunk := list(itertools.islice(it, batch_size * 8)):
-        prompts = [chat_prompt(model, q.question, image_tensor(q.image_path, model)) for q in chunk]
+        prompts = [
+            chat_prompt(model, q.question, image_tensor(q.image_path, model), prompt_format=prompt_format)
+            for q in chunk
+        ]
         texts += generate(model, prompts, cfg, batch_size)
         if bar is not None:
             bar.update(len(chunk))
@@ -81,14 +90,22 @@ def write_and_score(out: Path, questions: list[MMEQuestion], texts: list[str]) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_model_args(parser, args)
     subtasks = [t.strip() for t in args.subtasks.split(",")] if args.subtasks else None
     questions = load_mme(args.mme_root, subtasks)[: args.limit]
     model = load_trained(args.llm, args.adapter, args.vpg, args.attn_backend, args.device)
     if model.vpg is None:
         raise ValueError("MME needs the VPG (--vpg): its images are pixels, not precomputed features")
-    texts = answer_questions(model, questions, GenerationConfig(max_new_tokens=args.max_new_tokens),
-                             args.batch_size, progress=True)
+    texts = answer_questions(
+        model,
+        questions,
+        GenerationConfig(max_new_tokens=args.max_new_tokens),
+        args.batch_size,
+        progress=True,
+        prompt_format=args.prompt_format,
+    )
     out = Path(args.out_dir)
     scores = write_and_score(out, questions, texts)
     (out / "scores.json").write_text(json.dumps(scores, indent=2))

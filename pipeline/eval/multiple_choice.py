@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data.eval import rerender_without_image
+from pipeline.data.prompt_cut import Prompt, iter_prompts
 from pipeline.eval.parsing import OPTION_LETTERS, parse_choice
-from pipeline.eval.prompts import Prompt, iter_prompts
 from pipeline.eval.sqa_scoring import MCRecord, categories_of, score_multiple_choice
 from pipeline.generate import GenerationConfig, batch_images, generate, model_device_dtype
 
@@ -41,8 +42,10 @@ def sample_categories(meta: dict) -> tuple[str, ...]:
 def _check_meta(p: Prompt) -> tuple[list, int]:
     for field in ("choices", "answer"):
         if field not in p.meta:
-            raise KeyError(f"sample {p.key}: field '{field}' missing; multiple-choice evaluation needs "
-                           "ScienceQA-style json (question, choices, answer index)")
+            raise KeyError(
+                f"sample {p.key}: field '{field}' missing; multiple-choice evaluation needs "
+                "ScienceQA-style json (question, choices, answer index)"
+            )
     return p.meta["choices"], int(p.meta["answer"])
 
 
@@ -50,15 +53,19 @@ def letter_token_ids(tokenizer, num_choices: int) -> tuple[list[int], list[int]]
     """(prefix ids of "The answer is", [id of each option letter right after it]), tokenised the way the data
     pipeline tokenises an answer (its own tokenizer call, no special tokens). Raises when a letter is not one
     token after a shared prefix (then use mode='generate')."""
-    seqs = [tokenizer(f"{ANSWER_PREFIX}{OPTION_LETTERS[i]}.", add_special_tokens=False)["input_ids"]
-            for i in range(num_choices)]
+    seqs = [
+        tokenizer(f"{ANSWER_PREFIX}{OPTION_LETTERS[i]}.", add_special_tokens=False)["input_ids"]
+        for i in range(num_choices)
+    ]
     n = 0
     while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
         n += 1
     letters = [s[n] if len(s) > n else None for s in seqs]
     if None in letters or len(set(letters)) != num_choices or any(s[:n] != seqs[0][:n] for s in seqs):
-        raise ValueError(f"option letters do not tokenise to distinct single tokens after {ANSWER_PREFIX!r}; "
-                         "logit scoring is not possible with this tokenizer, use mode='generate'")
+        raise ValueError(
+            f"option letters do not tokenise to distinct single tokens after {ANSWER_PREFIX!r}; "
+            "logit scoring is not possible with this tokenizer, use mode='generate'"
+        )
     return seqs[0][:n], letters
 
 
@@ -70,7 +77,7 @@ def predict_by_logits(model, prompts: Sequence[Prompt], batch_size: int = 8) -> 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     preds = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         rows, cands = [], []
         for p in chunk:
             prefix, letters = letter_token_ids(tok, len(_check_meta(p)[0]))
@@ -81,9 +88,17 @@ def predict_by_logits(model, prompts: Sequence[Prompt], batch_size: int = 8) -> 
         mm = torch.zeros((len(rows), T), dtype=torch.bool)
         attn = torch.zeros((len(rows), T), dtype=torch.long)
         for b, (r_ids, r_mm) in enumerate(rows):
-            ids[b, :len(r_ids)], mm[b, :len(r_ids)], attn[b, :len(r_ids)] = torch.tensor(r_ids), torch.tensor(r_mm), 1
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), modality_mask=mm.to(device),
-                       **batch_images(chunk, device, dtype)).logits
+            ids[b, : len(r_ids)], mm[b, : len(r_ids)], attn[b, : len(r_ids)] = (
+                torch.tensor(r_ids),
+                torch.tensor(r_mm),
+                1,
+            )
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            modality_mask=mm.to(device),
+            **batch_images(chunk, device, dtype),
+        ).logits
         last = attn.sum(1) - 1
         for b, letters in enumerate(cands):
             preds.append(int(logits[b, last[b], letters].argmax()))
@@ -107,7 +122,7 @@ def evaluate_multiple_choice(
     """Score a model on multiple-choice samples.
 
     model: the PILL module (with DeepSpeed, ``engine.module``). batches: collated stage-2 batches from
-    pipeline.data (e.g. ``pipeline.eval.inputs.eval_batches``) or ready ``Prompt``s. data_cfg: the DataConfig
+    pipeline.data (e.g. ``pipeline.data.eval.eval_batches``) or ready ``Prompt``s. data_cfg: the DataConfig
     the batches were built with (used only to re-render prompts for drop_images; default: training defaults).
     Returns score_multiple_choice's dict (accuracy, n, correct, chance, unparsed, accuracy_random_fallback,
     categories) plus mode and images; with predictions_path, one JSON line per sample.
@@ -125,17 +140,9 @@ def evaluate_multiple_choice(
     try:
         # Stream in chunks: a whole test set's pixel_values would not fit in host memory at once.
         for chunk in _chunks(_prompts(model, batches, limit, drop_images, data_cfg), batch_size * 8):
-            if mode == "generate":
-                out = generate(model, chunk, GenerationConfig(max_new_tokens=max_new_tokens), batch_size)
-                preds = [parse_choice(t, len(_check_meta(p)[0])) for p, t in zip(chunk, out)]
-            else:
-                preds = predict_by_logits(model, chunk, batch_size)
-                out = [f"{ANSWER_PREFIX}{OPTION_LETTERS[i]}." for i in preds]
+            preds, out = _predict(model, chunk, mode, max_new_tokens, batch_size)
             texts += out
-            for p, pred in zip(chunk, preds):
-                choices, answer = _check_meta(p)
-                records.append(MCRecord(key=p.key, answer=answer, num_choices=len(choices), pred=pred,
-                                        categories=sample_categories(p.meta)))
+            records += [_record(p, pred) for p, pred in zip(chunk, preds)]
             if bar is not None:
                 bar.update(len(chunk))
     finally:
@@ -151,6 +158,20 @@ def evaluate_multiple_choice(
     return scores
 
 
+def _predict(model, chunk: list[Prompt], mode: str, max_new_tokens: int, batch_size: int):
+    """(predicted option index or None per prompt, the text it was read from)."""
+    if mode == "generate":
+        out = generate(model, chunk, GenerationConfig(max_new_tokens=max_new_tokens), batch_size)
+        return [parse_choice(t, len(_check_meta(p)[0])) for p, t in zip(chunk, out)], out
+    preds = predict_by_logits(model, chunk, batch_size)
+    return preds, [f"{ANSWER_PREFIX}{OPTION_LETTERS[i]}." for i in preds]
+
+
+def _record(p: Prompt, pred: int | None) -> MCRecord:
+    choices, answer = _check_meta(p)
+    return MCRecord(key=p.key, answer=answer, num_choices=len(choices), pred=pred, categories=sample_categories(p.meta))
+
+
 def _prompts(model, batches, limit, drop_images, data_cfg) -> Iterator[Prompt]:
     items = iter(batches)
     first = next(items, None)
@@ -162,8 +183,6 @@ def _prompts(model, batches, limit, drop_images, data_cfg) -> Iterator[Prompt]:
     else:
         prompts = iter_prompts(items, model.cfg.num_query_tokens, limit=limit)
     if drop_images:
-        from pipeline.eval.inputs import rerender_without_image
-
         prompts = (rerender_without_image(p, model, data_cfg) for p in prompts)
     yield from prompts
 
@@ -179,6 +198,16 @@ def write_predictions(path: str | Path, records: Sequence[MCRecord], texts: Sequ
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for rec, text in zip(records, texts):
-            f.write(json.dumps({"key": rec.key, "answer": rec.answer, "pred": rec.pred,
-                                "correct": rec.pred == rec.answer,
-                                "generation": text, "categories": list(rec.categories)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "key": rec.key,
+                        "answer": rec.answer,
+                        "pred": rec.pred,
+                        "correct": rec.pred == rec.answer,
+                        "generation": text,
+                        "categories": list(rec.categories),
+                    }
+                )
+                + "\n"
+            )

@@ -11,12 +11,18 @@ can carry fp32 trainables.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pill_kernels import build_route_schedule, routed_swiglu_adapter
 from torch import nn
 
-from pipeline.model.config import AdapterAct
-
+AdapterAct = Literal["swiglu", "gelu", "none"]
+ADAPTER_BACKENDS = ("eager", "triton")
+"""eager: every expert on every token, then select (PILL's reference formulation); triton: the fused kernel."""
+ADAPTER_BACKEND_CHOICES = ("auto", *ADAPTER_BACKENDS)
+AdapterBackend = Literal[ADAPTER_BACKEND_CHOICES]
 TEXT, VISUAL = 0, 1  # expert index per token, as kernels.routed_swiglu_adapter expects
 
 
@@ -68,8 +74,6 @@ class RouteSchedules:
     def get(self, inverted: bool, num_experts: int):
         key = (inverted, num_experts)
         if key not in self._built:
-            from pill_kernels import build_route_schedule
-
             route = self.modality_mask.long() if num_experts > 1 else torch.zeros_like(self.modality_mask,
                                                                                           dtype=torch.long)
             self._built[key] = build_route_schedule(1 - route if inverted else route, num_experts)
@@ -87,8 +91,6 @@ def routed_adapter(x: torch.Tensor, route: torch.Tensor | None, experts: list[Ad
     if len(experts) == 1:
         route = None
     if backend == "triton":
-        from pill_kernels import routed_swiglu_adapter
-
         # The experts stay separate Linear modules (their names are the export format), so their weights are
         # stacked per call: 3 x E x r x d fp32 (1.5 MB per layer at 7B), small beside the layer's frozen weights.
         ws = [e.stacked_weights() for e in experts]

@@ -12,9 +12,11 @@ which is not renormalised. The unfused paths therefore expand K/V to Hq heads be
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pill_kernels import gated_attention
 
 
 @dataclass
@@ -85,8 +87,6 @@ def sdpa_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch.T
 
 def triton_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch.Tensor:
     """kernels.gated_attention: the gate is applied while V tiles are loaded, no gated copy of V exists."""
-    from pill_kernels import gated_attention
-
     if mask.key_padding is not None or (mask.doc_ids is not None and mask.cu_seqlens is None):
         # Left padding only occurs in batched generation; the reference path is exact there.
         return sdpa_attention(q, k, v, value_gate, mask, scale)
@@ -99,3 +99,6 @@ def triton_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch
 
 
 ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "triton": triton_attention}
+ATTN_BACKEND_CHOICES = ("auto", *ATTENTION_BACKENDS)
+"""What a config's attn_backend may say: a backend, or auto (pipeline.model.backends picks one per device)."""
+AttnBackend = Literal[ATTN_BACKEND_CHOICES]

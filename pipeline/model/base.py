@@ -1,8 +1,9 @@
-"""What every method (PILL and its peers) shares: a frozen LLM, a stage's trainable set, the export format.
+"""What every method (PILL and its peers) shares: its table entry, its config base, the frozen LLM, a stage's
+trainable set, the export format.
 
-A method subclasses `FrozenLLMMethod`, sets `method` (its registry name, pipeline.model.methods) and implements
-`is_trainable(name, stage)` and `forward(...) -> MethodOutput`. Everything the trainer, the export and the
-evaluation need beyond that lives here, once:
+A method is one file that defines a `FrozenLLMMethod` subclass, its config (a dataclass on `MethodConfig`) and
+`SPEC = MethodSpec(...)`; one line in pipeline.model.methods adds it to the table (docs/peers.md "Adding a
+method"). What the trainer, the export and the evaluation need beyond the method's own forward lives here, once:
 
 - `set_stage` / `trainable_parameters`: requires_grad on exactly `is_trainable`'s set, the rest frozen;
 - `save_adapter` / `load_adapter`: the trainable weights only, as `adapter_model.safetensors` (fp32) +
@@ -11,19 +12,117 @@ evaluation need beyond that lives here, once:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
+
+from pipeline.model.attention import ATTN_BACKEND_CHOICES
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 EXPORT_FORMAT = "pill-adapter-v1"
 _LLM_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+class MethodConfig:
+    """Base of every method's config dataclass: `stage`, dict/JSON round trip (an unknown key is an error naming
+    it), field checks that name the field, and `take_front_end_shape` (sizes left as None, read off the front end).
+    """
+
+    stage: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def take_front_end_shape(self, front_end: Any) -> None:
+        """Fill sizes left as None (visual tokens per image, feature width) from the front end (None: defaults)."""
+
+    def _check(self, ok: bool, field_name: str, why: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{field_name}={getattr(self, field_name)!r}: {why}")
+
+    def _check_choices(self) -> None:
+        """Every field typed as a Literal holds one of its values (the Literal is the one list of them)."""
+        for name, tp in typing.get_type_hints(type(self)).items():
+            allowed = literal_values(tp)
+            if allowed and getattr(self, name) not in allowed:
+                raise ValueError(f"{type(self).__name__}.{name} must be {'|'.join(map(str, allowed))}, "
+                                 f"got {getattr(self, name)!r}")
+
+    def _check_common(self, stages: tuple[int, ...], backends: tuple[str, ...] = ATTN_BACKEND_CHOICES) -> None:
+        self._check_choices()
+        self._check(self.stage in stages, "stage", f"this method has stage(s) {stages}")
+        self._check(getattr(self, "attn_backend", "auto") in backends, "attn_backend", f"must be one of {backends}")
+        nq = getattr(self, "num_query_tokens", None)
+        self._check(nq is None or nq >= 1, "num_query_tokens", "must be >= 1 (or null: from the front end)")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method's entry in the table of pipeline.model.methods (`model.method` names it)."""
+
+    name: str
+    model_cls: type[FrozenLLMMethod]
+    config_cls: type
+    """A dataclass on MethodConfig."""
+    loader: Callable[..., FrozenLLMMethod]
+    """(llm_path, vision_path, cfg, *, dtype, adapter_path, device) -> model"""
+    meta_model: Callable[..., FrozenLLMMethod]
+    """(llm_config, cfg) -> the method around an LLM of that config on the meta device (pipeline.params)."""
+    front_end: str
+    """"blip2" (BLIP-2 ViT + Q-former, pipeline.model.vpg) or "clip" (CLIP ViT, pipeline.model.clip)."""
+    published: str = ""
+    """The paper's trainable count and how this engine's count relates to it (pipeline.params prints it)."""
+    stages: tuple[int, ...] = (1, 2)
+    """Stages the method has (one-stage methods train in stage 2 only)."""
+    config_section: str = "peer"
+    """Where a training config holds its options: `model.<config_section>`."""
+    group_of: Callable[[str], str] | None = None
+    """Row name of a trainable parameter in pipeline.params' table (None: its first name component)."""
+    layer_memory_model: bool = False
+    """pipeline.memory's activation model covers this method's layers (pipeline.params --memory)."""
+
+    def load(self, llm_path: Any, vision_path: Any, cfg: Any = None, **kwargs: Any) -> FrozenLLMMethod:
+        return self.loader(llm_path, vision_path, cfg if cfg is not None else self.config_cls(), **kwargs)
+
+    def row_of(self, name: str) -> str:
+        return self.group_of(name) if self.group_of is not None else default_group_of(name)
+
+
+def literal_values(tp: Any) -> tuple:
+    """The values of a Literal type (also inside Optional[...]); () for any other type."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(v for a in typing.get_args(tp) for v in literal_values(a))
+    return ()
+
+
+def default_group_of(name: str) -> str:
+    """Module group of a trainable parameter name: its first component, layer indices folded away."""
+    return re.sub(r"\.\d+(\.|$)", r".*\1", name).split(".")[0]
 
 
 @dataclass
@@ -45,9 +144,22 @@ class MethodOutput(ModelOutput):
 
 
 class FrozenLLMMethod(nn.Module):
-    """Base of every method: `self.llm` frozen, `self.cfg` a dataclass with `stage`, `to_dict`, `from_dict`."""
+    """Base of every method. What a method provides, in one place:
+
+    - `method`: its name in the table (pipeline.model.methods);
+    - `__init__(llm, cfg, vpg=None, tokenizer=None)`: `self.llm` frozen, `self.cfg` its MethodConfig, `self.vpg`
+      its frozen visual front end (None with precomputed features); call `super().__init__` after
+      `cfg.take_front_end_shape(vpg)`;
+    - `is_trainable(name, stage)`: the one predicate behind requires_grad and the export;
+    - `forward(input_ids, attention_mask, modality_mask, labels, pixel_values, image_features, position_ids,
+      cu_seqlens, max_seqlen, past_key_values, use_cache, num_items_in_batch, return_logits) -> MethodOutput`;
+    - `checkpoint_layers()`: the per-layer modules activation checkpointing wraps (pipeline.training.
+      checkpointing): by default its `steps` (pipeline.model.seq.LayerStep per layer), else its `blocks`.
+    """
 
     method: ClassVar[str] = ""
+    config_key: ClassVar[str] = "method_config"
+    """The key of adapter_config.json that holds the config (PILL's exports keep their historical name)."""
 
     def __init__(self, llm: nn.Module, cfg: Any, tokenizer: Any = None):
         super().__init__()
@@ -57,6 +169,13 @@ class FrozenLLMMethod(nn.Module):
 
     def is_trainable(self, name: str, stage: int) -> bool:
         raise NotImplementedError(f"{type(self).__name__} must say which parameters each stage trains")
+
+    def checkpoint_layers(self) -> list[nn.Module]:
+        for name in ("steps", "blocks"):
+            if isinstance(getattr(self, name, None), nn.ModuleList):
+                return list(getattr(self, name))
+        raise NotImplementedError(f"{type(self).__name__} has no `steps` or `blocks` ModuleList: define "
+                                  "checkpoint_layers() (the per-layer modules activation checkpointing wraps)")
 
     # ---- stages and parameters -----------------------------------------------------------------------------------
     def set_stage(self, stage: int) -> None:
@@ -79,8 +198,7 @@ class FrozenLLMMethod(nn.Module):
 
     def export_meta(self, keys: list[str]) -> dict[str, Any]:
         c = self.llm.config
-        config_key = "pill_config" if self.method == "pill" else "method_config"
-        return {"format": EXPORT_FORMAT, "method": self.method, config_key: self.cfg.to_dict(),
+        return {"format": EXPORT_FORMAT, "method": self.method, self.config_key: self.cfg.to_dict(),
                 "llm": {"model_type": c.model_type, **{f: getattr(c, f) for f in _LLM_FIELDS}}, "keys": keys}
 
     def save_adapter(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -88,8 +206,6 @@ class FrozenLLMMethod(nn.Module):
 
         `state_dict` overrides the module's own values (e.g. DeepSpeed's fp32 master weights when the module holds
         bf16 copies); its keys must be exactly the stage's trainable set."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         own = self.adapter_state_dict()
@@ -106,11 +222,9 @@ class FrozenLLMMethod(nn.Module):
 
     def load_adapter(self, path: str | Path) -> dict:
         """Load weights saved by save_adapter (any stage of this method) onto this model; returns the saved meta."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         meta = read_export_meta(path)
-        if meta["method"] != self.method:
+        if meta["method"] != self.method and not (meta["method"] is None and meta["config_key"] == self.config_key):
             raise ValueError(f"{path / ADAPTER_CONFIG}: method={meta['method']!r} but this model is {self.method!r}")
         c = self.llm.config
         for f in _LLM_FIELDS:
@@ -157,10 +271,10 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads((path / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path / ADAPTER_CONFIG}: not valid JSON ({e})") from e
-    meta.setdefault("method", "pill")
-    config = meta.get("method_config", meta.get("pill_config"))
-    if not isinstance(config, dict) or "stage" not in config:
-        raise ValueError(f"{path / ADAPTER_CONFIG}: no method_config/pill_config with a stage (not an export "
-                         "written by save_adapter)")
-    meta["config"] = config
+    key = next((k for k in meta if k.endswith("_config") and isinstance(meta[k], dict)), None)
+    if key is None or "stage" not in meta[key]:
+        raise ValueError(f"{path / ADAPTER_CONFIG}: no <method>_config with a stage (not an export written by "
+                         "save_adapter)")
+    meta["config"], meta["config_key"] = meta[key], key
+    meta.setdefault("method", None)  # early exports: the method is the one whose config_key this is (methods.py)
     return meta

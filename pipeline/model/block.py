@@ -11,6 +11,7 @@ Dh head width.
     h_n  = RMSNorm_ffn(h)
     out  = h + FFN(h_n + (A_v(h_n) if visual else A_t(h_n)))
 
+q/k/v are the frozen layer's own (pipeline.model.seq.project_qkv: biases, Qwen3's q/k norms, rope scaling).
 The frozen submodules are called (q_proj(a), not F.linear(a, q_proj.weight)) so DeepSpeed ZeRO-3 hooks fire.
 """
 
@@ -18,11 +19,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
 from pipeline.model.adapters import TEXT, VISUAL, Adapter, RouteSchedules, routed_adapter
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask
 from pipeline.model.config import PILLConfig
+from pipeline.model.seq import project_qkv
 
 KVCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 """Per layer: k after RoPE (B, S, Hkv, Dh), v UNgated (B, S, Hkv, Dh), value_gate (B, S, H) or None.
@@ -71,16 +71,10 @@ class PILLBlock(nn.Module):
         """(output, this layer's cache, mean |gate| over visual tokens and heads (detached) or None)."""
         cfg, attn = self.cfg, base.self_attn
         B, T, _ = x.shape
-        Dh = attn.head_dim
 
         x_n = base.input_layernorm(x)
         a = self.attn_adapter(x_n) if self.attn_adapter is not None else x_n
-        # flash layout throughout: the Triton kernel reads these without a copy
-        q = attn.q_proj(a).view(B, T, -1, Dh)  # (B, T, H, Dh)
-        k = attn.k_proj(a).view(B, T, -1, Dh)  # (B, T, Hkv, Dh)
-        v = attn.v_proj(a).view(B, T, -1, Dh)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q, k, v = project_qkv(attn, a, position_embeddings)  # flash layout: the Triton kernel reads them as is
 
         value_gate = gate_abs = None
         if cfg.gate_active:

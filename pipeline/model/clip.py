@@ -7,17 +7,13 @@ runs the encoder block by block (calling each frozen layer's submodules, so ZeRO
 block's output, optionally with an adapter in front of each block's attention (LaVIN adapts CLIP too).
 
 Sources: a transformers CLIP vision checkpoint dir (CLIPVisionModel or a full CLIPModel's vision tower), or
-"tiny": a random CLIP ViT built once under $PILL_TINY_DIR (`build_tiny_clip`), as pipeline.model.tiny does for
-BLIP-2. Images use the data pipeline's normalisation, which is CLIP's (pipeline.constants).
+"tiny": a random CLIP ViT (`build_tiny_clip`) built once under $PILL_TINY_DIR by pipeline.model.frozen.load_clip. Images use the data pipeline's normalisation, which is CLIP's (pipeline.constants).
 
 Legend: N images, P patches (+1 CLS at index 0), W CLIP width, L blocks.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +43,7 @@ class CLIPFrontEnd(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> CLIPFrontEnd:
-        path = Path(resolve_clip_source(path))
+        path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"CLIP front end: {path.resolve()} has no config.json (give a local transformers "
                                     "CLIP vision checkpoint dir, or 'tiny')")
@@ -146,37 +142,19 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def resolve_clip_source(source: str | Path) -> str | Path:
-    """"tiny" -> $PILL_TINY_DIR/clip-<version>, built on first use; anything else unchanged."""
-    if str(source) != "tiny":
-        return source
-    from pipeline.model.load import tiny_dir
-
-    out = tiny_dir() / f"clip-{TINY_CLIP_VERSION}"
-    if not (out / "config.json").is_file():
-        # Ranks that start together: one builds under an exclusive lock, the others wait for it.
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out.parent / f"{out.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (out / "config.json").is_file():
-                tmp = build_tiny_clip(out.with_name(f"{out.name}.tmp{os.getpid()}"))
-                shutil.rmtree(out, ignore_errors=True)
-                os.replace(tmp, out)
-    return out
-
-
 # ---- precomputed features (shards.encode --clip) -------------------------------------------------------------------
 class CLIPFeatures(nn.Module):
     """The frozen CLIP features a peer reads, for `shards.encode --clip DIR --clip-features SPEC`.
 
     SPEC: "cls:4,8,12" (CLS states after those 1-based blocks: LLaMA-Adapter's multi-scale global feature, LaVIN's
     visual tokens), "patch:-2" (patch states of one block, CLS dropped: Excitor, IAA), or "method:<name>" (what that
-    peer's default config reads on this CLIP). Same interface as the BLIP-2 VPG: (N, 3, S, S) -> (N, K, W)."""
+    peer's default config reads on this CLIP: resolved by pipeline.model.methods.feature_spec first). Same
+    interface as the BLIP-2 VPG: (N, 3, S, S) -> (N, K, W)."""
 
     def __init__(self, front_end: CLIPFrontEnd, spec: str):
         super().__init__()
         self.front_end = front_end
-        self.spec = spec = method_feature_spec(spec, front_end) if spec.startswith("method:") else spec
+        self.spec = spec
         kind, _, arg = spec.partition(":")
         if kind == "cls":
             self.layers = [int(i) for i in arg.split(",") if i]
@@ -187,7 +165,7 @@ class CLIPFeatures(nn.Module):
                 raise ValueError(f"--clip-features {spec}: block {self.layer} is not one of CLIP's "
                                  f"{front_end.num_layers}")
         else:
-            raise ValueError(f"--clip-features {spec!r}: expected cls:<blocks>, patch:<block> or method:<name>")
+            raise ValueError(f"--clip-features {spec!r}: expected cls:<blocks> or patch:<block>")
         self.kind = kind
 
     @property
@@ -207,17 +185,3 @@ class CLIPFeatures(nn.Module):
         if self.kind == "cls":
             return self.front_end.cls_features(pixel_values, self.layers)
         return self.front_end.patch_features(pixel_values, self.layer)
-
-
-def method_feature_spec(spec: str, front_end: CLIPFrontEnd) -> str:
-    """"method:<name>" -> the cls:/patch: spec that peer's default config reads on this front end."""
-    name = spec.split(":", 1)[1]
-    from pipeline.model.peers import PEERS
-
-    if name not in PEERS:
-        raise ValueError(f"--clip-features {spec}: no peer {name!r}; known: {sorted(PEERS)}")
-    cfg = PEERS[name][1]()
-    cfg.take_vision_shape(front_end)
-    if hasattr(cfg, "clip_layers"):
-        return "cls:" + ",".join(map(str, cfg.clip_layers))
-    return f"patch:{cfg.vision_layer}"

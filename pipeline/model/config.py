@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-AdapterAct = Literal["swiglu", "gelu", "none"]
-AttnBackend = Literal["auto", "eager", "sdpa", "triton"]
-AdapterBackend = Literal["auto", "eager", "triton"]
+from pipeline.model.adapters import AdapterAct, AdapterBackend
+from pipeline.model.attention import AttnBackend
+from pipeline.model.base import MethodConfig
+
 BLIP2_QUERY_TOKENS, BLIP2_WIDTH = 32, 768
 
 
 @dataclass
-class PILLConfig:
+class PILLConfig(MethodConfig):
     """Everything PILL adds to a frozen Llama-family LLM. Defaults reproduce the paper (docs/model.md)."""
 
     stage: int = 2
@@ -56,12 +55,7 @@ class PILLConfig:
             raise ValueError(f"PILLConfig.stage must be 1 or 2, got {self.stage!r}")
         if self.rank < 1:
             raise ValueError(f"PILLConfig.rank must be >= 1, got {self.rank}")
-        if self.adapter_act not in ("swiglu", "gelu", "none"):
-            raise ValueError(f"PILLConfig.adapter_act must be swiglu|gelu|none, got {self.adapter_act!r}")
-        if self.attn_backend not in ("auto", "eager", "sdpa", "triton"):
-            raise ValueError(f"PILLConfig.attn_backend must be auto|eager|sdpa|triton, got {self.attn_backend!r}")
-        if self.adapter_backend not in ("auto", "eager", "triton"):
-            raise ValueError(f"PILLConfig.adapter_backend must be auto|eager|triton, got {self.adapter_backend!r}")
+        self._check_choices()
         if self.adapter_backend == "triton" and self.adapter_act != "swiglu":
             raise ValueError("PILLConfig.adapter_backend='triton' fuses the SwiGLU adapter only; "
                              f"adapter_act={self.adapter_act!r} needs adapter_backend='eager'")
@@ -69,7 +63,7 @@ class PILLConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"PILLConfig.{name} must be >= 1 (or null: from the VPG), got {getattr(self, name)}")
 
-    def take_vpg_shape(self, vpg: Any) -> None:
+    def take_front_end_shape(self, vpg: Any) -> None:
         """Fill K and the Q-former width left as None from the VPG (BLIP-2's 32 x 768 without one)."""
         if self.num_query_tokens is None:
             self.num_query_tokens = vpg.num_query_tokens if vpg is not None else BLIP2_QUERY_TOKENS
@@ -80,17 +74,3 @@ class PILLConfig:
     def gate_active(self) -> bool:
         """MAG scales visual values only in stage 2 (stage 1 leaves them unscaled)."""
         return self.mag and self.stage == 2
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PILLConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown PILLConfig field(s): {unknown}; known: {sorted(known)}")
-        return cls(**d)

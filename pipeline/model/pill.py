@@ -11,21 +11,20 @@ Legend: B batch, T tokens, D d_model, N images, K visual tokens per image, W Q-f
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pipeline.constants import image_placeholder_id  # noqa: F401  (re-exported: the model's placeholder rule)
 from pipeline.model.adapters import RouteSchedules
-from pipeline.model.attention import AttnMask
 from pipeline.model.backends import resolve_backends
-from pipeline.model.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FrozenLLMMethod, MethodOutput  # noqa: F401
+from pipeline.model.base import FrozenLLMMethod, MethodOutput, MethodSpec
 from pipeline.model.block import KVCache, PILLBlock
 from pipeline.model.config import PILLConfig
+from pipeline.model.frozen import VPGSource, build_method, check_llm, meta_builder
+from pipeline.model.seq import SeqContext, lm_output, scatter_visual_tokens, same_graph_on_every_rank
 from pipeline.model.vpg import VPG
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _STAGE_MODULES = {
     1: ("adapter_v", "adapter_ffn"),
     2: ("adapter_v", "adapter_t", "adapter_ffn", "attn_adapter", "gate"),
@@ -40,15 +39,14 @@ def is_trainable(name: str, stage: int) -> bool:
     return bool(m) and m.group(1) in _STAGE_MODULES[stage]
 
 
-PILLOutput = MethodOutput
-
 
 class PILL(FrozenLLMMethod):
     method = "pill"
+    config_key = "pill_config"  # the export format's historical key (DESIGN.md: adapter_config.json)
 
     def __init__(self, llm: nn.Module, cfg: PILLConfig, vpg: VPG | None = None, tokenizer=None):
         check_llm(llm.config, source="PILL(llm=...)")
-        cfg.take_vpg_shape(vpg)
+        cfg.take_front_end_shape(vpg)
         if vpg is not None and (vpg.width != cfg.vpg_width or vpg.num_query_tokens != cfg.num_query_tokens):
             raise ValueError(
                 f"VPG gives {vpg.num_query_tokens} x {vpg.width} features per image but PILLConfig expects "
@@ -91,6 +89,31 @@ class PILL(FrozenLLMMethod):
                              "or train on precomputed-feature shards (python -m shards.encode)")
         return self.vpg(pixel_values)
 
+    def embed(self, input_ids: torch.Tensor, modality_mask: torch.Tensor, pixel_values, image_features):
+        """(B, T, D) token embeddings with the projected visual tokens at the positions modality_mask marks."""
+        x = self.llm.get_input_embeddings()(input_ids)
+        feats = self.encode_images(pixel_values, image_features)  # (N, K, W)
+        if feats is not None:
+            return scatter_visual_tokens(x, modality_mask, self.projection(feats.to(self.projection.weight.dtype)))
+        if same_graph_on_every_rank() and self.projection.weight.requires_grad:
+            # No image in this micro-batch: P still takes part (on zero rows, a zero gradient), so every rank's
+            # backward fires the same gradient hooks in the same order (ZeRO-2 reduces in that order).
+            x = x + self.projection(x.new_zeros(0, self.cfg.vpg_width, dtype=self.projection.weight.dtype)).sum()
+        return x
+
+    def resolve_backends(self, device: torch.device) -> tuple[str, str]:
+        if self.backends is None:
+            self.backends = resolve_backends(self.cfg, device, zero3=hasattr(self.projection.weight, "ds_id"))
+            for block in self.blocks:
+                block.attn_backend, block.adapter_backend = self.backends
+        return self.backends
+
+    def check_window(self, n_tokens: int) -> None:
+        if self.sliding_window is not None and n_tokens > self.sliding_window:
+            raise ValueError(f"sequence of {n_tokens} tokens exceeds the LLM's sliding_window={self.sliding_window}: "
+                             "PILL's attention is full causal and would differ from the frozen model beyond it; keep "
+                             "sequences (data.max_length, prompt + generation) within it")
+
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
@@ -111,87 +134,59 @@ class PILL(FrozenLLMMethod):
         """`num_items_in_batch`: answer tokens of the whole global batch; the loss is then this micro-batch's
         summed token loss divided by it (transformers' convention), so micro-batches and ranks weigh every answer
         token equally. `return_logits=False` (training) computes the LM head at answer positions only."""
-        if self.backends is None:
-            self.backends = resolve_backends(self.cfg, input_ids.device,
-                                             zero3=hasattr(self.projection.weight, "ds_id"))
-            for block in self.blocks:
-                block.attn_backend, block.adapter_backend = self.backends
-        attn_backend, adapter_backend = self.backends
+        attn_backend, adapter_backend = self.resolve_backends(input_ids.device)
         B, T = input_ids.shape
-        if modality_mask is None:
-            modality_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        modality_mask = modality_mask.bool()
-        x = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
-
-        feats = self.encode_images(pixel_values, image_features)  # (N, K, W)
-        if feats is not None:
-            vis = self.projection(feats.to(self.projection.weight.dtype)).to(x.dtype).reshape(-1, x.shape[-1])
-            torch._assert_async(modality_mask.sum() == vis.shape[0],
-                                "modality_mask must mark exactly N_images * K visual tokens")
-            x = x.masked_scatter(modality_mask.unsqueeze(-1), vis)
-        elif torch.is_grad_enabled() and self.projection.weight.requires_grad:
-            # No image in this micro-batch: P still takes part (on zero rows, a zero gradient), so every rank's
-            # backward fires the same gradient hooks in the same order (ZeRO-2 reduces in that order).
-            x = x + self.projection(x.new_zeros(0, self.cfg.vpg_width, dtype=self.projection.weight.dtype)).sum()
-
-        past_len = past_key_values[0][0].shape[1] if past_key_values else 0
-        if self.sliding_window is not None and past_len + T > self.sliding_window:
-            raise ValueError(f"sequence of {past_len + T} tokens exceeds the LLM's sliding_window="
-                             f"{self.sliding_window}: PILL's attention is full causal and would differ from the frozen "
-                             "model beyond it; keep sequences (data.max_length, prompt + generation) within it")
-        cached = past_key_values is not None or use_cache
-        if position_ids is None:
-            if cached and attention_mask is not None:  # left padding in batched generation
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
+        modality_mask = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids)).bool()
+        x = self.embed(input_ids, modality_mask, pixel_values, image_features)
+        past = past_key_values[0][0].shape[1] if past_key_values else 0
+        self.check_window(past + T)
         if cu_seqlens is not None and max_seqlen is None and attn_backend == "triton":
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one sync per forward, not per layer
-        mask = AttnMask(causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        if cu_seqlens is not None:
-            mask.doc_ids = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(T, device=x.device),
-                                              right=True)[None].expand(B, T)
-        if cached and attention_mask is not None:
-            mask.key_padding = attention_mask.bool()
-        # Without a cache, batches are right-padded: under a causal mask a real token never sees a pad (pads
-        # come after it), so no padding mask is needed and every backend takes its unmasked fast path.
-        position_embeddings = self.llm.model.rotary_emb(x, position_ids)
-
+        past_key_mask = _past_key_mask(attention_mask, B, past, T, x.device) if past_key_values else None
+        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen, past_key_mask,
+                               use_cache)
         schedules = RouteSchedules(modality_mask) if adapter_backend == "triton" else None
         new_cache, gates = [], []
         for i, (block, base) in enumerate(zip(self.blocks, self.llm.model.layers)):
-            x, layer_cache, gate_abs = block(x, base, position_embeddings, modality_mask, mask,
+            x, layer_cache, gate_abs = block(x, base, ctx.position_embeddings, modality_mask, ctx.mask,
                                              past_key_values[i] if past_key_values else None, schedules)
             new_cache.append(layer_cache)
             gates.append(gate_abs)
-        h = self.llm.model.norm(x)
-        logits = self.llm.lm_head(h) if return_logits or labels is None else None  # (B, T, V)
-        loss = n_tokens = None
-        if labels is not None:
-            loss, n_tokens = causal_lm_loss(logits, labels, hidden=h, lm_head=self.llm.lm_head,
-                                            num_items_in_batch=num_items_in_batch)
+        logits, loss, n_tokens = lm_output(self.llm.model.norm(x), self.llm.lm_head, labels, return_logits,
+                                           num_items_in_batch)
         return MethodOutput(loss=loss, logits=logits, kv_cache=new_cache if use_cache else None,
                             n_loss_tokens=n_tokens, gate_abs=torch.stack(gates) if gates[0] is not None else None)
 
-def causal_lm_loss(logits: torch.Tensor | None, labels: torch.Tensor, *, hidden: torch.Tensor | None = None,
-                   lm_head: nn.Module | None = None, num_items_in_batch: torch.Tensor | int | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy over positions whose label is not -100, and the number of those positions.
 
-    Only the answer rows are upcast to fp32 (never the whole (B, T, V) logits); with `logits=None` the LM head
-    runs on the answer rows of `hidden` alone. The loss is the token sum over `num_items_in_batch` when given
-    (the global batch's answer tokens), else this batch's mean (0 when it has no answer token)."""
-    targets = labels[:, 1:]
-    keep = targets != -100  # (B, T-1)
-    rows = logits[:, :-1][keep] if logits is not None else lm_head(hidden[:, :-1][keep])  # (n, V)
-    total = F.cross_entropy(rows.float(), targets[keep], reduction="sum")
-    n = keep.sum()
-    denom = n.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    return total / denom, n
+def _past_key_mask(attention_mask: torch.Tensor | None, B: int, past: int, T: int, device) -> torch.Tensor:
+    """(B, past) bool: the cached keys that are real (left padding from the attention mask, else all)."""
+    if attention_mask is not None:
+        return attention_mask[:, :past].bool()
+    return torch.ones(B, past, dtype=torch.bool, device=device)
 
 
-def check_llm(config, source: str) -> None:
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{source}: model_type={getattr(config, 'model_type', None)!r} is not a Llama-architecture "
-                         f"causal LM; PILL plugs into {SUPPORTED_MODEL_TYPES}")
+def load_pill(llm_path: str | Path, vpg_path: VPGSource = None, cfg: PILLConfig | None = None,
+              dtype: torch.dtype | None = None, adapter_path: str | Path | None = None,
+              device: torch.device | str | None = None) -> PILL:
+    """The frozen LLM + VPG from local paths with PILL's trainable modules (fresh, or from `adapter_path`).
 
+    K and the Q-former width left as None in `cfg` are taken from the VPG."""
+    return build_method(PILL, "blip2", llm_path, vpg_path, cfg or PILLConfig(), dtype=dtype,
+                        adapter_path=adapter_path, device=device)
+
+
+def group_of(name: str) -> str:
+    """pipeline.params' row of a trainable parameter: the module in docs/model.md's notation."""
+    if name.startswith("projection."):
+        return "projection P"
+    m = re.match(r"blocks\.\d+\.([a-z_]+)\.", name)
+    return {"adapter_v": "A_v (visual FFN expert)", "adapter_t": "A_t (text FFN expert)",
+            "adapter_ffn": "A_ffn (shared FFN adapter)", "attn_adapter": "A_attn (attention adapter)",
+            "gate": "W_g (MAG gate)"}.get(m.group(1) if m else "", "other")
+
+
+SPEC = MethodSpec(
+    "pill", PILL, PILLConfig, lambda llm, vpg, cfg, **kw: load_pill(llm, vpg, cfg, **kw), meta_builder(PILL, "blip2"),
+    front_end="blip2", config_section="pill", group_of=group_of, layer_memory_model=True,
+    published="paper: 43M at LLaMA-2-7B (Table 1); 3 adapters x 3dr + d x n_heads per layer + 768 d (the spec's "
+              "count, about 45M)")

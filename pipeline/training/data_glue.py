@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from pipeline.data import SKIP_REASONS, SourceConfig, build_loader
 from pipeline.training.config import StageConfig, TrainConfig
 from pipeline.training.dist import DistContext, all_sum
 
@@ -20,8 +21,6 @@ from pipeline.training.dist import DistContext, all_sum
 class StageData:
     def __init__(self, cfg: TrainConfig, s: StageConfig, tokenizer: Any, num_query_tokens: int, ctx: DistContext,
                  micro_batch_size: int):
-        from pipeline.data import SourceConfig, build_loader
-
         weights = s.train_weights or [1.0] * len(s.train_shards)
         sources = [SourceConfig(shards=u, task=s.task, weight=w) for u, w in zip(s.train_shards, weights)]
         self.loader = build_loader(cfg.data, tokenizer, sources=sources, batch_size=micro_batch_size,
@@ -58,8 +57,6 @@ class StageData:
     # ---- counters -----------------------------------------------------------------------------------------------
     def skip_counters(self, device: torch.device) -> dict[str, int]:
         """Skipped samples by reason, summed over ranks (collective; reasons aligned by a fixed sorted list)."""
-        from pipeline.data import SKIP_REASONS
-
         local = self.loader.skipped()
         known = (*SKIP_REASONS, "other")  # one fixed order on every rank, whatever reasons each has seen
         counts = [0.0] * len(known)

@@ -30,7 +30,7 @@ def evaluate_export(cfg: TrainConfig, export_dir: str | Path, ctx: DistContext, 
 
 
 def _evaluate(cfg: TrainConfig, export_dir: Path, llm: str, vpg: str | None) -> dict[str, Any]:
-    from pipeline.eval.inputs import default_data_config, shard_prompts
+    from pipeline.data.eval import default_data_config, shard_prompts
     from pipeline.eval.multiple_choice import evaluate_multiple_choice
     from pipeline.eval.sqa_scoring import markdown_table
     from pipeline.model import load_export
@@ -41,7 +41,8 @@ def _evaluate(cfg: TrainConfig, export_dir: Path, llm: str, vpg: str | None) -> 
                         device=device)
     model.eval()
     data_cfg = default_data_config(max_length=cfg.data.max_length, num_query_tokens=model.cfg.num_query_tokens,
-                                   sqa_format=cfg.data.sqa_format, use_captions=cfg.data.use_captions)
+                                   sqa_format=cfg.data.sqa_format, use_captions=cfg.data.use_captions,
+                                   prompt_format=cfg.data.prompt_format)
     out_dir = Path(cfg.output_dir)
     prompts = shard_prompts(s.eval_shards, model, data_cfg, limit=cfg.eval.max_samples, batch_size=cfg.eval.batch_size)
     kw = dict(mode=cfg.eval.mode, data_cfg=data_cfg, batch_size=cfg.eval.batch_size, seed=cfg.seed)

@@ -12,17 +12,25 @@ ranks in the same order.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig
+from transformers.integrations import HfDeepSpeedConfig
 
+from pipeline.model import load_method, resolve_source
 from pipeline.training.checkpoint import CheckpointManager, export_adapter, gather_consolidated, set_rng_state
+from pipeline.training.checkpointing import apply_activation_checkpointing
 from pipeline.training.config import StageConfig, TrainConfig
 from pipeline.training.data_glue import StageData
 from pipeline.training.dist import DistContext, Preempted, PreemptionFlag, all_agree_any, all_mean, all_sum
@@ -103,33 +111,23 @@ def model_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def method_config(cfg: TrainConfig, stage: int) -> Any:
-    """The method's config for one stage (model.pill for PILL, model.peer for the others)."""
-    from pipeline.model.methods import get_method
-
-    m = cfg.model
-    if m.method == "pill":
-        return replace(m.pill, stage=stage)
-    return get_method(m.method).config_cls.from_dict({**m.peer, "stage": stage})
+    """The method's config for one stage (model.<its config_section>: model.pill for PILL, model.peer else)."""
+    return replace(cfg.model.method_config(), stage=stage)
 
 
 def build_model(cfg: TrainConfig, stage: int, device: torch.device | None = None):
     """The method on the frozen LLM/front end, frozen weights in the training precision, placed on `device`."""
-    from pipeline.model import load_method
-
     torch.manual_seed(cfg.seed)  # identical fresh init on every rank (ZeRO-2 also broadcasts, ZeRO-3 does not)
     model = load_method(cfg.model.method, cfg.model.llm_path, cfg.model.vpg_path, method_config(cfg, stage),
                         dtype=model_dtype(cfg), device=device)
     if cfg.model.activation_checkpointing:
-        from pipeline.training.checkpointing import apply_activation_checkpointing
-
         apply_activation_checkpointing(model, cfg.model.checkpoint_every_n_layers)
     return model
 
 
 def build_tiny_sources_once(cfg: TrainConfig, is_main: bool) -> None:
-    """"tiny" sources are built by global rank 0 while the others wait (no two ranks write the same files)."""
-    from pipeline.model.load import resolve_source
-
+    """Named sources ("tiny", "smollm2", a .gguf file) are materialised by global rank 0 while the others wait
+    (no two ranks write the same files)."""
     if is_main:
         resolve_source(cfg.model.llm_path, "llm")
         resolve_source(cfg.model.vpg_path, "vpg")
@@ -138,10 +136,6 @@ def build_tiny_sources_once(cfg: TrainConfig, is_main: bool) -> None:
 
 
 def llm_hidden_size(cfg: TrainConfig) -> int:
-    from transformers import AutoConfig
-
-    from pipeline.model.load import resolve_source
-
     return AutoConfig.from_pretrained(str(resolve_source(cfg.model.llm_path, "llm")), local_files_only=True).hidden_size
 
 
@@ -168,8 +162,6 @@ class Stage:
 
 def setup_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistContext, stage_dir: Path,
                 init_from: str | None) -> Stage:
-    import deepspeed
-
     s = cfg.stages[idx]
     at = f"stages[{idx}]"
     build_tiny_sources_once(cfg, ctx.is_main)
@@ -179,8 +171,6 @@ def setup_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistCon
     if ds.get("zero_optimization", {}).get("stage") == 3:
         # transformers' from_pretrained then builds the frozen LLM inside deepspeed.zero.Init: each rank only ever
         # holds its partition (the weak reference it keeps must stay alive until the model is loaded).
-        from transformers.integrations import HfDeepSpeedConfig
-
         keep_alive.append(HfDeepSpeedConfig(ds))
         fixed_mmap_threshold()
     model = build_model(cfg, s.stage, None if keep_alive else ctx.device)
@@ -208,9 +198,6 @@ def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> None:
     threshold (up to 32 MB) after large frees, so later layer-sized buffers come from the heap and their memory is
     never returned: measured on CPU with a 1.1B Llama on 2 ranks, each rank's private memory grew to 4.4 GB (twice
     the whole model) instead of staying at its 1.05 GB partition + ~0.3 GB; with the threshold fixed, 1.6 GB."""
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD; setting it also turns glibc's dynamic adjustment off
@@ -320,16 +307,15 @@ def _to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.d
 
 def run_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistContext, stage_dir: Path,
               init_from: str | None, preempt: PreemptionFlag, resume: str) -> StageResult:
+    """Train stage `idx` of `cfg` to its last step, checkpointing, and export its trainables.
+
+    Builds the engine (`setup_stage`), resumes from `resume` (auto: the newest complete checkpoint in
+    `stage_dir`; never; or a checkpoint path) with the data position and RNG of every rank, then runs
+    `train_step` until `total_steps`. Raises Preempted after writing a checkpoint when any rank got a stop
+    signal, NonFiniteLossError when the guard gives up. The returned result names the export directory.
+    """
     st = setup_stage(cfg, idx, raw_ds, ctx, stage_dir, init_from)
-    state = TrainState()
-    resumed = st.ckpts.resume(resume, st.engine, st.trainables)
-    if resumed is not None:
-        client, per_rank, resumed_from = resumed
-        state = TrainState(**client["train_state"])
-        st.data.load_state_dict(client["data"], per_rank["data"] if per_rank else None, state.samples)
-        if per_rank:
-            set_rng_state(per_rank["rng"])
-        _lr_at_restored_step(st.scheduler)
+    state, resumed = _restore(st, resume)
     if ctx.is_main:  # rows logged after the resumed step (or by an attempt that never checkpointed) are stale
         _truncate_metrics(stage_dir / "metrics.jsonl", state.global_step)
     log = MetricsLogger(stage_dir, ctx.is_main, cfg.log.tensorboard, cfg.log.progress_bar, st.total_steps,
@@ -373,6 +359,20 @@ def run_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistConte
         if cfg.debug.get("sleep_per_step"):
             time.sleep(float(cfg.debug["sleep_per_step"]))
     return _finish(st, ctx, log, state, save, guard.last_ckpt, stage_dir, t_stage, resumed)
+
+
+def _restore(st: Stage, resume: str) -> tuple[TrainState, tuple | None]:
+    """The train state to start from: fresh, or a checkpoint's (with its data position and this rank's RNG)."""
+    resumed = st.ckpts.resume(resume, st.engine, st.trainables)
+    if resumed is None:
+        return TrainState(), None
+    client, per_rank, _ = resumed
+    state = TrainState(**client["train_state"])
+    st.data.load_state_dict(client["data"], per_rank["data"] if per_rank else None, state.samples)
+    if per_rank:
+        set_rng_state(per_rank["rng"])
+    _lr_at_restored_step(st.scheduler)
+    return state, resumed
 
 
 def _log_start(st: Stage, ctx: DistContext, log: MetricsLogger, resumed_from: str | None, state: TrainState) -> None:
@@ -435,8 +435,6 @@ def _lr_at_restored_step(scheduler) -> None:
 
     The checkpoint restores the scheduler's step count; recomputing from the schedule gives the same lr when
     nothing changed and the right one when the resumed run has a new length (--set stages.0.max_steps=...)."""
-    import warnings
-
     scheduler.last_epoch -= 1
     with warnings.catch_warnings():  # "step() before optimizer.step()": intended, no optimizer step is skipped
         warnings.simplefilter("ignore", UserWarning)

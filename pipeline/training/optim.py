@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from pipeline.training.config import OptimConfig
 
@@ -43,8 +44,6 @@ def build_optimizer(groups: list[dict], lr: float, optim: OptimConfig, cpu_offlo
     """torch AdamW normally; DeepSpeedCPUAdam when ZeRO offloads the optimizer (DeepSpeed requires it)."""
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if cpu_offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
         return DeepSpeedCPUAdam(clean, lr=lr, betas=optim.betas, eps=optim.eps, adamw_mode=True)
     fused = bool(clean[0]["params"][0].is_cuda)
     return torch.optim.AdamW(clean, lr=lr, betas=optim.betas, eps=optim.eps, fused=fused or None)

@@ -14,6 +14,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import torch.distributed as dist
+
 from pipeline.training.config import ConfigError, PrepareStep
 
 STAMP = ".prepared.json"
@@ -36,8 +38,6 @@ def shipped_names(folder: str) -> list[str]:
 
 def run_prepare_steps(steps: list[PrepareStep], is_main: bool) -> None:
     """Run each step once (rank 0; skipped when its directory holds the stamp of the same command); all wait."""
-    import torch.distributed as dist
-
     if is_main:
         for step in steps:
             _run_step(step)

@@ -1,30 +1,16 @@
 """PILL's peers as methods of this engine: LLaMA-Adapter, LaVIN, LLaMA-Excitor, IAA (docs/peers.md).
 
-Each is a FrozenLLMMethod (pipeline.model.base) on a frozen transformers Llama with a frozen CLIP ViT front end
-(pipeline.model.clip), registered in pipeline.model.methods under its `model.method` name.
+Each is one file: a FrozenLLMMethod (pipeline.model.base) on a frozen Llama-family LLM with a frozen CLIP ViT
+front end (pipeline.model.clip), its config, and its `SPEC` (listed in pipeline.model.methods).
 """
 
-from pipeline.model.peers.excitor import Excitor, ExcitorConfig, load_excitor
-from pipeline.model.peers.iaa import IAA, IAAConfig, load_iaa
-from pipeline.model.peers.lavin import LaVIN, LaVINConfig, load_lavin
-from pipeline.model.peers.llama_adapter import LlamaAdapter, LlamaAdapterConfig, load_llama_adapter
+from pipeline.model.peers import excitor, iaa, lavin, llama_adapter
+from pipeline.model.peers.excitor import Excitor, ExcitorConfig
+from pipeline.model.peers.iaa import IAA, IAAConfig
+from pipeline.model.peers.lavin import LaVIN, LaVINConfig
+from pipeline.model.peers.llama_adapter import LlamaAdapter, LlamaAdapterConfig
 
-PEERS = {
-    # name: (model class, config class, loader, stages)
-    "llama_adapter": (LlamaAdapter, LlamaAdapterConfig, load_llama_adapter, (2,)),
-    "lavin": (LaVIN, LaVINConfig, load_lavin, (2,)),
-    "excitor": (Excitor, ExcitorConfig, load_excitor, (2,)),
-    "iaa": (IAA, IAAConfig, load_iaa, (1, 2)),
-}
+SPECS = (llama_adapter.SPEC, lavin.SPEC, excitor.SPEC, iaa.SPEC)
 
-
-def register_peers() -> None:
-    """Add the four peers to the method registry (called by pipeline.model.methods._register_builtin)."""
-    from pipeline.model.methods import MethodSpec, register
-
-    for name, (_, config_cls, loader, stages) in PEERS.items():
-        register(MethodSpec(name, config_cls, loader, front_end="clip", stages=stages))
-
-
-__all__ = ["PEERS", "register_peers", "LlamaAdapter", "LlamaAdapterConfig", "LaVIN", "LaVINConfig", "Excitor",
-           "ExcitorConfig", "IAA", "IAAConfig"]
+__all__ = ["SPECS", "LlamaAdapter", "LlamaAdapterConfig", "LaVIN", "LaVINConfig", "Excitor", "ExcitorConfig", "IAA",
+           "IAAConfig"]

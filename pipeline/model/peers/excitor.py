@@ -40,17 +40,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask, dense_mask
-from pipeline.model.base import FrozenLLMMethod, MethodOutput
-from pipeline.model.peers.common import (
+from pipeline.model.attention import ATTENTION_BACKENDS, ATTN_BACKEND_CHOICES, AttnMask, dense_mask
+from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec, literal_values
+from pipeline.model.seq import (
     LayerStep,
     PeerCache,
-    PeerConfigMixin,
     SeqContext,
     expand_heads,
     extend,
@@ -59,13 +60,17 @@ from pipeline.model.peers.common import (
     lm_output,
     project_qkv,
 )
-from pipeline.model.pill import check_llm
+from pipeline.model.frozen import build_method, check_llm, meta_builder
 
 VIT_L_WIDTH = 1024
 
 
+# Its attention needs the materialised scores (the excitation rescales them): no fused kernel.
+ExcitorBackend = Literal[tuple(b for b in ATTN_BACKEND_CHOICES if b != "triton")]
+
+
 @dataclass
-class ExcitorConfig(PeerConfigMixin):
+class ExcitorConfig(MethodConfig):
     stage: int = 2
     adapter_layers: int = 30
     prompt_len: int = 30
@@ -78,15 +83,15 @@ class ExcitorConfig(PeerConfigMixin):
     vision_width: int | None = None
     num_query_tokens: int = 1
     """Placeholder positions per image (hidden from attention); = patch rows with precomputed features."""
-    attn_backend: str = "eager"
+    attn_backend: ExcitorBackend = "eager"
     """eager | sdpa (auto = sdpa); the excitor scores have no Triton kernel."""
 
     def __post_init__(self) -> None:
-        self._check_common((2,), ("auto", "eager", "sdpa"))
+        self._check_common((2,), literal_values(ExcitorBackend))
         for f in ("adapter_layers", "prompt_len", "rank"):
             self._check(getattr(self, f) >= 1, f, "must be >= 1")
 
-    def take_vision_shape(self, clip) -> None:
+    def take_front_end_shape(self, clip) -> None:
         if self.vision_width is None:
             self.vision_width = clip.width if clip is not None else VIT_L_WIDTH
 
@@ -114,7 +119,7 @@ class Excitor(FrozenLLMMethod):
 
     def __init__(self, llm: nn.Module, cfg: ExcitorConfig, vpg=None, tokenizer=None):
         check_llm(llm.config, source="Excitor(llm=...)")
-        cfg.take_vision_shape(vpg)
+        cfg.take_front_end_shape(vpg)
         super().__init__(llm, cfg, tokenizer)
         self.vpg = vpg
         c = llm.config
@@ -133,9 +138,6 @@ class Excitor(FrozenLLMMethod):
         self.steps = nn.ModuleList(LayerStep(self._layer) for _ in range(n))
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
-
-    def checkpoint_layers(self) -> list[nn.Module]:
-        return list(self.steps)
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(("prompts.", "query_down.", "query_up.", "projection.")) or name == "gates"
@@ -169,7 +171,7 @@ class Excitor(FrozenLLMMethod):
         x = self.llm.get_input_embeddings()(input_ids)
         cache: PeerCache | None = past_key_values
         vis = cache.extra["visual"] if cache is not None else self.visual_kv(mm, pixel_values, image_features, B)
-        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen, cache, use_cache,
+        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen, cache.key_mask if cache is not None else None, use_cache,
                                hide=mm)
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
@@ -223,7 +225,7 @@ class Excitor(FrozenLLMMethod):
         return torch.einsum("btk,bkd->btd", torch.softmax(logits, dim=-1).to(vals.dtype), vals)
 
 
-def load_excitor(llm_path, vision_path, cfg, **kw) -> Excitor:
-    from pipeline.model.peers.common import load_peer
-
-    return load_peer(Excitor, llm_path, vision_path, cfg, **kw)
+SPEC = MethodSpec(
+    "excitor", Excitor, ExcitorConfig, partial(build_method, Excitor, "clip"), meta_builder(Excitor, "clip"), front_end="clip",
+    published="paper: about 7.6M text-only (7,618,590: multimodal=false); the multimodal W_k/W_v are a reconstruction",
+    stages=(2,))

@@ -34,15 +34,17 @@ Legend: B batch, T tokens, D width, N images, K visual tokens per image, W CLIP 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from pipeline.model.base import FrozenLLMMethod, MethodOutput
-from pipeline.model.peers.common import (
+from pipeline.model.attention import AttnBackend
+from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.seq import (
+    causal_lm_loss,
     LayerStep,
     PeerCache,
-    PeerConfigMixin,
     SeqContext,
     front_end_features,
     frozen_layer,
@@ -51,7 +53,7 @@ from pipeline.model.peers.common import (
     same_graph_on_every_rank,
     scatter_visual_tokens,
 )
-from pipeline.model.pill import causal_lm_loss, check_llm
+from pipeline.model.frozen import build_method, check_llm, meta_builder
 
 VIT_L_WIDTH, VIT_L_PATCHES = 1024, 256
 _STAGE_MODULES = {1: ("projection.", "projection_out."),
@@ -64,7 +66,7 @@ def iaa_layers(n_layers: int) -> list[int]:
 
 
 @dataclass
-class IAAConfig(PeerConfigMixin):
+class IAAConfig(MethodConfig):
     stage: int = 2
     """1 = projector pre-training; 2 = projector + inner adaptors + MM-EL + MM-LH."""
     insert_after: list[int] | None = None
@@ -73,12 +75,12 @@ class IAAConfig(PeerConfigMixin):
     vision_width: int | None = None
     num_query_tokens: int | None = None
     """Visual tokens per image = CLIP patches (from the front end; 256 without one)."""
-    attn_backend: str = "auto"
+    attn_backend: AttnBackend = "auto"
 
     def __post_init__(self) -> None:
         self._check_common((1, 2))
 
-    def take_vision_shape(self, clip) -> None:
+    def take_front_end_shape(self, clip) -> None:
         if self.vision_width is None:
             self.vision_width = clip.width if clip is not None else VIT_L_WIDTH
         if self.num_query_tokens is None:
@@ -93,7 +95,7 @@ class IAA(FrozenLLMMethod):
 
     def __init__(self, llm: nn.Module, cfg: IAAConfig, vpg=None, tokenizer=None):
         check_llm(llm.config, source="IAA(llm=...)")
-        cfg.take_vision_shape(vpg)
+        cfg.take_front_end_shape(vpg)
         super().__init__(llm, cfg, tokenizer)
         self.vpg = vpg
         c = llm.config
@@ -116,9 +118,6 @@ class IAA(FrozenLLMMethod):
         self.steps = nn.ModuleList(LayerStep(frozen_layer) for _ in range(n + len(self.insert_after)))
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
-
-    def checkpoint_layers(self) -> list[nn.Module]:
-        return list(self.steps)
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(_STAGE_MODULES[stage])
@@ -178,7 +177,7 @@ class IAA(FrozenLLMMethod):
         x = (self.mm_embed if image else self.llm.get_input_embeddings())(ids).to(frozen_dtype)
         if image and vis is not None:
             x = scatter_visual_tokens(x, mm, vis)
-        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, None, None, cache, use_cache)
+        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, None, None, cache.key_mask if cache is not None else None, use_cache)
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
             past = cache.layers[len(new_layers)] if cache is not None else None
@@ -214,7 +213,7 @@ def _copy(src: nn.Module, make) -> nn.Module:
     return dst.float()
 
 
-def load_iaa(llm_path, vision_path, cfg, **kw) -> IAA:
-    from pipeline.model.peers.common import load_peer
-
-    return load_peer(IAA, llm_path, vision_path, cfg, **kw)
+SPEC = MethodSpec(
+    "iaa", IAA, IAAConfig, partial(build_method, IAA, "clip"), meta_builder(IAA, "clip"), front_end="clip",
+    published="paper: about 4.1B at Llama-3-8B for IAA-14 (--llm-preset llama3-8b), about 2.8B for IAA-8",
+    stages=(1, 2))

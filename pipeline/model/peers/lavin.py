@@ -30,17 +30,17 @@ Legend: B batch, T tokens, D width, N images, W CLIP width, r rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from pipeline.model.attention import ATTENTION_BACKENDS
-from pipeline.model.base import FrozenLLMMethod, MethodOutput
+from pipeline.model.attention import ATTENTION_BACKENDS, AttnBackend
+from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
 from pipeline.model.clip import check_layers, evenly_spaced_layers
-from pipeline.model.peers.common import (
+from pipeline.model.seq import (
     LayerStep,
     PeerCache,
-    PeerConfigMixin,
     SeqContext,
     extend,
     has_image,
@@ -50,13 +50,13 @@ from pipeline.model.peers.common import (
     same_graph_on_every_rank,
     scatter_visual_tokens,
 )
-from pipeline.model.pill import check_llm
+from pipeline.model.frozen import build_method, check_llm, meta_builder
 
 VIT_L_LAYERS, VIT_L_WIDTH = 24, 1024
 
 
 @dataclass
-class LaVINConfig(PeerConfigMixin):
+class LaVINConfig(MethodConfig):
     stage: int = 2
     """One-stage method: always 2."""
     rank: int = 8
@@ -75,7 +75,7 @@ class LaVINConfig(PeerConfigMixin):
     num_query_tokens: int | None = None
     """Visual tokens per image = len(clip_layers)."""
     projection_hidden: int = 128
-    attn_backend: str = "auto"
+    attn_backend: AttnBackend = "auto"
 
     def __post_init__(self) -> None:
         self._check_common((2,))
@@ -84,7 +84,7 @@ class LaVINConfig(PeerConfigMixin):
         self._check(self.temperature > 0, "temperature", "must be > 0")
         self._check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
 
-    def take_vision_shape(self, clip) -> None:
+    def take_front_end_shape(self, clip) -> None:
         depth = clip.num_layers if clip is not None else VIT_L_LAYERS
         if self.clip_layers is None:
             self.clip_layers = evenly_spaced_layers(depth, min(6, depth))
@@ -128,7 +128,7 @@ class LaVIN(FrozenLLMMethod):
 
     def __init__(self, llm: nn.Module, cfg: LaVINConfig, vpg=None, tokenizer=None):
         check_llm(llm.config, source="LaVIN(llm=...)")
-        cfg.take_vision_shape(vpg)
+        cfg.take_front_end_shape(vpg)
         super().__init__(llm, cfg, tokenizer)
         self.vpg = vpg  # frozen CLIP front end (pipeline.model.clip)
         c = llm.config
@@ -147,9 +147,6 @@ class LaVIN(FrozenLLMMethod):
         self.steps = nn.ModuleList(LayerStep(self._layer) for _ in range(c.num_hidden_layers))
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
-
-    def checkpoint_layers(self) -> list[nn.Module]:
-        return list(self.steps)
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(("adapters.", "ffn_adapters.", "clip_adapters.", "projection.", "projection_out.",
@@ -209,7 +206,7 @@ class LaVIN(FrozenLLMMethod):
                 attention_mask = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
             if position_ids is not None:
                 position_ids = torch.cat([torch.zeros_like(position_ids[:, :1]), position_ids + 1], dim=1)
-        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, None, None, cache, use_cache)
+        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, None, None, cache.key_mask if cache is not None else None, use_cache)
         routes = cache.extra["routes"] if cache is not None else []
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
@@ -242,7 +239,7 @@ class LaVIN(FrozenLLMMethod):
         return h + base.mlp(f), (k, v), (w, w_ffn)
 
 
-def load_lavin(llm_path, vision_path, cfg, **kw) -> LaVIN:
-    from pipeline.model.peers.common import load_peer
-
-    return load_peer(LaVIN, llm_path, vision_path, cfg, **kw)
+SPEC = MethodSpec(
+    "lavin", LaVIN, LaVINConfig, partial(build_method, LaVIN, "clip"), meta_builder(LaVIN, "clip"), front_end="clip",
+    published="paper: 3.78M at 7B (exact)",
+    stages=(2,))

@@ -31,18 +31,18 @@ Legend: B batch, T tokens, D width, H heads, Hkv kv heads, Dh head width, K prom
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.attention import ATTENTION_BACKENDS
-from pipeline.model.base import FrozenLLMMethod, MethodOutput
+from pipeline.model.attention import ATTENTION_BACKENDS, AttnBackend
+from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
 from pipeline.model.clip import check_layers, evenly_spaced_layers
-from pipeline.model.peers.common import (
+from pipeline.model.seq import (
     LayerStep,
     PeerCache,
-    PeerConfigMixin,
     SeqContext,
     expand_heads,
     extend,
@@ -52,13 +52,13 @@ from pipeline.model.peers.common import (
     project_qkv,
     resolve_attn_backend,
 )
-from pipeline.model.pill import check_llm
+from pipeline.model.frozen import build_method, check_llm, meta_builder
 
 VIT_L_LAYERS, VIT_L_WIDTH = 24, 1024  # shapes assumed when no front end is loaded (precomputed features)
 
 
 @dataclass
-class LlamaAdapterConfig(PeerConfigMixin):
+class LlamaAdapterConfig(MethodConfig):
     stage: int = 2
     """One-stage method: always 2."""
     adapter_layers: int = 30
@@ -77,7 +77,7 @@ class LlamaAdapterConfig(PeerConfigMixin):
     """Placeholder positions per image = len(clip_layers) (set from them; a different value is an error)."""
     projection_hidden: int = 64
     """Bottleneck of the image MLP (a reconstruction, see the module docstring)."""
-    attn_backend: str = "auto"
+    attn_backend: AttnBackend = "auto"
 
     def __post_init__(self) -> None:
         self._check_common((2,))
@@ -85,7 +85,7 @@ class LlamaAdapterConfig(PeerConfigMixin):
         self._check(self.prompt_len >= 1, "prompt_len", "must be >= 1")
         self._check(self.projection_hidden >= 1, "projection_hidden", "must be >= 1")
 
-    def take_vision_shape(self, clip) -> None:
+    def take_front_end_shape(self, clip) -> None:
         depth = clip.num_layers if clip is not None else VIT_L_LAYERS
         if self.clip_layers is None:
             self.clip_layers = evenly_spaced_layers(depth, min(3, depth))
@@ -103,7 +103,7 @@ class LlamaAdapter(FrozenLLMMethod):
 
     def __init__(self, llm: nn.Module, cfg: LlamaAdapterConfig, vpg=None, tokenizer=None):
         check_llm(llm.config, source="LlamaAdapter(llm=...)")
-        cfg.take_vision_shape(vpg)
+        cfg.take_front_end_shape(vpg)
         super().__init__(llm, cfg, tokenizer)
         self.vpg = vpg  # the frozen CLIP front end (pipeline.model.clip), None = precomputed CLS features
         c = llm.config
@@ -121,9 +121,6 @@ class LlamaAdapter(FrozenLLMMethod):
         self.steps = nn.ModuleList(LayerStep(self._layer) for _ in range(c.num_hidden_layers))
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
-
-    def checkpoint_layers(self) -> list[nn.Module]:
-        return list(self.steps)
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(("prompts.", "projection.", "projection_out.")) or name == "gates"
@@ -153,7 +150,7 @@ class LlamaAdapter(FrozenLLMMethod):
         cache: PeerCache | None = past_key_values
         ip = cache.extra["image_prompt"] if cache is not None else self.image_prompt(mm, pixel_values,
                                                                                       image_features, B)
-        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen, cache, use_cache,
+        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen, cache.key_mask if cache is not None else None, use_cache,
                                hide=mm)
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
@@ -192,7 +189,7 @@ class LlamaAdapter(FrozenLLMMethod):
         return torch.tanh(self.gates[j]).to(out.dtype)[None, None, :, None] * out
 
 
-def load_llama_adapter(llm_path, vision_path, cfg, **kw) -> LlamaAdapter:
-    from pipeline.model.peers.common import load_peer
-
-    return load_peer(LlamaAdapter, llm_path, vision_path, cfg, **kw)
+SPEC = MethodSpec(
+    "llama_adapter", LlamaAdapter, LlamaAdapterConfig, partial(build_method, LlamaAdapter, "clip"), meta_builder(LlamaAdapter, "clip"), front_end="clip",
+    published="paper: 1.2M text-only (1,229,760 exact: multimodal=false), 1.8M with the image MLP (its shape is not published: reconstruction)",
+    stages=(2,))

@@ -1,10 +1,11 @@
-"""Prompts for generation, cut from the data pipeline's own training batches.
+"""Generation prompts (`Prompt`, what pipeline.generate takes), cut from the data pipeline's own training batches.
 
 Why cut instead of re-templating: the model must see at evaluation exactly the prompt family it was trained
 on. A stage-2 training batch already holds system message, ``Image:`` + K visual tokens (or ``Image:N/A.``),
-the QCM input and ``[/INST]``, then the answer; its labels are -100 on the prompt (HF convention: labels
-aligned with input_ids). So the prompt of row b is ``input_ids[b, :first label != -100]`` and the gold answer
-tokens follow it. This works for whatever template pipeline.data renders, with no second copy of it here.
+the QCM input and the generation prompt (``[/INST]``, or the chat template's assistant header), then the
+answer; its labels are -100 on the prompt (HF convention: labels aligned with input_ids). So the prompt of row b
+is ``input_ids[b, :first label != -100]`` and the gold answer tokens follow it. This works for whatever template
+pipeline.data renders (either prompt format), with no second copy of it here.
 
 Legend: B batch, T tokens, K visual tokens per image.
 """
@@ -67,20 +68,22 @@ def prompts_from_batch(batch: dict, num_query_tokens: int) -> list[Prompt]:
         if int(mm[b, cut:n_real].sum()):
             raise ValueError(f"row {b}: visual tokens inside the answer; cannot cut the prompt before the answer")
         n_img = n_visual // num_query_tokens
-        row_images = images[image_cursor:image_cursor + n_img] if images is not None and n_img else None
+        row_images = images[image_cursor : image_cursor + n_img] if images is not None and n_img else None
         image_cursor += n_img
         meta = dict(metas[b])
         if meta.get("dummy"):  # the collator's stand-in for an all-bad batch: not a sample
             continue
-        prompts.append(Prompt(
-            input_ids=ids[b, :cut].tolist(),
-            modality_mask=mm[b, :cut].tolist(),
-            images=row_images,
-            image_kind=kind,
-            key=str(meta.get("key", meta.get("__key__", ""))),
-            meta=meta,
-            answer_ids=ids[b, cut:n_real].tolist(),
-        ))
+        prompts.append(
+            Prompt(
+                input_ids=ids[b, :cut].tolist(),
+                modality_mask=mm[b, :cut].tolist(),
+                images=row_images,
+                image_kind=kind,
+                key=str(meta.get("key", meta.get("__key__", ""))),
+                meta=meta,
+                answer_ids=ids[b, cut:n_real].tolist(),
+            )
+        )
     if images is not None and image_cursor != len(images):
         raise ValueError(f"batch has {len(images)} images but its modality_mask marks {image_cursor} x K tokens")
     return prompts

@@ -1,8 +1,10 @@
-"""What the four peer methods share: config plumbing, the sequence context, the frozen layer's pieces, the cache.
+"""The sequence bookkeeping every method's forward shares (PILL and the peers): masks and RoPE positions
+(`SeqContext`), visual tokens scattered into the sequence, the frozen layer's own pieces, the LM output on answer
+rows, and `LayerStep` (a layer call that activation checkpointing can wrap from outside).
 
-Each peer owns its decoder-layer forward (one file each); the pieces here are the frozen Llama layer's own
-computations written once, calling its submodules (`q_proj(x)`, never `F.linear(x, q_proj.weight)`) so DeepSpeed
-ZeRO-3 hooks fire, with attention through pipeline.model.attention's backends (eager / sdpa / triton).
+The frozen layer's computations are written once here, calling its submodules (`q_proj(x)`, never
+`F.linear(x, q_proj.weight)`) so DeepSpeed ZeRO-3 hooks fire, with attention through pipeline.model.attention's
+backends (eager / sdpa / triton).
 
 Placeholder positions. The batch marks K placeholder positions per image (`modality_mask`). Methods whose image
 does not enter the sequence (LLaMA-Adapter, Excitor) pass `hide=modality_mask` to `SeqContext.build`: those
@@ -11,54 +13,22 @@ text token computes exactly what it would in the same prompt without them; the p
 an image belongs to. Their own outputs are never read (their labels are -100).
 
 Legend: B batch, T new tokens, S cached + new tokens, D model width, H query heads, Hkv key/value heads, Dh head
-width, N images.
+width, N images, V vocab.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask
 from pipeline.model.backends import resolve_backends
-from pipeline.model.pill import causal_lm_loss
-
-ATTN_BACKENDS = ("auto", "eager", "sdpa", "triton")
-
-
-class PeerConfigMixin:
-    """to_dict / from_dict / validation helpers for a peer's config dataclass (unknown keys are an error)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s): {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
-    def _check(self, ok: bool, field_name: str, why: str) -> None:
-        if not ok:
-            raise ValueError(f"{type(self).__name__}.{field_name}={getattr(self, field_name)!r}: {why}")
-
-    def _check_common(self, stages: tuple[int, ...], backends: tuple[str, ...] = ATTN_BACKENDS) -> None:
-        self._check(self.stage in stages, "stage", f"this method has stage(s) {stages}")
-        self._check(self.attn_backend in backends, "attn_backend", f"must be one of {backends}")
-        nq = getattr(self, "num_query_tokens", None)
-        self._check(nq is None or nq >= 1, "num_query_tokens", "must be >= 1 (or null: from the front end)")
 
 
 def resolve_attn_backend(name: str, device: torch.device) -> str:
@@ -87,29 +57,31 @@ class SeqContext:
     @classmethod
     def build(cls, llm: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None,
               position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
-              cache: PeerCache | None, use_cache: bool, hide: torch.Tensor | None = None) -> SeqContext:
-        """Masks and RoPE for x (B, T, D). `hide` (B, T) bool: positions no query may attend to (see above)."""
+              past_key_mask: torch.Tensor | None, use_cache: bool, hide: torch.Tensor | None = None) -> SeqContext:
+        """Masks and RoPE for x (B, T, D). `past_key_mask` (B, S - T) bool: the cached keys that are real and
+        visible (None: no cache). `hide` (B, T) bool: positions no query may attend to (see above)."""
         B, T = x.shape[:2]
         real = (attention_mask[:, -T:].bool() if attention_mask is not None
                 else torch.ones(B, T, dtype=torch.bool, device=x.device))
         hidden = hide is not None and bool(hide.any())
         visible = real & ~hide.bool() if hidden else real
-        key_mask = torch.cat([cache.key_mask, visible], dim=1) if cache is not None else visible
-        cached = cache is not None or use_cache
-        padded = cached and attention_mask is not None
+        past = past_key_mask is not None
+        key_mask = torch.cat([past_key_mask, visible], dim=1) if past else visible
+        # Keys to mask: hidden placeholders, left padding (generation), or holes in the cache. Right-padded
+        # batches without a cache need none (a real token never sees a later pad).
+        masked = hidden or ((past or use_cache) and attention_mask is not None) or (
+            past and not bool(past_key_mask.all()))
         if position_ids is None:
-            if hidden or padded or (cache is not None and not bool(cache.key_mask.all())):
+            if masked:
                 position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
-                past = cache.key_mask.shape[1] if cache is not None else 0
-                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
-        mask = AttnMask(causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                start = past_key_mask.shape[1] if past else 0
+                position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
+        mask = AttnMask(causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                        key_padding=key_mask if masked else None)
         if cu_seqlens is not None:
             mask.doc_ids = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(T, device=x.device),
                                               right=True)[None].expand(B, T)
-        # Right-padded batches without a cache need no padding mask (a real token never sees a later pad).
-        if hidden or padded or (cache is not None and not bool(cache.key_mask.all())):
-            mask.key_padding = key_mask
         return cls(mask, llm.model.rotary_emb(x, position_ids), key_mask)
 
 
@@ -127,11 +99,16 @@ class LayerStep(nn.Module):
 
 # ---- the frozen layer's pieces ---------------------------------------------------------------------------------------
 def project_qkv(attn: nn.Module, a: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
-    """q (B, T, H, Dh), k, v (B, T, Hkv, Dh) from the layer input a (B, T, D), RoPE applied to q and k."""
+    """q (B, T, H, Dh), k, v (B, T, Hkv, Dh) from the layer input a (B, T, D), RoPE applied to q and k.
+
+    As the frozen layer computes them: its projections (with Qwen2's biases), Qwen3's per-head RMSNorm of q and k
+    before RoPE, and the cos/sin of the model's own rotary embedding (Llama-3's rope scaling included)."""
     Dh = attn.head_dim  # unflatten, not view(B, T, -1, Dh): IAA runs its image path on zero rows in training
     q = attn.q_proj(a).unflatten(-1, (-1, Dh))
     k = attn.k_proj(a).unflatten(-1, (-1, Dh))
     v = attn.v_proj(a).unflatten(-1, (-1, Dh))
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
     return q, k, v
@@ -215,21 +192,18 @@ def lm_output(h: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor | None, 
     return logits, loss, n
 
 
-def load_peer(cls: type, llm_path: Any, vision_path: Any, cfg: Any, *, dtype: torch.dtype | None = None,
-              adapter_path: Any = None, device: Any = None) -> nn.Module:
-    """The registry's loader for a peer: frozen LLM + frozen CLIP (None: precomputed features) + the method."""
-    from pipeline.model.clip import CLIPFrontEnd
-    from pipeline.model.load import default_dtype, load_llm
+def causal_lm_loss(logits: torch.Tensor | None, labels: torch.Tensor, *, hidden: torch.Tensor | None = None,
+                   lm_head: nn.Module | None = None, num_items_in_batch: torch.Tensor | int | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy over positions whose label is not -100, and the number of those positions.
 
-    llm, tokenizer = load_llm(llm_path, dtype, device)
-    clip = CLIPFrontEnd.from_pretrained(vision_path, dtype or default_dtype()) if vision_path is not None else None
-    model = cls(llm, cfg, clip, tokenizer)
-    if device is not None:
-        for name, child in model.named_children():
-            if name != "llm":
-                child.to(device)
-        for _, p in model.named_parameters(recurse=False):
-            p.data = p.data.to(device)
-    if adapter_path is not None:
-        model.load_adapter(adapter_path)
-    return model
+    Only the answer rows are upcast to fp32 (never the whole (B, T, V) logits); with `logits=None` the LM head
+    runs on the answer rows of `hidden` alone. The loss is the token sum over `num_items_in_batch` when given
+    (the global batch's answer tokens), else this batch's mean (0 when it has no answer token)."""
+    targets = labels[:, 1:]
+    keep = targets != -100  # (B, T-1)
+    rows = logits[:, :-1][keep] if logits is not None else lm_head(hidden[:, :-1][keep])  # (n, V)
+    total = F.cross_entropy(rows.float(), targets[keep], reduction="sum")
+    n = keep.sum()
+    denom = n.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return total / denom, n
