@@ -36,7 +36,10 @@ $(STAMP): setup.py Makefile $(CONSTRAINTS)
 train: $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus $(NUM_PROCS) pipeline/train.py --ds_config ds_configs/zero2.json $(TRAIN_ARGS)
 
+# Lint first (seconds): ruff.toml's rules and its 120-column format, then the suite.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests -q -ra --timeout 900
 
 clean:

@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -315,21 +316,52 @@ def smoke() -> str:
     return f"{SMOKE_OK}: interpreter results match the references (forward and all gradients; {summary})"
 
 
-def compile_report(head_dims, ops, arch: int = 90, json_path: Path | None = None) -> str:
+def compile_report(head_dims, ops, arch: int = 90, json_path: Path | None = None, other_triton: Path | None = None,
+                   kernels: str | None = None) -> str:
     """Compile every launch the launchers pick at the headline shapes for sm_<arch>a and print the PTX/ptxas
-    figures (kernels/compile_report.py; no GPU needed). Needs TRITON_INTERPRET unset."""
+    figures (kernels/compile_report.py; no GPU needed). Needs TRITON_INTERPRET unset. ``other_triton``: a
+    directory holding another Triton; the same report runs there in a child process, then both side by side."""
+    import triton
+
     from . import compile_report as cr
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("--compile-report compiles for the GPU: unset TRITON_INTERPRET")
-    print(f"Compile report: sm_{arch}a, bf16, runtime specialisation (16-byte alignment, ints % 16), "
-          f"ptxas -v; grid vs {cr.H100_SMS} SMs\n\n{cr.HEADER}", flush=True)
-    rows = cr.report(head_dims=head_dims, ops=ops, arch=arch, echo=lambda r: print(r, flush=True))
+    print(f"Compile report: triton {triton.__version__}, sm_{arch}a, bf16, runtime specialisation (16-byte "
+          f"alignment, ints % 16), ptxas -v; grid vs {cr.H100_SMS} SMs\n\n{cr.HEADER}", flush=True)
+    parts = [k for k in (kernels or "").split(",") if k]
+    only = (lambda _case, tag: any(k in tag for k in parts)) if parts else None
+    rows = cr.report(head_dims=head_dims, ops=ops, arch=arch, echo=lambda r: print(r, flush=True), only=only)
+    if "adapter" in ops and only is None:
+        print(f"\nAdapter HBM traffic model (per token)\n\n{cr.adapter_traffic(rows)}", flush=True)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"env": _env(sys.argv[1:]), "arch": f"sm_{arch}a",
                                          "kernels": cr.as_json(rows)}, indent=1))
+    if other_triton is not None:
+        version, other = _compile_report_under(other_triton, head_dims, ops, kernels)
+        print(f"\nSide by side: triton {triton.__version__} / {version}\n\n"
+              f"{cr.side_by_side(rows, other, triton.__version__, version)}", flush=True)
     return f"COMPILE OK: {len(rows)} kernel launches built for sm_{arch}a"
+
+
+def _compile_report_under(triton_dir: Path, head_dims, ops, kernels: str | None = None) -> tuple[str, list]:
+    """The same report in a child process whose PYTHONPATH puts triton_dir first: (its Triton version, rows)."""
+    from . import compile_report as cr
+
+    if not (triton_dir / "triton").is_dir():
+        raise SystemExit(f"--triton {triton_dir}: no triton package there (pip install --no-deps --target DIR "
+                         "triton==X)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(triton_dir), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    out = Path(tempfile.mkdtemp()) / "compile_report.json"
+    cmd = [sys.executable, "-m", f"{__package__}.bench", "--compile-report", "--ops", ",".join(ops),
+           "--head-dims", ",".join(str(d) for d in head_dims), "--json", str(out)] + (
+               ["--kernels", kernels] if kernels else [])
+    print(f"\n$ PYTHONPATH={triton_dir} {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, env=env, check=True)
+    data = json.loads(out.read_text())
+    return data["env"]["triton"], cr.from_json(data["kernels"])
 
 
 def _shapes(text: str | None) -> list[tuple[int, int]]:
@@ -354,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="compile every headline launch for sm_90a and print wgmma/registers/spills/occupancy "
                          "(no GPU needed; TRITON_INTERPRET unset)")
     ap.add_argument("--head-dims", default="64,80,96,128,256", help="attention head dims of the compile report")
+    ap.add_argument("--kernels", default=None,
+                    help="compile report: only kernels whose name contains one of these comma-separated parts")
+    ap.add_argument("--triton", type=Path, default=os.environ.get("PILL_OTHER_TRITON") or None,
+                    help="compile report: also run it under the Triton installed in this directory (child process "
+                         "with it first on PYTHONPATH; env PILL_OTHER_TRITON) and print both side by side")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     ap.add_argument("--attn-shapes", default=None, help="BxT list, e.g. 4x512,2x2048 (default: the sweep)")
     ap.add_argument("--adapter-shapes", default=None, help="BxT list for the adapter (default: the sweep)")
@@ -369,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.compile_report:
         head_dims = [int(x) for x in args.head_dims.split(",") if x]
-        print(compile_report(head_dims, args.ops.split(","), json_path=args.json))
+        print(compile_report(head_dims, args.ops.split(","), json_path=args.json, other_triton=args.triton,
+                             kernels=args.kernels))
         return 0
 
     if args.smoke_child:  # runs with TRITON_INTERPRET=1 set before triton was imported

@@ -86,8 +86,9 @@ def _key_bounds(start_m, k_len, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _load_rows(base, offs_n, offs_d, stride, n_lim, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASK_ROWS: tl.constexpr):
+def _load_rows(
+    base, offs_n, offs_d, stride, n_lim, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr
+):
     """A (rows x BLOCK_D) tile. The row mask only in boundary blocks (a block inside the sequence loads
     unpredicated), the column mask only where the head dim is not a power of two."""
     ptrs = base + offs_n[:, None].to(tl.int64) * stride + offs_d[None, :]
@@ -101,10 +102,32 @@ def _load_rows(base, offs_n, offs_d, stride, n_lim, HEAD_DIM: tl.constexpr, BLOC
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
-               offs_m, offs_d, lo, hi, k_len, diag, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    g_base,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    k_len,
+    diag,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, stride_kt, k_len, HEAD_DIM, BLOCK_D, MASKED)
@@ -154,13 +177,38 @@ def _causal_block(CAUSAL: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["stride_gh", "stride_lh"])
-def _gated_attn_fwd_kernel(Q, K, V, G, OUT, LSE, CU_Q, CU_K, KV_LENS,
-                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                           stride_gh, stride_ot, stride_oh, stride_lh, qk_scale,
-                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                           HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
-                           DOT_PREC: tl.constexpr):
+def _gated_attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    G,
+    OUT,
+    LSE,
+    CU_Q,
+    CU_K,
+    KV_LENS,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_gh,
+    stride_ot,
+    stride_oh,
+    stride_lh,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     # G and LSE are head-major (Hq, N): stride_gh / stride_lh are the token count, not specialised on (a new
     # sequence length must not compile a new kernel). Grid (Hq, sequences, query blocks): neighbouring programs
     # are the heads of one KV group at one query block, so they share the K/V tiles in L2.
@@ -186,12 +234,58 @@ def _gated_attn_fwd_kernel(Q, K, V, G, OUT, LSE, CU_Q, CU_K, KV_LENS,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, hi = _key_bounds(start_m, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
-                               offs_m, offs_d, 0, full_end, k_len, diag, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
-                               offs_m, offs_d, full_end, hi, k_len, diag, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        g_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        0,
+        full_end,
+        k_len,
+        diag,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        HAS_GATE,
+        DOT_F32,
+        DOT_PREC,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        g_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        full_end,
+        hi,
+        k_len,
+        diag,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        HAS_GATE,
+        DOT_F32,
+        DOT_PREC,
+    )
     empty = l_i == 0.0  # no visible key: output 0, LSE +inf so the backward sees P = 0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
@@ -201,13 +295,42 @@ def _gated_attn_fwd_kernel(Q, K, V, G, OUT, LSE, CU_Q, CU_K, KV_LENS,
 
 
 @triton.jit(do_not_specialize=["stride_gh", "stride_mh", "stride_ms", "chunk"])
-def _gated_attn_decode_kernel(Q, K, V, G, OPART, MPART, LPART, CU_Q, CU_K, KV_LENS,
-                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                              stride_gh, stride_os, stride_ot, stride_oh, stride_ms, stride_mh, chunk, qk_scale,
-                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                              HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
-                              DOT_PREC: tl.constexpr):
+def _gated_attn_decode_kernel(
+    Q,
+    K,
+    V,
+    G,
+    OPART,
+    MPART,
+    LPART,
+    CU_Q,
+    CU_K,
+    KV_LENS,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_gh,
+    stride_os,
+    stride_ot,
+    stride_oh,
+    stride_ms,
+    stride_mh,
+    chunk,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Split-KV decode (flash-decoding): the (<= BLOCK_M) query rows of one (sequence, head) against key chunk s;
     writes the unnormalised accumulator and the running max / sum, combined over the chunks afterwards."""
     s = tl.program_id(0)
@@ -231,23 +354,80 @@ def _gated_attn_decode_kernel(Q, K, V, G, OPART, MPART, LPART, CU_Q, CU_K, KV_LE
     full_end, hi = _key_bounds(0, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
     lo = s * chunk  # chunk and full_end are multiples of BLOCK_N: both ranges start on a tile
     end = lo + chunk
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
-                               offs_m, offs_d, lo, tl.minimum(end, full_end), k_len, diag, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, g_base, stride_kt, stride_vt,
-                               offs_m, offs_d, tl.maximum(lo, full_end), tl.minimum(end, hi), k_len, diag, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        g_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        lo,
+        tl.minimum(end, full_end),
+        k_len,
+        diag,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        HAS_GATE,
+        DOT_F32,
+        DOT_PREC,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        g_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        tl.maximum(lo, full_end),
+        tl.minimum(end, hi),
+        k_len,
+        diag,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        HAS_GATE,
+        DOT_F32,
+        DOT_PREC,
+    )
     m_valid = offs_m < q_len
-    tl.store(OPART + s.to(tl.int64) * stride_os + row * stride_ot + h * stride_oh + offs_d[None, :], acc,
-             mask=q_mask)
+    tl.store(OPART + s.to(tl.int64) * stride_os + row * stride_ot + h * stride_oh + offs_d[None, :], acc, mask=q_mask)
     m_off = s.to(tl.int64) * stride_ms + h * stride_mh + q_start + offs_m
     tl.store(MPART + m_off, m_i, mask=m_valid)
     tl.store(LPART + m_off, l_i, mask=m_valid)
 
 
 @triton.jit(do_not_specialize=["n_rows", "stride_dh"])
-def _bwd_delta_kernel(O, DO, DELTA, n_rows, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
-                      HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_delta_kernel(
+    O,
+    DO,
+    DELTA,
+    n_rows,
+    stride_ot,
+    stride_oh,
+    stride_dot,
+    stride_doh,
+    stride_dh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """delta[h, i] = rowsum(O[i, h] * dO[i, h]) in fp32, head-major like the LSE (one read of O and dO)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1).to(tl.int64)
@@ -261,11 +441,43 @@ def _bwd_delta_kernel(O, DO, DELTA, n_rows, stride_ot, stride_oh, stride_dot, st
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, g, Q, DO, G, LSE, DELTA, q_start, h_kv, krow, n_valid,
-                    stride_qt, stride_qh, stride_dot, stride_doh, stride_gh, stride_lh,
-                    offs_n, offs_d, lo, hi, q_len, diag, qk_scale,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    g,
+    Q,
+    DO,
+    G,
+    LSE,
+    DELTA,
+    q_start,
+    h_kv,
+    krow,
+    n_valid,
+    stride_qt,
+    stride_qh,
+    stride_dot,
+    stride_doh,
+    stride_gh,
+    stride_lh,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    q_len,
+    diag,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Transposed orientation (keys are the rows: BLOCK_N = 64-128 rows per dot, enough for wgmma):
     S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q, over the query blocks [lo, hi) of every query head
     of the KV group, as ONE flat loop (head-major): a loop nest over heads would keep more state live across
@@ -309,15 +521,46 @@ def _bwd_dkdv_inner(dk, dv, k, v, g, Q, DO, G, LSE, DELTA, q_start, h_kv, krow, 
 
 
 @triton.jit(do_not_specialize=["stride_gh", "stride_lh"])
-def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, KV_LENS,
-                                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                                stride_gh, stride_dot, stride_doh, stride_lh,
-                                stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                                qk_scale, sm_scale,
-                                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                                HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
-                                DOT_PREC: tl.constexpr):
+def _gated_attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    G,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    CU_Q,
+    CU_K,
+    KV_LENS,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_gh,
+    stride_dot,
+    stride_doh,
+    stride_lh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    qk_scale,
+    sm_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     # grid (Hkv, sequences, key blocks): key block 0 sees every causal query row, so ascending order on the
     # slowest axis starts the longest programs first
     h_kv = tl.program_id(0).to(tl.int64)
@@ -355,28 +598,120 @@ def _gated_attn_bwd_dkdv_kernel(Q, K, V, G, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, 
         g = tl.load(G + h_kv * stride_gh + krow, mask=n_valid, other=0.0)
     else:
         g = tl.zeros([BLOCK_N], tl.float32)  # GQA: loaded per step inside the loop (or no gate)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, g, Q, DO, G, LSE, DELTA, q_start, h_kv, krow, n_valid,
-                             stride_qt, stride_qh, stride_dot, stride_doh, stride_gh, stride_lh,
-                             offs_n, offs_d, lo, mid, q_len, diag, qk_scale,
-                             GROUP, HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, g, Q, DO, G, LSE, DELTA, q_start, h_kv, krow, n_valid,
-                             stride_qt, stride_qh, stride_dot, stride_doh, stride_gh, stride_lh,
-                             offs_n, offs_d, mid, q_end, q_len, diag, qk_scale,
-                             GROUP, HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    dk, dv = _bwd_dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        g,
+        Q,
+        DO,
+        G,
+        LSE,
+        DELTA,
+        q_start,
+        h_kv,
+        krow,
+        n_valid,
+        stride_qt,
+        stride_qh,
+        stride_dot,
+        stride_doh,
+        stride_gh,
+        stride_lh,
+        offs_n,
+        offs_d,
+        lo,
+        mid,
+        q_len,
+        diag,
+        qk_scale,
+        GROUP,
+        HEAD_DIM,
+        BLOCK_M,
+        True,
+        CAUSAL,
+        HAS_GATE,
+        DOT_F32,
+        DOT_PREC,
+    )
+    dk, dv = _bwd_dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        g,
+        Q,
+        DO,
+        G,
+        LSE,
+        DELTA,
+        q_start,
+        h_kv,
+        krow,
+        n_valid,
+        stride_qt,
+        stride_qh,
+        stride_dot,
+        stride_doh,
+        stride_gh,
+        stride_lh,
+        offs_n,
+        offs_d,
+        mid,
+        q_end,
+        q_len,
+        diag,
+        qk_scale,
+        GROUP,
+        HEAD_DIM,
+        BLOCK_M,
+        False,
+        CAUSAL,
+        HAS_GATE,
+        DOT_F32,
+        DOT_PREC,
+    )
     if HAS_GATE and GROUP == 1:
         dv = dv * g[:, None]  # one head owns the tile: gate the ungated P^T dO once
     dk = dk * sm_scale
-    tl.store(DK + krow[:, None] * stride_dkt + h_kv * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV + krow[:, None] * stride_dvt + h_kv * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_mask)
+    tl.store(
+        DK + krow[:, None] * stride_dkt + h_kv * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask
+    )
+    tl.store(
+        DV + krow[:, None] * stride_dvt + h_kv * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask
+    )
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, dg_base, stride_kt, stride_vt,
-                  offs_m, offs_d, lo, hi, k_len, diag, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    g_base,
+    dg_base,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    k_len,
+    diag,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """dQ += dS K over the key blocks; with a gate also the gate's gradient of this query block,
     dg_j = sum_i P_ij (dO_i . v_j): the column sums of P * (dO V^T) (UNgated), both already in registers."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -409,14 +744,45 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, dg_base, stride
 
 
 @triton.jit(do_not_specialize=["stride_gh", "stride_lh", "stride_gp"])
-def _gated_attn_bwd_dq_kernel(Q, K, V, G, DO, LSE, DELTA, DQ, DGP, CU_Q, CU_K, KV_LENS,
-                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                              stride_gh, stride_dot, stride_doh, stride_lh,
-                              stride_dqt, stride_dqh, stride_gp, qk_scale, sm_scale,
-                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                              HAS_GATE: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_F32: tl.constexpr,
-                              DOT_PREC: tl.constexpr):
+def _gated_attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    G,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DGP,
+    CU_Q,
+    CU_K,
+    KV_LENS,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_gh,
+    stride_dot,
+    stride_doh,
+    stride_lh,
+    stride_dqt,
+    stride_dqh,
+    stride_gp,
+    qk_scale,
+    sm_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     # DGP: the gate-gradient partials (query blocks, Hq, Nk) fp32, zero-filled; grid as the forward's
     h = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
@@ -444,15 +810,64 @@ def _gated_attn_bwd_dq_kernel(Q, K, V, G, DO, LSE, DELTA, DQ, DGP, CU_Q, CU_K, K
     dg_base = DGP + m_block.to(tl.int64) * stride_gp + h * stride_gh + k_start
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, hi = _key_bounds(start_m, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, dg_base, stride_kt, stride_vt,
-                       offs_m, offs_d, 0, full_end, k_len, diag, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, g_base, dg_base, stride_kt, stride_vt,
-                       offs_m, offs_d, full_end, hi, k_len, diag, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_GATE, DOT_F32, DOT_PREC)
+    dq = _bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        g_base,
+        dg_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        0,
+        full_end,
+        k_len,
+        diag,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        HAS_GATE,
+        DOT_F32,
+        DOT_PREC,
+    )
+    dq = _bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        g_base,
+        dg_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        full_end,
+        hi,
+        k_len,
+        diag,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        HAS_GATE,
+        DOT_F32,
+        DOT_PREC,
+    )
     dq = dq * sm_scale
-    tl.store(DQ + row[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=q_mask)
+    tl.store(DQ + row[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -471,20 +886,20 @@ def _cfg(m, n, warps, stages):
 # Tiles per (BLOCK_D, dtype) on Hopper (sm_90), chosen from the compile report (wgmma for every dot, no spills,
 # shared memory within 227 KB; docs/kernels.md); not tuned on a GPU yet. fwd: BLOCK_M queries x BLOCK_N keys;
 # dkdv: BLOCK_M queries streamed past BLOCK_N keys (the keys are the wgmma rows); dq: BLOCK_M queries x BLOCK_N
-# keys. Gated and ungated attention share every tile (the gate's gradient lives in the dQ kernel). Sequence
+# keys. Gated and ungated backward share every tile (the gate's gradient lives in the dQ kernel). Sequence
 # length is not part of the key: a new length never compiles a new kernel.
 _BF16 = (torch.bfloat16, torch.float16)
 _HOPPER = {
-    **{(64, dt): {"fwd": _cfg(128, 64, 4, 3), "dkdv": _cfg(32, 128, 8, 2), "dq": _cfg(128, 32, 4, 2)}
-       for dt in _BF16},
-    **{(128, dt): {"fwd": _cfg(128, 64, 8, 3), "dkdv": _cfg(32, 128, 8, 2), "dq": _cfg(128, 32, 8, 2)}
-       for dt in _BF16},
-    **{(256, dt): {"fwd": _cfg(64, 64, 8, 2), "dkdv": _cfg(32, 64, 8, 1), "dq": _cfg(128, 16, 8, 1)}
-       for dt in _BF16},
+    **{(64, dt): {"fwd": _cfg(128, 64, 4, 3), "dkdv": _cfg(32, 128, 8, 2), "dq": _cfg(128, 32, 4, 2)} for dt in _BF16},
+    **{(128, dt): {"fwd": _cfg(128, 64, 8, 3), "dkdv": _cfg(32, 128, 8, 2), "dq": _cfg(128, 32, 8, 2)} for dt in _BF16},
+    **{(256, dt): {"fwd": _cfg(64, 64, 8, 2), "dkdv": _cfg(32, 64, 8, 1), "dq": _cfg(128, 16, 8, 1)} for dt in _BF16},
 }
 # dK/dV when the grid above would leave SMs idle (few KV heads, e.g. SmolLM2's 3 at 2 x 2048: 96 programs for
 # 132 SMs): half as many keys per program, twice the programs
 _DKDV_NARROW = {64: _cfg(32, 64, 4, 2), 128: _cfg(32, 64, 4, 2)}
+# Forward without a gate: 128 keys per step at d128 (250 registers, 0 spill, 160 KB); with the gate's row in
+# registers the same tile spills 24 B (compile report, Triton 3.9), so the gated forward keeps 64 keys
+_FWD_UNGATED = {128: _cfg(128, 128, 8, 2)}
 # Any other GPU / head dim with bf16/fp16: small tiles that fit Ampere's 164 KB.
 _FALLBACK = {"fwd": _cfg(64, 32, 4, 2), "dkdv": _cfg(32, 64, 4, 1), "dq": _cfg(64, 32, 4, 1)}
 # fp32 (IEEE dots on CUDA cores, a correctness path): tiles small enough not to spill up to head dim 128
@@ -522,15 +937,30 @@ def _dkdv_config(cfgs: dict, block_d: int, dtype: torch.dtype, device: torch.dev
     """The dK/dV tile; the narrow one on Hopper when ``n_programs(BLOCK_N)`` would not cover the SMs."""
     cfg = cfgs["dkdv"]
     narrow = _DKDV_NARROW.get(block_d)
-    if (narrow and on_gpu(device) and dtype in _BF16 and _arch(device) == 90
-            and n_programs(cfg["BLOCK_N"]) < _sm_count(device)):
+    if (
+        narrow
+        and on_gpu(device)
+        and dtype in _BF16
+        and _arch(device) == 90
+        and n_programs(cfg["BLOCK_N"]) < _sm_count(device)
+    ):
         return narrow
     return cfg
 
 
+def _fwd_config(cfgs: dict, block_d: int, dtype: torch.dtype, device: torch.device, gated: bool) -> dict:
+    """The forward tile; the wider ungated one on Hopper where it does not spill."""
+    wide = _FWD_UNGATED.get(block_d)
+    if wide and not gated and on_gpu(device) and dtype in _BF16 and _arch(device) == 90:
+        return wide
+    return cfgs["fwd"]
+
+
 def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
-    return {"DOT_F32": not on_gpu(device) and dtype == torch.bfloat16,
-            "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
+    return {
+        "DOT_F32": not on_gpu(device) and dtype == torch.bfloat16,
+        "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32",
+    }
 
 
 def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
@@ -544,15 +974,40 @@ def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
     o = torch.zeros_like(q) if zero_init else torch.empty_like(q)
     lse = torch.empty((h_q, n_q), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
-    cfg = _configs(block_d, q.dtype, q.device)["fwd"]
+    cfg = _fwd_config(_configs(block_d, q.dtype, q.device), block_d, q.dtype, q.device, g is not None)
     grid = (h_q, n_seq, triton.cdiv(max_q, cfg["BLOCK_M"]))
     launch(
-        _gated_attn_fwd_kernel, grid, q, k, v, g if g is not None else lse, o, lse, cu_q, cu_k,
+        _gated_attn_fwd_kernel,
+        grid,
+        q,
+        k,
+        v,
+        g if g is not None else lse,
+        o,
+        lse,
+        cu_q,
+        cu_k,
         kv_lens if kv_lens is not None else cu_q,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        g.stride(0) if g is not None else 0, o.stride(0), o.stride(1), lse.stride(0), sm_scale * LOG2E,
-        GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_GATE=g is not None,
-        HAS_KV_LENS=kv_lens is not None, **_dot_flags(q.dtype, q.device), **cfg)
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        g.stride(0) if g is not None else 0,
+        o.stride(0),
+        o.stride(1),
+        lse.stride(0),
+        sm_scale * LOG2E,
+        GROUP=group,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        CAUSAL=causal,
+        HAS_GATE=g is not None,
+        HAS_KV_LENS=kv_lens is not None,
+        **_dot_flags(q.dtype, q.device),
+        **cfg,
+    )
     return o, lse
 
 
@@ -561,9 +1016,23 @@ def _delta(o, do, block_d):
     n, h_q, d = o.shape
     delta = torch.empty((h_q, n), device=o.device, dtype=torch.float32)
     block_t = 16 if not on_gpu(o.device) else max(16, min(128, 8192 // block_d))
-    launch(_bwd_delta_kernel, (triton.cdiv(n, block_t), h_q), o, do, delta, n, o.stride(0), o.stride(1),
-           do.stride(0), do.stride(1), delta.stride(0), HEAD_DIM=d, BLOCK_T=block_t, BLOCK_D=block_d,
-           num_warps=4 if on_gpu(o.device) else 1)
+    launch(
+        _bwd_delta_kernel,
+        (triton.cdiv(n, block_t), h_q),
+        o,
+        do,
+        delta,
+        n,
+        o.stride(0),
+        o.stride(1),
+        do.stride(0),
+        do.stride(1),
+        delta.stride(0),
+        HEAD_DIM=d,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        num_warps=4 if on_gpu(o.device) else 1,
+    )
     return delta
 
 
@@ -584,20 +1053,78 @@ def _bwd(do, q, k, v, g, o, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_s
     # the gate's gradient: one fp32 partial row per (dQ query block, head), zero where a block sees no key,
     # summed below; deterministic (no atomics) at cdiv(max_q, BLOCK_M) x Hq x Nk x 4 bytes
     dg_part = torch.zeros((n_mblocks, h_q, k.shape[0]), device=q.device) if g is not None else None
-    flags = dict(GROUP=h_q // h_kv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_GATE=g is not None,
-                 HAS_KV_LENS=kv_lens is not None, **_dot_flags(q.dtype, q.device))
+    flags = dict(
+        GROUP=h_q // h_kv,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        CAUSAL=causal,
+        HAS_GATE=g is not None,
+        HAS_KV_LENS=kv_lens is not None,
+        **_dot_flags(q.dtype, q.device),
+    )
     g_arg = g if g is not None else lse
     kv_arg = kv_lens if kv_lens is not None else cu_q
-    common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-              g.stride(0) if g is not None else 0, do.stride(0), do.stride(1), lse.stride(0))
+    common = (
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        g.stride(0) if g is not None else 0,
+        do.stride(0),
+        do.stride(1),
+        lse.stride(0),
+    )
     launch(
-        _gated_attn_bwd_dkdv_kernel, (h_kv, n_seq, triton.cdiv(max_k, dkdv["BLOCK_N"])), q, k, v, g_arg, do, lse,
-        delta, dk, dv, cu_q, cu_k, kv_arg, *common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        sm_scale * LOG2E, sm_scale, **flags, **dkdv)
+        _gated_attn_bwd_dkdv_kernel,
+        (h_kv, n_seq, triton.cdiv(max_k, dkdv["BLOCK_N"])),
+        q,
+        k,
+        v,
+        g_arg,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        cu_q,
+        cu_k,
+        kv_arg,
+        *common,
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        sm_scale * LOG2E,
+        sm_scale,
+        **flags,
+        **dkdv,
+    )
     launch(
-        _gated_attn_bwd_dq_kernel, (h_q, n_seq, n_mblocks), q, k, v, g_arg, do, lse, delta, dq,
-        dg_part if g is not None else lse, cu_q, cu_k, kv_arg, *common, dq.stride(0), dq.stride(1),
-        dg_part.stride(0) if g is not None else 0, sm_scale * LOG2E, sm_scale, **flags, **cfgs["dq"])
+        _gated_attn_bwd_dq_kernel,
+        (h_q, n_seq, n_mblocks),
+        q,
+        k,
+        v,
+        g_arg,
+        do,
+        lse,
+        delta,
+        dq,
+        dg_part if g is not None else lse,
+        cu_q,
+        cu_k,
+        kv_arg,
+        *common,
+        dq.stride(0),
+        dq.stride(1),
+        dg_part.stride(0) if g is not None else 0,
+        sm_scale * LOG2E,
+        sm_scale,
+        **flags,
+        **cfgs["dq"],
+    )
     dg = dg_part.sum(0) if g is not None else None
     return dq, dk, dv, dg
 
@@ -629,14 +1156,44 @@ def _decode(q, k, v, g, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_scale):
     m_part = torch.full((n_split, h_q, n_q), float("-inf"), device=q.device)
     l_part = torch.zeros((n_split, h_q, n_q), device=q.device)
     launch(
-        _gated_attn_decode_kernel, (n_split, h_q, n_seq), q, k, v, g if g is not None else l_part, o_part, m_part,
-        l_part, cu_q, cu_k, kv_lens if kv_lens is not None else cu_q,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        g.stride(0) if g is not None else 0, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        m_part.stride(0), m_part.stride(1), chunk, sm_scale * LOG2E,
-        GROUP=h_q // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=DECODE_MAX_Q, BLOCK_N=block_n, CAUSAL=causal,
-        HAS_GATE=g is not None, HAS_KV_LENS=kv_lens is not None, **_dot_flags(q.dtype, q.device),
-        num_warps=4 if on_gpu(q.device) else 1, num_stages=2 if on_gpu(q.device) else 1)
+        _gated_attn_decode_kernel,
+        (n_split, h_q, n_seq),
+        q,
+        k,
+        v,
+        g if g is not None else l_part,
+        o_part,
+        m_part,
+        l_part,
+        cu_q,
+        cu_k,
+        kv_lens if kv_lens is not None else cu_q,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        g.stride(0) if g is not None else 0,
+        o_part.stride(0),
+        o_part.stride(1),
+        o_part.stride(2),
+        m_part.stride(0),
+        m_part.stride(1),
+        chunk,
+        sm_scale * LOG2E,
+        GROUP=h_q // k.shape[1],
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_M=DECODE_MAX_Q,
+        BLOCK_N=block_n,
+        CAUSAL=causal,
+        HAS_GATE=g is not None,
+        HAS_KV_LENS=kv_lens is not None,
+        **_dot_flags(q.dtype, q.device),
+        num_warps=4 if on_gpu(q.device) else 1,
+        num_stages=2 if on_gpu(q.device) else 1,
+    )
     # combine (tiny: splits x Nq x Hq x D): rescale every chunk to the global row max (base 2)
     m = m_part.amax(0)
     w = torch.exp2(m_part - torch.where(torch.isinf(m), 0.0, m))  # chunks that saw no key: exp2(-inf) = 0
@@ -663,20 +1220,25 @@ def _check(q, k, v, value_gate, cu_seqlens, kv_seqlens) -> None:
     want = 3 if packed else 4
     if q.dim() != want or k.dim() != want or v.dim() != want:
         layout = "packed (N, H, D) with cu_seqlens" if packed else "padded (B, T, H, D)"
-        raise ValueError(f"gated_attention: expected {layout} q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"gated_attention: expected {layout} q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[:-3] != k.shape[:-3]:
         raise ValueError(f"gated_attention: incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"gated_attention: q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them first "
-                         "(autocast does not reach into custom autograd Functions)")
+        raise ValueError(
+            f"gated_attention: q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them first "
+            "(autocast does not reach into custom autograd Functions)"
+        )
     if packed and q.shape[0] != k.shape[0]:
         raise ValueError("gated_attention: packed q and k/v must hold the same tokens (one cu_seqlens)")
     if q.shape[-2] % k.shape[-2] != 0:
         raise ValueError(f"gated_attention: Hq={q.shape[-2]} is not a multiple of Hkv={k.shape[-2]}")
     if value_gate is not None and value_gate.shape != k.shape[:-2] + (q.shape[-2],):
-        raise ValueError(f"gated_attention: value_gate must have shape {tuple(k.shape[:-2]) + (q.shape[-2],)} "
-                         f"(keys x query heads), got {tuple(value_gate.shape)}")
+        raise ValueError(
+            f"gated_attention: value_gate must have shape {tuple(k.shape[:-2]) + (q.shape[-2],)} "
+            f"(keys x query heads), got {tuple(value_gate.shape)}"
+        )
     if kv_seqlens is not None and packed:
         raise ValueError("gated_attention: kv_seqlens is for the padded layout; packed input is unpadded already")
 
@@ -712,22 +1274,50 @@ def _prepare(q, k, v, g, cu_seqlens, kv_seqlens, max_seqlen):
     h_kv = k.shape[-2]
     g2 = g.reshape(-1, h_q).t().float().contiguous() if g is not None else None
     zero_init = cu_seqlens is not None or kv_lens is not None  # rows no program visits must be 0
-    return (q.contiguous().view(-1, h_q, d), k.contiguous().view(-1, h_kv, d), v.contiguous().view(-1, h_kv, d),
-            g2, cu_q, cu_k, kv_lens, max_q, max_k, zero_init)
+    return (
+        q.contiguous().view(-1, h_q, d),
+        k.contiguous().view(-1, h_kv, d),
+        v.contiguous().view(-1, h_kv, d),
+        g2,
+        cu_q,
+        cu_k,
+        kv_lens,
+        max_q,
+        max_k,
+        zero_init,
+    )
 
 
 @torch.library.custom_op(f"{NS}::gated_attention_fwd", mutates_args=())
-def gated_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None,
-                        cu_seqlens: torch.Tensor | None, kv_seqlens: torch.Tensor | None, causal: bool,
-                        max_seqlen: int | None, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    value_gate: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    kv_seqlens: torch.Tensor | None,
+    causal: bool,
+    max_seqlen: int | None,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out like q, base-2 LSE head-major (Hq, Nq) fp32; empty on the reference path)."""
     _check(q, k, v, value_gate, cu_seqlens, kv_seqlens)
     if not _use_triton(q):
-        out = gated_attention_ref(q, k, v, value_gate, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                  softmax_scale=softmax_scale, kv_seqlens=kv_seqlens)
+        out = gated_attention_ref(
+            q,
+            k,
+            v,
+            value_gate,
+            causal=causal,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            softmax_scale=softmax_scale,
+            kv_seqlens=kv_seqlens,
+        )
         return out.contiguous(), q.new_empty((0,), dtype=torch.float32)
     q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, _max_k, zero_init = _prepare(
-        q, k, v, value_gate, cu_seqlens, kv_seqlens, max_seqlen)
+        q, k, v, value_gate, cu_seqlens, kv_seqlens, max_seqlen
+    )
     if q2.shape[0] == 0 or cu_q.numel() < 2:
         return torch.zeros_like(q), torch.zeros((q.shape[-2], q2.shape[0]), device=q.device)
     o2, lse = _fwd(q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, causal, softmax_scale, zero_init)
@@ -747,27 +1337,59 @@ def _ref_grads(do, q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seql
     if value_gate is not None:
         leaves.append(value_gate.detach().requires_grad_())
     with torch.enable_grad():
-        ref = gated_attention_ref(*leaves[:3], leaves[3] if value_gate is not None else None, causal=causal,
-                                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, softmax_scale=softmax_scale,
-                                  kv_seqlens=kv_seqlens)
+        ref = gated_attention_ref(
+            *leaves[:3],
+            leaves[3] if value_gate is not None else None,
+            causal=causal,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            softmax_scale=softmax_scale,
+            kv_seqlens=kv_seqlens,
+        )
         return [t.contiguous() for t in torch.autograd.grad(ref, leaves, do)]
 
 
 @torch.library.custom_op(f"{NS}::gated_attention_bwd", mutates_args=())
-def gated_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        value_gate: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
-                        cu_seqlens: torch.Tensor | None, kv_seqlens: torch.Tensor | None, causal: bool,
-                        max_seqlen: int | None, softmax_scale: float) -> list[torch.Tensor]:
+def gated_attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    value_gate: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    kv_seqlens: torch.Tensor | None,
+    causal: bool,
+    max_seqlen: int | None,
+    softmax_scale: float,
+) -> list[torch.Tensor]:
     """-> [dq, dk, dv] (+ [dgate] when a gate was given)."""
     if not _use_triton(q):
         return _ref_grads(do, q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen, softmax_scale)
     q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, max_k, zero_init = _prepare(
-        q, k, v, value_gate, cu_seqlens, kv_seqlens, max_seqlen)
+        q, k, v, value_gate, cu_seqlens, kv_seqlens, max_seqlen
+    )
     if q2.shape[0] == 0 or cu_q.numel() < 2:
         grads = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)]
         return grads + ([torch.zeros_like(value_gate)] if value_gate is not None else [])
-    dq, dk, dv, dg = _bwd(do.reshape(q2.shape), q2, k2, v2, g2, out.reshape(q2.shape), lse, cu_q, cu_k, kv_lens,
-                          max_q, max_k, causal, softmax_scale, zero_init)
+    dq, dk, dv, dg = _bwd(
+        do.reshape(q2.shape),
+        q2,
+        k2,
+        v2,
+        g2,
+        out.reshape(q2.shape),
+        lse,
+        cu_q,
+        cu_k,
+        kv_lens,
+        max_q,
+        max_k,
+        causal,
+        softmax_scale,
+        zero_init,
+    )
     grads = [dq.view(q.shape), dk.view(k.shape), dv.view(k.shape)]
     if dg is not None:  # head-major fp32 -> the caller's (..., Tk, Hq) layout and dtype
         grads.append(dg.t().to(value_gate.dtype).contiguous().view(value_gate.shape))
@@ -790,8 +1412,9 @@ def _attn_backward(ctx, d_out, _d_lse):
     """The backward of ``gated_attention_fwd``: one call of the bwd op."""
     q, k, v, g, out, lse, cu_seqlens, kv_seqlens = ctx.saved_tensors
     causal, max_seqlen, softmax_scale, has_gate = ctx.meta
-    grads = gated_attention_bwd(d_out.contiguous(), q, k, v, g, out, lse, cu_seqlens, kv_seqlens, causal,
-                                max_seqlen, softmax_scale)
+    grads = gated_attention_bwd(
+        d_out.contiguous(), q, k, v, g, out, lse, cu_seqlens, kv_seqlens, causal, max_seqlen, softmax_scale
+    )
     dg = grads[3] if has_gate else None
     return grads[0], grads[1], grads[2], dg, None, None, None, None, None
 
@@ -800,13 +1423,21 @@ gated_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
 @torch.library.custom_op(f"{NS}::gated_attention_decode", mutates_args=())
-def gated_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None,
-                           kv_seqlens: torch.Tensor | None, causal: bool, softmax_scale: float) -> torch.Tensor:
+def gated_attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    value_gate: torch.Tensor | None,
+    kv_seqlens: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+) -> torch.Tensor:
     """Forward-only split-KV decode (padded layout, Tq <= DECODE_MAX_Q): generation against a KV cache."""
     _check(q, k, v, value_gate, None, kv_seqlens)
     if not _use_triton(q):
-        return gated_attention_ref(q, k, v, value_gate, causal=causal, softmax_scale=softmax_scale,
-                                   kv_seqlens=kv_seqlens).contiguous()
+        return gated_attention_ref(
+            q, k, v, value_gate, causal=causal, softmax_scale=softmax_scale, kv_seqlens=kv_seqlens
+        ).contiguous()
     q2, k2, v2, g2, cu_q, cu_k, kv_lens, max_q, max_k, _zero = _prepare(q, k, v, value_gate, None, kv_seqlens, None)
     if q2.shape[0] == 0:
         return torch.zeros_like(q)
@@ -824,8 +1455,9 @@ class GatedAttentionFunction:
     order of the old ``autograd.Function``. Kept only for the package's export; call ``gated_attention``."""
 
     @staticmethod
-    def apply(q, k, v, value_gate=None, causal=True, cu_seqlens=None, max_seqlen=None, softmax_scale=None,
-              kv_seqlens=None):
+    def apply(
+        q, k, v, value_gate=None, causal=True, cu_seqlens=None, max_seqlen=None, softmax_scale=None, kv_seqlens=None
+    ):
         scale = _scale(softmax_scale, q.shape[-1])
         return gated_attention_fwd(q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen, scale)[0]
 
@@ -837,16 +1469,29 @@ def _use_triton(t: torch.Tensor) -> bool:
 def _triton_attention(q, k, v, value_gate, causal, cu_seqlens, max_seqlen, softmax_scale, kv_seqlens):
     """The Triton path through the registered custom ops (one graph node each for torch.compile)."""
     scale = _scale(softmax_scale, q.shape[-1])
-    if cu_seqlens is None and q.dim() == 4 and q.shape[1] <= DECODE_MAX_Q and not (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, value_gate))):
+    if (
+        cu_seqlens is None
+        and q.dim() == 4
+        and q.shape[1] <= DECODE_MAX_Q
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, value_gate)))
+    ):
         # generation: a few new queries against the cache, no gradient: split the keys (flash-decoding)
         return gated_attention_decode(q, k, v, value_gate, kv_seqlens, causal, scale)
     return gated_attention_fwd(q, k, v, value_gate, cu_seqlens, kv_seqlens, causal, max_seqlen, scale)[0]
 
 
-def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None = None, *,
-                    causal: bool = True, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                    softmax_scale: float | None = None, kv_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+def gated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    value_gate: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    softmax_scale: float | None = None,
+    kv_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Gated attention (see module docstring). ``value_gate`` is the gate value g, (B, Tk, Hq) or (N, Hq).
 
     ``kv_seqlens`` (B,) (padded layout only, an extension of the team contract): valid key count per batch row
@@ -854,8 +1499,17 @@ def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gat
     """
     if _use_triton(q):
         return _triton_attention(q, k, v, value_gate, causal, cu_seqlens, max_seqlen, softmax_scale, kv_seqlens)
-    return gated_attention_ref(q, k, v, value_gate, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                               softmax_scale=softmax_scale, kv_seqlens=kv_seqlens)
+    return gated_attention_ref(
+        q,
+        k,
+        v,
+        value_gate,
+        causal=causal,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        softmax_scale=softmax_scale,
+        kv_seqlens=kv_seqlens,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -885,9 +1539,18 @@ def _ref_padded(q, k, v, g, causal, sm_scale, kv_seqlens):
     return torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)
 
 
-def gated_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, value_gate: torch.Tensor | None = None,
-                        *, causal: bool = True, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                        softmax_scale: float | None = None, kv_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+def gated_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    value_gate: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    softmax_scale: float | None = None,
+    kv_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Eager PyTorch reference: materialises the (Tq, Tk) scores, expands K/V per query head, gates V rows."""
     _check(q, k, v, value_gate, cu_seqlens, kv_seqlens)
     sm_scale = _scale(softmax_scale, q.shape[-1])

@@ -69,9 +69,11 @@ def check_interpreter_numpy() -> None:
     if interpreter_needs_old_numpy():
         import triton
 
-        raise RuntimeError(f"the Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) needs numpy < 2.4 "
-                           f"(found {np.__version__}; triton-lang/triton#9171): pip install 'numpy<2.4', or a "
-                           "newer Triton (3.9 works with numpy 2.4)")
+        raise RuntimeError(
+            f"the Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) needs numpy < 2.4 "
+            f"(found {np.__version__}; triton-lang/triton#9171): pip install 'numpy<2.4', or a "
+            "newer Triton (3.9 works with numpy 2.4)"
+        )
 
 
 @contextlib.contextmanager

@@ -20,9 +20,15 @@ _ra = importlib.import_module(f"{__package__}.routed_adapter")
 
 # --------------------------------------------------------------------------------------------------- adapter
 @torch.library.custom_op(f"{NS}::routed_swiglu_adapter_fwd", mutates_args=())
-def routed_swiglu_adapter_fwd(x: torch.Tensor, route: torch.Tensor, perm: torch.Tensor, offs: torch.Tensor,
-                              w_gate: torch.Tensor, w_down: torch.Tensor,
-                              w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def routed_swiglu_adapter_fwd(
+    x: torch.Tensor,
+    route: torch.Tensor,
+    perm: torch.Tensor,
+    offs: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (y like x, the pre-activations hg | hd (N, 2r) fp32; empty on the reference path). perm / offs: the
     RouteSchedule of ``route``."""
     _ra._check(x, route, w_gate, w_down, w_up)
@@ -44,9 +50,17 @@ def _(x, route, perm, offs, w_gate, w_down, w_up):
 
 
 @torch.library.custom_op(f"{NS}::routed_swiglu_adapter_bwd", mutates_args=())
-def routed_swiglu_adapter_bwd(dy: torch.Tensor, x: torch.Tensor, route: torch.Tensor, perm: torch.Tensor,
-                              offs: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor,
-                              h: torch.Tensor) -> list[torch.Tensor]:
+def routed_swiglu_adapter_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    route: torch.Tensor,
+    perm: torch.Tensor,
+    offs: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor,
+    h: torch.Tensor,
+) -> list[torch.Tensor]:
     """-> [dx, dw_gate, dw_down, dw_up]."""
     if not _ra._use_triton(x):
         leaves = [t.detach().requires_grad_() for t in (x, w_gate, w_down, w_up)]
@@ -62,8 +76,12 @@ def routed_swiglu_adapter_bwd(dy: torch.Tensor, x: torch.Tensor, route: torch.Te
 
 @routed_swiglu_adapter_bwd.register_fake
 def _(dy, x, route, perm, offs, w_gate, w_down, w_up, h):
-    return [x.new_empty(x.shape), w_gate.new_empty(w_gate.shape), w_down.new_empty(w_down.shape),
-            w_up.new_empty(w_up.shape)]
+    return [
+        x.new_empty(x.shape),
+        w_gate.new_empty(w_gate.shape),
+        w_down.new_empty(w_down.shape),
+        w_up.new_empty(w_up.shape),
+    ]
 
 
 def _adapter_setup(ctx, inputs, output):

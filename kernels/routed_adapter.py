@@ -9,22 +9,28 @@ Design choices
   ``route`` plus per-expert offsets on the device, no host sync: ``build_route_schedule``, reusable across the
   layers of one forward); each token block of BLOCK_M tokens belongs to ONE expert, so every token computes only
   its own expert.
-- Occupancy: the down projections run on a (token block x d-split) grid producing fp32 partials, the up
-  projection (and the backward's dx) on a (token block x d-tile) grid, so 2k tokens already give more programs
-  than an H100 has SMs (the compile report shows the grids).
-- Compute dtype: the fp32 master weights are cast once per call to the activation dtype ([D1; D2] and U^T, what
-  ``torch.autocast`` does to F.linear); accumulation, SiLU, the product and the residual add are fp32, y is
+- One HBM pass per direction (issue 20; ``python -m kernels.bench --compile-report`` models the bytes). Forward:
+  one program per 16-token block computes hg | hd = x [D1; D2]^T over all of d, then y = x + a U^T d-tile by
+  d-tile; its second read of its own rows hits L2 (16 rows x d x 2 B = 128 KB per block; all resident blocks
+  of an H100 fit its 50 MB L2), so x comes from HBM once and no partial sums exist. Backward: pass 1, per token
+  block, dA = dy U over all of d and the per-token a, dhg | dhd (N, 3r: tiny); pass 2, per (d-tile, expert,
+  token split), the three weight-gradient tiles and dx from the same x and dy tiles. dy is read twice (dA needs
+  all of d before any dx or dW tile can start), x once; the compile report sets this against the minimum.
+- Compute dtype: the fp32 master weights are cast to the activation dtype ([D1; D2] and U^T, what
+  ``torch.autocast`` does to F.linear) once per optimizer step for the same weight tensors (``_weights``: keyed
+  on the tensors, their data_ptr and version counter, emptied by an optimizer step hook); the forward and the
+  backward of a call share the copy. Accumulation, SiLU, the product and the residual add are fp32, y is
   written in x's dtype. fp32 activations use IEEE fp32 dots. Under the Triton interpreter everything runs in
   fp32 (its bf16 ``tl.dot`` is wrong). Weight gradients are fp32 (the weights are fp32 master weights).
-- Backward: the forward saved hg | hd (N, 2r) fp32; the projection kernel gives dA = dy U partials; the dx kernel
-  writes dx and, for the weight-gradient kernel, a and dhg | dhd in the activation dtype. The weight-gradient
-  kernel works per (d-tile, expert, token split); tokens of expert e only ever add to expert e. With more than
-  one split per expert the partial sums meet through fp32 atomics (non-deterministic summation order on GPU;
-  one split, deterministic, in the interpreter).
+- Weight gradients: tokens of expert e only ever add to expert e. With more than one token split per expert
+  the partial sums meet through fp32 atomics (non-deterministic summation order on GPU; one split,
+  deterministic, in the interpreter).
 - Works unrouted: E = 1 with ``route`` all zeros is the shared attention adapter.
 
 Caveats
 - ``route`` values must lie in [0, E); out-of-range values are not checked on the device (indexing error).
+- The weight cache only hits when the caller passes the same tensors: pipeline/model/adapters.py stacks the
+  experts' weights per call (new tensors), so there only the backward reuses the forward's copy.
 - Triton runs when tensors are on CUDA, or when TRITON_INTERPRET=1 was set before import; otherwise the
   reference. Tile sizes for the GPU are checked with the compile report, not timed (no GPU here).
 """
@@ -32,14 +38,16 @@ Caveats
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .launch import launch, on_gpu
+from .launch import capture, launch, on_gpu
 
 H100_SMS = 132  # SM count the launchers plan for when they only plan (meta tensors, compile report)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -73,101 +81,112 @@ def _block_tokens(PERM, OFFS, pid, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.conste
     return e, tl.minimum(e, NUM_EXPERTS - 1).to(tl.int64), rows, valid
 
 
-@triton.jit(do_not_specialize=["n_rows"])
-def _routed_project_kernel(X, W, P, PERM, OFFS, stride_x, D, RW, n_rows, chunk,
-                           NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_RW: tl.constexpr, COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Partial projections P[s, t] = x[t, chunk s] @ W_e[:, chunk s]^T for W (E, RW, D) in the compute dtype
-    (fp32 partials (S, N, RW)): split over d so that even a few token blocks fill the GPU. Serves the forward
-    down projections (W = [D1; D2], RW = 2r) and the backward dA = dy U (W = U^T, RW = r)."""
+@triton.jit
+def _routed_adapter_fwd_kernel(
+    X,
+    Y,
+    W,
+    WUT,
+    H,
+    PERM,
+    OFFS,
+    stride_x,
+    stride_y,
+    D,
+    R,
+    NUM_EXPERTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    COMPUTE_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """The whole forward of one token block in one program: hg | hd = x [D1; D2]_e^T over all of d (written
+    (N, 2r) fp32 for the backward), a = SiLU(hg) * hd in registers, then y = x + a U_e^T d-tile by d-tile. The
+    second pass re-reads the block's own rows right after the first: BLOCK_M is small enough (16 rows x d) that
+    every resident block's rows stay in L2, so x comes from HBM once."""
     pid = tl.program_id(0)
-    s = tl.program_id(1)
     e, e_i, rows, valid = _block_tokens(PERM, OFFS, pid, NUM_EXPERTS, BLOCK_M)
     if e >= NUM_EXPERTS:
         return
-    offs_r = tl.arange(0, BLOCK_RW)
-    r_ok = offs_r < RW
-    w_base = W + e_i * RW * D
-    acc = tl.zeros([BLOCK_M, BLOCK_RW], tl.float32)
-    d_lo = s * chunk
-    d_hi = tl.minimum(d_lo + chunk, D)
-    for d0 in range(d_lo, d_hi, BLOCK_D):  # chunk is a multiple of BLOCK_D: only D cuts a tile
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    w_base = W + e_i * 2 * R * D  # W = [D1; D2] (E, 2r, d)
+    hg = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    hd = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         c_ok = cols < D
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
-        w = tl.load(w_base + offs_r[:, None] * D + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+        w_off = offs_r[:, None] * D + cols[None, :]
+        w_mask = r_ok[:, None] & c_ok[None, :]
+        wg = tl.load(w_base + w_off, mask=w_mask, other=0.0)
+        wd = tl.load(w_base + R * D + w_off, mask=w_mask, other=0.0)
         if COMPUTE_F32:
             x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
-    p_off = s.to(tl.int64) * n_rows * RW + rows[:, None] * RW + offs_r[None, :]
-    tl.store(P + p_off, acc, mask=valid[:, None] & r_ok[None, :])
+            wg = wg.to(tl.float32)
+            wd = wd.to(tl.float32)
+        hg = tl.dot(x, tl.trans(wg), hg, input_precision=DOT_PREC)
+        hd = tl.dot(x, tl.trans(wd), hd, input_precision=DOT_PREC)
+    h_off = rows[:, None] * (2 * R) + offs_r[None, :]
+    h_mask = valid[:, None] & r_ok[None, :]
+    tl.store(H + h_off, hg, mask=h_mask)
+    tl.store(H + h_off + R, hd, mask=h_mask)
+    a = hg * tl.sigmoid(hg) * hd  # SiLU(D1 x) * D2 x, fp32
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        c_ok = cols < D
+        xy_mask = valid[:, None] & c_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=xy_mask, other=0.0)
+        # U_e^T is stored (E, r, d): the (BLOCK_D, BLOCK_R) tile of U_e
+        wu = tl.load(
+            WUT + e_i * R * D + offs_r[None, :] * D + cols[:, None], mask=c_ok[:, None] & r_ok[None, :], other=0.0
+        )
+        if COMPUTE_F32:
+            wu = wu.to(tl.float32)
+        y = tl.dot(a.to(wu.dtype), tl.trans(wu), x.to(tl.float32), input_precision=DOT_PREC)
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=xy_mask)
 
 
 @triton.jit
-def _sum_splits(P, rows, valid, col0, n_rows, n_split, RW, R, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """sum over s of P[s, rows, col0:col0+R] -> (BLOCK_M, BLOCK_R) fp32."""
-    offs_r = tl.arange(0, BLOCK_R)
-    mask = valid[:, None] & (offs_r[None, :] < R)
-    off = rows[:, None] * RW + col0 + offs_r[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    ptr = P + off
-    for _ in range(n_split):
-        acc += tl.load(ptr, mask=mask, other=0.0)
-        ptr += n_rows * RW  # pointer arithmetic is 64-bit: S * N * RW may pass 2^31
-    return acc
-
-
-@triton.jit(do_not_specialize=["n_rows", "n_split"])
-def _routed_adapter_up_kernel(X, Y, WUT, P, H, PERM, OFFS, stride_x, stride_y, D, R, n_rows, n_split,
-                              NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_R: tl.constexpr, COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    """y = x + a U_e^T on a (token block, d-tile) grid; a = SiLU(hg) * hd from the summed partials. The d-tile 0
-    program also writes hg | hd (N, 2r) fp32 for the backward."""
+def _routed_adapter_bwd_dh_kernel(
+    DY,
+    WUT,
+    H,
+    A,
+    DH,
+    PERM,
+    OFFS,
+    stride_dy,
+    D,
+    R,
+    NUM_EXPERTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    COMPUTE_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """First backward pass, one token block per program: dA = dy U_e over all of d (no partials), then what the
+    second pass needs in the activation dtype: a = SiLU(hg) hd (N, r) and dhg | dhd (N, 2r)."""
     pid = tl.program_id(0)
-    dt = tl.program_id(1)
     e, e_i, rows, valid = _block_tokens(PERM, OFFS, pid, NUM_EXPERTS, BLOCK_M)
     if e >= NUM_EXPERTS:
         return
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    hg = _sum_splits(P, rows, valid, 0, n_rows, n_split, 2 * R, R, BLOCK_M, BLOCK_R)
-    hd = _sum_splits(P, rows, valid, R, n_rows, n_split, 2 * R, R, BLOCK_M, BLOCK_R)
-    if dt == 0:
-        h_off = rows[:, None] * (2 * R) + offs_r[None, :]
-        h_mask = valid[:, None] & r_ok[None, :]
-        tl.store(H + h_off, hg, mask=h_mask)
-        tl.store(H + h_off + R, hd, mask=h_mask)
-    a = hg * tl.sigmoid(hg) * hd  # SiLU(D1 x) * D2 x, fp32
-    cols = dt * BLOCK_D + tl.arange(0, BLOCK_D)
-    c_ok = cols < D
-    xy_mask = valid[:, None] & c_ok[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=xy_mask, other=0.0)
-    # U_e^T is stored (E, r, d): the (BLOCK_D, BLOCK_R) tile of U_e
-    wu = tl.load(WUT + e_i * R * D + offs_r[None, :] * D + cols[:, None], mask=c_ok[:, None] & r_ok[None, :],
-                 other=0.0)
-    if COMPUTE_F32:
-        x = x.to(tl.float32)
-        wu = wu.to(tl.float32)
-    y = tl.dot(a.to(wu.dtype), tl.trans(wu), x.to(tl.float32), input_precision=DOT_PREC)
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=xy_mask)
-
-
-@triton.jit(do_not_specialize=["n_rows", "n_split"])
-def _routed_adapter_bwd_dx_kernel(DY, DX, W, P, H, A, DH, PERM, OFFS, stride_dy, stride_dx, D, R, n_rows, n_split,
-                                  NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  BLOCK_R: tl.constexpr, COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dx = dy + dhg D1_e + dhd D2_e on a (token block, d-tile) grid, dA from the summed partials of dy U_e. The
-    d-tile 0 program writes what the weight-gradient kernel needs in the activation dtype: a (N, r) and
-    dhg | dhd (N, 2r)."""
-    pid = tl.program_id(0)
-    dt = tl.program_id(1)
-    e, e_i, rows, valid = _block_tokens(PERM, OFFS, pid, NUM_EXPERTS, BLOCK_M)
-    if e >= NUM_EXPERTS:
-        return
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
-    da = _sum_splits(P, rows, valid, 0, n_rows, n_split, R, R, BLOCK_M, BLOCK_R)
+    da = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        c_ok = cols < D
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
+        wu = tl.load(
+            WUT + e_i * R * D + offs_r[:, None] * D + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0
+        )  # U_e^T (r, d) tile
+        if COMPUTE_F32:
+            dy = dy.to(tl.float32)
+            wu = wu.to(tl.float32)
+        da = tl.dot(dy, tl.trans(wu), da, input_precision=DOT_PREC)
     h_mask = valid[:, None] & r_ok[None, :]
     h_off = rows[:, None] * (2 * R) + offs_r[None, :]
     hg = tl.load(H + h_off, mask=h_mask, other=0.0)
@@ -175,33 +194,39 @@ def _routed_adapter_bwd_dx_kernel(DY, DX, W, P, H, A, DH, PERM, OFFS, stride_dy,
     sig = tl.sigmoid(hg)
     dhd = da * hg * sig
     dhg = da * hd * sig * (1.0 + hg * (1.0 - sig))  # d SiLU(h) / dh = s (1 + h (1 - s))
-    if dt == 0:
-        tl.store(A + rows[:, None] * R + offs_r[None, :], (hg * sig * hd).to(A.dtype.element_ty), mask=h_mask)
-        tl.store(DH + h_off, dhg.to(DH.dtype.element_ty), mask=h_mask)
-        tl.store(DH + h_off + R, dhd.to(DH.dtype.element_ty), mask=h_mask)
-    cols = dt * BLOCK_D + tl.arange(0, BLOCK_D)
-    c_ok = cols < D
-    xy_mask = valid[:, None] & c_ok[None, :]
-    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=xy_mask, other=0.0)
-    w_off = e_i * 2 * R * D + offs_r[:, None] * D + cols[None, :]  # W = [D1; D2] (E, 2r, d)
-    w_mask = r_ok[:, None] & c_ok[None, :]
-    wg = tl.load(W + w_off, mask=w_mask, other=0.0)
-    wd = tl.load(W + w_off + R * D, mask=w_mask, other=0.0)
-    if COMPUTE_F32:
-        dy = dy.to(tl.float32)
-        wg = wg.to(tl.float32)
-        wd = wd.to(tl.float32)
-    dx = tl.dot(dhg.to(wg.dtype), wg, dy.to(tl.float32), input_precision=DOT_PREC)
-    dx = tl.dot(dhd.to(wd.dtype), wd, dx, input_precision=DOT_PREC)
-    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=xy_mask)
+    tl.store(A + rows[:, None] * R + offs_r[None, :], (hg * sig * hd).to(A.dtype.element_ty), mask=h_mask)
+    tl.store(DH + h_off, dhg.to(DH.dtype.element_ty), mask=h_mask)
+    tl.store(DH + h_off + R, dhd.to(DH.dtype.element_ty), mask=h_mask)
 
 
 @triton.jit
-def _routed_adapter_bwd_dw_kernel(X, DY, A, DH, DWG, DWD, DWU, PERM, OFFS, stride_x, stride_dy, D, R,
-                                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                                  SPLIT: tl.constexpr, COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Weight gradients of expert e on one d-tile from that expert's tokens only, all three as (BLOCK_D, r)
-    tiles (d is the wgmma row dimension): dU = dy^T a, dD1^T = x^T dhg, dD2^T = x^T dhd."""
+def _routed_adapter_bwd_dw_kernel(
+    X,
+    DY,
+    DX,
+    W,
+    A,
+    DH,
+    DWG,
+    DWD,
+    DWU,
+    PERM,
+    OFFS,
+    stride_x,
+    stride_dy,
+    stride_dx,
+    D,
+    R,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SPLIT: tl.constexpr,
+    COMPUTE_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Second backward pass, per (d-tile, expert, token split): over that expert's tokens only, the weight
+    gradients as (BLOCK_D, r) tiles (d is the wgmma row dimension): dU = dy^T a, dD1^T = x^T dhg, dD2^T = x^T dhd,
+    and dx = dy + dhg D1_e + dhd D2_e on the same tiles of dy: x and dy are read once here."""
     d0 = tl.program_id(0) * BLOCK_D
     e = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -217,6 +242,13 @@ def _routed_adapter_bwd_dw_kernel(X, DY, A, DH, DWG, DWD, DWU, PERM, OFFS, strid
     dwu = tl.zeros([BLOCK_D, BLOCK_R], tl.float32)
     dwg = tl.zeros([BLOCK_D, BLOCK_R], tl.float32)
     dwd = tl.zeros([BLOCK_D, BLOCK_R], tl.float32)
+    w_off = e * 2 * R * D + offs_r[:, None] * D + cols[None, :]  # W = [D1; D2] (E, 2r, d): this d-tile, once
+    w_mask = r_ok[:, None] & c_ok[None, :]
+    wg = tl.load(W + w_off, mask=w_mask, other=0.0)
+    wd = tl.load(W + w_off + R * D, mask=w_mask, other=0.0)
+    if COMPUTE_F32:
+        wg = wg.to(tl.float32)
+        wd = wd.to(tl.float32)
     for s in range(lo, hi, BLOCK_M):  # only tokens routed to expert e
         idx = s + tl.arange(0, BLOCK_M)
         valid = idx < hi
@@ -238,6 +270,9 @@ def _routed_adapter_bwd_dw_kernel(X, DY, A, DH, DWG, DWD, DWU, PERM, OFFS, strid
         dwu = tl.dot(tl.trans(dy), a, dwu, input_precision=DOT_PREC)
         dwg = tl.dot(tl.trans(x), dhg, dwg, input_precision=DOT_PREC)
         dwd = tl.dot(tl.trans(x), dhd, dwd, input_precision=DOT_PREC)
+        dx = tl.dot(dhg.to(wg.dtype), wg, dy.to(tl.float32), input_precision=DOT_PREC)
+        dx = tl.dot(dhd.to(wd.dtype), wd, dx, input_precision=DOT_PREC)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=xy_mask)
     t_off = e * R * D + offs_r[None, :] * D + cols[:, None]  # dD1, dD2 are (E, r, d): store the tile transposed
     u_off = e * D * R + cols[:, None] * R + offs_r[None, :]
     mask = c_ok[:, None] & r_ok[None, :]
@@ -274,8 +309,9 @@ def build_route_schedule(route: torch.Tensor, num_experts: int) -> RouteSchedule
         raise ValueError(f"build_route_schedule: route must be an integer (or bool) tensor, got {route.dtype}")
     flat = route.reshape(-1).to(torch.int64)
     perm = torch.argsort(flat, stable=True).to(torch.int32)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=route.device).scatter_add(0, flat,
-                                                                                         torch.ones_like(flat))
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=route.device).scatter_add(
+        0, flat, torch.ones_like(flat)
+    )
     offs = torch.zeros(num_experts + 1, dtype=torch.int32, device=route.device)
     offs[1:] = torch.cumsum(counts, 0)
     return RouteSchedule(route, perm, offs, num_experts)
@@ -291,6 +327,21 @@ def _config(d: int, r: int, device: torch.device, dtype: torch.dtype = torch.bfl
     return {"BLOCK_M": 64, "BLOCK_D": min(128, block_d), "BLOCK_R": block_r, "num_warps": 4}
 
 
+def _fwd_config(d: int, r: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """The fused forward: 16-token blocks on a GPU, so that the rows of every resident block (16 x d x 2 B =
+    128 KB at d 4096, two blocks per SM: 34 MB on an H100) stay in its 50 MB L2 between the two passes, and 2k
+    tokens still give ~130 programs."""
+    cfg = _config(d, r, device, dtype)
+    return cfg if not on_gpu(device) else cfg | {"BLOCK_M": 16}
+
+
+def _dw_config(d: int, r: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """The second backward pass holds three (BLOCK_D, r) fp32 accumulators plus the dx tile: 8 warps on a GPU
+    keep it at 0 spill under Triton 3.6 too (4 warps: 255 registers and an 8 B spill there)."""
+    cfg = _config(d, r, device, dtype)
+    return cfg if not on_gpu(device) or dtype == torch.float32 else cfg | {"num_warps": 8}
+
+
 def _flags(x: torch.Tensor) -> dict:
     f32 = not on_gpu(x.device) or x.dtype == torch.float32
     return {"COMPUTE_F32": f32, "DOT_PREC": "ieee" if f32 else "tf32"}
@@ -300,14 +351,6 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
 
 
-def _d_split(n_blocks: int, d: int, block_d: int, device: torch.device) -> tuple[int, int]:
-    """(splits, chunk) of the d-reduction of the projection kernel: ~2 programs per SM on a GPU, else 1."""
-    n_dtiles = triton.cdiv(d, block_d)
-    want = 1 if not on_gpu(device) else triton.cdiv(2 * _sms(device), max(n_blocks, 1))
-    chunk = triton.cdiv(n_dtiles, max(1, min(want, n_dtiles))) * block_d
-    return triton.cdiv(d, chunk), chunk
-
-
 def _dw_split(n: int, num_experts: int, n_dtiles: int, block_m: int, device: torch.device) -> int:
     """Token splits per (d-tile, expert) of the weight-gradient kernel: ~4 programs per SM on a GPU, else 1."""
     if not on_gpu(device):
@@ -315,46 +358,78 @@ def _dw_split(n: int, num_experts: int, n_dtiles: int, block_m: int, device: tor
     return max(1, min(triton.cdiv(n, block_m * num_experts), 4 * _sms(device) // (n_dtiles * num_experts)))
 
 
-def _weights(w_gate, w_down, w_up, dtype):
-    """The fp32 master weights cast ONCE per call to the compute dtype: [D1; D2] (E, 2r, d) and U^T (E, r, d)."""
-    w_cat = torch.cat([w_gate, w_down], dim=1).to(dtype).contiguous()
-    w_ut = w_up.transpose(1, 2).to(dtype).contiguous()
+def _cast(w_gate, w_down, w_up, dtype):
+    """[D1; D2] (E, 2r, d) and U^T (E, r, d) in the compute dtype: one copy each (cat writes the dtype directly)."""
+    w_cat = (
+        torch.cat([w_gate.to(dtype), w_down.to(dtype)], dim=1)
+        if dtype != w_gate.dtype
+        else torch.cat([w_gate, w_down], dim=1)
+    )
+    w_ut = w_up.to(dtype).transpose(1, 2).contiguous()
     return w_cat, w_ut
 
 
-def _project(x2, w, sched, cfg, flags):
-    """Summable partials (S, N, RW) fp32 of x2 @ W_e^T per token, and S."""
-    num_experts, rw, d = w.shape
-    n = x2.shape[0]
-    n_blocks = triton.cdiv(n, cfg["BLOCK_M"]) + num_experts  # upper bound on per-expert blocks
-    n_split, chunk = _d_split(n_blocks, d, cfg["BLOCK_D"], x2.device)
-    parts = torch.empty((n_split, n, rw), device=x2.device, dtype=torch.float32)
-    launch(_routed_project_kernel, (n_blocks, n_split), x2, w, parts, sched.perm, sched.offs, x2.stride(0), d, rw,
-           n, chunk, NUM_EXPERTS=num_experts, BLOCK_RW=max(16, triton.next_power_of_2(rw)),
-           **{k: v for k, v in cfg.items() if k != "BLOCK_R"}, **flags)
-    return parts, n_split, n_blocks
+# (id of w_gate, w_down, w_up, dtype) -> (weak refs, (data_ptr, version) of each, (w_cat, w_ut)); emptied after
+# every optimizer step (a step changes the weights; DeepSpeed may write them through .data, which does not bump
+# the version counter), and an entry goes when its weights are freed
+_WEIGHT_CACHE: dict = {}
+register_optimizer_step_post_hook(lambda *_a, **_k: _WEIGHT_CACHE.clear())
+
+
+def _weights(w_gate, w_down, w_up, dtype):
+    """The compute-dtype copies of the weights, cast once per optimizer step for the same weight tensors (the
+    forward, the backward, and every further call with them within the step share one copy)."""
+    ws = (w_gate, w_down, w_up)
+    if w_gate.device.type == "meta" or torch.is_inference_mode_enabled():
+        return _cast(*ws, dtype)
+    key = (*(id(w) for w in ws), dtype)
+    stamp = tuple((w.data_ptr(), w._version) for w in ws)
+    hit = _WEIGHT_CACHE.get(key)
+    if hit is not None and hit[1] == stamp and all(ref() is w for ref, w in zip(hit[0], ws, strict=True)):
+        return hit[2]
+    with torch.no_grad():
+        out = _cast(*ws, dtype)
+    refs = tuple(weakref.ref(w, lambda _r, key=key: _WEIGHT_CACHE.pop(key, None)) for w in ws)
+    _WEIGHT_CACHE[key] = (refs, stamp, out)
+    return out
 
 
 def _forward(x2, sched, w_cat, w_ut):
-    """x2 (N, d) -> y (N, d) and the saved pre-activations hg | hd (N, 2r) fp32."""
+    """x2 (N, d) -> y (N, d) and the saved pre-activations hg | hd (N, 2r) fp32: one launch, x from HBM once."""
     num_experts, r, d = w_ut.shape
     n = x2.shape[0]
-    cfg = _config(d, r, x2.device, x2.dtype)
-    flags = _flags(x2)
+    cfg = _fwd_config(d, r, x2.device, x2.dtype)
     y = torch.empty_like(x2)
     h = torch.empty((n, 2 * r), device=x2.device, dtype=torch.float32)
     if n > 0:
-        parts, n_split, n_blocks = _project(x2, w_cat, sched, cfg, flags)
-        launch(_routed_adapter_up_kernel, (n_blocks, triton.cdiv(d, cfg["BLOCK_D"])), x2, y, w_ut, parts, h,
-               sched.perm, sched.offs, x2.stride(0), y.stride(0), d, r, n, n_split, NUM_EXPERTS=num_experts,
-               **cfg, **flags)
+        n_blocks = triton.cdiv(n, cfg["BLOCK_M"]) + num_experts  # upper bound on per-expert blocks
+        launch(
+            _routed_adapter_fwd_kernel,
+            (n_blocks,),
+            x2,
+            y,
+            w_cat,
+            w_ut,
+            h,
+            sched.perm,
+            sched.offs,
+            x2.stride(0),
+            y.stride(0),
+            d,
+            r,
+            NUM_EXPERTS=num_experts,
+            **cfg,
+            **_flags(x2),
+        )
     return y, h
 
 
 def _backward(dy2, x2, sched, w_cat, w_ut, h):
+    """Two passes: dA = dy U per token block (dy's first read), then per d-tile and expert the weight gradients
+    and dx together (x and dy's second read)."""
     num_experts, r, d = w_ut.shape
     n = x2.shape[0]
-    cfg = _config(d, r, x2.device, x2.dtype)
+    cfg = _fwd_config(d, r, x2.device, x2.dtype)
     flags = _flags(x2)
     dx = torch.empty_like(x2)
     dwg = torch.zeros((num_experts, r, d), device=x2.device, dtype=torch.float32)
@@ -364,28 +439,72 @@ def _backward(dy2, x2, sched, w_cat, w_ut, h):
         act_dtype = torch.float32 if flags["COMPUTE_F32"] else x2.dtype
         a = torch.empty((n, r), device=x2.device, dtype=act_dtype)
         dh = torch.empty((n, 2 * r), device=x2.device, dtype=act_dtype)
-        parts, n_split, n_blocks = _project(dy2, w_ut, sched, cfg, flags)  # dA = dy U
+        n_blocks = triton.cdiv(n, cfg["BLOCK_M"]) + num_experts  # upper bound on per-expert blocks
+        launch(
+            _routed_adapter_bwd_dh_kernel,
+            (n_blocks,),
+            dy2,
+            w_ut,
+            h,
+            a,
+            dh,
+            sched.perm,
+            sched.offs,
+            dy2.stride(0),
+            d,
+            r,
+            NUM_EXPERTS=num_experts,
+            **cfg,
+            **flags,
+        )
+        cfg = _dw_config(d, r, x2.device, x2.dtype)
         n_dtiles = triton.cdiv(d, cfg["BLOCK_D"])
-        launch(_routed_adapter_bwd_dx_kernel, (n_blocks, n_dtiles), dy2, dx, w_cat, parts, h, a, dh, sched.perm,
-               sched.offs, dy2.stride(0), dx.stride(0), d, r, n, n_split, NUM_EXPERTS=num_experts, **cfg, **flags)
         split = _dw_split(n, num_experts, n_dtiles, cfg["BLOCK_M"], x2.device)
-        launch(_routed_adapter_bwd_dw_kernel, (n_dtiles, num_experts, split),
-               x2, dy2, a, dh, dwg, dwd, dwu, sched.perm, sched.offs, x2.stride(0), dy2.stride(0), d, r,
-               SPLIT=split, **cfg, **flags)
+        launch(
+            _routed_adapter_bwd_dw_kernel,
+            (n_dtiles, num_experts, split),
+            x2,
+            dy2,
+            dx,
+            w_cat,
+            a,
+            dh,
+            dwg,
+            dwd,
+            dwu,
+            sched.perm,
+            sched.offs,
+            x2.stride(0),
+            dy2.stride(0),
+            dx.stride(0),
+            d,
+            r,
+            SPLIT=split,
+            **cfg,
+            **flags,
+        )
     return dx, dwg, dwd, dwu
 
 
-def plan_launches(x2: torch.Tensor, w_rd: torch.Tensor, w_dr: torch.Tensor) -> None:
-    """Forward and backward launches for x2 (N, d) with E = w_rd.shape[0] experts, tokens split evenly (for the
-    compile report, on meta tensors inside ``launch.capture``)."""
+def plan_launches(x2: torch.Tensor, w_rd: torch.Tensor, w_dr: torch.Tensor) -> dict:
+    """Forward and backward launches for x2 (N, d) with E = w_rd.shape[0] experts, tokens split evenly, on meta
+    tensors (the compile report): {"fwd" | "bwd": (launches, bytes its torch-side ops move per call)}."""
     num_experts, r, d = w_rd.shape
     n = x2.shape[0]
     perm = torch.empty(n, device=x2.device, dtype=torch.int32)
     offs = torch.empty(num_experts + 1, device=x2.device, dtype=torch.int32)
     sched = RouteSchedule(perm, perm, offs, num_experts)
-    w_cat, w_ut = _weights(w_rd, w_rd, w_dr, x2.dtype)
-    y, h = _forward(x2, sched, w_cat, w_ut)
-    _backward(y, x2, sched, w_cat, w_ut, h)
+    elt = x2.element_size()
+    # the compute-dtype weight copies: .to per weight (fp32 in, elt out), cat / transpose-copy (elt in and out);
+    # cast once per optimizer step for the same weights: the forward pays it, the backward hits the cache
+    copies = num_experts * r * d * (3 * (4 + elt) + 3 * 2 * elt)
+
+    with capture() as fwd:
+        w_cat, w_ut = _cast(w_rd, w_rd, w_dr, x2.dtype)
+        y, h = _forward(x2, sched, w_cat, w_ut)
+    with capture() as bwd:
+        _backward(y, x2, sched, w_cat, w_ut, h)
+    return {"fwd": (fwd, copies), "bwd": (bwd, 0)}
 
 
 class RoutedSwiGLUAdapterFunction(torch.autograd.Function):
@@ -416,22 +535,28 @@ class RoutedSwiGLUAdapterFunction(torch.autograd.Function):
 def _as_schedule(route, num_experts: int, device: torch.device) -> RouteSchedule:
     if isinstance(route, RouteSchedule):
         if route.num_experts != num_experts:
-            raise ValueError(f"routed_swiglu_adapter: the route schedule was built for {route.num_experts} experts, "
-                             f"the weights have {num_experts}")
+            raise ValueError(
+                f"routed_swiglu_adapter: the route schedule was built for {route.num_experts} experts, "
+                f"the weights have {num_experts}"
+            )
         return route
     return build_route_schedule(route.to(device), num_experts)
 
 
 def _check(x, route, w_gate, w_down, w_up) -> None:
     if w_gate.dim() != 3 or w_gate.shape != w_down.shape:
-        raise ValueError(f"routed_swiglu_adapter: w_gate/w_down must be (E, r, d) alike, got {tuple(w_gate.shape)}, "
-                         f"{tuple(w_down.shape)}")
+        raise ValueError(
+            f"routed_swiglu_adapter: w_gate/w_down must be (E, r, d) alike, got {tuple(w_gate.shape)}, "
+            f"{tuple(w_down.shape)}"
+        )
     num_experts, r, d = w_gate.shape
     if w_up.shape != (num_experts, d, r):
         raise ValueError(f"routed_swiglu_adapter: w_up must be {(num_experts, d, r)}, got {tuple(w_up.shape)}")
     if x.shape[-1] != d or route.shape != x.shape[:-1]:
-        raise ValueError(f"routed_swiglu_adapter: x (..., {d}) and route (...) must match, got x {tuple(x.shape)}, "
-                         f"route {tuple(route.shape)}")
+        raise ValueError(
+            f"routed_swiglu_adapter: x (..., {d}) and route (...) must match, got x {tuple(x.shape)}, "
+            f"route {tuple(route.shape)}"
+        )
     if route.dtype.is_floating_point or route.dtype.is_complex:
         raise ValueError(f"routed_swiglu_adapter: route must be an integer (or bool) tensor, got {route.dtype}")
 
@@ -440,8 +565,9 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (_INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def routed_swiglu_adapter(x: torch.Tensor, route: torch.Tensor | RouteSchedule, w_gate: torch.Tensor,
-                          w_down: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+def routed_swiglu_adapter(
+    x: torch.Tensor, route: torch.Tensor | RouteSchedule, w_gate: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
+) -> torch.Tensor:
     """x + w_up[e] @ (silu(w_gate[e] @ x) * (w_down[e] @ x)) with e = route per token (see module docstring).
 
     ``route`` may be a ``RouteSchedule`` from ``build_route_schedule(route, E)``: built once per model forward,
@@ -462,8 +588,9 @@ def _triton_adapter(x, route, w_gate, w_down, w_up):
 # --------------------------------------------------------------------------------------------------------------
 # References
 # --------------------------------------------------------------------------------------------------------------
-def routed_swiglu_adapter_ref(x: torch.Tensor, route: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor,
-                              w_up: torch.Tensor) -> torch.Tensor:
+def routed_swiglu_adapter_ref(
+    x: torch.Tensor, route: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
+) -> torch.Tensor:
     """PILL's formulation: every expert on every token, then select per token. Computes in x's dtype (weights cast
     like autocast does); call it on fp32 x for the gold reference."""
     route = route.route if isinstance(route, RouteSchedule) else route
@@ -476,8 +603,9 @@ def routed_swiglu_adapter_ref(x: torch.Tensor, route: torch.Tensor, w_gate: torc
     return x + torch.gather(out, -2, sel).squeeze(-2)
 
 
-def routed_swiglu_adapter_eager(x: torch.Tensor, route: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor,
-                                w_up: torch.Tensor) -> torch.Tensor:
+def routed_swiglu_adapter_eager(
+    x: torch.Tensor, route: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
+) -> torch.Tensor:
     """Routed eager baseline: gather each expert's tokens, run only that expert, scatter back (host syncs)."""
     route = route.route if isinstance(route, RouteSchedule) else route
     _check(x, route, w_gate, w_down, w_up)

@@ -59,8 +59,10 @@ REPO = Path(__file__).resolve().parents[1]
 K, W = 32, 768  # visual tokens per image, Q-former width (BLIP-2)
 ANSWER_FRACTION = 0.3
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.1, "A6000": 154.8}
-NO_CUDA = ("No CUDA device: the tiny preset in fp32 on CPU, to exercise the code path; the GPU figures (7B "
-           "samples/s, MFU, peak memory) need a GPU")
+NO_CUDA = (
+    "No CUDA device: the tiny preset in fp32 on CPU, to exercise the code path; the GPU figures (7B "
+    "samples/s, MFU, peak memory) need a GPU"
+)
 HEADLINE = (4, 512)
 
 
@@ -82,6 +84,7 @@ class Point:
 
 
 # ---- model and engine ------------------------------------------------------------------------------------------------
+
 
 def build_pill(preset: str, device: torch.device, dtype: torch.dtype, vpg: str):
     """PILL (stage 2) on a random Llama of the preset's shape, allocated on `device` in `dtype` from the start."""
@@ -108,13 +111,17 @@ def set_backends(model, attn: str, adapter: str) -> None:
 def ds_config(micro_batch: int, bf16: bool) -> dict[str, Any]:
     """The shipped ZeRO-2 JSON with its "auto" fields filled as pipeline.training.ds_config does (accumulation 1)."""
     ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
-    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1, train_batch_size=micro_batch,
-              gradient_clipping=1.0, bf16={"enabled": bf16})
+    ds.update(
+        train_micro_batch_size_per_gpu=micro_batch,
+        gradient_accumulation_steps=1,
+        train_batch_size=micro_batch,
+        gradient_clipping=1.0,
+        bf16={"enabled": bf16},
+    )
     return ds
 
 
 def build_engine(model, micro_batch: int, bf16: bool):
-
     optim = OptimConfig()
     opt = build_optimizer(param_groups(model.trainable_parameters(), optim), 1e-4, optim, cpu_offload=False)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(micro_batch, bf16))
@@ -122,6 +129,7 @@ def build_engine(model, micro_batch: int, bf16: bool):
 
 
 # ---- batches -------------------------------------------------------------------------------------------------------
+
 
 def length_mix(n: int, seq: int, seed: int = 0) -> list[int]:
     """Sample lengths of a ScienceQA/LLaVA-like instruction set: lognormal, median 220, clipped to [48, seq]."""
@@ -133,7 +141,7 @@ def length_mix(n: int, seq: int, seed: int = 0) -> list[int]:
 def _sample(length: int, vocab: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids = torch.randint(3, vocab, (length,), generator=g)
     mm = torch.zeros(length, dtype=torch.bool)
-    mm[1:1 + K] = True
+    mm[1 : 1 + K] = True
     labels = torch.full((length,), -100)
     start = max(1 + K, length - max(1, int(ANSWER_FRACTION * length)))
     labels[start:] = ids[start:]
@@ -145,7 +153,7 @@ def padded_batches(lengths: list[int], micro_batch: int, vocab: int) -> list[dic
     g = torch.Generator().manual_seed(1)
     out = []
     for i in range(0, len(lengths) - micro_batch + 1, micro_batch):
-        chunk = lengths[i:i + micro_batch]
+        chunk = lengths[i : i + micro_batch]
         T = -(-max(chunk) // 8) * 8
         ids = torch.zeros(micro_batch, T, dtype=torch.long)
         mm = torch.zeros(micro_batch, T, dtype=torch.bool)
@@ -154,8 +162,16 @@ def padded_batches(lengths: list[int], micro_batch: int, vocab: int) -> list[dic
         for r, n in enumerate(chunk):
             ids[r, :n], mm[r, :n], labels[r, :n] = _sample(n, vocab, g)
             att[r, :n] = 1
-        out.append({"input_ids": ids, "modality_mask": mm, "labels": labels, "attention_mask": att,
-                    "num_samples": micro_batch, "docs": chunk})
+        out.append(
+            {
+                "input_ids": ids,
+                "modality_mask": mm,
+                "labels": labels,
+                "attention_mask": att,
+                "num_samples": micro_batch,
+                "docs": chunk,
+            }
+        )
     return out
 
 
@@ -167,11 +183,18 @@ def packed_batches(lengths: list[int], capacity: int, vocab: int) -> list[dict[s
         if row and (sum(row) + n > capacity):
             parts = [_sample(m, vocab, g) for m in row]
             cu = torch.tensor([0] + list(torch.tensor(row).cumsum(0)), dtype=torch.int32)
-            out.append({"input_ids": torch.cat([p[0] for p in parts])[None],
-                        "modality_mask": torch.cat([p[1] for p in parts])[None],
-                        "labels": torch.cat([p[2] for p in parts])[None],
-                        "position_ids": torch.cat([torch.arange(m) for m in row])[None],
-                        "cu_seqlens": cu, "max_seqlen": max(row), "num_samples": len(row), "docs": list(row)})
+            out.append(
+                {
+                    "input_ids": torch.cat([p[0] for p in parts])[None],
+                    "modality_mask": torch.cat([p[1] for p in parts])[None],
+                    "labels": torch.cat([p[2] for p in parts])[None],
+                    "position_ids": torch.cat([torch.arange(m) for m in row])[None],
+                    "cu_seqlens": cu,
+                    "max_seqlen": max(row),
+                    "num_samples": len(row),
+                    "docs": list(row),
+                }
+            )
             row = []
         if n <= capacity:
             row.append(n)
@@ -181,8 +204,13 @@ def packed_batches(lengths: list[int], capacity: int, vocab: int) -> list[dict[s
 def full_batch(micro_batch: int, seq: int, vocab: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(2)
     parts = [_sample(seq, vocab, g) for _ in range(micro_batch)]
-    return {"input_ids": torch.stack([p[0] for p in parts]), "modality_mask": torch.stack([p[1] for p in parts]),
-            "labels": torch.stack([p[2] for p in parts]), "num_samples": micro_batch, "docs": [seq] * micro_batch}
+    return {
+        "input_ids": torch.stack([p[0] for p in parts]),
+        "modality_mask": torch.stack([p[1] for p in parts]),
+        "labels": torch.stack([p[2] for p in parts]),
+        "num_samples": micro_batch,
+        "docs": [seq] * micro_batch,
+    }
 
 
 def to_model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype, vpg: str) -> dict[str, Any]:
@@ -198,6 +226,7 @@ def to_model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dt
 
 
 # ---- FLOPs and memory ----------------------------------------------------------------------------------------------
+
 
 def useful_flops(llm_config, cfg, batch: dict[str, Any]) -> float:
     """Per training step, by the formula in the module docstring."""
@@ -217,10 +246,19 @@ def useful_flops(llm_config, cfg, batch: dict[str, Any]) -> float:
 def predicted_peak(llm_config, cfg, counts, p: Point, batch: dict[str, Any], bf16: bool) -> float:
     bucket, overlap = ds_bucket(REPO / "ds_configs" / "zero2.json")
     B, T = batch["input_ids"].shape
-    s = MemorySetup(micro_batch=B, seq=T, precision="bf16" if bf16 else "fp32", zero_stage=2, world=1,
-                    checkpointing=p.checkpointing, attn_backend=p.attn, adapter_backend=p.adapter,
-                    loss_positions=int((batch["labels"] != -100).sum()), reduce_bucket_size=bucket,
-                    overlap_comm=overlap)
+    s = MemorySetup(
+        micro_batch=B,
+        seq=T,
+        precision="bf16" if bf16 else "fp32",
+        zero_stage=2,
+        world=1,
+        checkpointing=p.checkpointing,
+        attn_backend=p.attn,
+        adapter_backend=p.adapter,
+        loss_positions=int((batch["labels"] != -100).sum()),
+        reduce_bucket_size=bucket,
+        overlap_comm=overlap,
+    )
     return estimate(llm_config, cfg, counts, s).peak
 
 
@@ -235,8 +273,10 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 # ---- one point -----------------------------------------------------------------------------------------------------
 
-def run_point(engine, model, p: Point, batches: list[dict[str, Any]], device, dtype, vpg: str, warmup: int,
-              steps: int) -> dict[str, Any]:
+
+def run_point(
+    engine, model, p: Point, batches: list[dict[str, Any]], device, dtype, vpg: str, warmup: int, steps: int
+) -> dict[str, Any]:
     set_backends(model, p.attn, p.adapter)
     cuda = device.type == "cuda"
     if cuda:
@@ -264,11 +304,17 @@ def run_point(engine, model, p: Point, batches: list[dict[str, Any]], device, dt
     used = [batches[(warmup + i) % len(batches)] for i in range(steps)]
     samples = sum(b["num_samples"] for b in used) / steps
     tokens = sum(sum(b["docs"]) for b in used) / steps
-    return {"step_s": dt, "samples_per_s": samples / dt, "tokens_per_s": tokens / dt, "loss": loss,
-            "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
+    return {
+        "step_s": dt,
+        "samples_per_s": samples / dt,
+        "tokens_per_s": tokens / dt,
+        "loss": loss,
+        "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+    }
 
 
 # ---- the sweep -----------------------------------------------------------------------------------------------------
+
 
 def plan(args, on_gpu: bool) -> list[Point]:
     pts = []
@@ -341,16 +387,25 @@ def run(args) -> dict[str, Any]:
         gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({platform.processor() or 'x86'})",
-            "gpu": on_gpu, "dtype": str(dtype).replace("torch.", ""), "peak_bf16_tflops": peak,
-            "versions": versions(), "command": " ".join(["python -m pipeline.bench", *sys.argv[1:]]),
-            "results": results, "ratios": ratios(results), "note": None if on_gpu else NO_CUDA,
-            "mfu_formula": MFU_FORMULA}
+    return {
+        "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({platform.processor() or 'x86'})",
+        "gpu": on_gpu,
+        "dtype": str(dtype).replace("torch.", ""),
+        "peak_bf16_tflops": peak,
+        "versions": versions(),
+        "command": " ".join(["python -m pipeline.bench", *sys.argv[1:]]),
+        "results": results,
+        "ratios": ratios(results),
+        "note": None if on_gpu else NO_CUDA,
+        "mfu_formula": MFU_FORMULA,
+    }
 
 
-MFU_FORMULA = ("MFU = [4 n P_mm + 4 m d V + 6 (n A + n_vis W d) + 7 L d sum_doc T^2] / (step time x dense bf16 peak); "
-               "n tokens, m answer tokens, P_mm decoder linear weights, A adapter+gate weights per token (own "
-               "expert only)")
+MFU_FORMULA = (
+    "MFU = [4 n P_mm + 4 m d V + 6 (n A + n_vis W d) + 7 L d sum_doc T^2] / (step time x dense bf16 peak); "
+    "n tokens, m answer tokens, P_mm decoder linear weights, A adapter+gate weights per token (own "
+    "expert only)"
+)
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -358,20 +413,38 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for ref in (r for r in results if r["role"] == "reference" and "samples_per_s" in r):
         for r in results:
-            if (r["role"] == "sweep" and "samples_per_s" in r and r["preset"] == ref["preset"]
-                    and (r["micro_batch"], r["seq"]) == (ref["micro_batch"], ref["seq"])):
-                out.append({"point": r["label"], "reference": ref["label"],
-                            "speedup": r["samples_per_s"] / ref["samples_per_s"]})
+            if (
+                r["role"] == "sweep"
+                and "samples_per_s" in r
+                and r["preset"] == ref["preset"]
+                and (r["micro_batch"], r["seq"]) == (ref["micro_batch"], ref["seq"])
+            ):
+                out.append(
+                    {
+                        "point": r["label"],
+                        "reference": ref["label"],
+                        "speedup": r["samples_per_s"] / ref["samples_per_s"],
+                    }
+                )
     packed = {r["layout"]: r for r in results if r["role"] == "packing" and "samples_per_s" in r}
     if {"packed", "padded"} <= set(packed):
-        out.append({"point": packed["packed"]["label"], "reference": packed["padded"]["label"],
-                    "speedup": packed["packed"]["samples_per_s"] / packed["padded"]["samples_per_s"]})
+        out.append(
+            {
+                "point": packed["packed"]["label"],
+                "reference": packed["padded"]["label"],
+                "speedup": packed["packed"]["samples_per_s"] / packed["padded"]["samples_per_s"],
+            }
+        )
     return out
 
 
 def versions() -> dict[str, str]:
-    v = {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-         "python": platform.python_version()}
+    v = {
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
     try:
         import triton
 
@@ -386,21 +459,29 @@ def format_row(r: dict[str, Any]) -> str:
         return f"{r['label']:48s} {r['error']}"
     mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "  n/a"
     peak = f"{r['peak_gb']:6.2f}" if r.get("peak_gb") is not None else "   n/a"
-    return (f"{r['label']:48s} {r['samples_per_s']:9.2f} samples/s {r['tokens_per_s']:10.0f} tok/s  MFU {mfu}  "
-            f"peak {peak} GB (predicted {r['predicted_peak_gb']:6.2f})")
+    return (
+        f"{r['label']:48s} {r['samples_per_s']:9.2f} samples/s {r['tokens_per_s']:10.0f} tok/s  MFU {mfu}  "
+        f"peak {peak} GB (predicted {r['predicted_peak_gb']:6.2f})"
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"device: {report['device']}, {report['dtype']}; `{report['command']}`", "",
-             "| point | role | samples/s | tokens/s | MFU | peak GB | predicted GB |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"device: {report['device']}, {report['dtype']}; `{report['command']}`",
+        "",
+        "| point | role | samples/s | tokens/s | MFU | peak GB | predicted GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         if "error" in r:
             lines.append(f"| {r['label']} | {r['role']} | {r['error']} | | | | {r['predicted_peak_gb']:.2f} |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         peak = f"{r['peak_gb']:.2f}" if r.get("peak_gb") is not None else "n/a"
-        lines.append(f"| {r['label']} | {r['role']} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | "
-                     f"{peak} | {r['predicted_peak_gb']:.2f} |")
+        lines.append(
+            f"| {r['label']} | {r['role']} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | "
+            f"{peak} | {r['predicted_peak_gb']:.2f} |"
+        )
     lines += ["", "| point | over | speed-up |", "|---|---|---|"]
     lines += [f"| {x['point']} | {x['reference']} | {x['speedup']:.2f}x |" for x in report["ratios"]]
     lines += ["", report["mfu_formula"]]
@@ -413,17 +494,43 @@ def _csv(kind):
     return lambda s: [kind(x) for x in s.split(",") if x]
 
 
+GPU_DEFAULTS = dict(
+    presets=["llama2-7b"],
+    micro_batch=[1, 4, 8],
+    seq=[512, 1024],
+    checkpointing=[False, True],
+    backends=["triton+triton", "sdpa+eager"],
+    warmup=3,
+    steps=10,
+)
+CPU_DEFAULTS = dict(
+    presets=["tiny"], micro_batch=[2], seq=[64], checkpointing=[False, True], backends=["sdpa+eager"], warmup=2, steps=3
+)
+
+
 def parse_args(argv: list[str] | None, on_gpu: bool) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", type=_csv(str), default=None, help="comma list (default llama2-7b; CPU: tiny)")
     ap.add_argument("--micro-batch", type=_csv(int), default=None, help="comma list (default 1,4,8; CPU: 2)")
     ap.add_argument("--seq", type=_csv(int), default=None, help="comma list (default 512,1024; CPU: 64)")
-    ap.add_argument("--checkpointing", type=_csv(lambda s: s in ("1", "on", "true")), default=None,
-                    help="comma list of on/off (default off,on)")
-    ap.add_argument("--backends", type=_csv(str), default=None,
-                    help="comma list of ATTN+ADAPTER (default triton+triton,sdpa+eager; CPU: sdpa+eager)")
-    ap.add_argument("--no-reference", dest="reference", action="store_false",
-                    help="skip the reference formulation (eager attention + eager adapter, no checkpointing)")
+    ap.add_argument(
+        "--checkpointing",
+        type=_csv(lambda s: s in ("1", "on", "true")),
+        default=None,
+        help="comma list of on/off (default off,on)",
+    )
+    ap.add_argument(
+        "--backends",
+        type=_csv(str),
+        default=None,
+        help="comma list of ATTN+ADAPTER (default triton+triton,sdpa+eager; CPU: sdpa+eager)",
+    )
+    ap.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip the reference formulation (eager attention + eager adapter, no checkpointing)",
+    )
     ap.add_argument("--no-packing", dest="packing", action="store_false", help="skip packed vs padded")
     ap.add_argument("--vpg", choices=("features", "blip2"), default="features")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per point (default 3; CPU: 2)")
@@ -431,19 +538,16 @@ def parse_args(argv: list[str] | None, on_gpu: bool) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU (default: by name)")
     ap.add_argument("--json", type=Path, default=None, help="write the report here (and a .md beside it)")
     a = ap.parse_args(argv)
-    gpu_defaults = dict(presets=["llama2-7b"], micro_batch=[1, 4, 8], seq=[512, 1024], checkpointing=[False, True],
-                        backends=["triton+triton", "sdpa+eager"], warmup=3, steps=10)
-    cpu_defaults = dict(presets=["tiny"], micro_batch=[2], seq=[64], checkpointing=[False, True],
-                        backends=["sdpa+eager"], warmup=2, steps=3)
-    for k, v in (gpu_defaults if on_gpu else cpu_defaults).items():
+    for k, v in (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
     for b in a.backends:
         attn, _, adapter = b.partition("+")
         if attn not in ATTENTION_BACKENDS or adapter not in ADAPTER_BACKENDS:
-            ap.error(f"--backends {b}: want ATTN+ADAPTER with ATTN in {'|'.join(ATTENTION_BACKENDS)}, ADAPTER in "
-                     f"{'|'.join(ADAPTER_BACKENDS)}")
-
+            ap.error(
+                f"--backends {b}: want ATTN+ADAPTER with ATTN in {'|'.join(ATTENTION_BACKENDS)}, ADAPTER in "
+                f"{'|'.join(ADAPTER_BACKENDS)}"
+            )
     bad = [p for p in a.presets if p not in PRESETS]
     if bad:
         ap.error(f"--presets: unknown {bad}; known {sorted(PRESETS)}")

@@ -155,6 +155,7 @@ class MemoryEstimate:
 
 # ---- the model's arithmetic ----------------------------------------------------------------------------------------
 
+
 def trainable_state_bytes(p: int, s: MemorySetup, d_model: int) -> dict[str, float]:
     """Module weights + gradients, and the optimizer's fp32 master + Adam moments, per rank."""
     n, z = s.world, s.zero_stage
@@ -170,8 +171,7 @@ def trainable_state_bytes(p: int, s: MemorySetup, d_model: int) -> dict[str, flo
         grad = 4 * p / (n if z >= 2 else 1) + bucket
         master = 0.0
     adam = 8 * p / (n if z >= 1 else 1)
-    return {"trainable weights + grads": weight + grad,
-            "optimizer (fp32 master, Adam m, v)": master + adam}
+    return {"trainable weights + grads": weight + grad, "optimizer (fp32 master, Adam m, v)": master + adam}
 
 
 def _swiglu_saved(n: int, d: int, r: int, e: int, act: str, trainable: bool, input_counted: bool) -> float:
@@ -239,20 +239,24 @@ def estimate(llm_config, cfg, counts: ParamCounts, s: MemorySetup) -> MemoryEsti
     e, n, V = s.elem_bytes, s.tokens, c.vocab_size
     z3 = s.zero_stage == 3
     comps: dict[str, float] = {}
-    comps["frozen LLM weights"] = e * counts.frozen_llm / (s.world if z3 else 1) + (2 * e * counts.largest_layer if z3
-                                                                                    else 0)
+    comps["frozen LLM weights"] = e * counts.frozen_llm / (s.world if z3 else 1) + (
+        2 * e * counts.largest_layer if z3 else 0
+    )
     if counts.frozen_vpg:
         comps["frozen VPG weights"] = e * counts.frozen_vpg / (s.world if z3 else 1)
     comps.update(trainable_state_bytes(counts.trainable, s, c.hidden_size))
     per_layer = layer_activation_bytes(c, cfg, s)
-    comps["activations" + (f" (checkpointing every {s.checkpoint_every})" if s.checkpointing else "")] = \
+    comps["activations" + (f" (checkpointing every {s.checkpoint_every})" if s.checkpointing else "")] = (
         activation_bytes(c, cfg, s, sum(per_layer.values()))
+    )
     m = n if s.loss_positions is None else min(n, s.loss_positions)
     comps["logits and loss"] = (e * n * V if s.full_logits else 0) + (e + 12) * m * V
     comps["backward transients"] = e * (2 * n * c.hidden_size + 2 * n * c.intermediate_size)
-    notes = [f"(n = {s.micro_batch} x {s.seq} = {n} tokens; {s.precision}; ZeRO-{s.zero_stage} over {s.world} "
-             f"rank(s); trainable {counts.trainable:,}, frozen LLM {counts.frozen_llm:,}, VPG {counts.frozen_vpg:,}; "
-             "CUDA context not included)"]
+    notes = [
+        f"(n = {s.micro_batch} x {s.seq} = {n} tokens; {s.precision}; ZeRO-{s.zero_stage} over {s.world} "
+        f"rank(s); trainable {counts.trainable:,}, frozen LLM {counts.frozen_llm:,}, VPG {counts.frozen_vpg:,}; "
+        "CUDA context not included)"
+    ]
     return MemoryEstimate(comps, per_layer, notes)
 
 
@@ -278,6 +282,7 @@ def ds_bucket(path: Path, required: bool = False) -> tuple[int | None, bool]:
 
 # ---- command line (pipeline.params --memory) ------------------------------------------------------------------------
 
+
 def add_memory_args(ap) -> None:
     g = ap.add_argument_group("memory model (--memory)")
     g.add_argument("--memory", action="store_true", help="print the predicted peak memory per GPU by component")
@@ -287,16 +292,28 @@ def add_memory_args(ap) -> None:
     g.add_argument("--checkpoint-every", type=int, default=1, help="wrap every n-th layer (with --checkpointing)")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=2)
     g.add_argument("--world", type=int, default=1, help="data-parallel ranks ZeRO partitions over")
-    g.add_argument("--ds-config", type=Path, default=None,
-                   help="read reduce_bucket_size / overlap_comm from this DeepSpeed JSON (default: "
-                        "ds_configs/zero<N>.json when it exists)")
+    g.add_argument(
+        "--ds-config",
+        type=Path,
+        default=None,
+        help="read reduce_bucket_size / overlap_comm from this DeepSpeed JSON (default: "
+        "ds_configs/zero<N>.json when it exists)",
+    )
     g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    g.add_argument("--vpg", choices=("features", "blip2"), default="features",
-                   help="precomputed Q-former features (no VPG on the GPU) or the frozen BLIP-2 ViT-g + Q-former")
+    g.add_argument(
+        "--vpg",
+        choices=("features", "blip2"),
+        default="features",
+        help="precomputed Q-former features (no VPG on the GPU) or the frozen BLIP-2 ViT-g + Q-former",
+    )
     g.add_argument("--attn-backend", choices=tuple(ATTENTION_BACKENDS), default="sdpa")
     g.add_argument("--adapter-backend", choices=ADAPTER_BACKENDS, default="eager")
-    g.add_argument("--loss-positions", type=int, default=None,
-                   help="answer positions per micro-batch (default: all micro-batch x seq, the worst case)")
+    g.add_argument(
+        "--loss-positions",
+        type=int,
+        default=None,
+        help="answer positions per micro-batch (default: all micro-batch x seq, the worst case)",
+    )
 
 
 def print_memory(args, llm_config, cfg, model: torch.nn.Module, source: str) -> int:
@@ -306,15 +323,27 @@ def print_memory(args, llm_config, cfg, model: torch.nn.Module, source: str) -> 
     ds_path = args.ds_config or Path(__file__).resolve().parents[1] / "ds_configs" / f"zero{args.zero}.json"
     bucket, overlap = ds_bucket(ds_path, required=args.ds_config is not None)
     try:
-        s = MemorySetup(micro_batch=args.micro_batch, seq=args.seq, precision=args.precision, zero_stage=args.zero,
-                        world=args.world, checkpointing=args.checkpointing, checkpoint_every=args.checkpoint_every,
-                        attn_backend=args.attn_backend, adapter_backend=args.adapter_backend,
-                        loss_positions=args.loss_positions, reduce_bucket_size=bucket, overlap_comm=overlap)
+        s = MemorySetup(
+            micro_batch=args.micro_batch,
+            seq=args.seq,
+            precision=args.precision,
+            zero_stage=args.zero,
+            world=args.world,
+            checkpointing=args.checkpointing,
+            checkpoint_every=args.checkpoint_every,
+            attn_backend=args.attn_backend,
+            adapter_backend=args.adapter_backend,
+            loss_positions=args.loss_positions,
+            reduce_bucket_size=bucket,
+            overlap_comm=overlap,
+        )
     except ValueError as e:
         raise SystemExit(f"pipeline.params --memory: {e}") from None
     est = estimate(llm_config, cfg, counts, s)
-    print(f"PILL on {source}, stage {cfg.stage}, {args.attn_backend} attention, {args.adapter_backend} adapters, "
-          f"VPG: {args.vpg}; predicted per-GPU memory (GB = 1e9 bytes):")
+    print(
+        f"PILL on {source}, stage {cfg.stage}, {args.attn_backend} attention, {args.adapter_backend} adapters, "
+        f"VPG: {args.vpg}; predicted per-GPU memory (GB = 1e9 bytes):"
+    )
     print(est.table())
     print(f"predicted_peak_gb={est.peak / GB:.3f}")
     return 0

@@ -24,14 +24,39 @@ from pipeline.model import PILL, PILLConfig, check_llm, get_method, method_names
 from pipeline.model.base import MethodSpec, trainable_table
 
 PRESETS: dict[str, dict] = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=512),
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "llama2-13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=512,
+    ),
 }
 CONFIG_FLAGS = ("rank", "vpg_width", "adapter_act", "momae", "mag", "attn_adapter")
 """Shorthand flags, each setting the config field of its name (an error for a method without that field)."""
@@ -41,8 +66,9 @@ def meta_pill(llm_config, cfg: PILLConfig) -> PILL:
     return get_method("pill").meta_model(llm_config, cfg)
 
 
-def meta_method(name: str, llm_config, overrides: dict[str, Any] | None = None,
-                clip_preset: dict | None = None) -> nn.Module:
+def meta_method(
+    name: str, llm_config, overrides: dict[str, Any] | None = None, clip_preset: dict | None = None
+) -> nn.Module:
     """The method `name` (its config from `overrides`) around a meta-device LLM of `llm_config`."""
     spec = get_method(name)
     return spec.meta_model(llm_config, spec.config_cls.from_dict(dict(overrides or {})), clip_preset=clip_preset)
@@ -60,8 +86,10 @@ def print_report(spec: MethodSpec, model: nn.Module, source: str) -> int:
     n_frozen = sum(p.numel() for n, p in model.named_parameters() if n.startswith("llm."))
     front = model.vpg
     front_desc = f"; CLIP width={front.width} blocks={front.num_layers}" if front is not None else ""
-    print(f"{spec.name} on {source}: d_model={c.hidden_size} layers={c.num_hidden_layers} "
-          f"heads={c.num_attention_heads} stage={model.cfg.stage}{front_desc}")
+    print(
+        f"{spec.name} on {source}: d_model={c.hidden_size} layers={c.num_hidden_layers} "
+        f"heads={c.num_attention_heads} stage={model.cfg.stage}{front_desc}"
+    )
     print(f"{'group':32s} {'trainable':>16s} {'total':>16s}")
     for g, t, tot in rows:
         print(f"{g:32s} {t:>16,d} {tot:>16,d}")
@@ -79,13 +107,16 @@ def print_state_memory(args: argparse.Namespace, name: str, model: nn.Module, so
     p = sum(q.numel() for q in model.parameters() if q.requires_grad)
     frozen = sum(q.numel() for n, q in model.named_parameters() if n.startswith("llm."))
     elem = 2 if args.precision == "bf16" else 4
-    print(f"{name} on {source}: trainable {p:,}, frozen LLM {frozen:,} ({frozen * elem / GB:.1f} GB in "
-          f"{args.precision}, not partitioned except under ZeRO-3); world={args.world}; GB = 1e9 bytes")
+    print(
+        f"{name} on {source}: trainable {p:,}, frozen LLM {frozen:,} ({frozen * elem / GB:.1f} GB in "
+        f"{args.precision}, not partitioned except under ZeRO-3); world={args.world}; GB = 1e9 bytes"
+    )
     print(f"{'ZeRO':>4s} {'trainable weights+grads':>24s} {'optimizer':>10s} {'+frozen LLM':>12s}")
     peak = 0.0
     for z in (0, 1, 2, 3):
-        s = MemorySetup(micro_batch=args.micro_batch, seq=args.seq, precision=args.precision, zero_stage=z,
-                        world=args.world)
+        s = MemorySetup(
+            micro_batch=args.micro_batch, seq=args.seq, precision=args.precision, zero_stage=z, world=args.world
+        )
         parts = trainable_state_bytes(p, s, model.llm.config.hidden_size)
         w, o = parts["trainable weights + grads"], parts["optimizer (fp32 master, Adam m, v)"]
         fz = frozen * elem / (args.world if z == 3 else 1)
@@ -104,8 +135,12 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--llm", type=Path, help="a local transformers LLM directory (only config.json is read)")
     ap.add_argument("--method", default="pill", choices=method_names(), help="pipeline.model.methods' table")
     ap.add_argument("--stage", type=int, choices=(1, 2), default=2, help="(a one-stage method: its stage)")
-    ap.add_argument("--method-config", default="{}", help="JSON overrides of the method's config, e.g. "
-                    "'{\"multimodal\": false}' or '{\"insert_after\": [0, 10, 20, 31]}'")
+    ap.add_argument(
+        "--method-config",
+        default="{}",
+        help="JSON overrides of the method's config, e.g. "
+        "'{\"multimodal\": false}' or '{\"insert_after\": [0, 10, 20, 31]}'",
+    )
     ap.add_argument("--rank", type=int)
     ap.add_argument("--vpg-width", type=int)
     ap.add_argument("--adapter-act", choices=("swiglu", "gelu", "none"))

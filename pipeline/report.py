@@ -60,8 +60,10 @@ def find_metrics(run_dir: Path) -> list[tuple[str | None, Path]]:
         return [(None, run_dir / "metrics.jsonl")]
     found = sorted(p for p in run_dir.glob("stage*/metrics.jsonl"))
     if not found:
-        raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} not found (nor {run_dir}/stage*/metrics.jsonl): "
-                                "is this a run directory written by pipeline/train.py?")
+        raise FileNotFoundError(
+            f"{run_dir / 'metrics.jsonl'} not found (nor {run_dir}/stage*/metrics.jsonl): "
+            "is this a run directory written by pipeline/train.py?"
+        )
     return [(p.parent.name.removeprefix("stage"), p) for p in found]
 
 
@@ -185,8 +187,9 @@ def summary_markdown(run_dir: Path, records: list[dict], evals: dict | None, ima
     config = next((run_dir / n for n in CONFIG_FILES if (run_dir / n).is_file()), None)
     if config is not None:
         lines += [f"## Config ({config.name})", "", "```", config.read_text(encoding="utf-8").rstrip(), "```", ""]
-    for result in sorted(run_dir.glob("stage*/result.json")) + ([run_dir / "result.json"]
-                                                               if (run_dir / "result.json").is_file() else []):
+    for result in sorted(run_dir.glob("stage*/result.json")) + (
+        [run_dir / "result.json"] if (run_dir / "result.json").is_file() else []
+    ):
         r = json.loads(result.read_text(encoding="utf-8"))
         lines += [f"## {result.parent.name if result.parent != run_dir else 'stage'} result", ""]
         lines += [f"- {k}: {v}" for k, v in r.items()] + [""]

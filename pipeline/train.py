@@ -59,18 +59,39 @@ EXIT_CONFIG, EXIT_NONFINITE = 2, 3
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline/train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ds_config", "--ds-config", "--deepspeed_config", "--deepspeed", dest="ds_config",
-                   default=None, help="DeepSpeed JSON (a path or a shipped name: zero1, zero2, zero3, zero2_offload; "
-                   "default zero2); \"auto\" fields are filled from the training config")
-    p.add_argument("--config", default=None, help="YAML file or shipped preset name (configs/*.yaml); default: "
-                   f"the embedded {DEFAULT_PRESET}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set stages.0.max_steps=100 or --set stages.*.lr=1e-3")
+    p.add_argument(
+        "--ds_config",
+        "--ds-config",
+        "--deepspeed_config",
+        "--deepspeed",
+        dest="ds_config",
+        default=None,
+        help="DeepSpeed JSON (a path or a shipped name: zero1, zero2, zero3, zero2_offload; "
+        'default zero2); "auto" fields are filled from the training config',
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML file or shipped preset name (configs/*.yaml); default: the embedded {DEFAULT_PRESET}",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set stages.0.max_steps=100 or --set stages.*.lr=1e-3",
+    )
     p.add_argument("--output-dir", "--output_dir", default=None, help="run directory (default: output_dir)")
-    p.add_argument("--resume", default=None, help="auto (default: continue from the run dir), never, or a "
-                                                  "checkpoint directory")
-    p.add_argument("--print-config", action="store_true", help="print every field of the resolved config with its "
-                   "value and where it came from (default, --config, --set), then exit")
+    p.add_argument(
+        "--resume", default=None, help="auto (default: continue from the run dir), never, or a checkpoint directory"
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every field of the resolved config with its "
+        "value and where it came from (default, --config, --set), then exit",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -103,12 +124,16 @@ def check_paths(cfg: TrainConfig) -> None:
     if m.llm_path != "tiny":
         llm_config = Path(m.llm_path) / "config.json"
         if not llm_config.is_file():
-            raise ConfigError(f"model.llm_path={m.llm_path!r}: no config.json there (give a local transformers "
-                              "checkpoint directory of a Llama-family LLM)")
+            raise ConfigError(
+                f"model.llm_path={m.llm_path!r}: no config.json there (give a local transformers "
+                "checkpoint directory of a Llama-family LLM)"
+            )
         check_sliding_window(json.loads(llm_config.read_text()), cfg.data.max_length, str(llm_config))
     if m.vpg_path not in (None, "tiny") and not Path(m.vpg_path).is_dir():
-        raise ConfigError(f"model.vpg_path={m.vpg_path!r} does not exist (a transformers BLIP-2 / CLIP directory; "
-                          "null to train on precomputed-feature shards)")
+        raise ConfigError(
+            f"model.vpg_path={m.vpg_path!r} does not exist (a transformers BLIP-2 / CLIP directory; "
+            "null to train on precomputed-feature shards)"
+        )
     if problem := prompt_format_problem(cfg.data.prompt_format, m.llm_path):  # from the tokenizer's files
         raise ConfigError(problem)
     prepared = [Path(p.creates).resolve() for p in cfg.prepare if p.creates]
@@ -139,9 +164,11 @@ def check_sliding_window(llm_config: dict, max_length: int, source: str) -> None
     sequence fits the window, so longer data.max_length is refused rather than silently computing another model."""
     window = llm_config.get("sliding_window")
     if window is not None and llm_config.get("use_sliding_window", True) and window < max_length:
-        raise ConfigError(f"{source}: sliding_window={window} < data.max_length={max_length}: PILL's attention "
-                          f"backends are full causal, so beyond {window} tokens they would differ from the frozen "
-                          f"model; set data.max_length <= {window}")
+        raise ConfigError(
+            f"{source}: sliding_window={window} < data.max_length={max_length}: PILL's attention "
+            f"backends are full causal, so beyond {window} tokens they would differ from the frozen "
+            f"model; set data.max_length <= {window}"
+        )
 
 
 def configure(args: argparse.Namespace) -> tuple[TrainConfig, dict] | int:
@@ -170,8 +197,9 @@ def run_stages(cfg: TrainConfig, raw_ds: dict, ctx: DistContext, preempt: Preemp
             # A finished earlier stage of a multi-stage run is not repeated after a restart.
             results.append(StageResult(**json.loads(done.read_text())))
         else:
-            results.append(run_stage(cfg, i, raw_ds, ctx, sdir, s.init_from or init_from, preempt,
-                                     cfg.checkpoint.resume))
+            results.append(
+                run_stage(cfg, i, raw_ds, ctx, sdir, s.init_from or init_from, preempt, cfg.checkpoint.resume)
+            )
         init_from = results[-1].export_dir
     return results
 
@@ -231,9 +259,11 @@ def write_summary(cfg: TrainConfig, results: list, eval_result: dict | None, wal
     lines = [f"run {cfg.name}: {len(results)} stage(s) in {wall:.1f}s, output {cfg.output_dir}"]
     lines += [r.summary() for r in results]
     if eval_result is not None:
-        lines.append(f"held-out accuracy {eval_result['accuracy']:.3f} with images, "
-                     f"{eval_result['accuracy_no_image']:.3f} with images removed, chance {eval_result['chance']:.3f} "
-                     f"(n={eval_result['n']}); {Path(cfg.output_dir) / 'eval.json'}")
+        lines.append(
+            f"held-out accuracy {eval_result['accuracy']:.3f} with images, "
+            f"{eval_result['accuracy_no_image']:.3f} with images removed, chance {eval_result['chance']:.3f} "
+            f"(n={eval_result['n']}); {Path(cfg.output_dir) / 'eval.json'}"
+        )
     text = "\n".join(lines)
     (Path(cfg.output_dir) / "summary.txt").write_text(text + "\n")
     print("\n" + "=" * 80 + "\n" + text + "\n" + "=" * 80, flush=True)

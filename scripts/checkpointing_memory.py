@@ -39,10 +39,18 @@ def saved_bytes(fn) -> tuple[int, torch.Tensor]:
 
 def run(args, checkpointing: bool) -> dict:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=args.d, intermediate_size=int(args.d * 2.6875),
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads)
-    model = PILL(LlamaForCausalLM(cfg), PILLConfig(stage=2, rank=32, num_query_tokens=32, vpg_width=768,
-                                                   attn_backend="sdpa", adapter_backend="eager"))
+    cfg = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=args.d,
+        intermediate_size=int(args.d * 2.6875),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+    )
+    model = PILL(
+        LlamaForCausalLM(cfg),
+        PILLConfig(stage=2, rank=32, num_query_tokens=32, vpg_width=768, attn_backend="sdpa", adapter_backend="eager"),
+    )
     with torch.no_grad():
         for _, p in model.trainable_parameters():
             p.normal_(0, 0.02)
@@ -57,13 +65,18 @@ def run(args, checkpointing: bool) -> dict:
     feats = torch.randn(B, 32, 768)
     gc.collect()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    nbytes, out = saved_bytes(lambda: model(ids, modality_mask=mm, labels=labels, image_features=feats,
-                                            return_logits=False))
+    nbytes, out = saved_bytes(
+        lambda: model(ids, modality_mask=mm, labels=labels, image_features=feats, return_logits=False)
+    )
     out.loss.backward()
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     grads = {n: p.grad.clone() for n, p in model.trainable_parameters()}
-    return {"saved_MB": nbytes / 2**20, "peak_rss_growth_MB": (rss1 - rss0) / 1024, "loss": float(out.loss.detach()),
-            "grads": grads}
+    return {
+        "saved_MB": nbytes / 2**20,
+        "peak_rss_growth_MB": (rss1 - rss0) / 1024,
+        "loss": float(out.loss.detach()),
+        "grads": grads,
+    }
 
 
 def main() -> None:
@@ -83,14 +96,20 @@ def main() -> None:
         return
     rows = {}
     for mode in ("without", "with"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", mode], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--only", mode], capture_output=True, text=True, check=True
+        )
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     g0, g1 = torch.load("/tmp/ckpt_mem_without.pt"), torch.load("/tmp/ckpt_mem_with.pt")
     same = rows["with"]["loss"] == rows["without"]["loss"] and all(
-        torch.allclose(g1[n], g, rtol=1e-5, atol=1e-7) for n, g in g0.items())
-    report = {"shape": {k: v for k, v in vars(args).items() if k != "only"}, **rows, "equal_loss_and_grads": same,
-              "saved_ratio": rows["with"]["saved_MB"] / rows["without"]["saved_MB"]}
+        torch.allclose(g1[n], g, rtol=1e-5, atol=1e-7) for n, g in g0.items()
+    )
+    report = {
+        "shape": {k: v for k, v in vars(args).items() if k != "only"},
+        **rows,
+        "equal_loss_and_grads": same,
+        "saved_ratio": rows["with"]["saved_MB"] / rows["without"]["saved_MB"],
+    }
     print(json.dumps(report, indent=2))
 
 

@@ -39,17 +39,26 @@ OUT = REPO / "runs" / "compare"
 # peers' learning rates follow their papers' ordering (LLaMA-Adapter and LaVIN train at a base lr of 9e-3,
 # Excitor's prompts likewise; IAA trains full layers, so a much smaller lr) scaled to the demo's batch of 16.
 METHODS: dict[str, tuple[dict, list[tuple[int, str, int, float]]]] = {
-    "pill": ({"method": "pill", "vpg_path": "tiny", "pill": {"rank": 16, "attn_backend": "auto",
-                                                              "adapter_backend": "auto"}},
-             [(1, "caption", 60, 1.0e-2), (2, "scienceqa", 600, 3.0e-3)]),
-    "llama_adapter": ({"method": "llama_adapter", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
-                      [(2, "scienceqa", 600, 2.0e-2)]),
-    "lavin": ({"method": "lavin", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
-              [(2, "scienceqa", 600, 1.0e-2)]),
-    "excitor": ({"method": "excitor", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
-                [(2, "scienceqa", 600, 3.0e-2)]),
-    "iaa": ({"method": "iaa", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
-            [(1, "caption", 60, 1.0e-3), (2, "scienceqa", 600, 3.0e-4)]),
+    "pill": (
+        {"method": "pill", "vpg_path": "tiny", "pill": {"rank": 16, "attn_backend": "auto", "adapter_backend": "auto"}},
+        [(1, "caption", 60, 1.0e-2), (2, "scienceqa", 600, 3.0e-3)],
+    ),
+    "llama_adapter": (
+        {"method": "llama_adapter", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
+        [(2, "scienceqa", 600, 2.0e-2)],
+    ),
+    "lavin": (
+        {"method": "lavin", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
+        [(2, "scienceqa", 600, 1.0e-2)],
+    ),
+    "excitor": (
+        {"method": "excitor", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
+        [(2, "scienceqa", 600, 3.0e-2)],
+    ),
+    "iaa": (
+        {"method": "iaa", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
+        [(1, "caption", 60, 1.0e-3), (2, "scienceqa", 600, 3.0e-4)],
+    ),
 }
 
 
@@ -65,8 +74,13 @@ def method_config(name: str, steps_scale: float) -> dict:
     template = {s["stage"]: s for s in d["stages"]}
     d["stages"] = []
     for stage, task, steps, lr in stages:
-        st = dict(template[2 if task == "scienceqa" else 1], stage=stage, task=task,
-                  max_steps=max(1, int(steps * steps_scale)), lr=lr)
+        st = dict(
+            template[2 if task == "scienceqa" else 1],
+            stage=stage,
+            task=task,
+            max_steps=max(1, int(steps * steps_scale)),
+            lr=lr,
+        )
         if task != "scienceqa":
             st.pop("eval_shards", None)
         d["stages"].append(st)
@@ -94,8 +108,15 @@ def trainable_counts(name: str) -> dict[str, int]:
 def _clip_kwargs(d: dict | None) -> dict | None:
     if d is None:
         return None
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-            "patch_size", "projection_dim")
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "image_size",
+        "patch_size",
+        "projection_dim",
+    )
     return {k: d[k] for k in keys}
 
 
@@ -105,17 +126,33 @@ def run_method(name: str, steps_scale: float, nprocs: int) -> dict:
     run_dir.mkdir(parents=True)
     cfg_path = run_dir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(method_config(name, steps_scale), sort_keys=False))
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nprocs), "pipeline/train.py",
-           "--ds_config", "ds_configs/zero2.json", "--config", str(cfg_path), "--resume", "never"]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-           "PILL_TINY_DIR": str(OUT / "tiny")}  # the same tiny LLM/VPG/CLIP recipe, built once for the comparison
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(nprocs),
+        "pipeline/train.py",
+        "--ds_config",
+        "ds_configs/zero2.json",
+        "--config",
+        str(cfg_path),
+        "--resume",
+        "never",
+    ]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+        "PILL_TINY_DIR": str(OUT / "tiny"),
+    }  # the same tiny LLM/VPG/CLIP recipe, built once for the comparison
     # One wrapper per method: RUSAGE_CHILDREN's max RSS then covers this method's ranks only.
-    wrapper = ("import json, resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-               "print(json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+    wrapper = (
+        "import json, resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+        "print(json.dumps({'rc': rc, 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    )
     t0 = time.time()
     with open(run_dir / "train.out", "w") as log:
-        proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=log, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", wrapper, *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
     wall = time.time() - t0
     lines = proc.stdout.strip().splitlines()
     (run_dir / "train.out").open("a").write(proc.stdout)
@@ -126,8 +163,7 @@ def run_method(name: str, steps_scale: float, nprocs: int) -> dict:
     results = sorted(run_dir.glob("**/result.json"))
     if results:
         r = json.loads(results[-1].read_text())  # the last stage (the one that is evaluated)
-        row.update(samples_per_s=round(r["samples_per_s"], 1), steps=r.get("steps"),
-                   final_loss=r.get("final_loss"))
+        row.update(samples_per_s=round(r["samples_per_s"], 1), steps=r.get("steps"), final_loss=r.get("final_loss"))
     return row
 
 
@@ -138,31 +174,49 @@ def eval_fields(run_dir: Path) -> dict:
         return {}
     e = json.loads(ev.read_text())
     w, wo = e["with_image"], e["without_image"]
-    return dict(accuracy=e["accuracy"], accuracy_no_image=e["accuracy_no_image"], chance=e["chance"], n=e["n"],
-                unparsed=w["unparsed"], unparsed_no_image=wo["unparsed"],
-                accuracy_color=w["categories"]["qtype:color"]["accuracy"],
-                accuracy_shape=w["categories"]["qtype:shape"]["accuracy"],
-                accuracy_random_fallback=w["accuracy_random_fallback"],
-                accuracy_no_image_random_fallback=wo["accuracy_random_fallback"])
+    return dict(
+        accuracy=e["accuracy"],
+        accuracy_no_image=e["accuracy_no_image"],
+        chance=e["chance"],
+        n=e["n"],
+        unparsed=w["unparsed"],
+        unparsed_no_image=wo["unparsed"],
+        accuracy_color=w["categories"]["qtype:color"]["accuracy"],
+        accuracy_shape=w["categories"]["qtype:shape"]["accuracy"],
+        accuracy_random_fallback=w["accuracy_random_fallback"],
+        accuracy_no_image_random_fallback=wo["accuracy_random_fallback"],
+    )
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| method | acc. with images (colour / shape) | acc. images removed (random fallback) | chance "
-            "| trainable (tiny) | trainable (LLaMA-2-7B) | samples/s | peak RSS / rank | wall |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| method | acc. with images (colour / shape) | acc. images removed (random fallback) | chance "
+        "| trainable (tiny) | trainable (LLaMA-2-7B) | samples/s | peak RSS / rank | wall |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
     out = []
     for r in rows:
-        acc = (f"{r['accuracy']:.1f}% ({r['accuracy_color']:.0f} / {r['accuracy_shape']:.0f})",
-               f"{r['accuracy_no_image']:.1f}% ({r['accuracy_no_image_random_fallback']:.1f}%), "
-               f"{r['unparsed_no_image']} unparsed", f"{r['chance']:.1f}%") \
-            if "accuracy" in r else (f"failed (rc {r['rc']})", "-", "-")
-        out.append(f"| {r['method']} | {acc[0]} | {acc[1]} | {acc[2]} | {r['trainable_tiny']:,} | "
-                   f"{r['trainable_7b']:,} | {r.get('samples_per_s', '-')} | {r['peak_rss_mb']} MB | "
-                   f"{r['wall_s']:.0f} s |")
-    return (head + "\n".join(out) + "\n\nAccuracy: greedy generation, then the first \"The answer is X\" (the "
-            "ScienceQA "
-            "protocol, n held-out questions); an unparsed answer counts as wrong, the random fallback replaces it by "
-            "a random option.\n")
+        acc = (
+            (
+                f"{r['accuracy']:.1f}% ({r['accuracy_color']:.0f} / {r['accuracy_shape']:.0f})",
+                f"{r['accuracy_no_image']:.1f}% ({r['accuracy_no_image_random_fallback']:.1f}%), "
+                f"{r['unparsed_no_image']} unparsed",
+                f"{r['chance']:.1f}%",
+            )
+            if "accuracy" in r
+            else (f"failed (rc {r['rc']})", "-", "-")
+        )
+        out.append(
+            f"| {r['method']} | {acc[0]} | {acc[1]} | {acc[2]} | {r['trainable_tiny']:,} | "
+            f"{r['trainable_7b']:,} | {r.get('samples_per_s', '-')} | {r['peak_rss_mb']} MB | "
+            f"{r['wall_s']:.0f} s |"
+        )
+    return (
+        head + "\n".join(out) + '\n\nAccuracy: greedy generation, then the first "The answer is X" (the '
+        "ScienceQA "
+        "protocol, n held-out questions); an unparsed answer counts as wrong, the random fallback replaces it by "
+        "a random option.\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (quick checks)")
     ap.add_argument("--nprocs", type=int, default=2)
-    ap.add_argument("--report-only", action="store_true",
-                    help="rewrite compare.md/json from the runs already in runs/compare (no training)")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite compare.md/json from the runs already in runs/compare (no training)",
+    )
     args = ap.parse_args(argv)
     if args.report_only:
         return report_only()
@@ -198,12 +255,16 @@ def report_only() -> int:
 
 
 def write_report(rows: list[dict], total: float, nprocs: int, steps_scale: float) -> None:
-    md = (f"# make compare: PILL and its peers on the demo data\n\nCommand: `make compare` (scripts/compare.py), "
-          f"{nprocs} DeepSpeed ranks, ZeRO-2, fp32, CPU; total wall time {total / 60:.1f} min.\n\n"
-          + markdown(rows))
+    md = (
+        f"# make compare: PILL and its peers on the demo data\n\nCommand: `make compare` (scripts/compare.py), "
+        f"{nprocs} DeepSpeed ranks, ZeRO-2, fp32, CPU; total wall time {total / 60:.1f} min.\n\n" + markdown(rows)
+    )
     (OUT / "compare.md").write_text(md)
-    (OUT / "compare.json").write_text(json.dumps({"total_wall_s": round(total, 1), "rows": rows, "nprocs": nprocs,
-                                                  "steps_scale": steps_scale}, indent=2))
+    (OUT / "compare.json").write_text(
+        json.dumps(
+            {"total_wall_s": round(total, 1), "rows": rows, "nprocs": nprocs, "steps_scale": steps_scale}, indent=2
+        )
+    )
     print(md)
 
 

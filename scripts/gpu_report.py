@@ -17,6 +17,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 def read_stages(work: Path) -> dict[str, dict[str, int]]:
     stages = {}
@@ -54,23 +56,38 @@ def device_name(pipeline: dict | None, dry_run: bool) -> str:
         return "cpu-dry-run"
     if pipeline and pipeline.get("gpu"):
         return pipeline["device"]
-    import torch
-
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def markdown(report: dict[str, Any], kernels_md: str | None, pipeline_md: str | None) -> str:
-    lines = [f"# GPU check: {report['device']}, {report['date']}", "",
-             "| stage | exit code | seconds |", "|---|---|---|"]
+    lines = [
+        f"# GPU check: {report['device']}, {report['date']}",
+        "",
+        "| stage | exit code | seconds |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v['exit_code']} | {v['seconds']} |" for k, v in report["stages"].items()]
     t = report["tests"]
-    lines += ["", "## bf16 GPU tests (`pytest -m gpu`)", "",
-              f"{t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped"
-              if t else "no test report (the stage did not finish)"]
-    lines += ["", "## Kernels (`python -m kernels.bench --quick`)", "",
-              kernels_md.split("\n", 1)[1].strip() if kernels_md else "no kernel results (the stage did not finish)"]
-    lines += ["", "## End-to-end stage 2 (`python -m pipeline.bench`)", "",
-              pipeline_md.strip() if pipeline_md else "no pipeline results (the stage did not finish)"]
+    lines += [
+        "",
+        "## bf16 GPU tests (`pytest -m gpu`)",
+        "",
+        f"{t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped"
+        if t
+        else "no test report (the stage did not finish)",
+    ]
+    lines += [
+        "",
+        "## Kernels (`python -m kernels.bench --quick`)",
+        "",
+        kernels_md.split("\n", 1)[1].strip() if kernels_md else "no kernel results (the stage did not finish)",
+    ]
+    lines += [
+        "",
+        "## End-to-end stage 2 (`python -m pipeline.bench`)",
+        "",
+        pipeline_md.strip() if pipeline_md else "no pipeline results (the stage did not finish)",
+    ]
     if report["dry_run"]:
         lines += ["", "Dry run on CPU at tiny shapes: the figures check the script, not a GPU."]
     return "\n".join(lines) + "\n"
@@ -86,14 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     kernels = read_json(args.work / "kernels" / "kernels_bench.json")
     device = device_name(pipeline, args.dry_run)
     date = time.strftime("%Y-%m-%d", time.gmtime())
-    report = {"device": device, "date": date, "dry_run": args.dry_run, "stages": read_stages(args.work),
-              "tests": read_tests(args.work), "kernels": kernels, "pipeline": pipeline}
+    report = {
+        "device": device,
+        "date": date,
+        "dry_run": args.dry_run,
+        "stages": read_stages(args.work),
+        "tests": read_tests(args.work),
+        "kernels": kernels,
+        "pipeline": pipeline,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{device_slug(device)}-{date}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     kmd, pmd = args.work / "kernels" / "kernels_bench.md", args.work / "pipeline.md"
-    stem.with_suffix(".md").write_text(markdown(report, kmd.read_text() if kmd.is_file() else None,
-                                                pmd.read_text() if pmd.is_file() else None))
+    stem.with_suffix(".md").write_text(
+        markdown(report, kmd.read_text() if kmd.is_file() else None, pmd.read_text() if pmd.is_file() else None)
+    )
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 

@@ -22,10 +22,15 @@ FLOORS: list[tuple[str, ...]] = [
     ("pipeline.constants", "pill_kernels"),
     # the model package, bottom up: frozen-part building blocks, the shared skeleton, the loaders, the methods,
     # the method table, the package's public names
-    ("pipeline.model.adapters", "pipeline.model.attention", "pipeline.model.backends", "pipeline.model.lavis",
-     "pipeline.model.gguf", "pipeline.model.clip"),
+    (
+        "pipeline.model.adapters",
+        "pipeline.model.attention",
+        "pipeline.model.backends",
+        "pipeline.model.lavis",
+        "pipeline.model.clip",
+    ),
     ("pipeline.model.vpg", "pipeline.model.base", "pipeline.model.seq"),
-    ("pipeline.model.config", "pipeline.model.tiny", "pipeline.model.block"),
+    ("pipeline.model.config", "pipeline.model.tiny", "pipeline.model.gguf", "pipeline.model.block"),
     ("pipeline.model.frozen",),
     ("pipeline.model.pill", "pipeline.model.peers"),
     ("pipeline.model.methods",),
@@ -88,8 +93,12 @@ def _top_level(tree: ast.Module) -> Iterator[ast.AST]:
         node = stack.pop()
         yield node
         if isinstance(node, (ast.If, ast.Try)):
-            stack.extend(node.body + node.orelse + getattr(node, "finalbody", []) +
-                         [s for h in getattr(node, "handlers", []) for s in h.body])
+            stack.extend(
+                node.body
+                + node.orelse
+                + getattr(node, "finalbody", [])
+                + [s for h in getattr(node, "handlers", []) for s in h.body]
+            )
 
 
 def _known_prefix(name: str, known: set[str]) -> str | None:
@@ -143,8 +152,9 @@ def graph(inner: bool) -> dict[str, set[str]]:
 
 
 def up_arrows(g: dict[str, set[str]]) -> list[tuple[str, str]]:
-    return sorted((a, b) for a, targets in g.items() for b in targets
-                  if floor(b) > floor(a) and not a.startswith(b + "."))
+    return sorted(
+        (a, b) for a, targets in g.items() for b in targets if floor(b) > floor(a) and not a.startswith(b + ".")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         for m in sorted(g):
             print(f"{m} -> {', '.join(sorted(g[m])) or '-'}")
     cyc, up = circles(g), up_arrows(g)
-    print(f"{len(g)} modules, {sum(map(len, g.values()))} imports ({'all' if args.inner else 'module top'}); "
-          f"{len(cyc)} circle(s), {len(up)} arrow(s) back up")
+    print(
+        f"{len(g)} modules, {sum(map(len, g.values()))} imports ({'all' if args.inner else 'module top'}); "
+        f"{len(cyc)} circle(s), {len(up)} arrow(s) back up"
+    )
     for c in cyc:
         print("circle: " + " <-> ".join(c))
     for a, b in up:

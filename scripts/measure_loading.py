@@ -30,27 +30,39 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pipeline.model.tiny import build_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-             num_key_value_heads=4, vocab_size=32000)
+SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)
 MB = 2**20
 
 
 def build_1b(out: Path) -> int:
     """The random 1.1B Llama in bf16 safetensors (built in bf16: no fp32 copy); returns the weight bytes."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from pipeline.model.tiny import build_tiny_tokenizer
 
     if not (out / "config.json").is_file():
         build_tiny_tokenizer(out)
         tok = PreTrainedTokenizerFast.from_pretrained(str(out))
-        config = LlamaConfig(**SHAPE, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-                             initializer_range=SHAPE["hidden_size"] ** -0.5)
+        config = LlamaConfig(
+            **SHAPE,
+            max_position_embeddings=2048,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+            initializer_range=SHAPE["hidden_size"] ** -0.5,
+        )
         torch.manual_seed(0)
         torch.set_default_dtype(torch.bfloat16)
         model = LlamaForCausalLM(config)
@@ -65,9 +77,14 @@ def write_config(path: Path, llm: str, steps: int, run_dir: Path) -> Path:
     d = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     st = dict(d["stages"][-1], max_steps=steps, micro_batch_size=1, grad_accum=1)
     st.pop("eval_shards", None)
-    d.update(stages=[st], precision="bf16", output_dir=str(run_dir), eval={"enabled": False},
-             checkpoint={"every_steps": 0, "keep_last": 1}, log={"every_steps": 1, "progress_bar": False,
-                                                                  "tensorboard": False})
+    d.update(
+        stages=[st],
+        precision="bf16",
+        output_dir=str(run_dir),
+        eval={"enabled": False},
+        checkpoint={"every_steps": 0, "keep_last": 1},
+        log={"every_steps": 1, "progress_bar": False, "tensorboard": False},
+    )
     d["model"] = dict(d["model"], llm_path=llm)
     d["data"] = dict(d["data"], num_workers=0)
     path.write_text(yaml.safe_dump(d))
@@ -99,12 +116,29 @@ def run_ranks(config: Path, ds_config: str, world: int, log_dir: Path) -> list[d
     procs = []
     t0 = time.time()
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
-                   OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)), PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            DS_ACCELERATOR="cpu",
+            CUDA_VISIBLE_DEVICES="",
+            OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)),
+            PYTHONUNBUFFERED="1",
+        )
         log = open(log_dir / f"{config.stem}-rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "pipeline/train.py", "--ds_config", ds_config, "--config",
-                                       str(config)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "pipeline/train.py", "--ds_config", ds_config, "--config", str(config)],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     peaks = [{"RssAnon": 0.0, "RssFile": 0.0, "RssShmem": 0.0} for _ in procs]
     out: list[dict | None] = [None] * world
     while any(r is None for r in out):
@@ -116,9 +150,13 @@ def run_ranks(config: Path, ds_config: str, world: int, log_dir: Path) -> list[d
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 p.returncode = os.waitstatus_to_exitcode(status)
-                out[rank] = {"rank": rank, "exit_code": p.returncode, "peak_rss_mb": usage.ru_maxrss / 1024,
-                             **{f"peak_{k}_mb": v for k, v in peaks[rank].items()},
-                             "seconds": round(time.time() - t0, 1)}
+                out[rank] = {
+                    "rank": rank,
+                    "exit_code": p.returncode,
+                    "peak_rss_mb": usage.ru_maxrss / 1024,
+                    **{f"peak_{k}_mb": v for k, v in peaks[rank].items()},
+                    "seconds": round(time.time() - t0, 1),
+                }
         time.sleep(0.02)
     for r in out:
         if r["exit_code"] != 0:
@@ -150,14 +188,19 @@ def main(argv: list[str] | None = None) -> int:
             ranks = run_ranks(write_config(work / f"{tag}.yaml", llm, args.steps, work / f"run-{tag}"), ds, world, work)
             report["runs"][tag] = ranks
             for r in ranks:
-                print(f"{tag:24s} rank {r['rank']}: peak RSS {r['peak_rss_mb']:6.0f} MiB (sampled peaks: anon "
-                      f"{r['peak_RssAnon_mb']:6.0f}, file {r['peak_RssFile_mb']:6.0f}) in {r['seconds']:.0f} s",
-                      flush=True)
+                print(
+                    f"{tag:24s} rank {r['rank']}: peak RSS {r['peak_rss_mb']:6.0f} MiB (sampled peaks: anon "
+                    f"{r['peak_RssAnon_mb']:6.0f}, file {r['peak_RssFile_mb']:6.0f}) in {r['seconds']:.0f} s",
+                    flush=True,
+                )
         base = max(r["peak_rss_mb"] for r in report["runs"][f"{name}-{world}rank-baseline"])
         for r in report["runs"][f"{name}-{world}rank-1b"]:
             extra = r["peak_rss_mb"] - base
-            print(f"  {name} x {world}: rank {r['rank']} peak RSS = baseline {base:.0f} + {extra:.0f} MiB = baseline + "
-                  f"{extra / (weights / MB):.2f} x the bf16 weights ({weights / MB:.0f} MiB)", flush=True)
+            print(
+                f"  {name} x {world}: rank {r['rank']} peak RSS = baseline {base:.0f} + {extra:.0f} MiB = baseline + "
+                f"{extra / (weights / MB):.2f} x the bf16 weights ({weights / MB:.0f} MiB)",
+                flush=True,
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

@@ -110,8 +110,10 @@ def check_image_root(records: list[dict], root: Path, field: str = "image") -> N
     """A wrong --images path would skip every sample as missing: catch it from the first few records."""
     probe = [p for r in records[:50] for p in image_paths(r, field)]
     if probe and not any((root / p).is_file() for p in probe):
-        raise FileNotFoundError(f"none of the first {len(probe)} images exist under --images {root} "
-                                f"(e.g. {root / probe[0]}); is the image folder right?")
+        raise FileNotFoundError(
+            f"none of the first {len(probe)} images exist under --images {root} "
+            f"(e.g. {root / probe[0]}); is the image folder right?"
+        )
 
 
 def add_llava_args(p: Any, json_help: str) -> None:

@@ -183,22 +183,30 @@ def _make_sample(i: int, cfg: DemoConfig, split: str) -> Sample:
     return Sample(key, {cfg.image_format: buf.getvalue(), "json": json_bytes(meta), "txt": caption.encode()})
 
 
-def build_demo(cfg: DemoConfig, out: Path, max_samples: int = 250, workers: int = 1,
-               progress: bool = False, resume: bool = True) -> dict[str, dict[str, Any]]:
+def build_demo(
+    cfg: DemoConfig, out: Path, max_samples: int = 250, workers: int = 1, progress: bool = False, resume: bool = True
+) -> dict[str, dict[str, Any]]:
     """Write `train-*` and `val-*` shards into `out`; returns {split: index}.
 
     The default 250 samples per shard gives 12 equal train shards for the default 3000 samples: they divide evenly
     over 1, 2, 3, 4, 6 or 12 ranks x workers (no wrap-around, no unseen samples in an epoch)."""
     indices = {}
     for split, n in (("train", cfg.n_train), ("val", cfg.n_val)):
-        wcfg = WriterConfig(out_dir=out, name=split, max_samples=max_samples, workers=workers, progress=progress,
-                            resume=resume, meta={"builder": "demo", "split": split, "content": "pixels",
-                                                 "demo_config": dataclasses.asdict(cfg)})
+        wcfg = WriterConfig(
+            out_dir=out,
+            name=split,
+            max_samples=max_samples,
+            workers=workers,
+            progress=progress,
+            resume=resume,
+            meta={"builder": "demo", "split": split, "content": "pixels", "demo_config": dataclasses.asdict(cfg)},
+        )
         # Resume must not keep shards made with other generator settings: the config goes into the plan keys.
         tag = hashlib.sha1(repr(dataclasses.asdict(cfg)).encode()).hexdigest()[:8]
         keys = [f"{split}_{i:06d}@{tag}" for i in range(n)]
-        indices[split] = write_shards(list(range(n)), keys, [4096] * n, partial(_make_sample, cfg=cfg, split=split),
-                                      wcfg)
+        indices[split] = write_shards(
+            list(range(n)), keys, [4096] * n, partial(_make_sample, cfg=cfg, split=split), wcfg
+        )
     return indices
 
 
@@ -221,10 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    cfg = DemoConfig(n_train=a.n_train, n_val=a.n_val, seed=a.seed, image_size=a.image_size,
-                     qtypes=tuple(a.qtypes.split(",")), colors=tuple(a.colors.split(",")),
-                     shapes=tuple(a.shapes.split(",")), max_options=a.max_options, image_format=a.format,
-                     fixed_options=a.fixed_options)
+    cfg = DemoConfig(
+        n_train=a.n_train,
+        n_val=a.n_val,
+        seed=a.seed,
+        image_size=a.image_size,
+        qtypes=tuple(a.qtypes.split(",")),
+        colors=tuple(a.colors.split(",")),
+        shapes=tuple(a.shapes.split(",")),
+        max_options=a.max_options,
+        image_format=a.format,
+        fixed_options=a.fixed_options,
+    )
     for idx in build_demo(cfg, a.out, a.max_samples, a.workers, progress=not a.no_progress).values():
         print(summary(idx))
     return 0

@@ -35,8 +35,9 @@ def features(vpg, cfg: DemoConfig, split: str, n: int, batch: int = 50) -> tuple
     return torch.cat(xs), metas
 
 
-def probe(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor, n_cls: int,
-          steps: int = 300) -> float:
+def probe(
+    xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, yva: torch.Tensor, n_cls: int, steps: int = 300
+) -> float:
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xva = (xtr - mu) / sd, (xva - mu) / sd
     w = torch.zeros(xtr.shape[1], n_cls, requires_grad=True)
@@ -60,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape-frac", type=float, default=DemoConfig.shape_frac)
     p.add_argument("--background", default="128,128,128")
     a = p.parse_args(argv)
-    cfg = DemoConfig(n_train=a.n_train, n_val=a.n_val, seed=a.seed, shape_frac=a.shape_frac,
-                     background=tuple(int(v) for v in a.background.split(",")))
+    cfg = DemoConfig(
+        n_train=a.n_train,
+        n_val=a.n_val,
+        seed=a.seed,
+        shape_frac=a.shape_frac,
+        background=tuple(int(v) for v in a.background.split(",")),
+    )
     torch.manual_seed(0)
     vpg = load_vpg(a.vpg, a.tiny_dir)
     xtr, mtr = features(vpg, cfg, "train", cfg.n_train)

@@ -35,8 +35,7 @@ from shards.writer import INDEX_FORMAT, Sample, _finalise, _load_index, _save_in
 log = logging.getLogger(__name__)
 
 
-def load_vpg(spec: str, tiny_dir: Path, dtype: torch.dtype = torch.float32,
-             lavis: dict[str, str] | None = None) -> Any:
+def load_vpg(spec: str, tiny_dir: Path, dtype: torch.dtype = torch.float32, lavis: dict[str, str] | None = None) -> Any:
     """`tiny`: the random tiny BLIP-2 of pipeline.model.tiny (built once under tiny_dir, the same one training's
     `tiny` uses); a transformers BLIP-2 dir;
     or LAVIS checkpoints (`lavis` = {"qformer": pth, "vit": pth, "config": dir}) via pipeline.model.load_vpg."""
@@ -53,8 +52,9 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_shard(url: str, out_path: Path, vpg: Any, device: torch.device, batch_size: int,
-                 counter: SkipCounter) -> dict[str, Any]:
+def encode_shard(
+    url: str, out_path: Path, vpg: Any, device: torch.device, batch_size: int, counter: SkipCounter
+) -> dict[str, Any]:
     """Encode one shard; returns its index entry."""
     size = int(vpg.image_size)
     mean, std = default_mean_std()
@@ -92,8 +92,14 @@ def encode_shard(url: str, out_path: Path, vpg: Any, device: torch.device, batch
         s.files = {**{k: s.files.pop(k) for k in feats}, **s.files}
     nbytes = write_tar(out_path, samples)
     skipped = dict(Counter(counter.counts) - before)
-    return {"file": out_path.name, "samples": len(samples), "bytes": nbytes, "skipped": skipped,
-            "source": url, "source_bytes": os.path.getsize(url) if os.path.exists(url) else -1}
+    return {
+        "file": out_path.name,
+        "samples": len(samples),
+        "bytes": nbytes,
+        "skipped": skipped,
+        "source": url,
+        "source_bytes": os.path.getsize(url) if os.path.exists(url) else -1,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,16 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vpg-qformer", default=None, help="LAVIS Q-former .pth (instead of --vpg)")
     p.add_argument("--vpg-vit", default=None, help="LAVIS EVA ViT-g .pth (with --vpg-qformer)")
     p.add_argument("--vpg-config", default=None, help="BLIP-2 config dir (with --vpg-qformer)")
-    p.add_argument("--clip", default=None, help="a CLIP ViT vision dir, or 'tiny': the peers' front end (instead of "
-                   "--vpg)")
-    p.add_argument("--clip-features", default=None, help="with --clip: cls:<blocks> (CLS states after those "
-                   "1-based blocks), patch:<block> (patch states of one block), or method:<peer> (what it reads)")
+    p.add_argument(
+        "--clip", default=None, help="a CLIP ViT vision dir, or 'tiny': the peers' front end (instead of --vpg)"
+    )
+    p.add_argument(
+        "--clip-features",
+        default=None,
+        help="with --clip: cls:<blocks> (CLS states after those "
+        "1-based blocks), patch:<block> (patch states of one block), or method:<peer> (what it reads)",
+    )
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--name", default=None, help="index name (default: the input shards' prefix)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="ViT compute dtype (the Q-former stays fp32; features are stored fp16 either way)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="ViT compute dtype (the Q-former stays fp32; features are stored fp16 either way)",
+    )
     p.add_argument("--tiny-dir", type=Path, default=Path(".cache/tiny_pill"), help="where 'tiny' is built")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -131,8 +146,10 @@ def check_args(a: argparse.Namespace) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError("--shards: input shard file names repeat; encode each directory separately")
     if sum(map(bool, (a.vpg, a.vpg_qformer, a.clip))) != 1:
-        raise ValueError("give exactly one of --vpg (dir or 'tiny'), --vpg-qformer (+ --vpg-vit, --vpg-config) and "
-                         "--clip (+ --clip-features)")
+        raise ValueError(
+            "give exactly one of --vpg (dir or 'tiny'), --vpg-qformer (+ --vpg-vit, --vpg-config) and "
+            "--clip (+ --clip-features)"
+        )
     if bool(a.clip) != bool(a.clip_features):
         raise ValueError("--clip and --clip-features go together (e.g. --clip tiny --clip-features method:lavin)")
     if a.vpg_qformer and not a.vpg_config:
@@ -152,8 +169,12 @@ def build_front_end(a: argparse.Namespace, device: torch.device):
 
 
 def _up_to_date(entry: dict | None, url: str, out_path: Path) -> bool:
-    return bool(entry and out_path.exists() and entry.get("source_bytes") == os.path.getsize(url)
-                and out_path.stat().st_size == entry["bytes"])
+    return bool(
+        entry
+        and out_path.exists()
+        and entry.get("source_bytes") == os.path.getsize(url)
+        and out_path.stat().st_size == entry["bytes"]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,10 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     ipath = a.out / f"{name}-index.json"
     old = None if a.no_resume else _load_index(ipath)
     prev = {s["file"]: s for s in (old or {}).get("shards", []) if s}
-    index: dict[str, Any] = {"format": INDEX_FORMAT, "name": name, "builder": "encode", "content": "features",
-                             "num_query_tokens": int(vpg.num_query_tokens), "width": int(vpg.width),
-                             "vpg": f"clip:{a.clip}:{vpg.spec}" if a.clip else (a.vpg or a.vpg_qformer),
-                             "shards": [None] * len(urls)}
+    index: dict[str, Any] = {
+        "format": INDEX_FORMAT,
+        "name": name,
+        "builder": "encode",
+        "content": "features",
+        "num_query_tokens": int(vpg.num_query_tokens),
+        "width": int(vpg.width),
+        "vpg": f"clip:{a.clip}:{vpg.spec}" if a.clip else (a.vpg or a.vpg_qformer),
+        "shards": [None] * len(urls),
+    }
     counter = SkipCounter()
     for i, url in enumerate(tqdm(urls, desc="encode", unit="shard", disable=a.no_progress)):
         out_path = a.out / Path(url).name
@@ -181,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         _save_index(ipath, index)
     _finalise(index)
     _save_index(ipath, index)
-    print(f"{name}: {len(urls)} shard(s), {index['total_samples']} sample(s) encoded "
-          f"(K={index['num_query_tokens']}, W={index['width']}); skipped: {index['skipped'] or 'none'}")
+    print(
+        f"{name}: {len(urls)} shard(s), {index['total_samples']} sample(s) encoded "
+        f"(K={index['num_query_tokens']}, W={index['width']}); skipped: {index['skipped'] or 'none'}"
+    )
     return 0
 
 

@@ -52,14 +52,21 @@ def make_sample(item: tuple[int, dict], root: Path, max_side: int | None, source
         raise SkipSample("bad_conversation", f"{where}: roles {roles}")
     empty = [j for j, t in enumerate(conv) if t["from"] == "gpt" and not str(t["value"]).strip()]
     if empty or "gpt" not in roles:
-        raise SkipSample("empty_answer", f"{where}: " + (f"conversations[{empty[0]}] (gpt) is empty" if empty
-                                                         else "no gpt turn"))
+        raise SkipSample(
+            "empty_answer", f"{where}: " + (f"conversations[{empty[0]}] (gpt) is empty" if empty else "no gpt turn")
+        )
     paths = image_paths(rec)
     image_count_check(paths, conv, where)
     files = read_images(root, paths, max_side, key)
     has_image = bool(paths)
-    meta = {"id": rec["id"], "key": key, "image": rec.get("image"), "conversations": conv, "has_image": has_image,
-            "source": "llava_instruct"}
+    meta = {
+        "id": rec["id"],
+        "key": key,
+        "image": rec.get("image"),
+        "conversations": conv,
+        "has_image": has_image,
+        "source": "llava_instruct",
+    }
     files["json"] = json_bytes(meta)
     return Sample(key, files)
 
@@ -70,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     add_writer_args(p, default_max_samples=5000)
     a = p.parse_args(argv)
     records, root = load_llava_records(a, "instruction JSON", validate_records)
-    cfg = writer_config(a, "llava_instruct", {"builder": "llava_instruct", "content": "pixels",
-                                              "source_json": str(a.json)})
+    cfg = writer_config(
+        a, "llava_instruct", {"builder": "llava_instruct", "content": "pixels", "source_json": str(a.json)}
+    )
     items = list(enumerate(records))
     keys = [record_key(i, r) for i, r in items]
     sizes = [sum(file_size(root / p) for p in image_paths(r)) + 2048 for r in records]

@@ -51,8 +51,15 @@ def make_sample(item: tuple[int, dict], root: Path, max_side: int | None, source
     paths = image_paths(rec)
     image_count_check(paths, rec["conversations"][:2], where)
     files = read_images(root, paths, max_side, key)
-    meta = {"id": rec["id"], "key": key, "image": rec["image"], "conversations": rec["conversations"][:2],
-            "caption": caption, "has_image": True, "source": "llava_pretrain"}
+    meta = {
+        "id": rec["id"],
+        "key": key,
+        "image": rec["image"],
+        "conversations": rec["conversations"][:2],
+        "caption": caption,
+        "has_image": True,
+        "source": "llava_pretrain",
+    }
     return Sample(key, {**files, "json": json_bytes(meta), "txt": caption.encode()})
 
 
@@ -62,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     add_writer_args(p, default_max_samples=10000)
     a = p.parse_args(argv)
     records, root = load_llava_records(a, "LLaVA pretrain JSON", validate_records)
-    cfg = writer_config(a, "llava_pretrain", {"builder": "llava_pretrain", "content": "pixels",
-                                              "source_json": str(a.json)})
+    cfg = writer_config(
+        a, "llava_pretrain", {"builder": "llava_pretrain", "content": "pixels", "source_json": str(a.json)}
+    )
     keys = [sanitize_key(r["id"]) for r in records]
     sizes = [sum(file_size(root / p) for p in image_paths(r)) for r in records]
     fn = partial(make_sample, root=root, max_side=a.max_image_side, source=a.json.name)

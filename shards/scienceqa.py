@@ -33,8 +33,9 @@ def load_split(problems: Any, splits: Any, split: str, problems_path: Path, spli
     qids = [str(q) for q in splits[split]]
     unknown = [q for q in qids if q not in problems]
     if unknown:
-        raise ValueError(f"{splits_path}[{split!r}] lists {len(unknown)} qid(s) absent from {problems_path}, "
-                         f"e.g. {unknown[:3]}")
+        raise ValueError(
+            f"{splits_path}[{split!r}] lists {len(unknown)} qid(s) absent from {problems_path}, e.g. {unknown[:3]}"
+        )
     for q in qids:
         require_fields(problems[q], REQUIRED, f"{problems_path}[{q!r}]")
     return qids
@@ -52,21 +53,30 @@ def image_splits(qids: list[str], split: str, splits: dict) -> dict[str, str]:
     default = {"minival": "val", "minitest": "test", "minitrain": "train"}.get(split)
     missing = [q for q in qids if q not in where and default is None]
     if missing:
-        raise ValueError(f"split {split!r}: qid(s) {missing[:3]} are in none of {BASE_SPLITS}; cannot tell "
-                         "which image folder holds them")
+        raise ValueError(
+            f"split {split!r}: qid(s) {missing[:3]} are in none of {BASE_SPLITS}; cannot tell "
+            "which image folder holds them"
+        )
     return {q: where.get(q, default) for q in qids}
 
 
-def make_sample(qid: str, problems: dict, captions: dict, root: Path, split: str, img_split: dict[str, str],
-                ) -> Sample:
+def make_sample(
+    qid: str,
+    problems: dict,
+    captions: dict,
+    root: Path,
+    split: str,
+    img_split: dict[str, str],
+) -> Sample:
     prob = problems[qid]
     key = f"sqa_{qid}"
     choices = prob["choices"]
     if not isinstance(choices, list) or not 2 <= len(choices) <= 26:
         raise SkipSample("bad_choices", f"{key}: problems.json[{qid!r}]: choices {choices!r}")
     if not isinstance(prob["answer"], int) or not 0 <= prob["answer"] < len(choices):
-        raise SkipSample("empty_answer", f"{key}: problems.json[{qid!r}]: answer {prob['answer']!r} for "
-                                         f"{len(choices)} choices")
+        raise SkipSample(
+            "empty_answer", f"{key}: problems.json[{qid!r}]: answer {prob['answer']!r} for {len(choices)} choices"
+        )
     files: dict[str, bytes] = {}
     has_image = bool(prob.get("image"))
     if has_image:
@@ -103,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     img_split = image_splits(qids, a.split, splits)
     for folder in sorted({img_split[q] for q in qids if problems[q].get("image")}):
         require_dir(root / folder, f"--images {root}: image folder for split {folder!r}")
-    cfg = writer_config(a, f"scienceqa-{a.split}", {"builder": "scienceqa", "split": a.split,
-                                                     "content": "pixels", "source_json": str(a.problems)})
+    cfg = writer_config(
+        a,
+        f"scienceqa-{a.split}",
+        {"builder": "scienceqa", "split": a.split, "content": "pixels", "source_json": str(a.problems)},
+    )
     sizes = [file_size(root / img_split[q] / q / str(problems[q].get("image") or "")) + 4096 for q in qids]
     fn = partial(make_sample, problems=problems, captions=captions, root=root, split=a.split, img_split=img_split)
     index = write_shards(qids, [f"sqa_{q}" for q in qids], sizes, fn, cfg)

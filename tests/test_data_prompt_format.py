@@ -45,6 +45,21 @@ LLAMA2 = (
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
+# Qwen3's template without its tool branches: the last assistant turn after the last user turn gets an (empty)
+# <think> block, earlier turns lose it, so a render is not a prefix of the next one
+QWEN3 = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+    "{%- endif %}{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == 'user' %}{%- set ns.multi_step_tool = false %}"
+    "{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- if loop.index0 > ns.last_query_index and loop.last %}"
+    "{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message.content }}{%- else %}"
+    "{{- '<|im_start|>assistant\n' + message.content }}{%- endif %}{{- '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
 FAMILIES = {  # template, extra special tokens, bos, eos, end-of-turn the labels must end with
     "chatml": (CHATML, ["<|im_start|>", "<|im_end|>"], None, "</s>", "<|im_end|>"),
     "llama3": (
@@ -168,6 +183,25 @@ def _messages(conv):
     return msgs
 
 
+def test_template_that_rewrites_earlier_turns(tok_dir):
+    """Qwen3: one turn is labelled after the generation prompt (the empty <think> block is what the model writes);
+    several turns are labelled on the whole render, each answer + <|im_end|>, the sequence being the template's own."""
+    tok = template_tokenizer(tok_dir, "chatml", template=QWEN3)
+    for task, conv in _samples(DataConfig()).items():
+        enc = encode_pieces([conversation_pieces(conv, prompt_format="chat_template", tokenizer=tok)], tok, K, None)[0]
+        runs = _labelled_runs(tok, enc)
+        if len(conv.turns) == 1:
+            assert runs == [f"<think>\n\n</think>\n\n{conv.turns[0][1]}<|im_end|>"], task
+        else:
+            assert runs == [f"{a}<|im_end|>" for _, a in conv.turns], task
+        rendered = tok.apply_chat_template(_messages(conv), tokenize=False)
+        assert _decoded(tok, enc) == rendered.removesuffix("\n"), task
+        prompt = encode_prompt(conv, tok, K, "chat_template")
+        assert _decoded(tok, prompt) == tok.apply_chat_template(
+            _messages(conv)[:-1], tokenize=False, add_generation_prompt=True
+        ), task
+
+
 def test_llama2_format_unchanged_and_auto_choice(tok_dir, caplog):
     plain = tiny_tokenizer(tok_dir)
     chatml, llama2 = template_tokenizer(tok_dir, "chatml"), template_tokenizer(tok_dir, "llama2")
@@ -195,9 +229,11 @@ def test_llama2_format_unchanged_and_auto_choice(tok_dir, caplog):
 
 def test_templates_that_cannot_be_labelled_are_named(tok_dir):
     conv = _samples(DataConfig())["chat"]
-    unstable = "{% for m in messages %}{% if loop.last %}[last]{% endif %}{{ m['content'] }}</s>{% endfor %}"
-    tok = template_tokenizer(tok_dir, "llama2", template=unstable)
-    with pytest.raises(TemplateError, match="tokenizer test-llama2 is not prefix-stable"):
+    rewrites = "{% for m in messages %}{% if loop.last %}[last]{% endif %}{{ m['content'] | upper }}</s>{% endfor %}"
+    tok = template_tokenizer(tok_dir, "llama2", template=rewrites)
+    with pytest.raises(
+        TemplateError, match="tokenizer test-llama2 is not prefix-stable and changes the user content of turn 1"
+    ):
         conversation_pieces(conv, prompt_format="chat_template", tokenizer=tok)
     no_system = (
         "{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n"

@@ -18,8 +18,14 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0", "numpy": "2.2.6"}
-OFFLINE = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution",
-           "Could not fetch URL", "ConnectTimeout", "ProxyError")
+OFFLINE = (
+    "NewConnectionError",
+    "Network is unreachable",
+    "Temporary failure in name resolution",
+    "Could not fetch URL",
+    "ConnectTimeout",
+    "ProxyError",
+)
 
 
 def _install_requires() -> dict[str, Requirement]:
@@ -63,14 +69,28 @@ def test_pip_resolves_the_install_against_the_host_set(tmp_path):
     constraints = tmp_path / "host.txt"
     constraints.write_text("".join(f"{k}=={v}\n" for k, v in HOST.items()))
     report = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-build-isolation",
-           "--disable-pip-version-check", "--report", str(report), "-c", str(constraints), str(ROOT)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--no-build-isolation",
+        "--disable-pip-version-check",
+        "--report",
+        str(report),
+        "-c",
+        str(constraints),
+        str(ROOT),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0 and any(s in log for s in OFFLINE):
         pytest.skip(f"the package registry is not reachable: {next(s for s in OFFLINE if s in log)}")
     assert proc.returncode == 0, log[-3000:]
-    chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    installs = json.loads(report.read_text())["install"]
+    chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in installs}
     print(next(line for line in log.splitlines() if line.startswith("Would install")))
     for name, version in HOST.items():
         assert chosen.get(name) == version, (name, chosen.get(name))

@@ -8,7 +8,6 @@ import importlib
 
 import pytest
 import torch
-import triton
 from pill_kernels import (
     RoutedSwiGLUAdapterFunction,
     build_route_schedule,
@@ -20,8 +19,9 @@ from pill_kernels import (
 ra = importlib.import_module("pill_kernels.routed_adapter")
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-requires_triton_path = pytest.mark.skipif(not (CUDA or ra._INTERPRETED),
-                                          reason="needs CUDA or TRITON_INTERPRET=1 set before triton import")
+requires_triton_path = pytest.mark.skipif(
+    not (CUDA or ra._INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1 set before triton import"
+)
 
 
 def _inputs(shape, d, r, num_experts, route="random", dtype=torch.float32, device=DEV, seed=0):
@@ -34,9 +34,11 @@ def _inputs(shape, d, r, num_experts, route="random", dtype=torch.float32, devic
     else:
         rt = torch.full(shape, int(route))
     # non-zero U (the real init is 0, which would hide every bug in the up projection)
-    ws = [torch.randn(num_experts, r, d, generator=gen) / d ** 0.5,
-          torch.randn(num_experts, r, d, generator=gen) / d ** 0.5,
-          torch.randn(num_experts, d, r, generator=gen) / r ** 0.5]
+    ws = [
+        torch.randn(num_experts, r, d, generator=gen) / d**0.5,
+        torch.randn(num_experts, r, d, generator=gen) / d**0.5,
+        torch.randn(num_experts, d, r, generator=gen) / r**0.5,
+    ]
     x = x.to(device=device, dtype=dtype).requires_grad_()
     ws = [w.to(device).requires_grad_() for w in ws]  # adapter weights stay fp32
     return x, rt.to(device), ws
@@ -60,11 +62,13 @@ def _check_fp32(x, route, ws):
 @requires_triton_path
 @pytest.mark.parametrize(
     "shape,d,r,num_experts,route",
-    [((2, 17), 64, 32, 2, "random"),   # MoMAE, odd length
-     ((2, 17), 64, 32, 2, "runs"),     # visual runs inside text
-     ((333,), 32, 8, 3, "random"),     # three experts, r < 16 (masked tile), long
-     ((1,), 16, 16, 2, "random"),      # single token
-     ((3, 7), 80, 32, 2, "random")],   # d not a multiple of the d-tile
+    [
+        ((2, 17), 64, 32, 2, "random"),  # MoMAE, odd length
+        ((2, 17), 64, 32, 2, "runs"),  # visual runs inside text
+        ((333,), 32, 8, 3, "random"),  # three experts, r < 16 (masked tile), long
+        ((1,), 16, 16, 2, "random"),  # single token
+        ((3, 7), 80, 32, 2, "random"),
+    ],  # d not a multiple of the d-tile
 )
 def test_forward_and_gradients(shape, d, r, num_experts, route):
     _check_fp32(*_inputs(shape, d, r, num_experts, route))
@@ -102,10 +106,9 @@ def test_split_weight_gradients_atomics(monkeypatch):
 
 
 @requires_triton_path
-def test_split_projection_over_d(monkeypatch):
-    """The GPU path splits the d-reduction of the down projections (and of dA = dy U) into summed fp32 partials
-    so that few tokens still fill the SMs: force one split per d-tile here (d = 200: 4 tiles, the last partial)."""
-    monkeypatch.setattr(ra, "_d_split", lambda n_blocks, d, block_d, device: (triton.cdiv(d, block_d), block_d))
+def test_several_d_tiles_with_a_partial_last_one():
+    """Both passes loop over d inside one program (d = 200: four 64-wide tiles, the last partial) and the second
+    backward pass writes dx tile by tile next to the weight gradients."""
     _check_fp32(*_inputs((3, 11), 200, 16, 2, seed=6))
 
 
@@ -147,8 +150,9 @@ def test_eager_and_reference_agree_and_switch(monkeypatch):
     xs, w1, w2, w3 = x.detach().view(-1, 32), *(w.detach() for w in ws)
     for t, e in enumerate(rt.view(-1).tolist()):
         want = xs[t] + w3[e] @ (torch.nn.functional.silu(w1[e] @ xs[t]) * (w2[e] @ xs[t]))
-        torch.testing.assert_close(routed_swiglu_adapter_ref(x, rt, *ws).view(-1, 32)[t], want.detach(),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            routed_swiglu_adapter_ref(x, rt, *ws).view(-1, 32)[t], want.detach(), atol=1e-5, rtol=1e-5
+        )
     monkeypatch.setattr(ra, "_INTERPRETED", False)
     calls = []
     monkeypatch.setattr(ra, "_triton_adapter", lambda *a: calls.append(1))
@@ -189,3 +193,28 @@ def _check_low_precision(x32, route, ws, dtype):
 def test_gpu_llama7b_width(dtype, num_experts):
     x, rt, ws = _inputs((2, 1031), 4096, 32, num_experts, route="runs", seed=6)
     _check_low_precision(x, rt, ws, dtype)
+
+
+def test_weight_copies_cached_per_step(monkeypatch):
+    """The compute-dtype weight copies are made once for the same weights (forward and backward share them), again
+    after an in-place change (version counter) and after an optimizer step, and dropped with their weights."""
+    casts = []
+    real = ra._cast
+    monkeypatch.setattr(ra, "_cast", lambda *a: casts.append(1) or real(*a))
+    ra._WEIGHT_CACHE.clear()
+    _, _, ws = _inputs((2, 5), 32, 16, 2, device="cpu", seed=8)
+    first = ra._weights(*ws, torch.float32)
+    assert ra._weights(*ws, torch.float32) is first and len(casts) == 1
+    with torch.no_grad():
+        ws[0].mul_(2.0)  # bumps the version: a fresh copy
+    assert ra._weights(*ws, torch.float32) is not first and len(casts) == 2
+    opt = torch.optim.SGD(ws, lr=0.0)
+    opt.step()  # the step hook empties the cache (DeepSpeed writes through .data without a version bump)
+    assert not ra._WEIGHT_CACHE
+    ra._weights(*ws, torch.float32)
+    assert len(casts) == 3 and len(ra._WEIGHT_CACHE) == 1
+    del ws, first, opt
+    import gc
+
+    gc.collect()
+    assert not ra._WEIGHT_CACHE

@@ -13,8 +13,9 @@ from pill_kernels import gated_attention, gated_attention_ref
 ga = importlib.import_module("pill_kernels.gated_attention")  # the package attribute of that name is the function
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-requires_triton_path = pytest.mark.skipif(not (CUDA or ga._INTERPRETED),
-                                          reason="needs CUDA or TRITON_INTERPRET=1 set before triton import")
+requires_triton_path = pytest.mark.skipif(
+    not (CUDA or ga._INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1 set before triton import"
+)
 
 
 def _inputs(q_shape, k_shape, gate, dtype=torch.float32, device=DEV, seed=0):
@@ -51,8 +52,17 @@ def _run(fn, leaves, do, **kw):
 
 def _triton(q, k, v, g, causal=True, cu_seqlens=None, max_seqlen=None, softmax_scale=None, kv_seqlens=None):
     """The public function: the custom op training takes (the decode path when no input needs a gradient)."""
-    return gated_attention(q, k, v, g, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                           softmax_scale=softmax_scale, kv_seqlens=kv_seqlens)
+    return gated_attention(
+        q,
+        k,
+        v,
+        g,
+        causal=causal,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        softmax_scale=softmax_scale,
+        kv_seqlens=kv_seqlens,
+    )
 
 
 def _check_fp32(leaves, **kw):
@@ -72,12 +82,14 @@ def _check_fp32(leaves, **kw):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
     "b,t,hq,hkv,d",
-    [(2, 17, 4, 2, 16),    # GQA 2:1, odd length
-     (1, 1, 2, 2, 32),     # single token
-     (2, 33, 3, 1, 64),    # MQA, 3 query heads, head dim 64
-     (1, 17, 2, 2, 128),   # head dim 128
-     (1, 20, 2, 1, 24),    # head dim not a power of two (masked tile)
-     (2, 37, 9, 3, 64)],   # SmolLM2-135M: 9 query / 3 KV heads (not a power of two), head dim 64
+    [
+        (2, 17, 4, 2, 16),  # GQA 2:1, odd length
+        (1, 1, 2, 2, 32),  # single token
+        (2, 33, 3, 1, 64),  # MQA, 3 query heads, head dim 64
+        (1, 17, 2, 2, 128),  # head dim 128
+        (1, 20, 2, 1, 24),  # head dim not a power of two (masked tile)
+        (2, 37, 9, 3, 64),
+    ],  # SmolLM2-135M: 9 query / 3 KV heads (not a power of two), head dim 64
 )
 def test_padded_random_gate(b, t, hq, hkv, d, causal):
     _check_fp32(_inputs((b, t, hq, d), (b, t, hkv, d), "random"), causal=causal)
@@ -212,8 +224,14 @@ def test_softmax_scale_and_reduced_precision_interpreter():
 def test_backend_switch(monkeypatch):
     q, k, v, g = (t.detach() for t in _inputs((1, 5, 2, 16), (1, 5, 1, 16), "random", device="cpu"))
     calls = []
-    monkeypatch.setattr(ga, "_triton_attention", lambda *a: calls.append(a) or gated_attention_ref(
-        *a[:4], causal=a[4], cu_seqlens=a[5], max_seqlen=a[6], softmax_scale=a[7], kv_seqlens=a[8]))
+    monkeypatch.setattr(
+        ga,
+        "_triton_attention",
+        lambda *a: calls.append(a)
+        or gated_attention_ref(
+            *a[:4], causal=a[4], cu_seqlens=a[5], max_seqlen=a[6], softmax_scale=a[7], kv_seqlens=a[8]
+        ),
+    )
     monkeypatch.setattr(ga, "_INTERPRETED", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     gated_attention(q, k, v, g)
@@ -229,7 +247,7 @@ def test_reference_is_plain_attention_with_gated_values():
     q, k, v, g = (t.detach().double() for t in _inputs((1, 6, 4, 8), (1, 6, 2, 8), "random", device="cpu"))
     out = gated_attention_ref(q, k, v, g, causal=True)
     for h in range(4):
-        s = q[0, :, h] @ k[0, :, h // 2].T / 8 ** 0.5
+        s = q[0, :, h] @ k[0, :, h // 2].T / 8**0.5
         s = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
         want = torch.softmax(s, -1) @ (v[0, :, h // 2] * g[0, :, h, None])
         torch.testing.assert_close(out[0, :, h], want)
@@ -281,8 +299,9 @@ def test_gpu_padded(dtype, hq, hkv, d, causal):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_varlen_padding_decode():
     cu = torch.tensor([0, 300, 301, 1100, 2048], dtype=torch.int32, device="cuda")
-    _check_low_precision(_inputs((2048, 32, 128), (2048, 8, 128), "random"), torch.bfloat16, cu_seqlens=cu,
-                         max_seqlen=799)
+    _check_low_precision(
+        _inputs((2048, 32, 128), (2048, 8, 128), "random"), torch.bfloat16, cu_seqlens=cu, max_seqlen=799
+    )
     lens = torch.tensor([512, 100], dtype=torch.int32, device="cuda")
     _check_low_precision(_inputs((2, 512, 32, 128), (2, 512, 8, 128), "random"), torch.bfloat16, kv_seqlens=lens)
     _check_low_precision(_inputs((4, 1, 32, 128), (4, 777, 8, 128), "random"), torch.bfloat16, causal=True)

@@ -24,8 +24,11 @@ def _inputs(seed=0):
     g = torch.tanh(torch.randn(2, 9, 4, generator=gen))
     x = torch.randn(2, 9, 32, generator=gen)
     route = torch.randint(0, 2, (2, 9), generator=gen)
-    ws = [torch.randn(2, 8, 32, generator=gen) / 6, torch.randn(2, 8, 32, generator=gen) / 6,
-          torch.randn(2, 32, 8, generator=gen) / 3]
+    ws = [
+        torch.randn(2, 8, 32, generator=gen) / 6,
+        torch.randn(2, 8, 32, generator=gen) / 6,
+        torch.randn(2, 32, 8, generator=gen) / 3,
+    ]
     return [t.requires_grad_() for t in (q, k, v, g)], x.requires_grad_(), route, [w.requires_grad_() for w in ws]
 
 
@@ -87,18 +90,27 @@ def test_opcheck(path, monkeypatch):
         monkeypatch.setattr(ga, "_INTERPRETED", False)
         monkeypatch.setattr(ra, "_INTERPRETED", False)
     (q, k, v, g), x, route, ws = _inputs(seed=1)
-    torch.library.opcheck(ga.gated_attention_fwd, (q, k, v, g, None, None, True, None, 0.25),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        ga.gated_attention_fwd,
+        (q, k, v, g, None, None, True, None, 0.25),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
     # packed, SmolLM2's head counts (9 query / 3 KV heads, head dim 64), a 1-token document
     gen = torch.Generator().manual_seed(2)
     qp, kp, vp = (torch.randn(20, h, 64, generator=gen).requires_grad_() for h in (9, 3, 3))
     gp = torch.tanh(torch.randn(20, 9, generator=gen)).requires_grad_()
     cu = torch.tensor([0, 1, 13, 20], dtype=torch.int32)
-    torch.library.opcheck(ga.gated_attention_fwd, (qp, kp, vp, gp, cu, None, True, 12, 0.125),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        ga.gated_attention_fwd,
+        (qp, kp, vp, gp, cu, None, True, 12, 0.125),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
     sched = pill_kernels.build_route_schedule(route, 2)
-    torch.library.opcheck(ops.routed_swiglu_adapter_fwd, (x, route, sched.perm, sched.offs, *ws),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        ops.routed_swiglu_adapter_fwd,
+        (x, route, sched.perm, sched.offs, *ws),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_both_import_names_register_their_own_ops():
@@ -107,6 +119,10 @@ def test_both_import_names_register_their_own_ops():
     assert repo_kernels is not pill_kernels
     for ns in ("kernels", "pill_kernels"):
         namespace = getattr(torch.ops, ns)
-        for name in ("gated_attention_fwd", "gated_attention_bwd", "routed_swiglu_adapter_fwd",
-                     "routed_swiglu_adapter_bwd"):
+        for name in (
+            "gated_attention_fwd",
+            "gated_attention_bwd",
+            "routed_swiglu_adapter_fwd",
+            "routed_swiglu_adapter_bwd",
+        ):
             assert hasattr(namespace, name), f"{ns}::{name}"

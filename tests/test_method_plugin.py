@@ -41,18 +41,37 @@ def test_params_counts_a_registered_method(capsys):
 
 def test_toy_method_trains_exports_and_reloads(tmp_path):
     data = tmp_path / "data"
-    args = ["--set", "model.method=linear_projector", "--set", "model.peer={attn_backend: sdpa}",
-            "--set", "stages.*.max_steps=3", "--set", "stages.*.micro_batch_size=4",
-            "--set", "eval.max_samples=8", "--set", "log.tensorboard=false", "--set", "log.progress_bar=false",
-            "--set", f"prepare.0.args=[--out, {data}, --n-train, '48', --n-val, '8', --max-samples, '24', "
-                     "--qtypes, color, --fixed-options, --no-progress]",
-            "--set", f"prepare.0.creates={data}",
-            "--set", f"stages.*.train_shards=[{data}/train-index.json]",
-            "--set", f"stages.1.eval_shards=[{data}/val-index.json]",
-            "--output-dir", str(tmp_path / "run")]
+    args = [
+        "--set",
+        "model.method=linear_projector",
+        "--set",
+        "model.peer={attn_backend: sdpa}",
+        "--set",
+        "stages.*.max_steps=3",
+        "--set",
+        "stages.*.micro_batch_size=4",
+        "--set",
+        "eval.max_samples=8",
+        "--set",
+        "log.tensorboard=false",
+        "--set",
+        "log.progress_bar=false",
+        "--set",
+        f"prepare.0.args=[--out, {data}, --n-train, '48', --n-val, '8', --max-samples, '24', "
+        "--qtypes, color, --fixed-options, --no-progress]",
+        "--set",
+        f"prepare.0.creates={data}",
+        "--set",
+        f"stages.*.train_shards=[{data}/train-index.json]",
+        "--set",
+        f"stages.1.eval_shards=[{data}/val-index.json]",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     env = {**os.environ, "PILL_TINY_DIR": str(tmp_path / "tiny"), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", TRAIN, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", TRAIN, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     export = tmp_path / "run" / "stage2" / "export"
     meta = read_export_meta(export)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import torch
 from torch import nn
 
 from pipeline.model import register
@@ -62,28 +61,61 @@ class LinearProjector(FrozenLLMMethod):
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith("projection.")
 
-    def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,
-                image_features=None, position_ids=None, cu_seqlens=None, max_seqlen=None, past_key_values=None,
-                use_cache=False, num_items_in_batch=None, return_logits=True, **unused) -> MethodOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        modality_mask=None,
+        labels=None,
+        pixel_values=None,
+        image_features=None,
+        position_ids=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        past_key_values=None,
+        use_cache=False,
+        num_items_in_batch=None,
+        return_logits=True,
+        **unused,
+    ) -> MethodOutput:
         self.backend = self.backend or resolve_attn_backend(self.cfg.attn_backend, input_ids.device)
         x = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
-        feats = image_features if image_features is not None else (
-            self.vpg(pixel_values) if pixel_values is not None and pixel_values.numel() else None)
+        feats = (
+            image_features
+            if image_features is not None
+            else (self.vpg(pixel_values) if pixel_values is not None and pixel_values.numel() else None)
+        )
         if feats is not None and feats.numel():
             x = scatter_visual_tokens(x, modality_mask.bool(), self.projection(feats.to(x.dtype)))
         cache: PeerCache | None = past_key_values
-        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen,
-                               cache.key_mask if cache is not None else None, use_cache)
+        ctx = SeqContext.build(
+            self.llm,
+            x,
+            attention_mask,
+            position_ids,
+            cu_seqlens,
+            max_seqlen,
+            cache.key_mask if cache is not None else None,
+            use_cache,
+        )
         layers = []
         for i, base in enumerate(self.llm.model.layers):
             x, kv = self.steps[i](base, x, ctx, self.backend, cache.layers[i] if cache is not None else None)
             layers.append(kv)
-        logits, loss, n = lm_output(self.llm.model.norm(x), self.llm.lm_head, labels, return_logits,
-                                    num_items_in_batch)
-        return MethodOutput(loss=loss, logits=logits, n_loss_tokens=n,
-                            kv_cache=PeerCache(layers, ctx.key_mask) if use_cache else None)
+        logits, loss, n = lm_output(self.llm.model.norm(x), self.llm.lm_head, labels, return_logits, num_items_in_batch)
+        return MethodOutput(
+            loss=loss, logits=logits, n_loss_tokens=n, kv_cache=PeerCache(layers, ctx.key_mask) if use_cache else None
+        )
 
 
-SPEC = register(MethodSpec(
-    "linear_projector", LinearProjector, LinearProjectorConfig, partial(build_method, LinearProjector, "blip2"),
-    meta_builder(LinearProjector, "blip2"), front_end="blip2", published="LLaVA-1 stage 1: W x d (a test's toy)"))
+SPEC = register(
+    MethodSpec(
+        "linear_projector",
+        LinearProjector,
+        LinearProjectorConfig,
+        partial(build_method, LinearProjector, "blip2"),
+        meta_builder(LinearProjector, "blip2"),
+        front_end="blip2",
+        published="LLaVA-1 stage 1: W x d (a test's toy)",
+    )
+)

@@ -10,8 +10,12 @@ loss goes is found by rendering prefixes of the conversation:
 F_k[len(P_k):] is what the model must write for turn k: the assistant content, with whatever the template puts
 around it (Llama-2: a space each side), up to and including the first special token after the content (the
 end-of-turn: ChatML's `<|im_end|>`, Llama-3's `<|eot_id|>`, Llama-2's `</s>`). Those spans are labelled; the rest
-(system, user turns, role headers, ChatML's newline after `<|im_end|>`) is prompt. A template whose renders are not
-prefixes of each other, or that drops the system message, cannot be labelled this way: a TemplateError names it.
+(system, user turns, role headers, ChatML's newline after `<|im_end|>`) is prompt.
+
+A template whose renders are not prefixes of each other (Qwen3 drops the `<think>` block of a turn once a later user
+turn follows) is labelled on its render of the whole conversation instead: each assistant content, found after its
+user content, through the next special token. A template that drops the system message, changes the content, or
+ends an assistant turn with no special token cannot be labelled: a TemplateError names it.
 """
 
 from __future__ import annotations
@@ -73,20 +77,43 @@ def split_assistant(span: str, answer: str, tokenizer: Any) -> int:
     return i + len(s)
 
 
+class NotPrefixStable(TemplateError):
+    """A render does not start with the render of the conversation before it."""
+
+
 def _check_prefix(tokenizer: Any, head: str, text: str, what: str) -> None:
     if not text.startswith(head):
-        raise TemplateError(
+        raise NotPrefixStable(
             f"the chat_template of tokenizer {tokenizer_name(tokenizer)} is not prefix-stable: "
             f"{what} does not start with the render before it ({head[-60:]!r} vs "
-            f"{text[max(0, len(head) - 60) : len(head)]!r}); labels cannot be placed, use "
-            "data.prompt_format=llama2"
+            f"{text[max(0, len(head) - 60) : len(head)]!r})"
         )
 
 
 def template_spans(conv: Conversation, tokenizer: Any, with_answer: bool = True) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained) spans in order; with_answer=False stops at the last
-    generation prompt. Text after the last end-of-turn is left out (nothing to learn, generation stops before)."""
-    msgs, n_sys = messages_of(conv), int(bool(conv.system))
+    generation prompt. Text after the last end-of-turn is left out (nothing to learn, generation stops before).
+    A template that rewrites earlier turns once a later one follows (Qwen3 drops past turns' <think> blocks) is
+    labelled on its render of the whole conversation instead (`_whole_render_spans`)."""
+    msgs = messages_of(conv)
+    try:
+        spans = _prefix_spans(conv, tokenizer, msgs, with_answer)
+    except NotPrefixStable:
+        if with_answer:
+            spans = _whole_render_spans(conv, tokenizer, msgs)
+        else:  # the template's own generation prompt after the earlier turns, as it renders them
+            spans = [(render_text(tokenizer, msgs[:-1], add_generation_prompt=True), False)]
+    if conv.system and conv.system.strip() not in spans[0][0]:
+        raise TemplateError(
+            f"the chat_template of tokenizer {tokenizer_name(tokenizer)} drops the system message "
+            "(ScienceQA's instructions); set data.prompt_format=llama2 or a template that keeps it"
+        )
+    return spans
+
+
+def _prefix_spans(conv: Conversation, tokenizer: Any, msgs: list[dict], with_answer: bool) -> list[tuple[str, bool]]:
+    """Turn by turn: P_k, then F_k[len(P_k):] through the end-of-turn (module docstring)."""
+    n_sys = int(bool(conv.system))
     spans: list[tuple[str, bool]] = []
     done = ""
     for k, (_, answer) in enumerate(conv.turns):
@@ -100,11 +127,27 @@ def template_spans(conv: Conversation, tokenizer: Any, with_answer: bool = True)
         n = split_assistant(full[len(prompt) :], answer, tokenizer)
         spans.append((full[len(prompt) : len(prompt) + n], True))
         done = full[: len(prompt) + n]
-    if conv.system and conv.system.strip() not in spans[0][0]:
-        raise TemplateError(
-            f"the chat_template of tokenizer {tokenizer_name(tokenizer)} drops the system message "
-            "(ScienceQA's instructions); set data.prompt_format=llama2 or a template that keeps it"
-        )
+    return spans
+
+
+def _whole_render_spans(conv: Conversation, tokenizer: Any, msgs: list[dict]) -> list[tuple[str, bool]]:
+    """The whole conversation rendered once; each assistant content (found after its user content, in order)
+    through the next special token is labelled, everything else (headers, a <think> block) is prompt."""
+    full = render_text(tokenizer, msgs, add_generation_prompt=False)
+    spans: list[tuple[str, bool]] = []
+    cursor = 0
+    for k, (user, answer) in enumerate(conv.turns):
+        u = full.find(user.strip(), cursor)
+        if u < 0:
+            raise TemplateError(
+                f"the chat_template of tokenizer {tokenizer_name(tokenizer)} is not prefix-stable and changes "
+                f"the user content of turn {k + 1}: labels cannot be placed, use data.prompt_format=llama2"
+            )
+        start = full.find(answer, u + len(user.strip()))
+        start = start if start >= 0 else u + len(user.strip())  # split_assistant names the changed content
+        n = split_assistant(full[start:], answer, tokenizer)
+        spans += [(full[cursor:start], False), (full[start : start + n], True)]
+        cursor = start + n
     return spans
 
 

@@ -16,7 +16,32 @@ from pipeline.model.vpg import VPG
 
 PILLOutput = MethodOutput
 
-__all__ = ["PILLConfig", "PILL", "PILLOutput", "VPG", "IMAGE_MEAN", "IMAGE_STD", "FrozenLLMMethod", "MethodConfig",
-           "MethodOutput", "MethodSpec", "METHODS", "get_method", "method_names", "register", "load_pill",
-           "load_llm", "load_vpg", "load_clip", "load_method", "load_export", "read_export_meta", "causal_lm_loss",
-           "check_llm", "default_dtype", "resolve_source", "image_placeholder_id", "is_trainable"]
+__all__ = [
+    "PILLConfig",
+    "PILL",
+    "PILLOutput",
+    "VPG",
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "FrozenLLMMethod",
+    "MethodConfig",
+    "MethodOutput",
+    "MethodSpec",
+    "METHODS",
+    "get_method",
+    "method_names",
+    "register",
+    "load_pill",
+    "load_llm",
+    "load_vpg",
+    "load_clip",
+    "load_method",
+    "load_export",
+    "read_export_meta",
+    "causal_lm_loss",
+    "check_llm",
+    "default_dtype",
+    "resolve_source",
+    "image_placeholder_id",
+    "is_trainable",
+]

@@ -74,14 +74,16 @@ class RouteSchedules:
     def get(self, inverted: bool, num_experts: int):
         key = (inverted, num_experts)
         if key not in self._built:
-            route = self.modality_mask.long() if num_experts > 1 else torch.zeros_like(self.modality_mask,
-                                                                                          dtype=torch.long)
+            route = (
+                self.modality_mask.long() if num_experts > 1 else torch.zeros_like(self.modality_mask, dtype=torch.long)
+            )
             self._built[key] = build_route_schedule(1 - route if inverted else route, num_experts)
         return self._built[key]
 
 
-def routed_adapter(x: torch.Tensor, route: torch.Tensor | None, experts: list[Adapter], backend: str,
-                   schedule=None) -> torch.Tensor:
+def routed_adapter(
+    x: torch.Tensor, route: torch.Tensor | None, experts: list[Adapter], backend: str, schedule=None
+) -> torch.Tensor:
     """x + A_{route[t]}(x[t]) per token. `route` holds expert indices (TEXT=0, VISUAL=1).
 
     eager is PILL's reference formulation: every expert runs on every token and the output is selected, which

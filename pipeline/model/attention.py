@@ -92,8 +92,16 @@ def triton_attention(q, k, v, value_gate, mask: AttnMask, scale: float) -> torch
         return sdpa_attention(q, k, v, value_gate, mask, scale)
     if mask.cu_seqlens is not None:
         assert q.shape[0] == 1, "packed batches hold all documents in one row"
-        o = gated_attention(q[0], k[0], v[0], None if value_gate is None else value_gate[0], causal=mask.causal,
-                            cu_seqlens=mask.cu_seqlens, max_seqlen=mask.max_seqlen, softmax_scale=scale)  # (N, Hq, D)
+        o = gated_attention(
+            q[0],
+            k[0],
+            v[0],
+            None if value_gate is None else value_gate[0],
+            causal=mask.causal,
+            cu_seqlens=mask.cu_seqlens,
+            max_seqlen=mask.max_seqlen,
+            softmax_scale=scale,
+        )  # (N, Hq, D)
         return o.unsqueeze(0)
     return gated_attention(q, k, v, value_gate, causal=mask.causal, softmax_scale=scale)  # (B, Tq, Hq, D)
 

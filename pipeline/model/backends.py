@@ -21,16 +21,25 @@ def resolve_backends(cfg, device: torch.device, zero3: bool = False) -> tuple[st
     (not through module calls, whose hooks gather them), so it needs whole weights: auto picks eager there."""
     attn, adapter = cfg.attn_backend, cfg.adapter_backend
     if zero3 and adapter == "triton":
-        raise ValueError("adapter_backend='triton' reads whole expert weights, which ZeRO-3 partitions: use "
-                         "adapter_backend='auto' or 'eager' under ZeRO-3 (or ZeRO-2, where the trainables are whole)")
+        raise ValueError(
+            "adapter_backend='triton' reads whole expert weights, which ZeRO-3 partitions: use "
+            "adapter_backend='auto' or 'eager' under ZeRO-3 (or ZeRO-2, where the trainables are whole)"
+        )
     if attn == "auto":
         ok, why = _triton_self_check(device.type, "attention")
         attn = "triton" if ok else "sdpa"
         log.info("attn_backend auto -> %s (%s)", attn, why)
     if adapter == "auto":
-        ok, why = (_triton_self_check(device.type, "adapter") if cfg.adapter_act == "swiglu" and not zero3
-                   else (False, "ZeRO-3 partitions the expert weights" if zero3
-                         else f"adapter_act={cfg.adapter_act} has no fused kernel"))
+        ok, why = (
+            _triton_self_check(device.type, "adapter")
+            if cfg.adapter_act == "swiglu" and not zero3
+            else (
+                False,
+                "ZeRO-3 partitions the expert weights"
+                if zero3
+                else f"adapter_act={cfg.adapter_act} has no fused kernel",
+            )
+        )
         adapter = "triton" if ok else "eager"
         log.info("adapter_backend auto -> %s (%s)", adapter, why)
     return attn, adapter
@@ -55,8 +64,10 @@ def _triton_self_check(device_type: str, op: str) -> tuple[bool, str]:
             route = torch.randint(0, 2, (256,), device="cuda", generator=g)
             w = [torch.randn(2, 32, 256, device="cuda", generator=g) * 0.05 for _ in range(2)]
             up = torch.randn(2, 256, 32, device="cuda", generator=g) * 0.05
-            got, ref = (K.routed_swiglu_adapter(x, route, *w, up),
-                        K.routed_swiglu_adapter_ref(x.float(), route, *w, up))
+            got, ref = (
+                K.routed_swiglu_adapter(x, route, *w, up),
+                K.routed_swiglu_adapter_ref(x.float(), route, *w, up),
+            )
         err = (got.float() - ref.float()).abs().max().item()
     except Exception as e:
         return False, f"the {op} kernel failed its self-check: {e!r}"

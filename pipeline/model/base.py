@@ -68,8 +68,9 @@ class MethodConfig:
         for name, tp in typing.get_type_hints(type(self)).items():
             allowed = literal_values(tp)
             if allowed and getattr(self, name) not in allowed:
-                raise ValueError(f"{type(self).__name__}.{name} must be {'|'.join(map(str, allowed))}, "
-                                 f"got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{type(self).__name__}.{name} must be {'|'.join(map(str, allowed))}, got {getattr(self, name)!r}"
+                )
 
     def _check_common(self, stages: tuple[int, ...], backends: tuple[str, ...] = ATTN_BACKEND_CHOICES) -> None:
         self._check_choices()
@@ -174,8 +175,10 @@ class FrozenLLMMethod(nn.Module):
         for name in ("steps", "blocks"):
             if isinstance(getattr(self, name, None), nn.ModuleList):
                 return list(getattr(self, name))
-        raise NotImplementedError(f"{type(self).__name__} has no `steps` or `blocks` ModuleList: define "
-                                  "checkpoint_layers() (the per-layer modules activation checkpointing wraps)")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no `steps` or `blocks` ModuleList: define "
+            "checkpoint_layers() (the per-layer modules activation checkpointing wraps)"
+        )
 
     # ---- stages and parameters -----------------------------------------------------------------------------------
     def set_stage(self, stage: int) -> None:
@@ -198,8 +201,13 @@ class FrozenLLMMethod(nn.Module):
 
     def export_meta(self, keys: list[str]) -> dict[str, Any]:
         c = self.llm.config
-        return {"format": EXPORT_FORMAT, "method": self.method, self.config_key: self.cfg.to_dict(),
-                "llm": {"model_type": c.model_type, **{f: getattr(c, f) for f in _LLM_FIELDS}}, "keys": keys}
+        return {
+            "format": EXPORT_FORMAT,
+            "method": self.method,
+            self.config_key: self.cfg.to_dict(),
+            "llm": {"model_type": c.model_type, **{f: getattr(c, f) for f in _LLM_FIELDS}},
+            "keys": keys,
+        }
 
     def save_adapter(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """The stage's trainable weights (fp32) + adapter_config.json.
@@ -210,9 +218,11 @@ class FrozenLLMMethod(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         own = self.adapter_state_dict()
         if state_dict is not None and set(state_dict) != set(own):
-            raise ValueError(f"save_adapter: state_dict keys differ from the stage-{self.cfg.stage} trainable set: "
-                             f"missing={sorted(set(own) - set(state_dict))[:5]} "
-                             f"extra={sorted(set(state_dict) - set(own))[:5]}")
+            raise ValueError(
+                f"save_adapter: state_dict keys differ from the stage-{self.cfg.stage} trainable set: "
+                f"missing={sorted(set(own) - set(state_dict))[:5]} "
+                f"extra={sorted(set(state_dict) - set(own))[:5]}"
+            )
         state = {n: t.float().contiguous().cpu() for n, t in (state_dict or own).items()}
         tmp = path / (ADAPTER_WEIGHTS + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -229,20 +239,26 @@ class FrozenLLMMethod(nn.Module):
         c = self.llm.config
         for f in _LLM_FIELDS:
             if meta["llm"][f] != getattr(c, f):
-                raise ValueError(f"{path / ADAPTER_CONFIG}: llm.{f}={meta['llm'][f]} but the loaded LLM has "
-                                 f"{getattr(c, f)}: the adapter was trained on a different LLM")
+                raise ValueError(
+                    f"{path / ADAPTER_CONFIG}: llm.{f}={meta['llm'][f]} but the loaded LLM has "
+                    f"{getattr(c, f)}: the adapter was trained on a different LLM"
+                )
         state = load_file(str(path / ADAPTER_WEIGHTS))
         own = dict(self.named_parameters())
         expected = {n for n in own if self.is_trainable(n, meta["config"]["stage"])}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            raise ValueError(f"{path / ADAPTER_WEIGHTS}: missing={missing[:10]} unexpected={unexpected[:10]} "
-                             f"(was it saved with a different {self.method} config?)")
+            raise ValueError(
+                f"{path / ADAPTER_WEIGHTS}: missing={missing[:10]} unexpected={unexpected[:10]} "
+                f"(was it saved with a different {self.method} config?)"
+            )
         with torch.no_grad():
             for n, t in state.items():
                 if tuple(t.shape) != tuple(own[n].shape):
-                    raise ValueError(f"{path / ADAPTER_WEIGHTS}: {n} has shape {tuple(t.shape)}, "
-                                     f"model expects {tuple(own[n].shape)} (different rank?)")
+                    raise ValueError(
+                        f"{path / ADAPTER_WEIGHTS}: {n} has shape {tuple(t.shape)}, "
+                        f"model expects {tuple(own[n].shape)} (different rank?)"
+                    )
                 own[n].copy_(t.to(own[n].dtype))
         return meta
 
@@ -273,8 +289,9 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path / ADAPTER_CONFIG}: not valid JSON ({e})") from e
     key = next((k for k in meta if k.endswith("_config") and isinstance(meta[k], dict)), None)
     if key is None or "stage" not in meta[key]:
-        raise ValueError(f"{path / ADAPTER_CONFIG}: no <method>_config with a stage (not an export written by "
-                         "save_adapter)")
+        raise ValueError(
+            f"{path / ADAPTER_CONFIG}: no <method>_config with a stage (not an export written by save_adapter)"
+        )
     meta["config"], meta["config_key"] = meta[key], key
     meta.setdefault("method", None)  # early exports: the method is the one whose config_key this is (methods.py)
     return meta

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from pipeline.model.adapters import TEXT, VISUAL, Adapter, RouteSchedules, routed_adapter
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask
 from pipeline.model.config import PILLConfig
@@ -94,13 +95,19 @@ class PILLBlock(nn.Module):
         h_n = base.post_attention_layernorm(h)
         fused = self.adapter_backend == "triton" and schedules is not None
         if self.adapter_ffn is not None:
-            f = routed_adapter(h_n, None, [self.adapter_ffn], self.adapter_backend,
-                               schedules.get(False, 1) if fused else None)
+            f = routed_adapter(
+                h_n, None, [self.adapter_ffn], self.adapter_backend, schedules.get(False, 1) if fused else None
+            )
         else:
             experts = [None, None]
             experts[TEXT], experts[VISUAL] = self.adapter_t, self.adapter_v
-            f = routed_adapter(h_n, self.ffn_route(modality_mask), experts, self.adapter_backend,
-                               schedules.get(self.inverts_route, 2) if fused else None)
+            f = routed_adapter(
+                h_n,
+                self.ffn_route(modality_mask),
+                experts,
+                self.adapter_backend,
+                schedules.get(self.inverts_route, 2) if fused else None,
+            )
         return h + base.mlp(f), new_cache, gate_abs
 
 

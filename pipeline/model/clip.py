@@ -7,7 +7,8 @@ runs the encoder block by block (calling each frozen layer's submodules, so ZeRO
 block's output, optionally with an adapter in front of each block's attention (LaVIN adapts CLIP too).
 
 Sources: a transformers CLIP vision checkpoint dir (CLIPVisionModel or a full CLIPModel's vision tower), or
-"tiny": a random CLIP ViT (`build_tiny_clip`) built once under $PILL_TINY_DIR by pipeline.model.frozen.load_clip. Images use the data pipeline's normalisation, which is CLIP's (pipeline.constants).
+"tiny": a random CLIP ViT (`build_tiny_clip`) built once under $PILL_TINY_DIR by pipeline.model.frozen.load_clip.
+Images use the data pipeline's normalisation, which is CLIP's (pipeline.constants).
 
 Legend: N images, P patches (+1 CLS at index 0), W CLIP width, L blocks.
 """
@@ -23,8 +24,15 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 TINY_CLIP_VERSION = 1
 # ViT-L/14 at 224 px (openai/clip-vit-large-patch14): the shape the peers' trainable counts assume.
-VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-               image_size=224, patch_size=14, projection_dim=768)
+VIT_L14 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=14,
+    projection_dim=768,
+)
 BlockAdapter = Callable[[int, torch.Tensor], torch.Tensor]
 """(block index, layer-normed block input (N, P+1, W)) -> the input the block's attention reads."""
 
@@ -45,8 +53,10 @@ class CLIPFrontEnd(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> CLIPFrontEnd:
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"CLIP front end: {path.resolve()} has no config.json (give a local transformers "
-                                    "CLIP vision checkpoint dir, or 'tiny')")
+            raise FileNotFoundError(
+                f"CLIP front end: {path.resolve()} has no config.json (give a local transformers "
+                "CLIP vision checkpoint dir, or 'tiny')"
+            )
         kw = {"dtype": dtype} if dtype is not None else {}
         return cls(CLIPVisionModel.from_pretrained(str(path), local_files_only=True, **kw))
 
@@ -95,8 +105,9 @@ class CLIPFrontEnd(nn.Module):
                 outs.append(h)
         return outs
 
-    def cls_features(self, pixel_values: torch.Tensor, layers: list[int],
-                     adapter: BlockAdapter | None = None) -> torch.Tensor:
+    def cls_features(
+        self, pixel_values: torch.Tensor, layers: list[int], adapter: BlockAdapter | None = None
+    ) -> torch.Tensor:
         """(N, len(layers), W): the CLS state after each listed block (1-based, as the papers count them)."""
         outs = self.blocks(pixel_values, adapter)
         return torch.stack([outs[i - 1][:, 0] for i in layers], dim=1)
@@ -130,8 +141,16 @@ def meta_clip(preset: dict | None = None) -> CLIPFrontEnd:
 def tiny_clip_config() -> CLIPVisionConfig:
     # Six blocks so LaVIN's "every fourth of 24 blocks" has a tiny analogue (one CLS per block); 32 px patches at
     # 224 px give 49 patch tokens, few enough for IAA's visual tokens to fit the demo's 160-token prompts.
-    return CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                            image_size=224, patch_size=32, projection_dim=64, initializer_range=0.02)
+    return CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=32,
+        projection_dim=64,
+        initializer_range=0.02,
+    )
 
 
 def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
@@ -162,8 +181,9 @@ class CLIPFeatures(nn.Module):
         elif kind == "patch":
             self.layer = int(arg or -2)
             if not (-front_end.num_layers <= self.layer <= front_end.num_layers and self.layer != 0):
-                raise ValueError(f"--clip-features {spec}: block {self.layer} is not one of CLIP's "
-                                 f"{front_end.num_layers}")
+                raise ValueError(
+                    f"--clip-features {spec}: block {self.layer} is not one of CLIP's {front_end.num_layers}"
+                )
         else:
             raise ValueError(f"--clip-features {spec!r}: expected cls:<blocks> or patch:<block>")
         self.kind = kind

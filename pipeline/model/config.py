@@ -57,8 +57,10 @@ class PILLConfig(MethodConfig):
             raise ValueError(f"PILLConfig.rank must be >= 1, got {self.rank}")
         self._check_choices()
         if self.adapter_backend == "triton" and self.adapter_act != "swiglu":
-            raise ValueError("PILLConfig.adapter_backend='triton' fuses the SwiGLU adapter only; "
-                             f"adapter_act={self.adapter_act!r} needs adapter_backend='eager'")
+            raise ValueError(
+                "PILLConfig.adapter_backend='triton' fuses the SwiGLU adapter only; "
+                f"adapter_act={self.adapter_act!r} needs adapter_backend='eager'"
+            )
         for name in ("num_query_tokens", "vpg_width"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"PILLConfig.{name} must be >= 1 (or null: from the VPG), got {getattr(self, name)}")

@@ -35,16 +35,20 @@ def _load_pth(path: str | Path) -> dict[str, torch.Tensor]:
 def _map_qformer_key(key: str) -> str:
     key = key.replace("Qformer.bert.embeddings.LayerNorm", "qformer.layernorm")
     key = key.replace("Qformer.bert.", "qformer.")
-    key = key.replace(".attention.self.", ".attention.attention.").replace(".crossattention.self.",
-                                                                            ".crossattention.attention.")
+    key = key.replace(".attention.self.", ".attention.attention.").replace(
+        ".crossattention.self.", ".crossattention.attention."
+    )
     return key
 
 
 def _map_vit_key(key: str) -> str | None:
     key = key.removeprefix("visual_encoder.")
-    fixed = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
-             "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-             "patch_embed.proj.bias": "embeddings.patch_embedding.bias"}
+    fixed = {
+        "cls_token": "embeddings.class_embedding",
+        "pos_embed": "embeddings.position_embedding",
+        "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+    }
     if key in fixed:
         return "vision_model." + fixed[key]
     m = re.match(r"blocks\.(\d+)\.(.*)", key)
@@ -56,8 +60,9 @@ def _map_vit_key(key: str) -> str | None:
     return f"vision_model.encoder.layers.{m.group(1)}.{rest}"
 
 
-def lavis_to_hf(qformer_pth: str | Path, vit_pth: str | Path | None, vit_depth: int,
-                expected: set[str] | None = None) -> dict[str, torch.Tensor]:
+def lavis_to_hf(
+    qformer_pth: str | Path, vit_pth: str | Path | None, vit_depth: int, expected: set[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Merge a LAVIS Q-former file and an EVA ViT file into one transformers-named VPG state dict.
 
     With `expected` (the VPG's own key names), a key that maps to nothing there is reported under its
@@ -109,9 +114,12 @@ def lavis_to_hf(qformer_pth: str | Path, vit_pth: str | Path | None, vit_depth: 
 def hf_to_lavis(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The inverse mapping (Q-former file, ViT file); used by tests to build LAVIS-layout checkpoints."""
     qformer, vit = {}, {}
-    inverse_fixed = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
-                     "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
-                     "embeddings.patch_embedding.bias": "patch_embed.proj.bias"}
+    inverse_fixed = {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.position_embedding": "pos_embed",
+        "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+    }
     for key, t in state.items():
         if key == "query_tokens":
             qformer[key] = t
@@ -120,8 +128,9 @@ def hf_to_lavis(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
         elif key.startswith("qformer."):
             k = key.replace("qformer.layernorm", "Qformer.bert.embeddings.LayerNorm")
             k = k.replace("qformer.", "Qformer.bert.")
-            k = k.replace(".attention.attention.", ".attention.self.").replace(".crossattention.attention.",
-                                                                               ".crossattention.self.")
+            k = k.replace(".attention.attention.", ".attention.self.").replace(
+                ".crossattention.attention.", ".crossattention.self."
+            )
             qformer[k] = t
         else:
             k = key.removeprefix("vision_model.")
@@ -129,12 +138,17 @@ def hf_to_lavis(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
                 vit[inverse_fixed[k]] = t
                 continue
             m = re.match(r"encoder\.layers\.(\d+)\.(.*)", k)
-            rest = (m.group(2).replace("layer_norm1.", "norm1.").replace("layer_norm2.", "norm2.")
-                    .replace("self_attn.qkv.", "attn.qkv.").replace("self_attn.projection.", "attn.proj."))
+            rest = (
+                m.group(2)
+                .replace("layer_norm1.", "norm1.")
+                .replace("layer_norm2.", "norm2.")
+                .replace("self_attn.qkv.", "attn.qkv.")
+                .replace("self_attn.projection.", "attn.proj.")
+            )
             if rest == "attn.qkv.bias":
                 d = t.shape[0] // 3
                 vit[f"blocks.{m.group(1)}.attn.q_bias"] = t[:d]
-                vit[f"blocks.{m.group(1)}.attn.v_bias"] = t[2 * d:]
+                vit[f"blocks.{m.group(1)}.attn.v_bias"] = t[2 * d :]
             else:
                 vit[f"blocks.{m.group(1)}.{rest}"] = t
     return qformer, vit

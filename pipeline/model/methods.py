@@ -39,12 +39,17 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def load_method(method: str, llm_path: str | Path, vision_path: Any, cfg: Any = None,
-                dtype: torch.dtype | None = None, adapter_path: str | Path | None = None,
-                device: torch.device | str | None = None) -> FrozenLLMMethod:
+def load_method(
+    method: str,
+    llm_path: str | Path,
+    vision_path: Any,
+    cfg: Any = None,
+    dtype: torch.dtype | None = None,
+    adapter_path: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> FrozenLLMMethod:
     """Any method of the table by name, on the frozen LLM and front end from local sources."""
-    return get_method(method).load(llm_path, vision_path, cfg, dtype=dtype, adapter_path=adapter_path,
-                                   device=device)
+    return get_method(method).load(llm_path, vision_path, cfg, dtype=dtype, adapter_path=adapter_path, device=device)
 
 
 def export_method(meta: dict[str, Any]) -> MethodSpec:
@@ -54,13 +59,20 @@ def export_method(meta: dict[str, Any]) -> MethodSpec:
     for spec in METHODS.values():
         if meta["config_key"] == spec.model_cls.config_key:
             return spec
-    raise ValueError(f"adapter export without a method and with config key {meta['config_key']!r}: no method "
-                     f"of {sorted(METHODS)} writes that key")
+    raise ValueError(
+        f"adapter export without a method and with config key {meta['config_key']!r}: no method "
+        f"of {sorted(METHODS)} writes that key"
+    )
 
 
-def load_export(export_dir: str | Path, llm_path: str | Path, vision_path: Any = None,
-                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                **config_overrides: Any) -> FrozenLLMMethod:
+def load_export(
+    export_dir: str | Path,
+    llm_path: str | Path,
+    vision_path: Any = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    **config_overrides: Any,
+) -> FrozenLLMMethod:
     """The model an export was trained as (its method and config from adapter_config.json), with its weights."""
     meta = read_export_meta(export_dir)
     spec = export_method(meta)

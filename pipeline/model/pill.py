@@ -22,7 +22,7 @@ from pipeline.model.base import FrozenLLMMethod, MethodOutput, MethodSpec
 from pipeline.model.block import KVCache, PILLBlock
 from pipeline.model.config import PILLConfig
 from pipeline.model.frozen import VPGSource, build_method, check_llm, meta_builder
-from pipeline.model.seq import SeqContext, lm_output, scatter_visual_tokens, same_graph_on_every_rank
+from pipeline.model.seq import SeqContext, lm_output, same_graph_on_every_rank, scatter_visual_tokens
 from pipeline.model.vpg import VPG
 
 _STAGE_MODULES = {
@@ -39,7 +39,6 @@ def is_trainable(name: str, stage: int) -> bool:
     return bool(m) and m.group(1) in _STAGE_MODULES[stage]
 
 
-
 class PILL(FrozenLLMMethod):
     method = "pill"
     config_key = "pill_config"  # the export format's historical key (DESIGN.md: adapter_config.json)
@@ -50,19 +49,22 @@ class PILL(FrozenLLMMethod):
         if vpg is not None and (vpg.width != cfg.vpg_width or vpg.num_query_tokens != cfg.num_query_tokens):
             raise ValueError(
                 f"VPG gives {vpg.num_query_tokens} x {vpg.width} features per image but PILLConfig expects "
-                f"num_query_tokens={cfg.num_query_tokens}, vpg_width={cfg.vpg_width} (the projection P's input)")
+                f"num_query_tokens={cfg.num_query_tokens}, vpg_width={cfg.vpg_width} (the projection P's input)"
+            )
         super().__init__(llm, cfg, tokenizer)
         self.vpg = vpg
         self.backends: tuple[str, str] | None = None  # (attention, adapter), resolved at the first forward
         # Mistral's sliding window: the backends are full causal, equal to the frozen model within the window only.
-        self.sliding_window = getattr(llm.config, "sliding_window", None) if getattr(
-            llm.config, "use_sliding_window", True) else None
+        self.sliding_window = (
+            getattr(llm.config, "sliding_window", None) if getattr(llm.config, "use_sliding_window", True) else None
+        )
         c = llm.config
         self.projection = nn.Linear(cfg.vpg_width, c.hidden_size, bias=False)
         nn.init.normal_(self.projection.weight, std=cfg.projection_init_std)
         n = c.num_hidden_layers
         self.blocks = nn.ModuleList(
-            PILLBlock(cfg, c.hidden_size, c.num_attention_heads, is_last=(i == n - 1)) for i in range(n))
+            PILLBlock(cfg, c.hidden_size, c.num_attention_heads, is_last=(i == n - 1)) for i in range(n)
+        )
         self.llm.requires_grad_(False)
         self.set_stage(cfg.stage)
         self.train(self.training)
@@ -85,8 +87,10 @@ class PILL(FrozenLLMMethod):
         if pixel_values is None or pixel_values.numel() == 0:
             return None
         if self.vpg is None:
-            raise ValueError("batch has pixel_values but the model was built without a VPG: give vpg_path, "
-                             "or train on precomputed-feature shards (python -m shards.encode)")
+            raise ValueError(
+                "batch has pixel_values but the model was built without a VPG: give vpg_path, "
+                "or train on precomputed-feature shards (python -m shards.encode)"
+            )
         return self.vpg(pixel_values)
 
     def embed(self, input_ids: torch.Tensor, modality_mask: torch.Tensor, pixel_values, image_features):
@@ -110,9 +114,11 @@ class PILL(FrozenLLMMethod):
 
     def check_window(self, n_tokens: int) -> None:
         if self.sliding_window is not None and n_tokens > self.sliding_window:
-            raise ValueError(f"sequence of {n_tokens} tokens exceeds the LLM's sliding_window={self.sliding_window}: "
-                             "PILL's attention is full causal and would differ from the frozen model beyond it; keep "
-                             "sequences (data.max_length, prompt + generation) within it")
+            raise ValueError(
+                f"sequence of {n_tokens} tokens exceeds the LLM's sliding_window={self.sliding_window}: "
+                "PILL's attention is full causal and would differ from the frozen model beyond it; keep "
+                "sequences (data.max_length, prompt + generation) within it"
+            )
 
     def forward(
         self,
@@ -143,19 +149,33 @@ class PILL(FrozenLLMMethod):
         if cu_seqlens is not None and max_seqlen is None and attn_backend == "triton":
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one sync per forward, not per layer
         past_key_mask = _past_key_mask(attention_mask, B, past, T, x.device) if past_key_values else None
-        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen, past_key_mask,
-                               use_cache)
+        ctx = SeqContext.build(
+            self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen, past_key_mask, use_cache
+        )
         schedules = RouteSchedules(modality_mask) if adapter_backend == "triton" else None
         new_cache, gates = [], []
         for i, (block, base) in enumerate(zip(self.blocks, self.llm.model.layers)):
-            x, layer_cache, gate_abs = block(x, base, ctx.position_embeddings, modality_mask, ctx.mask,
-                                             past_key_values[i] if past_key_values else None, schedules)
+            x, layer_cache, gate_abs = block(
+                x,
+                base,
+                ctx.position_embeddings,
+                modality_mask,
+                ctx.mask,
+                past_key_values[i] if past_key_values else None,
+                schedules,
+            )
             new_cache.append(layer_cache)
             gates.append(gate_abs)
-        logits, loss, n_tokens = lm_output(self.llm.model.norm(x), self.llm.lm_head, labels, return_logits,
-                                           num_items_in_batch)
-        return MethodOutput(loss=loss, logits=logits, kv_cache=new_cache if use_cache else None,
-                            n_loss_tokens=n_tokens, gate_abs=torch.stack(gates) if gates[0] is not None else None)
+        logits, loss, n_tokens = lm_output(
+            self.llm.model.norm(x), self.llm.lm_head, labels, return_logits, num_items_in_batch
+        )
+        return MethodOutput(
+            loss=loss,
+            logits=logits,
+            kv_cache=new_cache if use_cache else None,
+            n_loss_tokens=n_tokens,
+            gate_abs=torch.stack(gates) if gates[0] is not None else None,
+        )
 
 
 def _past_key_mask(attention_mask: torch.Tensor | None, B: int, past: int, T: int, device) -> torch.Tensor:
@@ -165,14 +185,20 @@ def _past_key_mask(attention_mask: torch.Tensor | None, B: int, past: int, T: in
     return torch.ones(B, past, dtype=torch.bool, device=device)
 
 
-def load_pill(llm_path: str | Path, vpg_path: VPGSource = None, cfg: PILLConfig | None = None,
-              dtype: torch.dtype | None = None, adapter_path: str | Path | None = None,
-              device: torch.device | str | None = None) -> PILL:
+def load_pill(
+    llm_path: str | Path,
+    vpg_path: VPGSource = None,
+    cfg: PILLConfig | None = None,
+    dtype: torch.dtype | None = None,
+    adapter_path: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> PILL:
     """The frozen LLM + VPG from local paths with PILL's trainable modules (fresh, or from `adapter_path`).
 
     K and the Q-former width left as None in `cfg` are taken from the VPG."""
-    return build_method(PILL, "blip2", llm_path, vpg_path, cfg or PILLConfig(), dtype=dtype,
-                        adapter_path=adapter_path, device=device)
+    return build_method(
+        PILL, "blip2", llm_path, vpg_path, cfg or PILLConfig(), dtype=dtype, adapter_path=adapter_path, device=device
+    )
 
 
 def group_of(name: str) -> str:
@@ -180,13 +206,25 @@ def group_of(name: str) -> str:
     if name.startswith("projection."):
         return "projection P"
     m = re.match(r"blocks\.\d+\.([a-z_]+)\.", name)
-    return {"adapter_v": "A_v (visual FFN expert)", "adapter_t": "A_t (text FFN expert)",
-            "adapter_ffn": "A_ffn (shared FFN adapter)", "attn_adapter": "A_attn (attention adapter)",
-            "gate": "W_g (MAG gate)"}.get(m.group(1) if m else "", "other")
+    return {
+        "adapter_v": "A_v (visual FFN expert)",
+        "adapter_t": "A_t (text FFN expert)",
+        "adapter_ffn": "A_ffn (shared FFN adapter)",
+        "attn_adapter": "A_attn (attention adapter)",
+        "gate": "W_g (MAG gate)",
+    }.get(m.group(1) if m else "", "other")
 
 
 SPEC = MethodSpec(
-    "pill", PILL, PILLConfig, lambda llm, vpg, cfg, **kw: load_pill(llm, vpg, cfg, **kw), meta_builder(PILL, "blip2"),
-    front_end="blip2", config_section="pill", group_of=group_of, layer_memory_model=True,
+    "pill",
+    PILL,
+    PILLConfig,
+    lambda llm, vpg, cfg, **kw: load_pill(llm, vpg, cfg, **kw),
+    meta_builder(PILL, "blip2"),
+    front_end="blip2",
+    config_section="pill",
+    group_of=group_of,
+    layer_memory_model=True,
     published="paper: 43M at LLaMA-2-7B (Table 1); 3 adapters x 3dr + d x n_heads per layer + 768 d (the spec's "
-              "count, about 45M)")
+    "count, about 45M)",
+)

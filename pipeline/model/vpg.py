@@ -121,8 +121,10 @@ def _load_strict(vpg: VPG, state: dict[str, torch.Tensor], source: str) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: keys do not match the BLIP-2 VPG; missing={missing[:20]} "
-                         f"({len(missing)} in all), unexpected={unexpected[:20]} ({len(unexpected)} in all)")
+        raise ValueError(
+            f"{source}: keys do not match the BLIP-2 VPG; missing={missing[:20]} "
+            f"({len(missing)} in all), unexpected={unexpected[:20]} ({len(unexpected)} in all)"
+        )
     bad = [k for k in state if tuple(state[k].shape) != tuple(expected[k].shape)]
     if bad:
         shapes = [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in bad[:10]]

@@ -84,6 +84,7 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 # ---- consolidated trainable state (collective: every rank must call) --------------------------------------------
 
+
 def _inner_optimizer(engine) -> torch.optim.Optimizer:
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
@@ -138,8 +139,10 @@ def gather_consolidated(engine, named_trainables: list[tuple[str, torch.nn.Param
 def restore_consolidated(engine, named_trainables: list[tuple[str, torch.nn.Parameter]], state: dict[str, Any]) -> None:
     """Load a consolidated copy into an engine of ANY world size (ZeRO 0/1/2; not ZeRO-3)."""
     if engine.zero_optimization_stage() == 3:
-        raise RuntimeError("resuming ZeRO-3 at a different world size is not supported; resume with the world size "
-                           "of the checkpoint, or load its export (stages[*].init_from) to start fresh")
+        raise RuntimeError(
+            "resuming ZeRO-3 at a different world size is not supported; resume with the world size "
+            "of the checkpoint, or load its export (stages[*].init_from) to start fresh"
+        )
     names = [n for n, _ in named_trainables]
     missing = sorted(set(names) - set(state["params"]))
     if missing:
@@ -173,6 +176,7 @@ def restore_consolidated(engine, named_trainables: list[tuple[str, torch.nn.Para
 
 # ---- the manager ---------------------------------------------------------------------------------------------------
 
+
 class CheckpointManager:
     def __init__(self, ckpt_dir: str | Path, keep_last: int):
         self.dir = Path(ckpt_dir)
@@ -186,12 +190,15 @@ class CheckpointManager:
         tag = ptr.read_text().strip()
         path = self.dir / tag
         if not (path / "meta.json").is_file():
-            raise RuntimeError(f"{ptr} points to {tag!r}, which is incomplete or missing; remove {ptr} to start "
-                               "over or point it at a complete checkpoint directory (one holding meta.json)")
+            raise RuntimeError(
+                f"{ptr} points to {tag!r}, which is incomplete or missing; remove {ptr} to start "
+                "over or point it at a complete checkpoint directory (one holding meta.json)"
+            )
         return path
 
-    def save(self, engine, named_trainables, step: int, client_state: dict[str, Any],
-             per_rank_state: dict[str, Any]) -> Path:
+    def save(
+        self, engine, named_trainables, step: int, client_state: dict[str, Any], per_rank_state: dict[str, Any]
+    ) -> Path:
         """Collective: every rank calls it. Returns the final checkpoint path."""
         rank = _rank()
         tag = f"step_{step:08d}"
@@ -204,8 +211,9 @@ class CheckpointManager:
                 shutil.rmtree(self.dir / tag)
         _barrier()
         t0 = time.time()
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client_state, save_latest=False,
-                               exclude_frozen_parameters=True)
+        engine.save_checkpoint(
+            str(self.dir), tag=tmp_tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+        )
         consolidated = gather_consolidated(engine, named_trainables)
         tmp = self.dir / tmp_tag
         torch.save({"rng": rng_state(), **per_rank_state}, tmp / f"rank{rank:05d}.pt")
@@ -215,8 +223,13 @@ class CheckpointManager:
             torch.save(consolidated, tmp / "consolidated.pt")
         _barrier()  # every rank's files are closed before rank 0 declares the checkpoint complete
         if rank == 0:
-            meta = {"step": step, "world_size": _world(), "zero_stage": engine.zero_optimization_stage(),
-                    "time": time.time(), "save_seconds": round(time.time() - t0, 3)}
+            meta = {
+                "step": step,
+                "world_size": _world(),
+                "zero_stage": engine.zero_optimization_stage(),
+                "time": time.time(),
+                "save_seconds": round(time.time() - t0, 3),
+            }
             _fsync_write(tmp / "meta.json", json.dumps(meta, indent=2))
             os.replace(tmp, self.dir / tag)
             _fsync_write(self.dir / "latest", tag)
@@ -229,8 +242,10 @@ class CheckpointManager:
         checkpoints), or a checkpoint path. Returns load()'s triple with "how" naming the path, or None."""
         if policy == "never":
             if list(self.dir.glob("step_*")):
-                raise ConfigError(f"--resume never, but {self.dir} already holds checkpoints: a fresh run there "
-                                  "would mix with them (keep-last pruning, latest pointer); use a new --output-dir")
+                raise ConfigError(
+                    f"--resume never, but {self.dir} already holds checkpoints: a fresh run there "
+                    "would mix with them (keep-last pruning, latest pointer); use a new --output-dir"
+                )
             return None
         if policy == "auto":
             path = self.latest()
@@ -255,8 +270,7 @@ class CheckpointManager:
         same_layout = meta["world_size"] == world and meta["zero_stage"] == engine.zero_optimization_stage()
         if same_layout:
             # exclude_frozen_parameters left the frozen weights out, hence load_module_strict=False.
-            load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                             load_module_strict=False)
+            load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {path}")
             per_rank = torch.load(path / f"rank{rank:05d}.pt", weights_only=False)
@@ -271,9 +285,13 @@ class CheckpointManager:
             for g, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
                 g["lr"] = lr
         engine.global_steps = state["client_state"].get("global_step", 0)
-        return state["client_state"], None, f"consolidated (saved at world size {meta['world_size']}, " \
-                                            f"ZeRO-{meta['zero_stage']}; now {world}, " \
-                                            f"ZeRO-{engine.zero_optimization_stage()})"
+        return (
+            state["client_state"],
+            None,
+            f"consolidated (saved at world size {meta['world_size']}, "
+            f"ZeRO-{meta['zero_stage']}; now {world}, "
+            f"ZeRO-{engine.zero_optimization_stage()})",
+        )
 
 
 def export_adapter(model, consolidated_params: dict[str, torch.Tensor] | None, out_dir: str | Path) -> Path:

@@ -54,8 +54,10 @@ class ModelConfig:
         if spec.config_section == "peer" and isinstance(self.peer, dict):
             self.peer = _from_dict(spec.config_cls, {"stage": spec.stages[-1], **self.peer}, "model.peer")
         elif spec.config_section != "peer" and self.peer not in ({}, None):
-            raise ConfigError(f"model.peer is not read by method {self.method} (its options go under "
-                              f"model.{spec.config_section}); got {self.peer!r}")
+            raise ConfigError(
+                f"model.peer is not read by method {self.method} (its options go under "
+                f"model.{spec.config_section}); got {self.peer!r}"
+            )
 
     def method_config(self) -> MethodConfig:
         """The options of the selected method: model.<its config_section>."""
@@ -160,6 +162,12 @@ class EvalConfig:
     mode: Literal["generate", "logits"] = "generate"
     """generate = the paper's protocol (greedy decoding, first "The answer is X"); logits = the option letter with
     the highest logit after "The answer is" (one forward per batch; cheap on CPU; not the paper's protocol)."""
+    text_retention: bool | None = None
+    """Text-only prompts (pipeline/eval/text_prompts.jsonl) answered by each stage's export without images vs the
+    frozen LLM: identical greedy answers and mean per-token KL (pipeline.eval.retention). None = on unless
+    model.llm_path is "tiny" (a random LLM has no text ability to keep)."""
+    text_retention_prompts: int | None = None
+    """Use only the first N prompts (None: all)."""
 
 
 @dataclass
@@ -192,6 +200,7 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building from dicts, with typo detection (an unknown key is an error, not silently ignored).
+
 
 def _from_dict(cls: type, d: Any, path: str) -> Any:
     if not isinstance(d, dict):
@@ -269,7 +278,7 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
             if not isinstance(cur, list):
                 raise ConfigError(f"--set {key}: '*' only indexes a list")
             for item in cur:
-                _set_dotted(item, ".".join(parts[i + 1:]), value)
+                _set_dotted(item, ".".join(parts[i + 1 :]), value)
             return
         if isinstance(cur, list):
             try:
@@ -294,8 +303,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key.strip()}: the value {raw!r} is not valid YAML (quote strings holding "
-                          f"braces or colons): {str(e).splitlines()[0]}") from e
+        raise ConfigError(
+            f"--set {key.strip()}: the value {raw!r} is not valid YAML (quote strings holding "
+            f"braces or colons): {str(e).splitlines()[0]}"
+        ) from e
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> TrainConfig:
@@ -303,8 +314,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[s
     return load_config_with_sources(path, overrides, base)[0]
 
 
-def load_config_with_sources(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None
-                             ) -> tuple[TrainConfig, dict[str, str]]:
+def load_config_with_sources(
+    path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None
+) -> tuple[TrainConfig, dict[str, str]]:
     """(the validated config, {dotted key: where its value came from}) for `--print-config`."""
     d: dict[str, Any] = json.loads(json.dumps(base)) if base is not None else {}
     sources = {k: "base" for k in _flatten(d)}
@@ -356,7 +368,7 @@ def describe_config(cfg: TrainConfig, sources: dict[str, str]) -> str:
 
 
 def _prefixes(key: str) -> list[str]:
-    """"stages.1.lr" -> ["stages.1.lr", "stages.*.lr", "stages.1", "stages.*", "stages"] (longest first)."""
+    """ "stages.1.lr" -> ["stages.1.lr", "stages.*.lr", "stages.1", "stages.*", "stages"] (longest first)."""
     parts = key.split(".")
     out = []
     for i in range(len(parts), 0, -1):
@@ -371,6 +383,7 @@ def _prefixes(key: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # Validation of things that do not depend on the world size (see ds_config.validate_combination for the rest).
 
+
 def validate(cfg: TrainConfig) -> None:
     if not cfg.stages:
         raise ConfigError("stages: at least one stage is needed")
@@ -379,8 +392,9 @@ def validate(cfg: TrainConfig) -> None:
         if s.stage not in (1, 2):
             raise ConfigError(f"{at}.stage must be 1 or 2, got {s.stage!r}")
         if (s.epochs is None) == (s.max_steps is None):
-            raise ConfigError(f"{at}: set exactly one of epochs / max_steps (got epochs={s.epochs}, "
-                              f"max_steps={s.max_steps})")
+            raise ConfigError(
+                f"{at}: set exactly one of epochs / max_steps (got epochs={s.epochs}, max_steps={s.max_steps})"
+            )
         if s.epochs is not None and s.epochs <= 0:
             raise ConfigError(f"{at}.epochs must be > 0, got {s.epochs}")
         if s.samples_per_epoch is not None and s.samples_per_epoch < 1:
@@ -394,8 +408,9 @@ def validate(cfg: TrainConfig) -> None:
         if not s.train_shards:
             raise ConfigError(f"{at}.train_shards is empty: give WebDataset URLs (e.g. data/cc595k-{{000..099}}.tar)")
         if s.train_weights is not None and len(s.train_weights) != len(s.train_shards):
-            raise ConfigError(f"{at}.train_weights has {len(s.train_weights)} entries for "
-                              f"{len(s.train_shards)} train_shards")
+            raise ConfigError(
+                f"{at}.train_weights has {len(s.train_weights)} entries for {len(s.train_shards)} train_shards"
+            )
         if s.lr is not None and s.lr <= 0 or s.base_lr <= 0:
             raise ConfigError(f"{at}: lr/base_lr must be > 0")
         if not 0 <= s.warmup_ratio < 1:

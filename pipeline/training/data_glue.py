@@ -19,13 +19,28 @@ from pipeline.training.dist import DistContext, all_sum
 
 
 class StageData:
-    def __init__(self, cfg: TrainConfig, s: StageConfig, tokenizer: Any, num_query_tokens: int, ctx: DistContext,
-                 micro_batch_size: int):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        s: StageConfig,
+        tokenizer: Any,
+        num_query_tokens: int,
+        ctx: DistContext,
+        micro_batch_size: int,
+    ):
         weights = s.train_weights or [1.0] * len(s.train_shards)
         sources = [SourceConfig(shards=u, task=s.task, weight=w) for u, w in zip(s.train_shards, weights)]
-        self.loader = build_loader(cfg.data, tokenizer, sources=sources, batch_size=micro_batch_size,
-                                   num_query_tokens=num_query_tokens, seed=cfg.seed + 1000 * s.stage,
-                                   samples_per_epoch=s.samples_per_epoch, rank=ctx.rank, world_size=ctx.world_size)
+        self.loader = build_loader(
+            cfg.data,
+            tokenizer,
+            sources=sources,
+            batch_size=micro_batch_size,
+            num_query_tokens=num_query_tokens,
+            seed=cfg.seed + 1000 * s.stage,
+            samples_per_epoch=s.samples_per_epoch,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
         self.batch_size = micro_batch_size
         self.world_size = ctx.world_size
         self.samples_per_epoch = self.loader.samples_per_epoch
@@ -42,8 +57,12 @@ class StageData:
     def state_dict_global(self) -> dict[str, Any]:
         """Rank-independent position (every rank is at the same (epoch, batch): equal batches per rank)."""
         st = self.loader.state_dict()
-        return {"epoch": st["epoch"], "batch": st["batch"], "world_size": self.world_size,
-                "batch_size": self.batch_size}
+        return {
+            "epoch": st["epoch"],
+            "batch": st["batch"],
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, global_state: dict[str, Any], rank_state: dict[str, Any] | None, samples: int) -> None:
         if rank_state is not None:

@@ -16,6 +16,7 @@ import signal
 import socket
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -52,8 +53,10 @@ def init_distributed(local_rank_arg: int | None = None) -> DistContext:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in env:
         if int(env["WORLD_SIZE"]) > 1:
-            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with deepspeed/torchrun, or export "
-                               "MASTER_ADDR and MASTER_PORT (the Slurm scripts do)")
+            raise RuntimeError(
+                "WORLD_SIZE > 1 but MASTER_PORT is not set: launch with deepspeed/torchrun, or export "
+                "MASTER_ADDR and MASTER_PORT (the Slurm scripts do)"
+            )
         env["MASTER_PORT"] = str(_free_port())
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -67,8 +70,6 @@ def init_distributed(local_rank_arg: int | None = None) -> DistContext:
             per_host = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env.get("SLURM_NTASKS_PER_NODE", 1))))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, per_host)))
     if not dist.is_initialized():
-        import deepspeed
-
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return DistContext(rank, world, local, device)
 

@@ -43,7 +43,8 @@ def plan_batch(stage: StageConfig, world_size: int, at: str = "stage") -> BatchP
         raise ConfigError(
             f"{at}.global_batch_size={stage.global_batch_size} is not divisible by micro_batch_size x world_size "
             f"= {mb} x {world_size} = {per_step}; pick a global batch that is a multiple of {per_step} "
-            f"or change micro_batch_size")
+            f"or change micro_batch_size"
+        )
     return BatchPlan(mb, stage.global_batch_size // per_step, world_size)
 
 
@@ -59,8 +60,10 @@ def peak_lr(stage: StageConfig, plan: BatchPlan) -> float:
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--ds_config {path}: file not found (shipped: ds_configs/zero1.json, zero2.json, "
-                          f"zero3.json, zero2_offload.json)")
+        raise ConfigError(
+            f"--ds_config {path}: file not found (shipped: ds_configs/zero1.json, zero2.json, "
+            f"zero3.json, zero2_offload.json)"
+        )
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -73,8 +76,10 @@ def _fill(d: dict[str, Any], key: str, value: Any, at: str) -> None:
     if cur == "auto":
         d[key] = value
     elif cur != value:
-        raise ConfigError(f"ds_config {at}{key}={cur!r} contradicts the training config ({value!r}); set it to "
-                          f"\"auto\" in the JSON and change the YAML/--set instead (one source of truth)")
+        raise ConfigError(
+            f"ds_config {at}{key}={cur!r} contradicts the training config ({value!r}); set it to "
+            f'"auto" in the JSON and change the YAML/--set instead (one source of truth)'
+        )
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -83,18 +88,27 @@ def bf16_supported(device: torch.device) -> bool:
     return True  # CPU: DeepSpeed's bf16 ZeRO path runs (measured on this machine kind), just not fast
 
 
-def fill_ds_config(raw: dict[str, Any], cfg: TrainConfig, stage: StageConfig, plan: BatchPlan,
-                   device: torch.device, hidden_size: int | None = None) -> dict[str, Any]:
+def fill_ds_config(
+    raw: dict[str, Any],
+    cfg: TrainConfig,
+    stage: StageConfig,
+    plan: BatchPlan,
+    device: torch.device,
+    hidden_size: int | None = None,
+) -> dict[str, Any]:
     """Return a complete DeepSpeed config for this stage; raise ConfigError for an impossible combination."""
     d = copy.deepcopy(raw)
     for section in ("optimizer", "scheduler"):
         if section in d:
-            raise ConfigError(f"ds_config has an \"{section}\" section; train.py builds the {section} itself "
-                              f"(only trainable parameters, warmup+cosine). Remove it and set optim.* / "
-                              f"stages[*].lr in the YAML instead")
+            raise ConfigError(
+                f'ds_config has an "{section}" section; train.py builds the {section} itself '
+                f"(only trainable parameters, warmup+cosine). Remove it and set optim.* / "
+                f"stages[*].lr in the YAML instead"
+            )
     if d.get("fp16", {}).get("enabled") is True:
-        raise ConfigError("ds_config fp16.enabled=true is not supported (no loss scaling here); use bf16 "
-                          "(precision: bf16) or fp32")
+        raise ConfigError(
+            "ds_config fp16.enabled=true is not supported (no loss scaling here); use bf16 (precision: bf16) or fp32"
+        )
     _fill(d, "train_micro_batch_size_per_gpu", plan.micro_batch_size, "")
     _fill(d, "gradient_accumulation_steps", plan.grad_accum, "")
     _fill(d, "train_batch_size", plan.global_batch_size, "")
@@ -106,8 +120,9 @@ def fill_ds_config(raw: dict[str, Any], cfg: TrainConfig, stage: StageConfig, pl
     elif bf16["enabled"] != want_bf16:
         raise ConfigError(f"ds_config bf16.enabled={bf16['enabled']} contradicts precision={cfg.precision!r}")
     if want_bf16 and not bf16_supported(device):
-        raise ConfigError(f"precision=bf16 but {device} has no bf16 support (pre-Ampere GPU?); use "
-                          f"--set precision=fp32")
+        raise ConfigError(
+            f"precision=bf16 but {device} has no bf16 support (pre-Ampere GPU?); use --set precision=fp32"
+        )
     zero = d.setdefault("zero_optimization", {"stage": 0})
     stage_n = zero.get("stage", 0)
     if stage_n not in (0, 1, 2, 3):
@@ -115,9 +130,14 @@ def fill_ds_config(raw: dict[str, Any], cfg: TrainConfig, stage: StageConfig, pl
     h = hidden_size or 4096
     # Buckets of one d x d matrix; ZeRO-3 keeps at most about two decoder layers (~12 d^2 parameters each)
     # gathered at a time, so a rank's memory for frozen weights stays its partition plus two layers.
-    for k, v in {"reduce_bucket_size": h * h, "allgather_bucket_size": h * h,
-                 "stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h,
-                 "stage3_max_live_parameters": 24 * h * h, "stage3_max_reuse_distance": 24 * h * h}.items():
+    for k, v in {
+        "reduce_bucket_size": h * h,
+        "allgather_bucket_size": h * h,
+        "stage3_prefetch_bucket_size": int(0.9 * h * h),
+        "stage3_param_persistence_threshold": 10 * h,
+        "stage3_max_live_parameters": 24 * h * h,
+        "stage3_max_reuse_distance": 24 * h * h,
+    }.items():
         if zero.get(k) == "auto":
             zero[k] = v
     if stage_n == 3 and cfg.checkpoint.every_steps and device.type == "cpu":
@@ -129,8 +149,10 @@ def fill_ds_config(raw: dict[str, Any], cfg: TrainConfig, stage: StageConfig, pl
         off["pin_memory"] = False  # nothing to pin to without a GPU
     leftover = [k for k, v in _walk(d) if v == "auto"]
     if leftover:
-        raise ConfigError(f"ds_config: no value for \"auto\" field(s) {leftover}; train.py fills only "
-                          f"batch/accumulation/clipping/bf16/bucket sizes")
+        raise ConfigError(
+            f'ds_config: no value for "auto" field(s) {leftover}; train.py fills only '
+            f"batch/accumulation/clipping/bf16/bucket sizes"
+        )
     d.setdefault("steps_per_print", 10**9)
     return d
 

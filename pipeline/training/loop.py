@@ -38,8 +38,16 @@ from pipeline.training.ds_config import fill_ds_config, peak_lr, plan_batch, use
 from pipeline.training.metrics import MetricsLogger
 from pipeline.training.optim import build_optimizer, build_scheduler, param_groups
 
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "modality_mask", "pixel_values", "image_features",
-              "position_ids", "cu_seqlens")
+MODEL_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "modality_mask",
+    "pixel_values",
+    "image_features",
+    "position_ids",
+    "cu_seqlens",
+)
 
 
 @dataclass
@@ -60,11 +68,13 @@ class StageResult:
     """The frozen models this stage trained on, so the evaluation loads exactly those."""
 
     def summary(self) -> str:
-        return (f"stage {self.stage}: {self.steps} steps, {self.samples} samples, {self.wall_seconds:.1f}s wall, "
-                f"{self.samples_per_s:.2f} samples/s, final loss {self.final_loss:.4f}, "
-                f"{self.skipped_nonfinite} non-finite micro-batches skipped\n"
-                f"  checkpoint: {self.checkpoint}\n  export:     {self.export_dir}"
-                + (f"\n  resumed from: {self.resumed_from}" if self.resumed_from else ""))
+        return (
+            f"stage {self.stage}: {self.steps} steps, {self.samples} samples, {self.wall_seconds:.1f}s wall, "
+            f"{self.samples_per_s:.2f} samples/s, final loss {self.final_loss:.4f}, "
+            f"{self.skipped_nonfinite} non-finite micro-batches skipped\n"
+            f"  checkpoint: {self.checkpoint}\n  export:     {self.export_dir}"
+            + (f"\n  resumed from: {self.resumed_from}" if self.resumed_from else "")
+        )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,11 +110,15 @@ class MetricsWindow:
 
     def scalars(self) -> dict[str, float]:
         dt = max(1e-9, time.time() - self.t0)
-        return {"samples_per_s": self.samples / dt, "tokens_per_s": self.tokens / dt,
-                "pad_frac": 1.0 - self.tokens / max(1, self.positions)}
+        return {
+            "samples_per_s": self.samples / dt,
+            "tokens_per_s": self.tokens / dt,
+            "pad_frac": 1.0 - self.tokens / max(1, self.positions),
+        }
 
 
 # ---- set-up -------------------------------------------------------------------------------------------------------
+
 
 def model_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -118,8 +132,14 @@ def method_config(cfg: TrainConfig, stage: int) -> Any:
 def build_model(cfg: TrainConfig, stage: int, device: torch.device | None = None):
     """The method on the frozen LLM/front end, frozen weights in the training precision, placed on `device`."""
     torch.manual_seed(cfg.seed)  # identical fresh init on every rank (ZeRO-2 also broadcasts, ZeRO-3 does not)
-    model = load_method(cfg.model.method, cfg.model.llm_path, cfg.model.vpg_path, method_config(cfg, stage),
-                        dtype=model_dtype(cfg), device=device)
+    model = load_method(
+        cfg.model.method,
+        cfg.model.llm_path,
+        cfg.model.vpg_path,
+        method_config(cfg, stage),
+        dtype=model_dtype(cfg),
+        device=device,
+    )
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model, cfg.model.checkpoint_every_n_layers)
     return model
@@ -160,8 +180,9 @@ class Stage:
     """Objects that must outlive the engine set-up (transformers' ZeRO-3 config, read through a weak reference)."""
 
 
-def setup_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistContext, stage_dir: Path,
-                init_from: str | None) -> Stage:
+def setup_stage(
+    cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistContext, stage_dir: Path, init_from: str | None
+) -> Stage:
     s = cfg.stages[idx]
     at = f"stages[{idx}]"
     build_tiny_sources_once(cfg, ctx.is_main)
@@ -178,17 +199,33 @@ def setup_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistCon
         model.load_adapter(init_from)
     trainables = model.trainable_parameters()
     data = StageData(cfg, s, model.tokenizer, model.cfg.num_query_tokens, ctx, plan.micro_batch_size)
-    total_steps = s.max_steps if s.max_steps is not None else max(
-        1, math.ceil(s.epochs * data.samples_per_epoch / plan.global_batch_size))
+    total_steps = (
+        s.max_steps
+        if s.max_steps is not None
+        else max(1, math.ceil(s.epochs * data.samples_per_epoch / plan.global_batch_size))
+    )
     lr = peak_lr(s, plan)
     warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total_steps)
     optimizer = build_optimizer(param_groups(trainables, cfg.optim), lr, cfg.optim, uses_cpu_offload(ds))
     scheduler = build_scheduler(optimizer, total_steps, warmup, s.min_lr_ratio)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     float_dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
-    return Stage(cfg, s, model, engine, scheduler, data, plan, total_steps, lr, warmup, float_dtype, trainables,
-                 CheckpointManager(stage_dir / "checkpoints", cfg.checkpoint.keep_last), keep_alive)
+    return Stage(
+        cfg,
+        s,
+        model,
+        engine,
+        scheduler,
+        data,
+        plan,
+        total_steps,
+        lr,
+        warmup,
+        float_dtype,
+        trainables,
+        CheckpointManager(stage_dir / "checkpoints", cfg.checkpoint.keep_last),
+        keep_alive,
+    )
 
 
 def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> None:
@@ -211,6 +248,7 @@ def param_count(params) -> int:
 
 
 # ---- one optimizer step -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class StepStats:
@@ -246,13 +284,16 @@ class NonFiniteGuard:
             return False
         self.state.skipped_nonfinite += 1
         self.in_a_row += 1
-        self.log.info(f"step {self.state.global_step}: non-finite loss, micro-batch skipped ({self.in_a_row} in a "
-                      f"row, {self.state.skipped_nonfinite} in total)")
+        self.log.info(
+            f"step {self.state.global_step}: non-finite loss, micro-batch skipped ({self.in_a_row} in a "
+            f"row, {self.state.skipped_nonfinite} in total)"
+        )
         if self.in_a_row >= self.cfg.optim.max_nonfinite_in_a_row:
             raise NonFiniteLossError(
                 f"{self.in_a_row} non-finite losses in a row at step {self.state.global_step}: stopping before the "
                 f"weights are corrupted. Lower the lr (stages[{self.idx}].lr / base_lr), check the data "
-                f"(data.max_length, labels), or resume from {self.last_ckpt}")
+                f"(data.max_length, labels), or resume from {self.last_ckpt}"
+            )
         return True
 
 
@@ -271,8 +312,7 @@ def train_step(st: Stage, batches, ctx: DistContext, guard: NonFiniteGuard) -> S
     done = 0
     while done < ga:
         batch = group.pop(0) if group else next(batches)  # a skipped micro-batch is replaced by the next one
-        out = st.engine(**_to_device(batch, ctx.device, st.float_dtype), num_items_in_batch=share,
-                        return_logits=False)
+        out = st.engine(**_to_device(batch, ctx.device, st.float_dtype), num_items_in_batch=share, return_logits=False)
         loss = guard.loss(out.loss)
         loss_value = float(loss.detach().float())  # the one host sync of a micro-step
         if guard.skip(loss_value):
@@ -305,8 +345,17 @@ def _to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.d
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
 
-def run_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistContext, stage_dir: Path,
-              init_from: str | None, preempt: PreemptionFlag, resume: str) -> StageResult:
+
+def run_stage(
+    cfg: TrainConfig,
+    idx: int,
+    raw_ds: dict[str, Any],
+    ctx: DistContext,
+    stage_dir: Path,
+    init_from: str | None,
+    preempt: PreemptionFlag,
+    resume: str,
+) -> StageResult:
     """Train stage `idx` of `cfg` to its last step, checkpointing, and export its trainables.
 
     Builds the engine (`setup_stage`), resumes from `resume` (auto: the newest complete checkpoint in
@@ -318,8 +367,16 @@ def run_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistConte
     state, resumed = _restore(st, resume)
     if ctx.is_main:  # rows logged after the resumed step (or by an attempt that never checkpointed) are stale
         _truncate_metrics(stage_dir / "metrics.jsonl", state.global_step)
-    log = MetricsLogger(stage_dir, ctx.is_main, cfg.log.tensorboard, cfg.log.progress_bar, st.total_steps,
-                        state.global_step, desc=f"stage {st.s.stage}", wandb=_wandb_options(cfg, stage_dir))
+    log = MetricsLogger(
+        stage_dir,
+        ctx.is_main,
+        cfg.log.tensorboard,
+        cfg.log.progress_bar,
+        st.total_steps,
+        state.global_step,
+        desc=f"stage {st.s.stage}",
+        wandb=_wandb_options(cfg, stage_dir),
+    )
     _log_start(st, ctx, log, resumed[2] if resumed else None, state)
 
     def save() -> Path:
@@ -336,8 +393,9 @@ def run_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistConte
         stats = train_step(st, batches, ctx, guard)
         state.global_step += 1
         step = state.global_step
-        loss_sum, samples, tokens, positions = all_sum([stats.loss_sum, stats.samples, stats.tokens,
-                                                        stats.positions], ctx.device)
+        loss_sum, samples, tokens, positions = all_sum(
+            [stats.loss_sum, stats.samples, stats.tokens, stats.positions], ctx.device
+        )
         state.last_loss = loss_sum / (ctx.world_size * st.plan.grad_accum)  # = global token mean
         state.samples += int(samples)
         state.tokens += int(tokens)
@@ -352,8 +410,10 @@ def run_stage(cfg: TrainConfig, idx: int, raw_ds: dict[str, Any], ctx: DistConte
             log.info(f"step {step}: checkpoint {guard.last_ckpt}")
         if all_agree_any(preempt.raised, ctx.device):
             guard.last_ckpt = save()
-            log.info(f"signal {preempt.signum}: checkpoint {guard.last_ckpt} written at step {step}; exiting 99 "
-                     "(resumable: rerun with the same --output-dir)")
+            log.info(
+                f"signal {preempt.signum}: checkpoint {guard.last_ckpt} written at step {step}; exiting 99 "
+                "(resumable: rerun with the same --output-dir)"
+            )
             log.close()
             raise Preempted(str(guard.last_ckpt))
         if cfg.debug.get("sleep_per_step"):
@@ -377,34 +437,51 @@ def _restore(st: Stage, resume: str) -> tuple[TrainState, tuple | None]:
 
 def _log_start(st: Stage, ctx: DistContext, log: MetricsLogger, resumed_from: str | None, state: TrainState) -> None:
     p = st.plan
-    log.info(f"stage {st.s.stage} ({st.cfg.model.method}): {len(st.trainables)} trainable tensors, "
-             f"{param_count(p for _, p in st.trainables):,} trainable params of "
-             f"{param_count(st.model.parameters()):,}; world {ctx.world_size}, micro-batch {p.micro_batch_size} x "
-             f"accum {p.grad_accum} x {ctx.world_size} ranks = {p.global_batch_size}/step, {st.total_steps} steps, "
-             f"peak lr {st.lr:.3e}, warmup {st.warmup}, ZeRO-{st.engine.zero_optimization_stage()}, "
-             f"{'bf16' if st.float_dtype == torch.bfloat16 else 'fp32'}, backends {getattr(st.model, 'backends', '')}"
-             f"{', activation checkpointing' if st.cfg.model.activation_checkpointing else ''}")
+    log.info(
+        f"stage {st.s.stage} ({st.cfg.model.method}): {len(st.trainables)} trainable tensors, "
+        f"{param_count(p for _, p in st.trainables):,} trainable params of "
+        f"{param_count(st.model.parameters()):,}; world {ctx.world_size}, micro-batch {p.micro_batch_size} x "
+        f"accum {p.grad_accum} x {ctx.world_size} ranks = {p.global_batch_size}/step, {st.total_steps} steps, "
+        f"peak lr {st.lr:.3e}, warmup {st.warmup}, ZeRO-{st.engine.zero_optimization_stage()}, "
+        f"{'bf16' if st.float_dtype == torch.bfloat16 else 'fp32'}, backends {getattr(st.model, 'backends', '')}"
+        f"{', activation checkpointing' if st.cfg.model.activation_checkpointing else ''}"
+    )
     if resumed_from:
         log.info(f"resumed at step {state.global_step} from {resumed_from}")
 
 
-def _log_step(st: Stage, log: MetricsLogger, state: TrainState, stats: StepStats, window: MetricsWindow,
-              ctx: DistContext) -> None:
+def _log_step(
+    st: Stage, log: MetricsLogger, state: TrainState, stats: StepStats, window: MetricsWindow, ctx: DistContext
+) -> None:
     gates = None
     if stats.gate_abs is not None:  # one device->host copy per logging step, then one small all-reduce
         gates = all_mean(stats.gate_abs.float().tolist(), ctx.device)
     grad_norm = st.engine.get_global_grad_norm()
-    scalars = {"loss": state.last_loss, "lr": stats.lr,
-               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), **window.scalars(),
-               "samples": state.samples, "skipped_nonfinite": state.skipped_nonfinite,
-               **st.data.skip_counters(ctx.device)}
+    scalars = {
+        "loss": state.last_loss,
+        "lr": stats.lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        **window.scalars(),
+        "samples": state.samples,
+        "skipped_nonfinite": state.skipped_nonfinite,
+        **st.data.skip_counters(ctx.device),
+    }
     log.log(state.global_step, scalars, gates)
     log.progress(state.global_step, state.last_loss, stats.lr, scalars["samples_per_s"])
     window.reset()
 
 
-def _finish(st: Stage, ctx: DistContext, log: MetricsLogger, state: TrainState, save, last_ckpt: Path | None,
-            stage_dir: Path, t_stage: float, resumed) -> StageResult:
+def _finish(
+    st: Stage,
+    ctx: DistContext,
+    log: MetricsLogger,
+    state: TrainState,
+    save,
+    last_ckpt: Path | None,
+    stage_dir: Path,
+    t_stage: float,
+    resumed,
+) -> StageResult:
     """Final checkpoint (unless the last step has one), export of the trained weights, result.json."""
     if state.global_step and (last_ckpt is None or not last_ckpt.name.endswith(f"{state.global_step:08d}")):
         last_ckpt = save()
@@ -415,12 +492,21 @@ def _finish(st: Stage, ctx: DistContext, log: MetricsLogger, state: TrainState, 
     if dist.is_initialized():
         dist.barrier()
     wall = time.time() - t_stage
-    result = StageResult(stage=st.s.stage, steps=state.global_step, samples=state.samples, tokens=state.tokens,
-                         wall_seconds=wall, samples_per_s=state.samples / max(1e-9, wall),
-                         final_loss=state.last_loss, skipped_nonfinite=state.skipped_nonfinite,
-                         checkpoint=str(last_ckpt), export_dir=str(export_dir),
-                         resumed_from=resumed[2] if resumed else None, llm_path=st.cfg.model.llm_path,
-                         vpg_path=st.cfg.model.vpg_path)
+    result = StageResult(
+        stage=st.s.stage,
+        steps=state.global_step,
+        samples=state.samples,
+        tokens=state.tokens,
+        wall_seconds=wall,
+        samples_per_s=state.samples / max(1e-9, wall),
+        final_loss=state.last_loss,
+        skipped_nonfinite=state.skipped_nonfinite,
+        checkpoint=str(last_ckpt),
+        export_dir=str(export_dir),
+        resumed_from=resumed[2] if resumed else None,
+        llm_path=st.cfg.model.llm_path,
+        vpg_path=st.cfg.model.vpg_path,
+    )
     if ctx.is_main:
         (stage_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
     log.info(result.summary())
@@ -444,8 +530,12 @@ def _lr_at_restored_step(scheduler) -> None:
 def _wandb_options(cfg: TrainConfig, stage_dir: Path) -> dict[str, Any] | None:
     if not cfg.log.wandb:
         return None
-    return {"project": cfg.log.wandb_project, "name": f"{cfg.name}-{stage_dir.name}", "dir": str(stage_dir),
-            "config": cfg.to_dict()}
+    return {
+        "project": cfg.log.wandb_project,
+        "name": f"{cfg.name}-{stage_dir.name}",
+        "dir": str(stage_dir),
+        "config": cfg.to_dict(),
+    }
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

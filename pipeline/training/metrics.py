@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 
 def gate_bar_image(values: list[float], height: int = 96, bar_w: int = 8) -> np.ndarray:
@@ -24,15 +25,25 @@ def gate_bar_image(values: list[float], height: int = 96, bar_w: int = 8) -> np.
     for i, v in enumerate(values):
         h = int(round(min(1.0, max(0.0, float(v))) * (height - 1)))
         if h:
-            img[:, height - h:, i * bar_w + 1:(i + 1) * bar_w - 1] = np.array([31, 119, 180], np.uint8)[:, None, None]
+            img[:, height - h :, i * bar_w + 1 : (i + 1) * bar_w - 1] = np.array([31, 119, 180], np.uint8)[
+                :, None, None
+            ]
     img[:, height - 1, :] = 0  # baseline
     return img
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, progress_bar: bool = True,
-                 total_steps: int = 0, initial_step: int = 0, desc: str = "train",
-                 wandb: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool,
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+        total_steps: int = 0,
+        initial_step: int = 0,
+        desc: str = "train",
+        wandb: dict[str, Any] | None = None,
+    ):
         """`wandb`: wandb.init keyword arguments (project, name, dir, config) to also log there, or None."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
@@ -47,7 +58,7 @@ class MetricsLogger:
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
         self.text = open(self.run_dir / "train.log", "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard (~1 s): only when logging to it
 
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
         if wandb is not None:
@@ -57,11 +68,16 @@ class MetricsLogger:
         # A carriage-return bar only where a person watches a terminal: in a Slurm or nohup log file it is kilobytes
         # of \r-separated redraws torn into the log lines, so files get the plain log lines alone.
         if progress_bar and _is_terminal(sys.stderr):
-            from tqdm import tqdm
-
             # The bar goes to stderr; log lines go to stdout via tqdm.write so they do not tear the bar.
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0, smoothing=0.1)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=initial_step,
+                desc=desc,
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+                smoothing=0.1,
+            )
 
     def info(self, msg: str) -> None:
         if not self.enabled:
@@ -81,8 +97,9 @@ class MetricsLogger:
         self.bar.n = step
         if samples_per_s is not None:
             self._sps = samples_per_s
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{getattr(self, '_sps', 0.0):.1f}",
-                             refresh=False)
+        self.bar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{getattr(self, '_sps', 0.0):.1f}", refresh=False
+        )
         self.bar.refresh()
 
     def log(self, step: int, scalars: dict[str, Any], gates: list[float] | None = None) -> None:
@@ -104,9 +121,11 @@ class MetricsLogger:
                 self.tb.add_image("gate_abs/per_layer", gate_bar_image(gates), step)
             self.tb.flush()
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": _plain(v) for k, v in scalars.items()}
-                           | ({f"gate_abs/layer_{i:02d}": g for i, g in enumerate(gates)} if gates else {}),
-                           step=step)
+            self.wandb.log(
+                {f"train/{k}": _plain(v) for k, v in scalars.items()}
+                | ({f"gate_abs/layer_{i:02d}": g for i, g in enumerate(gates)} if gates else {}),
+                step=step,
+            )
         keys = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "pad_frac", "skipped_nonfinite")
         parts = [f"step {step}"] + [f"{k} {_fmt(scalars[k])}" for k in keys if k in scalars]
         if gates is not None and gates:

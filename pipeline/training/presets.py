@@ -54,8 +54,10 @@ def _run_step(step: PrepareStep) -> None:
     print(f"prepare: {' '.join(cmd[1:])}", flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise ConfigError(f"prepare step `python -m {step.module}` failed (exit {res.returncode}): "
-                          f"{(res.stderr or res.stdout).strip()[-2000:]}")
+        raise ConfigError(
+            f"prepare step `python -m {step.module}` failed (exit {res.returncode}): "
+            f"{(res.stderr or res.stdout).strip()[-2000:]}"
+        )
     if stamp is not None:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(record))

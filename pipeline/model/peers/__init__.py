@@ -12,5 +12,14 @@ from pipeline.model.peers.llama_adapter import LlamaAdapter, LlamaAdapterConfig
 
 SPECS = (llama_adapter.SPEC, lavin.SPEC, excitor.SPEC, iaa.SPEC)
 
-__all__ = ["SPECS", "LlamaAdapter", "LlamaAdapterConfig", "LaVIN", "LaVINConfig", "Excitor", "ExcitorConfig", "IAA",
-           "IAAConfig"]
+__all__ = [
+    "SPECS",
+    "LlamaAdapter",
+    "LlamaAdapterConfig",
+    "LaVIN",
+    "LaVINConfig",
+    "Excitor",
+    "ExcitorConfig",
+    "IAA",
+    "IAAConfig",
+]

@@ -49,6 +49,7 @@ from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, ATTN_BACKEND_CHOICES, AttnMask, dense_mask
 from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec, literal_values
+from pipeline.model.frozen import build_method, check_llm, meta_builder
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -60,7 +61,6 @@ from pipeline.model.seq import (
     lm_output,
     project_qkv,
 )
-from pipeline.model.frozen import build_method, check_llm, meta_builder
 
 VIT_L_WIDTH = 1024
 
@@ -147,9 +147,14 @@ class Excitor(FrozenLLMMethod):
         """(vk, vv, has_img): (B, Np, D) W_k^Ex F_v and W_v^Ex F_v per row (zeros where no image), or None."""
         if self.projection is None:
             return None
-        feats = front_end_features(self, pixel_values, image_features,
-                                   lambda px: self.vpg.patch_features(px, self.cfg.vision_layer),  # (N, Np, W)
-                                   (1, self.cfg.vision_width), "patch")  # zero rows: no row sees them
+        feats = front_end_features(
+            self,
+            pixel_values,
+            image_features,
+            lambda px: self.vpg.patch_features(px, self.cfg.vision_layer),  # (N, Np, W)
+            (1, self.cfg.vision_width),
+            "patch",
+        )  # zero rows: no row sees them
         if feats is None:
             return None
         rows = image_rows(mm, self.cfg.num_query_tokens)
@@ -163,16 +168,39 @@ class Excitor(FrozenLLMMethod):
         has[rows] = True
         return vk, vv, has
 
-    def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,
-                image_features=None, position_ids=None, cu_seqlens=None, max_seqlen=None, past_key_values=None,
-                use_cache=False, num_items_in_batch=None, return_logits=True, **unused) -> MethodOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        modality_mask=None,
+        labels=None,
+        pixel_values=None,
+        image_features=None,
+        position_ids=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        past_key_values=None,
+        use_cache=False,
+        num_items_in_batch=None,
+        return_logits=True,
+        **unused,
+    ) -> MethodOutput:
         B, T = input_ids.shape
         mm = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)).bool()
         x = self.llm.get_input_embeddings()(input_ids)
         cache: PeerCache | None = past_key_values
         vis = cache.extra["visual"] if cache is not None else self.visual_kv(mm, pixel_values, image_features, B)
-        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen, cache.key_mask if cache is not None else None, use_cache,
-                               hide=mm)
+        ctx = SeqContext.build(
+            self.llm,
+            x,
+            attention_mask,
+            position_ids,
+            cu_seqlens,
+            max_seqlen,
+            cache.key_mask if cache is not None else None,
+            use_cache,
+            hide=mm,
+        )
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
             x, kv = self.steps[i](i, base, x, ctx, vis, cache.layers[i] if cache is not None else None)
@@ -180,9 +208,14 @@ class Excitor(FrozenLLMMethod):
         h = self.llm.model.norm(x)
         logits, loss, n = lm_output(h, self.llm.lm_head, labels, return_logits, num_items_in_batch)
         gate_abs = torch.zeros(len(new_layers), device=x.device)
-        gate_abs[self.first_adapted:] = self.gates.detach().abs().to(gate_abs.device)
-        return MethodOutput(loss=loss, logits=logits, n_loss_tokens=n, gate_abs=gate_abs,
-                            kv_cache=PeerCache(new_layers, ctx.key_mask, {"visual": vis}) if use_cache else None)
+        gate_abs[self.first_adapted :] = self.gates.detach().abs().to(gate_abs.device)
+        return MethodOutput(
+            loss=loss,
+            logits=logits,
+            n_loss_tokens=n,
+            gate_abs=gate_abs,
+            kv_cache=PeerCache(new_layers, ctx.key_mask, {"visual": vis}) if use_cache else None,
+        )
 
     def _layer(self, i: int, base: nn.Module, x, ctx: SeqContext, vis, cache):
         attn = base.self_attn
@@ -204,7 +237,7 @@ class Excitor(FrozenLLMMethod):
     def excitor_keys(self, j: int, x_n: torch.Tensor, vis) -> torch.Tensor:
         """Key_ex (B, T, D) = softmax(W_q^Ex(T) keys^T / sqrt(D)) values for adapted layer j."""
         L = self.cfg.prompt_len
-        p = self.prompts.weight[j * L:(j + 1) * L]  # (K, D)
+        p = self.prompts.weight[j * L : (j + 1) * L]  # (K, D)
         t = x_n.to(p.dtype)
         qx = self.query_up[j](self.query_down[j](t))  # (B, T, D)
         B, D = t.shape[0], t.shape[-1]
@@ -226,6 +259,12 @@ class Excitor(FrozenLLMMethod):
 
 
 SPEC = MethodSpec(
-    "excitor", Excitor, ExcitorConfig, partial(build_method, Excitor, "clip"), meta_builder(Excitor, "clip"), front_end="clip",
+    "excitor",
+    Excitor,
+    ExcitorConfig,
+    partial(build_method, Excitor, "clip"),
+    meta_builder(Excitor, "clip"),
+    front_end="clip",
     published="paper: about 7.6M text-only (7,618,590: multimodal=false); the multimodal W_k/W_v are a reconstruction",
-    stages=(2,))
+    stages=(2,),
+)

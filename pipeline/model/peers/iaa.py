@@ -41,11 +41,12 @@ from torch import nn
 
 from pipeline.model.attention import AttnBackend
 from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.frozen import build_method, check_llm, meta_builder
 from pipeline.model.seq import (
-    causal_lm_loss,
     LayerStep,
     PeerCache,
     SeqContext,
+    causal_lm_loss,
     front_end_features,
     frozen_layer,
     has_image,
@@ -53,11 +54,12 @@ from pipeline.model.seq import (
     same_graph_on_every_rank,
     scatter_visual_tokens,
 )
-from pipeline.model.frozen import build_method, check_llm, meta_builder
 
 VIT_L_WIDTH, VIT_L_PATCHES = 1024, 256
-_STAGE_MODULES = {1: ("projection.", "projection_out."),
-                  2: ("projection.", "projection_out.", "adaptors.", "mm_embed.", "mm_norm.", "mm_head.")}
+_STAGE_MODULES = {
+    1: ("projection.", "projection_out."),
+    2: ("projection.", "projection_out.", "adaptors.", "mm_embed.", "mm_norm.", "mm_head."),
+}
 
 
 def iaa_layers(n_layers: int) -> list[int]:
@@ -86,8 +88,11 @@ class IAAConfig(MethodConfig):
         if self.num_query_tokens is None:
             self.num_query_tokens = clip.num_patches if clip is not None else VIT_L_PATCHES
         if clip is not None:
-            self._check(self.num_query_tokens == clip.num_patches, "num_query_tokens",
-                        f"must equal the CLIP front end's {clip.num_patches} patches (one visual token each)")
+            self._check(
+                self.num_query_tokens == clip.num_patches,
+                "num_query_tokens",
+                f"must equal the CLIP front end's {clip.num_patches} patches (one visual token each)",
+            )
 
 
 class IAA(FrozenLLMMethod):
@@ -104,8 +109,9 @@ class IAA(FrozenLLMMethod):
         if any(not 0 <= i < n for i in self.insert_after) or len(set(self.insert_after)) != len(self.insert_after):
             raise ValueError(f"IAAConfig.insert_after={cfg.insert_after}: distinct layer indices in 0..{n - 1}")
         layers = llm.model.layers
-        self.adaptors = nn.ModuleList(_copy(layers[i], lambda b=layers[i]: type(b)(c, b.self_attn.layer_idx))
-                                      for i in self.insert_after)
+        self.adaptors = nn.ModuleList(
+            _copy(layers[i], lambda b=layers[i]: type(b)(c, b.self_attn.layer_idx)) for i in self.insert_after
+        )
         emb = llm.get_input_embeddings()
         self.mm_embed = _copy(emb, lambda: nn.Embedding(emb.num_embeddings, emb.embedding_dim))
         self.mm_norm = _copy(llm.model.norm, lambda: type(llm.model.norm)(c.hidden_size, eps=c.rms_norm_eps))
@@ -129,16 +135,35 @@ class IAA(FrozenLLMMethod):
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def visual_tokens(self, pixel_values, image_features) -> torch.Tensor | None:
-        feats = front_end_features(self, pixel_values, image_features,
-                                   lambda px: self.vpg.patch_features(px, self.cfg.vision_layer),  # (N, K, W)
-                                   (self.cfg.num_query_tokens, self.cfg.vision_width), "patch")
+        feats = front_end_features(
+            self,
+            pixel_values,
+            image_features,
+            lambda px: self.vpg.patch_features(px, self.cfg.vision_layer),  # (N, K, W)
+            (self.cfg.num_query_tokens, self.cfg.vision_width),
+            "patch",
+        )
         if feats is None:
             return None
         return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))  # (N, K, D)
 
-    def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,
-                image_features=None, position_ids=None, cu_seqlens=None, max_seqlen=None, past_key_values=None,
-                use_cache=False, num_items_in_batch=None, return_logits=True, **unused) -> MethodOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        modality_mask=None,
+        labels=None,
+        pixel_values=None,
+        image_features=None,
+        position_ids=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        past_key_values=None,
+        use_cache=False,
+        num_items_in_batch=None,
+        return_logits=True,
+        **unused,
+    ) -> MethodOutput:
         if cu_seqlens is not None:
             raise ValueError("IAA sends each row down one path (image or text): packed batches are not supported")
         if self.backend is None:
@@ -158,9 +183,19 @@ class IAA(FrozenLLMMethod):
                 continue  # (training runs the image path on zero rows: the same graph on every rank, common.py)
             sub = lambda t, idx=idx: None if t is None else t[idx]  # noqa: E731
             sub_cache = cache.extra["paths"][path] if cache is not None else None
-            lg, ls, n, paths[path] = self._run(path, input_ids[idx], sub(attention_mask), mm[idx], sub(labels),
-                                               vis, sub(position_ids), sub_cache, use_cache, return_logits,
-                                               num_items_in_batch)
+            lg, ls, n, paths[path] = self._run(
+                path,
+                input_ids[idx],
+                sub(attention_mask),
+                mm[idx],
+                sub(labels),
+                vis,
+                sub(position_ids),
+                sub_cache,
+                use_cache,
+                return_logits,
+                num_items_in_batch,
+            )
             if lg is not None:
                 logits = lg.new_zeros(B, T, lg.shape[-1]) if logits is None else logits
                 logits[idx] = lg
@@ -169,15 +204,25 @@ class IAA(FrozenLLMMethod):
         kv = PeerCache([], torch.ones(B, 0, dtype=torch.bool), {"mm_rows": mm_rows, "paths": paths})
         return MethodOutput(loss=loss, logits=logits, n_loss_tokens=n_tok, kv_cache=kv if use_cache else None)
 
-    def _run(self, path, ids, attention_mask, mm, labels, vis, position_ids, cache, use_cache, return_logits,
-             num_items):
+    def _run(
+        self, path, ids, attention_mask, mm, labels, vis, position_ids, cache, use_cache, return_logits, num_items
+    ):
         """One path's stack on its rows: (logits, loss, n_loss_tokens, cache)."""
         image = path == "mm"
         frozen_dtype = self.llm.get_input_embeddings().weight.dtype  # the frozen layers' dtype
         x = (self.mm_embed if image else self.llm.get_input_embeddings())(ids).to(frozen_dtype)
         if image and vis is not None:
             x = scatter_visual_tokens(x, mm, vis)
-        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, None, None, cache.key_mask if cache is not None else None, use_cache)
+        ctx = SeqContext.build(
+            self.llm,
+            x,
+            attention_mask,
+            position_ids,
+            None,
+            None,
+            cache.key_mask if cache is not None else None,
+            use_cache,
+        )
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
             past = cache.layers[len(new_layers)] if cache is not None else None
@@ -186,8 +231,9 @@ class IAA(FrozenLLMMethod):
             if image and i in self._adaptor_of:
                 past = cache.layers[len(new_layers)] if cache is not None else None
                 adaptor = self.adaptors[self._adaptor_of[i]]
-                y, kv = self.steps[len(new_layers)](adaptor, x.to(adaptor.input_layernorm.weight.dtype), ctx,
-                                                    self.backend, past)
+                y, kv = self.steps[len(new_layers)](
+                    adaptor, x.to(adaptor.input_layernorm.weight.dtype), ctx, self.backend, past
+                )
                 x = y.to(x.dtype)
                 new_layers.append(kv)
         norm, head = (self.mm_norm, self.mm_head) if image else (self.llm.model.norm, self.llm.lm_head)
@@ -204,7 +250,7 @@ def _copy(src: nn.Module, make) -> nn.Module:
     dst = make()
     params = list(src.parameters())
     if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+        import deepspeed  # ZeRO-3 only: the model package does not otherwise need DeepSpeed
 
         with deepspeed.zero.GatheredParameters(params):
             dst.load_state_dict(src.state_dict())
@@ -214,6 +260,12 @@ def _copy(src: nn.Module, make) -> nn.Module:
 
 
 SPEC = MethodSpec(
-    "iaa", IAA, IAAConfig, partial(build_method, IAA, "clip"), meta_builder(IAA, "clip"), front_end="clip",
+    "iaa",
+    IAA,
+    IAAConfig,
+    partial(build_method, IAA, "clip"),
+    meta_builder(IAA, "clip"),
+    front_end="clip",
     published="paper: about 4.1B at Llama-3-8B for IAA-14 (--llm-preset llama3-8b), about 2.8B for IAA-8",
-    stages=(1, 2))
+    stages=(1, 2),
+)

@@ -38,6 +38,7 @@ from torch import nn
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnBackend
 from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
 from pipeline.model.clip import check_layers, evenly_spaced_layers
+from pipeline.model.frozen import build_method, check_llm, meta_builder
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -50,7 +51,6 @@ from pipeline.model.seq import (
     same_graph_on_every_rank,
     scatter_visual_tokens,
 )
-from pipeline.model.frozen import build_method, check_llm, meta_builder
 
 VIT_L_LAYERS, VIT_L_WIDTH = 24, 1024
 
@@ -79,8 +79,11 @@ class LaVINConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         self._check_common((2,))
-        self._check(self.rank >= 1 and self.rank % self.groups == 0, "rank",
-                    f"must be a positive multiple of groups={self.groups}")
+        self._check(
+            self.rank >= 1 and self.rank % self.groups == 0,
+            "rank",
+            f"must be a positive multiple of groups={self.groups}",
+        )
         self._check(self.temperature > 0, "temperature", "must be > 0")
         self._check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
 
@@ -93,8 +96,11 @@ class LaVINConfig(MethodConfig):
             self.vision_width = clip.width if clip is not None else VIT_L_WIDTH
         if self.num_query_tokens is None:
             self.num_query_tokens = len(self.clip_layers)
-        self._check(self.num_query_tokens == len(self.clip_layers), "num_query_tokens",
-                    f"must equal len(clip_layers)={len(self.clip_layers)} (one visual token per CLS)")
+        self._check(
+            self.num_query_tokens == len(self.clip_layers),
+            "num_query_tokens",
+            f"must equal len(clip_layers)={len(self.clip_layers)} (one visual token per CLS)",
+        )
 
 
 class MMAdapter(nn.Module):
@@ -134,11 +140,11 @@ class LaVIN(FrozenLLMMethod):
         c = llm.config
         mk = lambda dim: MMAdapter(dim, cfg.rank, cfg.groups, cfg.temperature, cfg.dropout)  # noqa: E731
         self.adapters = nn.ModuleList(mk(c.hidden_size) for _ in range(c.num_hidden_layers))
-        self.ffn_adapters = (nn.ModuleList(mk(c.hidden_size) for _ in range(c.num_hidden_layers))
-                             if cfg.ffn_adapter else None)
+        self.ffn_adapters = (
+            nn.ModuleList(mk(c.hidden_size) for _ in range(c.num_hidden_layers)) if cfg.ffn_adapter else None
+        )
         n_clip = vpg.num_layers if vpg is not None else VIT_L_LAYERS
-        self.clip_adapters = (nn.ModuleList(mk(cfg.vision_width) for _ in range(n_clip))
-                              if cfg.clip_adapters else None)
+        self.clip_adapters = nn.ModuleList(mk(cfg.vision_width) for _ in range(n_clip)) if cfg.clip_adapters else None
         # the visual MLP: projection (W -> 128), then projection_out (SiLU, 128 -> D)
         self.projection = nn.Linear(cfg.vision_width, cfg.projection_hidden)
         self.projection_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.projection_hidden, c.hidden_size))
@@ -149,31 +155,39 @@ class LaVIN(FrozenLLMMethod):
         self.set_stage(cfg.stage)
 
     def is_trainable(self, name: str, stage: int) -> bool:
-        return name.startswith(("adapters.", "ffn_adapters.", "clip_adapters.", "projection.", "projection_out.",
-                                "modality_embedding."))
+        return name.startswith(
+            ("adapters.", "ffn_adapters.", "clip_adapters.", "projection.", "projection_out.", "modality_embedding.")
+        )
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def visual_tokens(self, pixel_values, image_features) -> torch.Tensor | None:
         """(N, K, D) projected CLS states, or None when the batch has no image."""
         if image_features is not None and image_features.numel():
             if self.clip_adapters is not None:
-                raise ValueError("LaVIN adapts CLIP's blocks (clip_adapters: true), so precomputed image_features "
-                                 "cannot be used: train on pixel shards, or set clip_adapters: false")
+                raise ValueError(
+                    "LaVIN adapts CLIP's blocks (clip_adapters: true), so precomputed image_features "
+                    "cannot be used: train on pixel shards, or set clip_adapters: false"
+                )
             feats = image_features
-        elif (pixel_values is not None and pixel_values.numel()) or (same_graph_on_every_rank() and
-                                                                       self.vpg is not None):
+        elif (pixel_values is not None and pixel_values.numel()) or (
+            same_graph_on_every_rank() and self.vpg is not None
+        ):
             if pixel_values is None or pixel_values.numel() == 0:
                 # One blank image that no position receives (CLIP cannot run on zero images): the same graph on
                 # every rank (common.py), zero gradients.
                 s = self.vpg.image_size
                 pixel_values = self.projection.weight.new_zeros(1, 3, s, s)
             if self.vpg is None:
-                raise ValueError("batch has pixel_values but LaVIN was built without a CLIP front end: give "
-                                 "model.vpg_path (a CLIP dir or 'tiny')")
+                raise ValueError(
+                    "batch has pixel_values but LaVIN was built without a CLIP front end: give "
+                    "model.vpg_path (a CLIP dir or 'tiny')"
+                )
             adapter = None
             if self.clip_adapters is not None:
+
                 def adapter(i, a):
                     return self.clip_adapters[i](a, self.clip_adapters[i].route(a[:, 0]))
+
             feats = self.vpg.cls_features(pixel_values, self.cfg.clip_layers, adapter)  # (N, K, W)
         elif same_graph_on_every_rank():
             feats = self.projection.weight.new_zeros(0, len(self.cfg.clip_layers), self.cfg.vision_width)
@@ -181,12 +195,27 @@ class LaVIN(FrozenLLMMethod):
             return None
         return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))
 
-    def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,
-                image_features=None, position_ids=None, cu_seqlens=None, max_seqlen=None, past_key_values=None,
-                use_cache=False, num_items_in_batch=None, return_logits=True, **unused) -> MethodOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        modality_mask=None,
+        labels=None,
+        pixel_values=None,
+        image_features=None,
+        position_ids=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        past_key_values=None,
+        use_cache=False,
+        num_items_in_batch=None,
+        return_logits=True,
+        **unused,
+    ) -> MethodOutput:
         if cu_seqlens is not None:
-            raise ValueError("LaVIN prepends a modality token to every row: packed batches (data.pack) are not "
-                             "supported")
+            raise ValueError(
+                "LaVIN prepends a modality token to every row: packed batches (data.pack) are not supported"
+            )
         if self.backend is None:
             self.backend = resolve_attn_backend(self.cfg.attn_backend, input_ids.device)
         B, T = input_ids.shape
@@ -206,19 +235,38 @@ class LaVIN(FrozenLLMMethod):
                 attention_mask = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
             if position_ids is not None:
                 position_ids = torch.cat([torch.zeros_like(position_ids[:, :1]), position_ids + 1], dim=1)
-        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, None, None, cache.key_mask if cache is not None else None, use_cache)
+        ctx = SeqContext.build(
+            self.llm,
+            x,
+            attention_mask,
+            position_ids,
+            None,
+            None,
+            cache.key_mask if cache is not None else None,
+            use_cache,
+        )
         routes = cache.extra["routes"] if cache is not None else []
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
-            x, kv, w = self.steps[i](i, base, x, ctx, routes[i] if cache is not None else None,
-                                   cache.layers[i] if cache is not None else None)
+            x, kv, w = self.steps[i](
+                i,
+                base,
+                x,
+                ctx,
+                routes[i] if cache is not None else None,
+                cache.layers[i] if cache is not None else None,
+            )
             new_layers.append(kv)
             if cache is None:
                 routes.append(w)
         h = self.llm.model.norm(x[:, 1:] if prepend else x)
         logits, loss, n = lm_output(h, self.llm.lm_head, labels, return_logits, num_items_in_batch)
-        return MethodOutput(loss=loss, logits=logits, n_loss_tokens=n,
-                            kv_cache=PeerCache(new_layers, ctx.key_mask, {"routes": routes}) if use_cache else None)
+        return MethodOutput(
+            loss=loss,
+            logits=logits,
+            n_loss_tokens=n,
+            kv_cache=PeerCache(new_layers, ctx.key_mask, {"routes": routes}) if use_cache else None,
+        )
 
     def _layer(self, i: int, base: nn.Module, x, ctx: SeqContext, routes, cache):
         attn = base.self_attn
@@ -240,6 +288,12 @@ class LaVIN(FrozenLLMMethod):
 
 
 SPEC = MethodSpec(
-    "lavin", LaVIN, LaVINConfig, partial(build_method, LaVIN, "clip"), meta_builder(LaVIN, "clip"), front_end="clip",
+    "lavin",
+    LaVIN,
+    LaVINConfig,
+    partial(build_method, LaVIN, "clip"),
+    meta_builder(LaVIN, "clip"),
+    front_end="clip",
     published="paper: 3.78M at 7B (exact)",
-    stages=(2,))
+    stages=(2,),
+)

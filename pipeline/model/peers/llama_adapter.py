@@ -40,6 +40,7 @@ from torch import nn
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnBackend
 from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
 from pipeline.model.clip import check_layers, evenly_spaced_layers
+from pipeline.model.frozen import build_method, check_llm, meta_builder
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -52,7 +53,6 @@ from pipeline.model.seq import (
     project_qkv,
     resolve_attn_backend,
 )
-from pipeline.model.frozen import build_method, check_llm, meta_builder
 
 VIT_L_LAYERS, VIT_L_WIDTH = 24, 1024  # shapes assumed when no front end is loaded (precomputed features)
 
@@ -94,8 +94,11 @@ class LlamaAdapterConfig(MethodConfig):
             self.vision_width = clip.width if clip is not None else VIT_L_WIDTH
         if self.num_query_tokens is None:
             self.num_query_tokens = len(self.clip_layers)
-        self._check(self.num_query_tokens == len(self.clip_layers), "num_query_tokens",
-                    f"must equal len(clip_layers)={len(self.clip_layers)} (one feature row per CLS scale)")
+        self._check(
+            self.num_query_tokens == len(self.clip_layers),
+            "num_query_tokens",
+            f"must equal len(clip_layers)={len(self.clip_layers)} (one feature row per CLS scale)",
+        )
 
 
 class LlamaAdapter(FrozenLLMMethod):
@@ -130,28 +133,57 @@ class LlamaAdapter(FrozenLLMMethod):
         """(B, D) the summed I_p of each row's images, or None when the batch has no image."""
         if self.projection is None:
             return None
-        feats = front_end_features(self, pixel_values, image_features,
-                                   lambda px: self.vpg.cls_features(px, self.cfg.clip_layers),  # (N, M, W)
-                                   (len(self.cfg.clip_layers), self.cfg.vision_width), "CLS")
+        feats = front_end_features(
+            self,
+            pixel_values,
+            image_features,
+            lambda px: self.vpg.cls_features(px, self.cfg.clip_layers),  # (N, M, W)
+            (len(self.cfg.clip_layers), self.cfg.vision_width),
+            "CLS",
+        )
         if feats is None:
             return None
         ip = self.projection_out(self.projection(feats.to(self.projection.weight.dtype).flatten(1)))  # (N, D)
         rows = image_rows(modality_mask, self.cfg.num_query_tokens)
         return torch.zeros(B, ip.shape[-1], dtype=ip.dtype, device=ip.device).index_add(0, rows, ip)
 
-    def forward(self, input_ids, attention_mask=None, modality_mask=None, labels=None, pixel_values=None,
-                image_features=None, position_ids=None, cu_seqlens=None, max_seqlen=None, past_key_values=None,
-                use_cache=False, num_items_in_batch=None, return_logits=True, **unused) -> MethodOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        modality_mask=None,
+        labels=None,
+        pixel_values=None,
+        image_features=None,
+        position_ids=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        past_key_values=None,
+        use_cache=False,
+        num_items_in_batch=None,
+        return_logits=True,
+        **unused,
+    ) -> MethodOutput:
         if self.backend is None:
             self.backend = resolve_attn_backend(self.cfg.attn_backend, input_ids.device)
         B, T = input_ids.shape
         mm = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)).bool()
         x = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
         cache: PeerCache | None = past_key_values
-        ip = cache.extra["image_prompt"] if cache is not None else self.image_prompt(mm, pixel_values,
-                                                                                      image_features, B)
-        ctx = SeqContext.build(self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen, cache.key_mask if cache is not None else None, use_cache,
-                               hide=mm)
+        ip = (
+            cache.extra["image_prompt"] if cache is not None else self.image_prompt(mm, pixel_values, image_features, B)
+        )
+        ctx = SeqContext.build(
+            self.llm,
+            x,
+            attention_mask,
+            position_ids,
+            cu_seqlens,
+            max_seqlen,
+            cache.key_mask if cache is not None else None,
+            use_cache,
+            hide=mm,
+        )
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
             x, kv = self.steps[i](i, base, x, ctx, ip, cache.layers[i] if cache is not None else None)
@@ -159,9 +191,14 @@ class LlamaAdapter(FrozenLLMMethod):
         h = self.llm.model.norm(x)
         logits, loss, n = lm_output(h, self.llm.lm_head, labels, return_logits, num_items_in_batch)
         gate_abs = torch.zeros(len(new_layers), device=x.device)
-        gate_abs[self.first_adapted:] = torch.tanh(self.gates.detach()).abs().mean(-1).to(gate_abs.device)
-        return MethodOutput(loss=loss, logits=logits, n_loss_tokens=n, gate_abs=gate_abs,
-                            kv_cache=PeerCache(new_layers, ctx.key_mask, {"image_prompt": ip}) if use_cache else None)
+        gate_abs[self.first_adapted :] = torch.tanh(self.gates.detach()).abs().mean(-1).to(gate_abs.device)
+        return MethodOutput(
+            loss=loss,
+            logits=logits,
+            n_loss_tokens=n,
+            gate_abs=gate_abs,
+            kv_cache=PeerCache(new_layers, ctx.key_mask, {"image_prompt": ip}) if use_cache else None,
+        )
 
     def _layer(self, i: int, base: nn.Module, x, ctx: SeqContext, ip, cache):
         attn = base.self_attn
@@ -178,7 +215,7 @@ class LlamaAdapter(FrozenLLMMethod):
     def _prompt_attention(self, j: int, attn: nn.Module, q: torch.Tensor, ip, B: int) -> torch.Tensor:
         """tanh(g_j) softmax(Q K_p^T / sqrt(Dh)) V_p: a second softmax over this layer's K prompts only."""
         L, Dh, H = self.cfg.prompt_len, attn.head_dim, q.shape[2]
-        p = self.prompts.weight[j * L:(j + 1) * L]  # (K, D)
+        p = self.prompts.weight[j * L : (j + 1) * L]  # (K, D)
         p = p[None].expand(B, -1, -1) if ip is None else p[None] + ip[:, None]  # (B, K, D)
         p = p.to(attn.k_proj.weight.dtype)
         kp = expand_heads(attn.k_proj(p).view(B, L, -1, Dh), H)  # (B, K, H, Dh): raw prompt, no norm, no RoPE
@@ -190,6 +227,13 @@ class LlamaAdapter(FrozenLLMMethod):
 
 
 SPEC = MethodSpec(
-    "llama_adapter", LlamaAdapter, LlamaAdapterConfig, partial(build_method, LlamaAdapter, "clip"), meta_builder(LlamaAdapter, "clip"), front_end="clip",
-    published="paper: 1.2M text-only (1,229,760 exact: multimodal=false), 1.8M with the image MLP (its shape is not published: reconstruction)",
-    stages=(2,))
+    "llama_adapter",
+    LlamaAdapter,
+    LlamaAdapterConfig,
+    partial(build_method, LlamaAdapter, "clip"),
+    meta_builder(LlamaAdapter, "clip"),
+    front_end="clip",
+    published="paper: 1.2M text-only (1,229,760 exact: multimodal=false), 1.8M with the image MLP (its shape "
+    "is not published: reconstruction)",
+    stages=(2,),
+)

@@ -1,0 +1,82 @@
+"""Hopper readiness rules on the compile report (issue 20), under the installed Triton, without a GPU.
+
+Each kernel is compiled for sm_90a from the launchers' own choices at the headline shapes (kernels/compile_report.py)
+and ptxas reports its registers and spills. Rules: no spill at head dim <= 128 in any kernel (attention, decode,
+adapter); each gated attention kernel's narrowest wgmma N no narrower than the same kernel's in the ungated case
+at the same head dim; no spill in the d256 dQ kernel. The report runs in a child process (the kernels must be
+compiled, so TRITON_INTERPRET, which the test session sets, is unset there); ~45 launches, a few minutes on 2 cores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_DIMS = "64,80,96,128"
+
+
+def _report(tmp: Path, head_dims: str, ops: str, kernels: str | None = None) -> list[dict]:
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its NVIDIA backend")
+    out = tmp / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "kernels.bench",
+        "--compile-report",
+        "--ops",
+        ops,
+        "--head-dims",
+        head_dims,
+        "--json",
+        str(out),
+    ] + (["--kernels", kernels] if kernels else [])
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())["kernels"]
+
+
+def _name(r: dict) -> str:
+    return f"{r['case']} {r['kernel']} ({r['config']})"
+
+
+@pytest.fixture(scope="module")
+def small_rows(tmp_path_factory):
+    return _report(tmp_path_factory.mktemp("cr"), SMALL_DIMS, "attention,adapter")
+
+
+def test_no_spill_at_head_dim_up_to_128(small_rows):
+    spills = [f"{_name(r)}: {r['spill_bytes']} B, {r['regs']} regs" for r in small_rows if r["spill_bytes"]]
+    assert not spills, "spills at d <= 128:\n" + "\n".join(spills)
+
+
+def test_gated_kernels_no_narrower_than_ungated(small_rows):
+    """Twin: the same kernel in the ungated case at the same head dim."""
+    ungated = {}
+    for r in small_rows:
+        if r["case"].startswith("attn") and "nogate" in r["case"]:
+            ungated.setdefault((r["case"].split()[1], r["kernel"]), r)
+    narrower = []
+    for r in small_rows:
+        if not (r["case"].startswith("attn") and " gated " in r["case"]):
+            continue
+        twin = ungated.get((r["case"].split()[1], r["kernel"]))
+        if twin is not None and twin["wgmma_n"] and r["wgmma_n"] < twin["wgmma_n"]:
+            narrower.append(f"{_name(r)}: N={r['wgmma_n']} < ungated N={twin['wgmma_n']} ({twin['config']})")
+    assert not narrower, "gated wgmma narrower than ungated:\n" + "\n".join(narrower)
+
+
+def test_report_covers_smollm2_shape(small_rows):
+    assert any("d64" in r["case"] and "9/3h" in r["case"] for r in small_rows)
+
+
+def test_no_spill_in_d256_dq(tmp_path):
+    rows = [r for r in _report(tmp_path, "256", "attention", kernels="dq") if r["case"].startswith("attn")]
+    assert rows, "no d256 dQ launch found"
+    spills = [f"{_name(r)}: {r['spill_bytes']} B, {r['regs']} regs" for r in rows if r["spill_bytes"]]
+    assert not spills, "d256 dQ spills:\n" + "\n".join(spills)
