@@ -16,24 +16,25 @@ transformers' next major.
 from setuptools import find_packages, setup
 
 REQUIRES = [
-    # torch.library.custom_op with register_fake / register_autograd (2.4), taking `Tensor | None` arguments
-    # (PEP 604 unions in the inferred schema: 2.5); nothing newer is called (the GPU host runs 2.11)
+    # torch.library.custom_op with register_fake / register_autograd (2.4); 2.5 is also transformers 5's own floor;
+    # nothing newer is called (CI runs 2.13, the GPU host 2.11)
     "torch>=2.5",
-    # the kernels' tl.dot(input_precision=...) and the compile report's sm_90a pipeline as verified: the report and
-    # the interpreter tests run under 3.6 (the GPU host's) and 3.9; older Tritons are not tried
+    # the oldest Triton the kernels are verified with: the compile report and the interpreter tests run under 3.6
+    # (the GPU host's) and 3.9 (CI); older Tritons are not tried
     "triton>=3.6",
-    # the transformers-5 model API (past_key_values / Cache as renamed in 5.0, the GGUF loader of 5.x); the suite
-    # runs with 5.17 (the GPU host's) and 5.24
+    # the transformers-5 model outputs (past_key_values renamed in 5.0: pipeline/model/base.py); the model tests
+    # run with 5.17 (the GPU host's) and 5.24 (CI)
     "transformers>=5.0,<6",
     "deepspeed>=0.19.8,<0.20",  # the checkpoint code reads this minor's private optimizer state
-    "webdataset>=1.0.2,<1.1",  # WebDataset(..., nodesplitter=, workersplitter=) and with_epoch of the 1.0 API
+    "webdataset>=1.0.2,<1.1",
     "accelerate>=1.15",  # transformers' ZeRO-3 integration and device_map loading need it
     "tokenizers>=0.23",
     "safetensors>=0.8",
     "tensorboard>=2.21",
     "pillow>=13.0",
     "simplejpeg>=1.9",  # libjpeg-turbo decode for the JPEG path (Pillow is the fallback when it is missing)
-    # np.random.default_rng (1.17); 1.26 is the first with Python 3.12 wheels. NUMPY_BOUND below: the interpreter
+    # np.random.default_rng (1.17); 1.26 is the first with Python 3.12 wheels. Triton 3.6's interpreter needs
+    # numpy < 2.4: kernels/launch.py says so at launch (CI pins numpy 2.4 with Triton 3.9, so no bound here)
     "numpy>=1.26",
     "tqdm>=4.70",
     "pyyaml>=6.0",

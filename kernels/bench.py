@@ -27,6 +27,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench, do_bench_cudagraph
+
+from . import compile_report as cr
+from .gated_attention import gated_attention, gated_attention_ref
+from .routed_adapter import routed_swiglu_adapter, routed_swiglu_adapter_eager, routed_swiglu_adapter_ref
 
 SMOKE_OK = "SMOKE OK"
 NO_CUDA = "No CUDA device: GPU benchmark skipped; running the Triton-interpreter smoke check instead"
@@ -47,7 +55,7 @@ def _route(bsz: int, seq: int, frac: float, device) -> torch.Tensor:
     run = min(32, max(1, seq // 4))
     n_img = max(1, round(frac * seq / run))
     for s in torch.linspace(0, seq - run, n_img).long().tolist():
-        route[:, s:s + run] = 1
+        route[:, s : s + run] = 1
     return route.to(device)
 
 
@@ -63,18 +71,16 @@ def _attn_inputs(bsz, seq, heads, kv_heads, dim, frac, dtype, device):
 def _adapter_inputs(bsz, seq, d, r, experts, frac, dtype, device):
     x = torch.randn(bsz, seq, d, device=device, dtype=dtype, requires_grad=True)
     route = _route(bsz, seq, frac, device).clamp(max=experts - 1)
-    ws = [torch.randn(experts, r, d, device=device) / d ** 0.5, torch.randn(experts, r, d, device=device) / d ** 0.5,
-          torch.randn(experts, d, r, device=device) / r ** 0.5]
+    ws = [
+        torch.randn(experts, r, d, device=device) / d**0.5,
+        torch.randn(experts, r, d, device=device) / d**0.5,
+        torch.randn(experts, d, r, device=device) / r**0.5,
+    ]
     return x, route, [w.requires_grad_() for w in ws]
 
 
 # ---------------------------------------------------------------------------------------------------------- baselines
 def _attention_providers(causal: bool, gqa: bool = False) -> dict:
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from .gated_attention import gated_attention, gated_attention_ref
-
     def sdpa(backend):
         def fn(q, k, v, g):
             # pre-gated V; under GQA the per-query-head gate needs V expanded to the query heads (what the
@@ -84,9 +90,11 @@ def _attention_providers(causal: bool, gqa: bool = False) -> dict:
                 k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
             vg = v * g[..., None]
             with sdpa_kernel(backend):
-                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), vg.transpose(1, 2),
-                                                   is_causal=causal)
+                o = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), vg.transpose(1, 2), is_causal=causal
+                )
             return o.transpose(1, 2)
+
         return fn
 
     providers = {
@@ -96,12 +104,14 @@ def _attention_providers(causal: bool, gqa: bool = False) -> dict:
         "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
         "eager_ref": lambda q, k, v, g: gated_attention_ref(q, k, v, g, causal=causal),
     }
+
     def pregated(fn):  # flash-attn's own GQA cannot gate per query head: expand like SDPA above
         def call(q, k, v, g):
             if gqa:
                 rep = q.shape[2] // k.shape[2]
                 k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
             return fn(q, k, v * g[..., None], causal=causal)
+
         return call
 
     try:
@@ -125,8 +135,6 @@ def _first(out):
 
 
 def _adapter_providers() -> dict:
-    from .routed_adapter import routed_swiglu_adapter, routed_swiglu_adapter_eager, routed_swiglu_adapter_ref
-
     return {
         "triton": routed_swiglu_adapter,
         "reference": routed_swiglu_adapter_ref,
@@ -139,10 +147,9 @@ def _adapter_providers() -> dict:
 def _measure(fn, args, leaves, mode, cuda_graph=False):
     """Median ms and peak extra MiB of one provider in one mode; (None, None, reason) when it cannot run.
     cuda_graph: time a CUDA-graph replay (no launch overhead: what decides small shapes)."""
-    from triton.testing import do_bench, do_bench_cudagraph
-
     try:
         if mode == "fwd":
+
             def call():
                 with torch.no_grad():
                     fn(*args)
@@ -150,18 +157,21 @@ def _measure(fn, args, leaves, mode, cuda_graph=False):
             out = fn(*args)
             dout = torch.randn_like(out)
             if mode == "bwd":
+
                 def call():
                     out.backward(dout, retain_graph=True)
             else:
+
                 def call():
                     fn(*args).backward(dout)
+
         call()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         call()
         torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         if cuda_graph:
             ms = do_bench_cudagraph(call, rep=50, grad_to_none=leaves, return_mode="median")
         else:
@@ -172,8 +182,9 @@ def _measure(fn, args, leaves, mode, cuda_graph=False):
         return None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
-def bench_attention(shapes, modes, dtype=torch.bfloat16, causal=True, device="cuda", heads=32, kv_heads=32,
-                    dim=128, cuda_graph=False):
+def bench_attention(
+    shapes, modes, dtype=torch.bfloat16, causal=True, device="cuda", heads=32, kv_heads=32, dim=128, cuda_graph=False
+):
     rows = []
     providers = _attention_providers(causal, gqa=kv_heads != heads)
     for bsz, seq in shapes:
@@ -185,13 +196,31 @@ def bench_attention(shapes, modes, dtype=torch.bfloat16, causal=True, device="cu
             times = {}
             for name, fn in providers.items():
                 if name == "eager_ref" and seq > 4096:
-                    rows.append({"op": "attention", "shape": f"{bsz}x{seq} {heads}/{kv_heads}h", "mode": mode,
-                                 "provider": name, "skipped": "T > 4096: the (T, T) score matrices do not fit"})
+                    rows.append(
+                        {
+                            "op": "attention",
+                            "shape": f"{bsz}x{seq} {heads}/{kv_heads}h",
+                            "mode": mode,
+                            "provider": name,
+                            "skipped": "T > 4096: the (T, T) score matrices do not fit",
+                        }
+                    )
                     continue
                 ms, peak, err = _measure(fn, (q, k, v, g), [q, k, v, g], mode, cuda_graph)
-                row = {"op": "attention", "shape": f"{bsz}x{seq} {heads}/{kv_heads}h", "B": bsz, "T": seq,
-                       "H": heads, "Hkv": kv_heads, "D": dim, "causal": causal, "dtype": str(dtype), "mode": mode,
-                       "provider": name, "visual_fraction": frac}
+                row = {
+                    "op": "attention",
+                    "shape": f"{bsz}x{seq} {heads}/{kv_heads}h",
+                    "B": bsz,
+                    "T": seq,
+                    "H": heads,
+                    "Hkv": kv_heads,
+                    "D": dim,
+                    "causal": causal,
+                    "dtype": str(dtype),
+                    "mode": mode,
+                    "provider": name,
+                    "visual_fraction": frac,
+                }
                 if err:
                     row["skipped"] = err
                 else:
@@ -205,8 +234,7 @@ def bench_attention(shapes, modes, dtype=torch.bfloat16, causal=True, device="cu
     return rows
 
 
-def bench_adapter(shapes, modes, fracs, dtype=torch.bfloat16, device="cuda", d=4096, r=32, experts=2,
-                  cuda_graph=False):
+def bench_adapter(shapes, modes, fracs, dtype=torch.bfloat16, device="cuda", d=4096, r=32, experts=2, cuda_graph=False):
     rows = []
     providers = _adapter_providers()
     elt = torch.finfo(dtype).bits // 8
@@ -216,14 +244,27 @@ def bench_adapter(shapes, modes, fracs, dtype=torch.bfloat16, device="cuda", d=4
             x, route, ws = _adapter_inputs(bsz, seq, d, r, experts, frac, dtype, device)
             n = bsz * seq
             for mode in modes:
-                nbytes = {"fwd": 2 * n * d * elt + w_bytes, "bwd": 3 * n * d * elt + 2 * w_bytes,
-                          "fwd+bwd": 5 * n * d * elt + 3 * w_bytes}[mode]
+                nbytes = {
+                    "fwd": 2 * n * d * elt + w_bytes,
+                    "bwd": 3 * n * d * elt + 2 * w_bytes,
+                    "fwd+bwd": 5 * n * d * elt + 3 * w_bytes,
+                }[mode]
                 times = {}
                 for name, fn in providers.items():
                     ms, peak, err = _measure(fn, (x, route, *ws), [x, *ws], mode, cuda_graph)
-                    row = {"op": "adapter", "shape": f"{bsz}x{seq}", "B": bsz, "T": seq, "d": d, "r": r,
-                           "experts": experts, "dtype": str(dtype), "mode": mode, "provider": name,
-                           "visual_fraction": frac}
+                    row = {
+                        "op": "adapter",
+                        "shape": f"{bsz}x{seq}",
+                        "B": bsz,
+                        "T": seq,
+                        "d": d,
+                        "r": r,
+                        "experts": experts,
+                        "dtype": str(dtype),
+                        "mode": mode,
+                        "provider": name,
+                        "visual_fraction": frac,
+                    }
                     if err:
                         row["skipped"] = err
                     else:
@@ -249,17 +290,24 @@ def _add_ratios(rows, times):
 
 # ---------------------------------------------------------------------------------------------------------- output
 def _env(argv) -> dict:
-    import triton
-
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA; Triton interpreter smoke)"
-    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                "command": "python -m kernels.bench " + " ".join(argv),
-                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "device": dev,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "command": "python -m kernels.bench " + " ".join(argv),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _markdown(env, rows, smoke=None) -> str:
-    lines = [(f"# Kernel benchmark\n\n- device: {env['device']}\n- torch {env['torch']}, triton {env['triton']}, "
-             f"CUDA {env['cuda']}\n- command: `{env['command']}`\n- time: {env['time_utc']}\n")]
+    lines = [
+        (
+            f"# Kernel benchmark\n\n- device: {env['device']}\n- torch {env['torch']}, triton {env['triton']}, "
+            f"CUDA {env['cuda']}\n- command: `{env['command']}`\n- time: {env['time_utc']}\n"
+        )
+    ]
     if smoke is not None:
         lines.append(f"{NO_CUDA}.\n\nSmoke check: {smoke}\n")
     for op, metric in (("attention", "tflops"), ("adapter", "gbps")):
@@ -267,16 +315,22 @@ def _markdown(env, rows, smoke=None) -> str:
         if not sel:
             continue
         unit = "TFLOP/s" if metric == "tflops" else "GB/s"
-        lines.append(f"\n## {op}\n\n| shape | vis | mode | provider | ms | {unit} | peak MiB | triton speedup |\n"
-                     "|---|---|---|---|---|---|---|---|")
+        lines.append(
+            f"\n## {op}\n\n| shape | vis | mode | provider | ms | {unit} | peak MiB | triton speedup |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
         for r in sel:
             if "skipped" in r:
-                lines.append(f"| {r['shape']} | {r.get('visual_fraction', '')} | {r['mode']} | {r['provider']} | "
-                             f"skipped: {r['skipped']} | | | |")
+                lines.append(
+                    f"| {r['shape']} | {r.get('visual_fraction', '')} | {r['mode']} | {r['provider']} | "
+                    f"skipped: {r['skipped']} | | | |"
+                )
                 continue
             sp = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("speedup_vs", {}).items())
-            lines.append(f"| {r['shape']} | {r['visual_fraction']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} | "
-                         f"{r[metric]:.1f} | {r['peak_mib']:.0f} | {sp} |")
+            lines.append(
+                f"| {r['shape']} | {r['visual_fraction']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} | "
+                f"{r[metric]:.1f} | {r['peak_mib']:.0f} | {sp} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -290,9 +344,6 @@ def _write(out: Path, env, rows, smoke=None) -> None:
 # ---------------------------------------------------------------------------------------------------------- smoke
 def smoke() -> str:
     """Both ops, forward and every gradient, through the Triton interpreter on tiny shapes vs the references."""
-    from . import RoutedSwiGLUAdapterFunction, gated_attention, gated_attention_ref
-    from .routed_adapter import routed_swiglu_adapter_ref
-
     torch.manual_seed(0)
     worst = {}
     q, k, v, g = _attn_inputs(2, 21, 4, 2, 32, 0.3, torch.float32, "cpu")
@@ -304,7 +355,7 @@ def smoke() -> str:
         want = [ref, *torch.autograd.grad(ref, [q, k, v, g], do)]
         worst[f"attention causal={causal}"] = max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
     x, route, ws = _adapter_inputs(2, 40, 64, 16, 2, 0.5, torch.float32, "cpu")
-    out = RoutedSwiGLUAdapterFunction.apply(x, route, *ws)
+    out = routed_swiglu_adapter(x, route, *ws)  # the custom op training calls
     ref = routed_swiglu_adapter_ref(x, route, *ws)
     dy = torch.randn_like(out)
     got = [out, *torch.autograd.grad(out, [x, *ws], dy)]
@@ -316,19 +367,25 @@ def smoke() -> str:
     return f"{SMOKE_OK}: interpreter results match the references (forward and all gradients; {summary})"
 
 
-def compile_report(head_dims, ops, arch: int = 90, json_path: Path | None = None, other_triton: Path | None = None,
-                   kernels: str | None = None) -> str:
+def compile_report(
+    head_dims,
+    ops,
+    arch: int = 90,
+    json_path: Path | None = None,
+    other_triton: Path | None = None,
+    kernels: str | None = None,
+) -> str:
     """Compile every launch the launchers pick at the headline shapes for sm_<arch>a and print the PTX/ptxas
     figures (kernels/compile_report.py; no GPU needed). Needs TRITON_INTERPRET unset. ``other_triton``: a
     directory holding another Triton; the same report runs there in a child process, then both side by side."""
-    import triton
-
-    from . import compile_report as cr
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("--compile-report compiles for the GPU: unset TRITON_INTERPRET")
-    print(f"Compile report: triton {triton.__version__}, sm_{arch}a, bf16, runtime specialisation (16-byte "
-          f"alignment, ints % 16), ptxas -v; grid vs {cr.H100_SMS} SMs\n\n{cr.HEADER}", flush=True)
+    print(
+        f"Compile report: triton {triton.__version__}, sm_{arch}a, bf16, runtime specialisation (16-byte "
+        f"alignment, ints % 16), ptxas -v; grid vs {cr.H100_SMS} SMs\n\n{cr.HEADER}",
+        flush=True,
+    )
     parts = [k for k in (kernels or "").split(",") if k]
     only = (lambda _case, tag: any(k in tag for k in parts)) if parts else None
     rows = cr.report(head_dims=head_dims, ops=ops, arch=arch, echo=lambda r: print(r, flush=True), only=only)
@@ -336,28 +393,40 @@ def compile_report(head_dims, ops, arch: int = 90, json_path: Path | None = None
         print(f"\nAdapter HBM traffic model (per token)\n\n{cr.adapter_traffic(rows)}", flush=True)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"env": _env(sys.argv[1:]), "arch": f"sm_{arch}a",
-                                         "kernels": cr.as_json(rows)}, indent=1))
+        json_path.write_text(
+            json.dumps({"env": _env(sys.argv[1:]), "arch": f"sm_{arch}a", "kernels": cr.as_json(rows)}, indent=1)
+        )
     if other_triton is not None:
         version, other = _compile_report_under(other_triton, head_dims, ops, kernels)
-        print(f"\nSide by side: triton {triton.__version__} / {version}\n\n"
-              f"{cr.side_by_side(rows, other, triton.__version__, version)}", flush=True)
+        print(
+            f"\nSide by side: triton {triton.__version__} / {version}\n\n"
+            f"{cr.side_by_side(rows, other, triton.__version__, version)}",
+            flush=True,
+        )
     return f"COMPILE OK: {len(rows)} kernel launches built for sm_{arch}a"
 
 
 def _compile_report_under(triton_dir: Path, head_dims, ops, kernels: str | None = None) -> tuple[str, list]:
     """The same report in a child process whose PYTHONPATH puts triton_dir first: (its Triton version, rows)."""
-    from . import compile_report as cr
-
     if not (triton_dir / "triton").is_dir():
-        raise SystemExit(f"--triton {triton_dir}: no triton package there (pip install --no-deps --target DIR "
-                         "triton==X)")
+        raise SystemExit(
+            f"--triton {triton_dir}: no triton package there (pip install --no-deps --target DIR triton==X)"
+        )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(triton_dir), os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
     out = Path(tempfile.mkdtemp()) / "compile_report.json"
-    cmd = [sys.executable, "-m", f"{__package__}.bench", "--compile-report", "--ops", ",".join(ops),
-           "--head-dims", ",".join(str(d) for d in head_dims), "--json", str(out)] + (
-               ["--kernels", kernels] if kernels else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        f"{__package__}.bench",
+        "--compile-report",
+        "--ops",
+        ",".join(ops),
+        "--head-dims",
+        ",".join(str(d) for d in head_dims),
+        "--json",
+        str(out),
+    ] + (["--kernels", kernels] if kernels else [])
     print(f"\n$ PYTHONPATH={triton_dir} {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, env=env, check=True)
     data = json.loads(out.read_text())
@@ -376,27 +445,44 @@ def _shapes(text: str | None) -> list[tuple[int, int]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="headline shapes only: attention 2x2048 causal d128 (32/32 and 32/8 heads), "
-                         "adapter 2x2048 and 1x8192 at visual fraction 0.3")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="headline shapes only: attention 2x2048 causal d128 (32/32 and 32/8 heads), "
+        "adapter 2x2048 and 1x8192 at visual fraction 0.3",
+    )
     ap.add_argument("--out", type=Path, default=Path("results"), help="directory for kernels_bench.{json,md}")
     ap.add_argument("--ops", default="attention,adapter", help="comma list of attention, adapter")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, fwd+bwd")
-    ap.add_argument("--compile-report", action="store_true",
-                    help="compile every headline launch for sm_90a and print wgmma/registers/spills/occupancy "
-                         "(no GPU needed; TRITON_INTERPRET unset)")
+    ap.add_argument(
+        "--compile-report",
+        action="store_true",
+        help="compile every headline launch for sm_90a and print wgmma/registers/spills/occupancy "
+        "(no GPU needed; TRITON_INTERPRET unset)",
+    )
     ap.add_argument("--head-dims", default="64,80,96,128,256", help="attention head dims of the compile report")
-    ap.add_argument("--kernels", default=None,
-                    help="compile report: only kernels whose name contains one of these comma-separated parts")
-    ap.add_argument("--triton", type=Path, default=os.environ.get("PILL_OTHER_TRITON") or None,
-                    help="compile report: also run it under the Triton installed in this directory (child process "
-                         "with it first on PYTHONPATH; env PILL_OTHER_TRITON) and print both side by side")
+    ap.add_argument(
+        "--kernels",
+        default=None,
+        help="compile report: only kernels whose name contains one of these comma-separated parts",
+    )
+    ap.add_argument(
+        "--triton",
+        type=Path,
+        default=os.environ.get("PILL_OTHER_TRITON") or None,
+        help="compile report: also run it under the Triton installed in this directory (child process "
+        "with it first on PYTHONPATH; env PILL_OTHER_TRITON) and print both side by side",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     ap.add_argument("--attn-shapes", default=None, help="BxT list, e.g. 4x512,2x2048 (default: the sweep)")
     ap.add_argument("--adapter-shapes", default=None, help="BxT list for the adapter (default: the sweep)")
     ap.add_argument("--heads", type=int, default=32, help="attention query heads")
-    ap.add_argument("--kv-heads", type=int, default=None,
-                    help="attention KV heads (GQA; Llama-3-8B: --heads 32 --kv-heads 8); default = --heads")
+    ap.add_argument(
+        "--kv-heads",
+        type=int,
+        default=None,
+        help="attention KV heads (GQA; Llama-3-8B: --heads 32 --kv-heads 8); default = --heads",
+    )
     ap.add_argument("--dim", type=int, default=128, help="attention head dim")
     ap.add_argument("--no-causal", action="store_true", help="non-causal attention")
     ap.add_argument("--fractions", default=None, help="adapter visual fractions, e.g. 0.1,0.5")
@@ -406,8 +492,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.compile_report:
         head_dims = [int(x) for x in args.head_dims.split(",") if x]
-        print(compile_report(head_dims, args.ops.split(","), json_path=args.json, other_triton=args.triton,
-                             kernels=args.kernels))
+        print(
+            compile_report(
+                head_dims, args.ops.split(","), json_path=args.json, other_triton=args.triton, kernels=args.kernels
+            )
+        )
         return 0
 
     if args.smoke_child:  # runs with TRITON_INTERPRET=1 set before triton was imported
@@ -416,8 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(NO_CUDA, flush=True)
         env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", f"{__package__}.bench", "--smoke-child"], env=env, text=True,
-                              check=False, capture_output=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"{__package__}.bench", "--smoke-child"],
+            env=env,
+            text=True,
+            check=False,
+            capture_output=True,
+        )
         sys.stdout.write(proc.stdout)
         sys.stderr.write(proc.stderr)
         if proc.returncode != 0:
@@ -431,16 +525,31 @@ def main(argv: list[str] | None = None) -> int:
     if "attention" in ops:
         shapes = _shapes(args.attn_shapes) or (ATTN_SHAPES_QUICK if args.quick else ATTN_SHAPES)
         kv = args.kv_heads or args.heads
-        rows += bench_attention(shapes, modes, causal=not args.no_causal, heads=args.heads, kv_heads=kv,
-                                dim=args.dim, cuda_graph=args.cuda_graph)
+        rows += bench_attention(
+            shapes,
+            modes,
+            causal=not args.no_causal,
+            heads=args.heads,
+            kv_heads=kv,
+            dim=args.dim,
+            cuda_graph=args.cuda_graph,
+        )
         if args.quick and args.kv_heads is None:  # the quick check also covers Llama-3-8B GQA (32 q / 8 kv)
-            rows += bench_attention(shapes, modes, causal=not args.no_causal, heads=32, kv_heads=8,
-                                    dim=args.dim, cuda_graph=args.cuda_graph)
+            rows += bench_attention(
+                shapes, modes, causal=not args.no_causal, heads=32, kv_heads=8, dim=args.dim, cuda_graph=args.cuda_graph
+            )
     if "adapter" in ops:
-        fracs = [float(f) for f in args.fractions.split(",")] if args.fractions else (
-            [0.3] if args.quick else VISUAL_FRACTIONS)
-        rows += bench_adapter(_shapes(args.adapter_shapes) or (ADAPTER_SHAPES_QUICK if args.quick else ADAPTER_SHAPES),
-                              modes, fracs, cuda_graph=args.cuda_graph)
+        fracs = (
+            [float(f) for f in args.fractions.split(",")]
+            if args.fractions
+            else ([0.3] if args.quick else VISUAL_FRACTIONS)
+        )
+        rows += bench_adapter(
+            _shapes(args.adapter_shapes) or (ADAPTER_SHAPES_QUICK if args.quick else ADAPTER_SHAPES),
+            modes,
+            fracs,
+            cuda_graph=args.cuda_graph,
+        )
     env = _env(argv)
     _write(args.out, env, rows)
     if args.json is not None:

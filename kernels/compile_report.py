@@ -36,6 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 from .launch import Launch, capture
 
@@ -117,8 +120,6 @@ def _specialize(arg, specialize: bool = True, align: bool = True):
 
 def _source(rec: Launch):
     """(ASTSource, options) of one recorded launch, specialised like the runtime would specialise it."""
-    from triton.compiler import ASTSource
-
     fn = rec.kernel
     kwargs = dict(rec.kwargs)
     opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
@@ -141,17 +142,12 @@ def _source(rec: Launch):
 
 def compile_launch(rec: Launch, arch: int = 90):
     """triton.compile of one recorded launch, specialised like the runtime would specialise it."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     src, opts = _source(rec)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
 def _ptxas(arch: int) -> str:
     """The ptxas Triton itself uses for this arch (its PTX version must match)."""
-    import triton
-
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
@@ -324,7 +320,7 @@ def adapter_launches(n: int, dtype=torch.bfloat16) -> dict[str, tuple[list[Launc
 
 def adapter_case_name(n: int, direction: str) -> str:
     d, r, experts = ADAPTER_SHAPE
-    return f"adapter {direction} n{n} d{d} r{r} E{experts}"
+    return f"adapter n{n} d{d} r{r} E{experts} {direction}"
 
 
 def adapter_min_bytes(n: int, direction: str, elt: int = 2) -> int:

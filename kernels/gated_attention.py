@@ -16,10 +16,15 @@ Design choices
 - Forward: online softmax in base 2 (log2(e) folded into the scale), fp32 accumulators, only the row
   log-sum-exp (base 2, fp32) is saved. Key blocks fully inside the causal/length mask run an unmasked
   specialisation; only the boundary blocks pay for the mask.
-- Backward: delta = rowsum(O * dO) (a small preprocess kernel), one kernel per key block for dK/dV and the gate
-  gradient in the transposed orientation (keys are the rows of every dot: wgmma-sized), looping over the query
-  heads of its KV group (GQA needs no atomics), one kernel per query block for dQ.
-  dg[j, h] = sum_i P[i, j] * (dO[i] . v[j]) uses the UNgated V; dP = g * (dO V^T).
+- Backward: delta = rowsum(O * dO) (a small preprocess kernel), one kernel per key block for dK/dV in the
+  transposed orientation (keys are the rows of every dot: wgmma-sized), looping over the query heads of its KV
+  group (GQA needs no atomics), one kernel per query block for dQ and the gate's gradient
+  dg[j, h] = sum_i P[i, j] * (dO[i] . v[j]) (UNgated V; dP = g * (dO V^T)): the dQ loop has P and dO V^T in
+  registers, so it writes their column sums as one fp32 partial row per (query block, head), summed once
+  afterwards. Deterministic (no atomics), and the dK/dV loop carries no gate accumulator: gated and ungated
+  dK/dV run the same tile (before: 16 x 64 with m64n8k16 wgmma at d128).
+- Scheduling: causal query blocks start longest first (forward and dQ); dK/dV halves its key tile when the grid
+  would not cover the SMs (few KV heads, e.g. SmolLM2's 3).
 - Layouts: padded (B, T, H, D) is flattened to the packed (N, H, D) layout with synthetic cu_seqlens, so one
   kernel serves both. Per sequence, queries are aligned to the END of the keys (bottom-right causal, as in
   flash-attn), which makes the KV-cache decode step (Tq < Tk) work natively: query i sees key j iff
@@ -35,6 +40,9 @@ Caveats
   to fp32 (``DOT_F32``). fp32 on GPU uses IEEE dots (slow; bf16/fp16 are the GPU paths).
 - The Triton path is picked when the tensors are on CUDA, or when TRITON_INTERPRET=1 was set before this module
   was imported (the ``@triton.jit`` decorator reads it then); otherwise the PyTorch reference runs.
+- The gate-gradient partials take cdiv(max_seqlen, BLOCK_M) x Hq x Nk x 4 bytes (8 MB at 2 x 2048, 32 heads;
+  they grow with the square of the sequence length: ~1 GB at one 32k sequence). An opt-in atomic variant is
+  not written yet.
 - Block sizes for the GPU come from a (BLOCK_D, dtype, arch) table checked with the compile report
   (``python -m kernels.bench --compile-report``), not autotuned or timed (no GPU here).
 """
@@ -886,7 +894,7 @@ def _cfg(m, n, warps, stages):
 # Tiles per (BLOCK_D, dtype) on Hopper (sm_90), chosen from the compile report (wgmma for every dot, no spills,
 # shared memory within 227 KB; docs/kernels.md); not tuned on a GPU yet. fwd: BLOCK_M queries x BLOCK_N keys;
 # dkdv: BLOCK_M queries streamed past BLOCK_N keys (the keys are the wgmma rows); dq: BLOCK_M queries x BLOCK_N
-# keys. Gated and ungated backward share every tile (the gate's gradient lives in the dQ kernel). Sequence
+# keys. Gated and ungated attention share every tile (the gate's gradient lives in the dQ kernel). Sequence
 # length is not part of the key: a new length never compiles a new kernel.
 _BF16 = (torch.bfloat16, torch.float16)
 _HOPPER = {
@@ -897,9 +905,6 @@ _HOPPER = {
 # dK/dV when the grid above would leave SMs idle (few KV heads, e.g. SmolLM2's 3 at 2 x 2048: 96 programs for
 # 132 SMs): half as many keys per program, twice the programs
 _DKDV_NARROW = {64: _cfg(32, 64, 4, 2), 128: _cfg(32, 64, 4, 2)}
-# Forward without a gate: 128 keys per step at d128 (250 registers, 0 spill, 160 KB); with the gate's row in
-# registers the same tile spills 24 B (compile report, Triton 3.9), so the gated forward keeps 64 keys
-_FWD_UNGATED = {128: _cfg(128, 128, 8, 2)}
 # Any other GPU / head dim with bf16/fp16: small tiles that fit Ampere's 164 KB.
 _FALLBACK = {"fwd": _cfg(64, 32, 4, 2), "dkdv": _cfg(32, 64, 4, 1), "dq": _cfg(64, 32, 4, 1)}
 # fp32 (IEEE dots on CUDA cores, a correctness path): tiles small enough not to spill up to head dim 128
@@ -948,14 +953,6 @@ def _dkdv_config(cfgs: dict, block_d: int, dtype: torch.dtype, device: torch.dev
     return cfg
 
 
-def _fwd_config(cfgs: dict, block_d: int, dtype: torch.dtype, device: torch.device, gated: bool) -> dict:
-    """The forward tile; the wider ungated one on Hopper where it does not spill."""
-    wide = _FWD_UNGATED.get(block_d)
-    if wide and not gated and on_gpu(device) and dtype in _BF16 and _arch(device) == 90:
-        return wide
-    return cfgs["fwd"]
-
-
 def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     return {
         "DOT_F32": not on_gpu(device) and dtype == torch.bfloat16,
@@ -974,7 +971,7 @@ def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
     o = torch.zeros_like(q) if zero_init else torch.empty_like(q)
     lse = torch.empty((h_q, n_q), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
-    cfg = _fwd_config(_configs(block_d, q.dtype, q.device), block_d, q.dtype, q.device, g is not None)
+    cfg = _configs(block_d, q.dtype, q.device)["fwd"]
     grid = (h_q, n_seq, triton.cdiv(max_q, cfg["BLOCK_M"]))
     launch(
         _gated_attn_fwd_kernel,

@@ -507,29 +507,14 @@ def plan_launches(x2: torch.Tensor, w_rd: torch.Tensor, w_dr: torch.Tensor) -> d
     return {"fwd": (fwd, copies), "bwd": (bwd, 0)}
 
 
-class RoutedSwiGLUAdapterFunction(torch.autograd.Function):
-    """Triton forward/backward of ``routed_swiglu_adapter``; ``route`` may be a ``RouteSchedule``."""
+class RoutedSwiGLUAdapterFunction:
+    """Not a second autograd path: ``apply`` is ``routed_swiglu_adapter`` on the Triton path, the custom op
+    (``<ns>::routed_swiglu_adapter_fwd`` with its registered backward) that training runs. Kept for the package's
+    export; call ``routed_swiglu_adapter``."""
 
     @staticmethod
-    def forward(ctx, x, route, w_gate, w_down, w_up):
-        sched = _as_schedule(route, w_gate.shape[0], x.device)
-        _check(x, sched.route, w_gate, w_down, w_up)
-        d = w_gate.shape[-1]
-        x2 = x.reshape(-1, d).contiguous()
-        w_cat, w_ut = _weights(w_gate, w_down, w_up, torch.float32 if _flags(x2)["COMPUTE_F32"] else x.dtype)
-        y, h = _forward(x2, sched, w_cat, w_ut)
-        ctx.save_for_backward(x2, w_cat, w_ut, h, sched.perm, sched.offs)
-        ctx.meta = (x.shape, w_gate.dtype, w_down.dtype, w_up.dtype)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, w_cat, w_ut, h, perm, offs = ctx.saved_tensors
-        x_shape, dt_g, dt_d, dt_u = ctx.meta
-        dy2 = dy.reshape(-1, x2.shape[1]).contiguous()
-        sched = RouteSchedule(perm, perm, offs, w_ut.shape[0])
-        dx, dwg, dwd, dwu = _backward(dy2, x2, sched, w_cat, w_ut, h)
-        return dx.view(x_shape), None, dwg.to(dt_g), dwd.to(dt_d), dwu.to(dt_u)
+    def apply(x, route, w_gate, w_down, w_up):
+        return _triton_adapter(x, route, w_gate, w_down, w_up)
 
 
 def _as_schedule(route, num_experts: int, device: torch.device) -> RouteSchedule:
@@ -578,11 +563,94 @@ def routed_swiglu_adapter(
 
 
 def _triton_adapter(x, route, w_gate, w_down, w_up):
-    """The Triton path through the registered custom op (one node for torch.compile; kernels/ops.py)."""
-    from . import ops
-
+    """The Triton path through the registered custom op (one node for torch.compile)."""
     sched = _as_schedule(route, w_gate.shape[0], x.device)
-    return ops.routed_swiglu_adapter_fwd(x, sched.route, sched.perm, sched.offs, w_gate, w_down, w_up)[0]
+    return routed_swiglu_adapter_fwd(x, sched.route, sched.perm, sched.offs, w_gate, w_down, w_up)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.library custom op: the one autograd path (the public function, training, tests, bench)
+# --------------------------------------------------------------------------------------------------------------
+NS = __name__.split(".")[0]  # the package's import name: `pill_kernels` installed, `kernels` from the repo root
+
+
+@torch.library.custom_op(f"{NS}::routed_swiglu_adapter_fwd", mutates_args=())
+def routed_swiglu_adapter_fwd(
+    x: torch.Tensor,
+    route: torch.Tensor,
+    perm: torch.Tensor,
+    offs: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (y like x, the pre-activations hg | hd (N, 2r) fp32; empty on the reference path). perm / offs: the
+    RouteSchedule of ``route``."""
+    _check(x, route, w_gate, w_down, w_up)
+    if not _use_triton(x):
+        y = routed_swiglu_adapter_ref(x, route, w_gate, w_down, w_up).contiguous()
+        return y, x.new_empty((0,), dtype=torch.float32)
+    sched = RouteSchedule(route, perm, offs, w_gate.shape[0])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    w_cat, w_ut = _weights(w_gate, w_down, w_up, torch.float32 if _flags(x2)["COMPUTE_F32"] else x.dtype)
+    y, h = _forward(x2, sched, w_cat, w_ut)
+    return y.view(x.shape), h
+
+
+@routed_swiglu_adapter_fwd.register_fake
+def _(x, route, perm, offs, w_gate, w_down, w_up):
+    n = x.numel() // x.shape[-1]
+    h_shape = (n, 2 * w_gate.shape[1]) if _use_triton(x) else (0,)
+    return x.new_empty(x.shape), x.new_empty(h_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NS}::routed_swiglu_adapter_bwd", mutates_args=())
+def routed_swiglu_adapter_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    route: torch.Tensor,
+    perm: torch.Tensor,
+    offs: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor,
+    h: torch.Tensor,
+) -> list[torch.Tensor]:
+    """-> [dx, dw_gate, dw_down, dw_up]."""
+    if not _use_triton(x):
+        leaves = [t.detach().requires_grad_() for t in (x, w_gate, w_down, w_up)]
+        with torch.enable_grad():
+            ref = routed_swiglu_adapter_ref(leaves[0], route, *leaves[1:])
+            return [t.contiguous() for t in torch.autograd.grad(ref, leaves, dy)]
+    sched = RouteSchedule(route, perm, offs, w_gate.shape[0])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    w_cat, w_ut = _weights(w_gate, w_down, w_up, torch.float32 if _flags(x2)["COMPUTE_F32"] else x.dtype)
+    dx, dwg, dwd, dwu = _backward(dy.reshape(x2.shape).contiguous(), x2, sched, w_cat, w_ut, h)
+    return [dx.view(x.shape), dwg.to(w_gate.dtype), dwd.to(w_down.dtype), dwu.to(w_up.dtype)]
+
+
+@routed_swiglu_adapter_bwd.register_fake
+def _(dy, x, route, perm, offs, w_gate, w_down, w_up, h):
+    return [
+        x.new_empty(x.shape),
+        w_gate.new_empty(w_gate.shape),
+        w_down.new_empty(w_down.shape),
+        w_up.new_empty(w_up.shape),
+    ]
+
+
+def _adapter_setup(ctx, inputs, output):
+    x, route, perm, offs, w_gate, w_down, w_up = inputs
+    ctx.save_for_backward(x, route, perm, offs, w_gate, w_down, w_up, output[1])
+
+
+def _adapter_backward(ctx, dy, _dh):
+    x, route, perm, offs, w_gate, w_down, w_up, h = ctx.saved_tensors
+    dx, dwg, dwd, dwu = routed_swiglu_adapter_bwd(dy.contiguous(), x, route, perm, offs, w_gate, w_down, w_up, h)
+    return dx, None, None, None, dwg, dwd, dwu
+
+
+routed_swiglu_adapter_fwd.register_autograd(_adapter_backward, setup_context=_adapter_setup)
 
 
 # --------------------------------------------------------------------------------------------------------------

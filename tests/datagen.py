@@ -21,15 +21,24 @@ def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 32, fmt: 
 
 
 def sqa_meta(i: int, **over: Any) -> dict[str, Any]:
-    meta = {"question": f"Question number {i}?", "choices": ["red", "blue", "green"], "answer": i % 3,
-            "hint": " ".join(["context"] * (i % 4)), "lecture": "", "solution": f"Because {i}.", "has_image": True,
-            "qtype": "color", "split": "train", "subject": "demo", "grade": "grade1"}
+    meta = {
+        "question": f"Question number {i}?",
+        "choices": ["red", "blue", "green"],
+        "answer": i % 3,
+        "hint": " ".join(["context"] * (i % 4)),
+        "lecture": "",
+        "solution": f"Because {i}.",
+        "has_image": True,
+        "qtype": "color",
+        "split": "train",
+        "subject": "demo",
+        "grade": "grade1",
+    }
     meta.update(over)
     return meta
 
 
-def sqa_sample(key: str, i: int, image: bool = True, features: tuple[int, int] | None = None,
-               **over: Any) -> Sample:
+def sqa_sample(key: str, i: int, image: bool = True, features: tuple[int, int] | None = None, **over: Any) -> Sample:
     files: dict[str, bytes] = {}
     if features is not None:
         buf = io.BytesIO()
@@ -93,8 +102,12 @@ def make_loader(tok: Any, urls: Any, task: str = "scienceqa", **kw: Any) -> Any:
     """build_loader from flat test settings; `urls` is a shard spec or a list of SourceConfig."""
     from pipeline.data import SourceConfig, build_loader
 
-    kw.setdefault("sources", urls if isinstance(urls, list) and urls and isinstance(urls[0], SourceConfig)
-                  else [SourceConfig(urls, task=task)])
+    kw.setdefault(
+        "sources",
+        urls
+        if isinstance(urls, list) and urls and isinstance(urls[0], SourceConfig)
+        else [SourceConfig(urls, task=task)],
+    )
     kw.setdefault("batch_size", 4)
     kw.setdefault("num_query_tokens", 4)
     kw.setdefault("with_meta", True)

@@ -21,15 +21,26 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_dry_run_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run([sys.executable, "-m", "pipeline.bench", "--json", str(out)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", "--json", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "need a GPU" in r.stdout and "MFU = " in r.stdout
     report = json.loads(out.read_text())
     assert not report["gpu"] and "need a GPU" in report["note"]
     roles = sorted((x["role"], x["layout"], x["checkpointing"]) for x in report["results"])
-    assert roles == [("packing", "packed", False), ("packing", "padded", False), ("reference", "full", False),
-                     ("sweep", "full", False), ("sweep", "full", True)]
+    assert roles == [
+        ("packing", "packed", False),
+        ("packing", "padded", False),
+        ("reference", "full", False),
+        ("sweep", "full", False),
+        ("sweep", "full", True),
+    ]
     for row in report["results"]:
         assert row["samples_per_s"] > 0 and math.isfinite(row["loss"]) and row["predicted_peak_gb"] > 0, row
     ref = next(x for x in report["results"] if x["role"] == "reference")
@@ -56,8 +67,14 @@ def test_packed_and_padded_batches_hold_the_same_samples():
 
 
 def test_useful_flops_by_hand():
-    c = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=100)
+    c = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     cfg = PILLConfig(rank=8, vpg_width=W, num_query_tokens=K)
     b = full_batch(2, 64, vocab=100)
     n, m, d, L = 128, int((b["labels"][:, 1:] != -100).sum()), 64, 2

@@ -11,15 +11,18 @@ from pipeline.data.records import SkipCounter
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("image_input", "x", "data.image_input must be auto|pixels|features, got 'x'"),
-    ("max_length", 4, "data.max_length must be an integer >= 8"),
-    ("num_workers", -1, "data.num_workers"),
-    ("shuffle_buffer", 1.5, "data.shuffle_buffer"),
-    ("sqa_format", "QCM", "data.sqa_format"),
-    ("image_mean", (0.5, 0.5), "data.image_mean must be three numbers"),
-    ("image_std", (0.5, 0.0, 0.5), "data.image_std must be > 0"),
-])
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("image_input", "x", "data.image_input must be auto|pixels|features, got 'x'"),
+        ("max_length", 4, "data.max_length must be an integer >= 8"),
+        ("num_workers", -1, "data.num_workers"),
+        ("shuffle_buffer", 1.5, "data.shuffle_buffer"),
+        ("sqa_format", "QCM", "data.sqa_format"),
+        ("image_mean", (0.5, 0.5), "data.image_mean must be three numbers"),
+        ("image_std", (0.5, 0.0, 0.5), "data.image_std must be > 0"),
+    ],
+)
 def test_bad_fields_name_themselves(field, value, msg):
     with pytest.raises(ValueError) as e:
         DataConfig(**{field: value})
@@ -34,8 +37,9 @@ def test_per_stage_arguments_are_checked_at_build(tmp_path):
     with pytest.raises(ValueError, match="data.max_length 16 leaves no room"):
         build_loader(DataConfig(max_length=16), None, sources=[SourceConfig("x")], batch_size=1, num_query_tokens=32)
     with pytest.raises(ValueError, match="rank 2 not in"):
-        build_loader(DataConfig(), None, sources=[SourceConfig("x")], batch_size=1, num_query_tokens=4, rank=2,
-                     world_size=2)
+        build_loader(
+            DataConfig(), None, sources=[SourceConfig("x")], batch_size=1, num_query_tokens=4, rank=2, world_size=2
+        )
 
 
 def test_skip_reasons_are_closed():
@@ -52,7 +56,10 @@ def test_pipeline_data_never_imports_shards():
     offenders = []
     for p in [*(ROOT / "pipeline" / "data").rglob("*.py"), ROOT / "pipeline" / "constants.py"]:
         for node in ast.walk(ast.parse(p.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             offenders += [f"{p.relative_to(ROOT)}: {n}" for n in names if n == "shards" or n.startswith("shards.")]
     assert not offenders, offenders

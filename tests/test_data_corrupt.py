@@ -30,10 +30,16 @@ def _good(key, i):
 def _bad_shard(path, tag):
     # bad ones first: the epoch's quota ends the stream right after the last good record
     bad_png = b"\x89PNG\r\n\x1a\n garbage"
-    write_tar(path, [Sample(f"{tag}badjson", {"png": png_bytes(), "json": b"{not json"}),
-                     Sample(f"{tag}nojson", {"png": png_bytes()}),
-                     Sample(f"{tag}badimg", {"png": bad_png, "json": json.dumps(sqa_meta(2)).encode()}),
-                     _good(f"{tag}g0", 0), _good(f"{tag}g1", 1)])
+    write_tar(
+        path,
+        [
+            Sample(f"{tag}badjson", {"png": png_bytes(), "json": b"{not json"}),
+            Sample(f"{tag}nojson", {"png": png_bytes()}),
+            Sample(f"{tag}badimg", {"png": bad_png, "json": json.dumps(sqa_meta(2)).encode()}),
+            _good(f"{tag}g0", 0),
+            _good(f"{tag}g1", 1),
+        ],
+    )
 
 
 def _cfg(urls, **kw):
@@ -60,8 +66,9 @@ def test_each_corruption_is_skipped_and_counted(tmp_path, tok, caplog):
     # read order: not-a-tar, missing (c-000003.tar does not exist), truncated, the one with bad samples
     urls = [str(tmp_path / f"c-{i:06d}.tar") for i in (2, 3, 1, 0)]
     with caplog.at_level(logging.WARNING):
-        ld = build_loader(_cfg(urls, batch_size=2, num_workers=0, samples_per_epoch=n_trunc + 3,
-                               shuffle_shards=False), tok)
+        ld = build_loader(
+            _cfg(urls, batch_size=2, num_workers=0, samples_per_epoch=n_trunc + 3, shuffle_shards=False), tok
+        )
         batches = list(ld)
     keys = [m["key"] for b in batches for m in b["meta"]]
     assert "abadimg" not in keys and set(keys) <= {"ag0", "ag1", "t0", "t1", "t2"}
@@ -97,15 +104,40 @@ def test_img2dataset_output_reads_as_is(tmp_path, tok):
     samples = []
     for i in range(6):
         key = f"{i:09d}"
-        meta = {"url": f"http://x/{i}.jpg", "key": key, "status": "success", "caption": f"caption {i}",
-                "width": 40, "height": 30, "original_width": 400, "original_height": 300, "error_message": None}
-        samples.append(Sample(key, {"jpg": png_bytes(size=40, fmt="JPEG"), "txt": f"caption {i}".encode(),
-                                    "json": json.dumps(meta).encode()}))
+        meta = {
+            "url": f"http://x/{i}.jpg",
+            "key": key,
+            "status": "success",
+            "caption": f"caption {i}",
+            "width": 40,
+            "height": 30,
+            "original_width": 400,
+            "original_height": 300,
+            "error_message": None,
+        }
+        samples.append(
+            Sample(
+                key,
+                {
+                    "jpg": png_bytes(size=40, fmt="JPEG"),
+                    "txt": f"caption {i}".encode(),
+                    "json": json.dumps(meta).encode(),
+                },
+            )
+        )
     write_tar(tmp_path / "00000.tar", samples)
     (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 7, "successes": 6, "failed_to_download": 1}))
     (tmp_path / "00000.parquet").write_bytes(b"PAR1")
-    ld = make_loader(tok, str(tmp_path), task="auto", batch_size=3, num_query_tokens=K, max_length=128,
-                     num_workers=0, shuffle_buffer=0)
+    ld = make_loader(
+        tok,
+        str(tmp_path),
+        task="auto",
+        batch_size=3,
+        num_query_tokens=K,
+        max_length=128,
+        num_workers=0,
+        shuffle_buffer=0,
+    )
     assert ld.samples_per_epoch == 6 and len(ld) == 2
     for b in ld:
         assert b["pixel_values"].shape == (3, 3, 224, 224)
@@ -118,11 +150,15 @@ def test_img2dataset_output_reads_as_is(tmp_path, tok):
 
 def test_too_long_and_missing_image_are_dropped_from_the_batch(tmp_path, tok):
     long_q = "why " * 400
-    write_tar(tmp_path / "l-000000.tar", [
-        _good("ok0", 0),
-        Sample("long", {"png": png_bytes(), "json": json.dumps(sqa_meta(1, question=long_q)).encode()}),
-        Sample("noimg", {"json": json.dumps(sqa_meta(2, has_image=True)).encode()}),
-        _good("ok1", 3)])
+    write_tar(
+        tmp_path / "l-000000.tar",
+        [
+            _good("ok0", 0),
+            Sample("long", {"png": png_bytes(), "json": json.dumps(sqa_meta(1, question=long_q)).encode()}),
+            Sample("noimg", {"json": json.dumps(sqa_meta(2, has_image=True)).encode()}),
+            _good("ok1", 3),
+        ],
+    )
     ld = build_loader(_cfg([str(tmp_path / "l-000000.tar")], batch_size=4, num_workers=0, max_length=256), tok)
     (b,) = list(ld)
     assert [m["key"] for m in b["meta"]] == ["ok0", "ok1"] and b["pixel_values"].shape[0] == 2

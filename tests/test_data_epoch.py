@@ -28,9 +28,20 @@ def balanced(tmp_path_factory):
 def _epoch(tok, urls, world, workers, epochs=1, **kw):
     """Keys per rank per epoch: [[epoch 0 keys of rank 0, ...], ...]; also checks equal batch counts."""
     out = []
-    loaders = [make_loader(tok, urls, batch_size=B, num_query_tokens=K, num_workers=workers, rank=r,
-                           world_size=world, shuffle_buffer=kw.pop("shuffle_buffer", 24), **kw)
-               for r in range(world)]
+    loaders = [
+        make_loader(
+            tok,
+            urls,
+            batch_size=B,
+            num_query_tokens=K,
+            num_workers=workers,
+            rank=r,
+            world_size=world,
+            shuffle_buffer=kw.pop("shuffle_buffer", 24),
+            **kw,
+        )
+        for r in range(world)
+    ]
     for _ in range(epochs):
         keys = []
         for ld in loaders:
@@ -56,7 +67,7 @@ def test_epochs_differ_in_order_and_resume_stays_exact(tok, balanced):
     resumed = make_loader(tok, balanced, batch_size=B, num_query_tokens=K, num_workers=2, shuffle_buffer=24)
     resumed.load_state_dict(state)
     tail = [m["key"] for b in resumed for m in b["meta"]]
-    assert tail == e1[0][7 * B:]
+    assert tail == e1[0][7 * B :]
 
 
 def test_unbalanced_shards_repeat_nothing_and_leave_less_than_a_global_batch(tok, tmp_path):
@@ -70,8 +81,11 @@ def test_unbalanced_shards_repeat_nothing_and_leave_less_than_a_global_batch(tok
 
 def _index(paths, counts, name="s"):
     d = Path(paths[0]).parent
-    idx = {"format": "pill-shards/1", "name": name,
-           "shards": [{"file": Path(p).name, "samples": n} for p, n in zip(paths, counts)]}
+    idx = {
+        "format": "pill-shards/1",
+        "name": name,
+        "shards": [{"file": Path(p).name, "samples": n} for p, n in zip(paths, counts)],
+    }
     (d / f"{name}-index.json").write_text(json.dumps(idx))
     return str(d / f"{name}-index.json")
 

@@ -27,8 +27,17 @@ def _error(data: bytes, **kw) -> float:
 
 
 @pytest.mark.parametrize("turbo", [True, False])
-@pytest.mark.parametrize("w,h,photo", [(500, 375, True), (500, 500, True), (1000, 750, True), (1000, 1000, True),
-                                       (1000, 750, False), (1400, 1400, False)])
+@pytest.mark.parametrize(
+    "w,h,photo",
+    [
+        (500, 375, True),
+        (500, 500, True),
+        (1000, 750, True),
+        (1000, 1000, True),
+        (1000, 750, False),
+        (1400, 1400, False),
+    ],
+)
 def test_pixels_within_1_255_of_full_decode_and_resize(w, h, photo, turbo):
     if turbo:
         pytest.importorskip("simplejpeg")

@@ -28,8 +28,7 @@ def shards(tmp_path_factory):
 
 def _cfg(urls, **kw):
     """Flat loader settings (DataConfig fields and build_loader arguments); see tests.datagen.make_loader."""
-    base = dict(batch_size=4, num_query_tokens=K, max_length=512, shuffle_buffer=8, num_workers=2, rank=0,
-                world_size=1)
+    base = dict(batch_size=4, num_query_tokens=K, max_length=512, shuffle_buffer=8, num_workers=2, rank=0, world_size=1)
     base.update(kw)
     return urls, base
 
@@ -83,9 +82,9 @@ def test_every_rank_yields_the_same_number_of_batches(shards, tok):
         keys.append({k for b in batches for k in b})
         shards_read.append(set(ld.shards_read))
     assert counts == [(44 // 12, 44 // 12)] * 3
-    assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1:])  # no sample on two ranks
+    assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1 :])  # no sample on two ranks
     # contiguous shares of the epoch: ranks share at most the shard at each end of their range
-    assert all(len(a & b) <= 1 for i, a in enumerate(shards_read) for b in shards_read[i + 1:])
+    assert all(len(a & b) <= 1 for i, a in enumerate(shards_read) for b in shards_read[i + 1 :])
 
 
 def test_fewer_shards_than_workers_splits_by_sample(tmp_path, tok):
@@ -105,8 +104,17 @@ def test_remote_shards_without_counts_fall_back_to_whole_shards(tmp_path, tok, c
     seen = []
     with caplog.at_level(logging.WARNING):
         for rank in range(2):
-            ld = build(_cfg([f"pipe:cat {paths[0]}"], rank=rank, world_size=2, batch_size=2, shuffle_buffer=0,
-                            samples_per_epoch=16), tok)
+            ld = build(
+                _cfg(
+                    [f"pipe:cat {paths[0]}"],
+                    rank=rank,
+                    world_size=2,
+                    batch_size=2,
+                    shuffle_buffer=0,
+                    samples_per_epoch=16,
+                ),
+                tok,
+            )
             seen += [k for b in _keys(ld) for k in b]
     assert "splitting by sample" in caplog.text
     assert sorted(seen) == sorted(set(seen)) and len(seen) == 16
@@ -154,8 +162,13 @@ def test_resampled_mode_has_the_requested_length(shards, tok):
 def test_sources_mixed_by_weight(tmp_path, tok):
     a = write_sqa_shards(tmp_path / "a", 2, 20, name="a", image=False)
     b = write_sqa_shards(tmp_path / "b", 2, 20, name="b", image=False)
-    cfg = _cfg(a, sources=[SourceConfig(a, task="scienceqa", weight=3), SourceConfig(b, task="scienceqa", weight=1)],
-               samples_per_epoch=400, shuffle_buffer=0, batch_size=8)
+    cfg = _cfg(
+        a,
+        sources=[SourceConfig(a, task="scienceqa", weight=3), SourceConfig(b, task="scienceqa", weight=1)],
+        samples_per_epoch=400,
+        shuffle_buffer=0,
+        batch_size=8,
+    )
     keys = [k for ks in _keys(build(cfg, tok)) for k in ks]
     frac_a = sum(k.startswith("a") for k in keys) / len(keys)
     assert len(keys) == 400 and 0.65 < frac_a < 0.85
@@ -172,8 +185,8 @@ def test_packing_matches_padding(shards, tok):
     for i, n in enumerate(lens.tolist()):
         s = int(packed["cu_seqlens"][i])
         for k in ("input_ids", "labels", "modality_mask"):
-            assert torch.equal(packed[k][0, s:s + n], padded[k][i, :n]), k
-        assert packed["position_ids"][0, s:s + n].tolist() == list(range(n))
+            assert torch.equal(packed[k][0, s : s + n], padded[k][i, :n]), k
+        assert packed["position_ids"][0, s : s + n].tolist() == list(range(n))
     assert packed["num_samples"] == padded["num_samples"] == len(lens)
     # right padding: real tokens first
     m = padded["attention_mask"]

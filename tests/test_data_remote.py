@@ -38,8 +38,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def server(tmp_path):
     urls = write_sqa_shards(tmp_path / "www", 4, 8, image=False)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(
-        tmp_path / "www")))
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Handler, directory=str(tmp_path / "www"))
+    )
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", [Path(u).name for u in urls], tmp_path / "www"
@@ -48,8 +49,9 @@ def server(tmp_path):
 
 
 def _run(tok, urls, **kw):
-    ld = make_loader(tok, urls, batch_size=B, num_query_tokens=K, num_workers=kw.pop("num_workers", 2),
-                     shuffle_buffer=4, **kw)
+    ld = make_loader(
+        tok, urls, batch_size=B, num_query_tokens=K, num_workers=kw.pop("num_workers", 2), shuffle_buffer=4, **kw
+    )
     keys = [m["key"] for b in ld for m in b["meta"]]
     return ld, keys
 
@@ -67,8 +69,9 @@ def test_remote_index_gives_the_counts(tok, server):
     base, names, www = server
     import json
 
-    (www / "s-index.json").write_text(json.dumps({"format": "pill-shards/1", "name": "s", "shards": [
-        {"file": n, "samples": 8} for n in names]}))
+    (www / "s-index.json").write_text(
+        json.dumps({"format": "pill-shards/1", "name": "s", "shards": [{"file": n, "samples": 8} for n in names]})
+    )
     ld, keys = _run(tok, f"{base}/s-index.json")
     assert ld.samples_per_epoch == 32 and sorted(keys) == sorted(set(keys)) and len(keys) == 32
 

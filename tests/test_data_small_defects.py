@@ -26,13 +26,24 @@ def _good(key, i):
 
 
 def test_a_bad_sample_is_counted_once_per_epoch_however_often_it_is_read(tok, tmp_path):
-    write_tar(tmp_path / "w-000000.tar", [Sample("bad", {"json": b"{nope"}),
-                                           Sample("img", {"png": b"\x89PNG broken",
-                                                          "json": json.dumps(sqa_meta(9)).encode()}),
-                                           *[_good(f"g{i}", i) for i in range(4)]])
+    write_tar(
+        tmp_path / "w-000000.tar",
+        [
+            Sample("bad", {"json": b"{nope"}),
+            Sample("img", {"png": b"\x89PNG broken", "json": json.dumps(sqa_meta(9)).encode()}),
+            *[_good(f"g{i}", i) for i in range(4)],
+        ],
+    )
     # 5 usable records, 30 per epoch: the worker reads its shard six times
-    ld = make_loader(tok, str(tmp_path / "w-000000.tar"), batch_size=5, num_query_tokens=K, num_workers=0,
-                     shuffle_buffer=0, samples_per_epoch=30)
+    ld = make_loader(
+        tok,
+        str(tmp_path / "w-000000.tar"),
+        batch_size=5,
+        num_query_tokens=K,
+        num_workers=0,
+        shuffle_buffer=0,
+        samples_per_epoch=30,
+    )
     batches = list(ld)
     assert len(batches) == 6
     keys = [m["key"] for b in batches for m in b["meta"]]
@@ -44,8 +55,10 @@ def test_a_bad_sample_is_counted_once_per_epoch_however_often_it_is_read(tok, tm
 
 def test_tar_scan_counts_only_samples_the_reader_yields(tmp_path):
     p = tmp_path / "s.tar"
-    write_tar(p, [_good("a", 0), _good("b", 1), Sample("nojson", {"png": png_bytes()}),
-                  Sample("badjson", {"json": b"[1, 2]"})])
+    write_tar(
+        p,
+        [_good("a", 0), _good("b", 1), Sample("nojson", {"png": png_bytes()}), Sample("badjson", {"json": b"[1, 2]"})],
+    )
     with tarfile.open(p, "a") as tar:  # a member without an extension (README-like)
         info = tarfile.TarInfo("README")
         info.size = 5
@@ -56,11 +69,16 @@ def test_tar_scan_counts_only_samples_the_reader_yields(tmp_path):
 def test_gif_is_decoded_and_unknown_formats_are_unsupported(tok, tmp_path):
     buf = io.BytesIO()
     Image.new("RGB", (20, 20), (10, 200, 10)).save(buf, format="GIF")
-    write_tar(tmp_path / "g-000000.tar", [
-        Sample("gif", {"gif": buf.getvalue(), "json": json.dumps(sqa_meta(0)).encode()}),
-        Sample("svg", {"svg": b"<svg/>", "json": json.dumps(sqa_meta(1)).encode()})])
-    ld = make_loader(tok, str(tmp_path / "g-000000.tar"), batch_size=2, num_query_tokens=K, num_workers=0,
-                     shuffle_buffer=0)
+    write_tar(
+        tmp_path / "g-000000.tar",
+        [
+            Sample("gif", {"gif": buf.getvalue(), "json": json.dumps(sqa_meta(0)).encode()}),
+            Sample("svg", {"svg": b"<svg/>", "json": json.dumps(sqa_meta(1)).encode()}),
+        ],
+    )
+    ld = make_loader(
+        tok, str(tmp_path / "g-000000.tar"), batch_size=2, num_query_tokens=K, num_workers=0, shuffle_buffer=0
+    )
     (b,) = list(ld)
     assert [m["key"] for m in b["meta"]] == ["gif"] and b["pixel_values"].shape == (1, 3, 224, 224)
     assert ld.skipped() == {"unsupported_image": 1}
@@ -75,9 +93,18 @@ def test_scienceqa_without_answer_names_the_missing_field():
 
 
 def test_the_samples_json_does_not_overwrite_the_loaders_task(tok, tmp_path):
-    write_tar(tmp_path / "t-000000.tar", [Sample("k", {"json": json.dumps(
-        sqa_meta(0, has_image=False, task="closed choice")).encode()})])
-    ld = make_loader(tok, str(tmp_path / "t-000000.tar"), task="auto", batch_size=1, num_query_tokens=K,
-                     num_workers=0, shuffle_buffer=0)
+    write_tar(
+        tmp_path / "t-000000.tar",
+        [Sample("k", {"json": json.dumps(sqa_meta(0, has_image=False, task="closed choice")).encode()})],
+    )
+    ld = make_loader(
+        tok,
+        str(tmp_path / "t-000000.tar"),
+        task="auto",
+        batch_size=1,
+        num_query_tokens=K,
+        num_workers=0,
+        shuffle_buffer=0,
+    )
     (b,) = list(ld)
     assert b["meta"][0]["task"] == "scienceqa" and b["meta"][0]["key"] == "k"

@@ -48,13 +48,14 @@ def test_damage_is_an_error():
     with pytest.raises(TarError, match="empty"):
         list(iter_members(io.BytesIO(b""), False))
     with pytest.raises(TarError, match="truncated"):  # cut exactly at a header boundary: tarfile ends silently
-        list(iter_members(io.BytesIO(raw[:512 + 512]), False))
+        list(iter_members(io.BytesIO(raw[: 512 + 512]), False))
     with pytest.raises(TarError, match="truncated"):
         [m.read() for m in iter_members(io.BytesIO(raw[:2000]), False)]
 
 
-@pytest.mark.parametrize("arr", [np.arange(12, dtype=np.float16).reshape(3, 4), np.ones((2, 5), np.float32),
-                                 np.zeros((0, 3), np.int64)])
+@pytest.mark.parametrize(
+    "arr", [np.arange(12, dtype=np.float16).reshape(3, 4), np.ones((2, 5), np.float32), np.zeros((0, 3), np.int64)]
+)
 def test_npy_fast_path(arr):
     buf = io.BytesIO()
     np.save(buf, arr)

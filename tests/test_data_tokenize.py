@@ -40,9 +40,11 @@ def test_scienceqa_prompt_labels_and_visual_positions(tok):
     conv = render(meta, None, "scienceqa", True, cfg)
     enc = encode_pieces([conversation_pieces(conv)], tok, K, cfg.max_length)[0]
     text = _text(tok, enc.input_ids, enc.modality_mask)
-    assert text == ("<s>[INST] <<SYS>>\n" + cfg.system_message + "\n<</SYS>>\n\nImage:<image>\nQuestion: Question "
-                    "number 1?\nContext: a hint\nOptions: (A) red (B) blue (C) green\n [/INST]The answer is B. "
-                    "BECAUSE: Lec. Sol.</s>")
+    assert text == (
+        "<s>[INST] <<SYS>>\n" + cfg.system_message + "\n<</SYS>>\n\nImage:<image>\nQuestion: Question "
+        "number 1?\nContext: a hint\nOptions: (A) red (B) blue (C) green\n [/INST]The answer is B. "
+        "BECAUSE: Lec. Sol.</s>"
+    )
     assert int(enc.modality_mask.sum()) == K
     assert (enc.input_ids[enc.modality_mask] == placeholder_id(tok)).all()
     lab = enc.labels[enc.labels != IGNORE]
@@ -68,17 +70,28 @@ def test_scienceqa_without_image_and_qcm_a(tok):
 
 def test_caption_and_chat_templates(tok):
     cfg = _cfg()
-    meta = {"conversations": [{"from": "human", "value": "Say what you see.\n<image>"},
-                              {"from": "gpt", "value": "from json"}]}
+    meta = {
+        "conversations": [
+            {"from": "human", "value": "Say what you see.\n<image>"},
+            {"from": "gpt", "value": "from json"},
+        ]
+    }
     conv = render(meta, "a red circle", "caption", True, cfg)
     assert conv.system is None and conv.turns == [("Say what you see.\n<image>", "a red circle")]
     conv = render({}, "img2dataset caption", "caption", True, cfg)  # no conversations: default instruction
     enc = encode_pieces([conversation_pieces(conv)], tok, K, 64)[0]
     assert _text(tok, enc.input_ids, enc.modality_mask) == (
-        "<s>[INST]<image>\nDescribe the image briefly. [/INST]img2dataset caption</s>")
-    chat = {"source": "llava_instruct", "conversations": [
-        {"from": "human", "value": "<image>\nQ1"}, {"from": "gpt", "value": "A1"},
-        {"from": "human", "value": "Q2 <image>"}, {"from": "gpt", "value": "A2"}]}
+        "<s>[INST]<image>\nDescribe the image briefly. [/INST]img2dataset caption</s>"
+    )
+    chat = {
+        "source": "llava_instruct",
+        "conversations": [
+            {"from": "human", "value": "<image>\nQ1"},
+            {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2 <image>"},
+            {"from": "gpt", "value": "A2"},
+        ],
+    }
     conv = render(chat, None, "auto", True, cfg)
     enc = encode_pieces([conversation_pieces(conv)], tok, K, 512)[0]
     assert int(enc.modality_mask.sum()) == K  # one image: the second marker is dropped
@@ -92,8 +105,12 @@ def test_caption_and_chat_templates(tok):
 
 def test_truncation_never_cuts_an_image(tok):
     cfg = _cfg()
-    meta = {"conversations": [{"from": "human", "value": "Look at this long instruction please <image>"},
-                              {"from": "gpt", "value": "a caption with several words in it"}]}
+    meta = {
+        "conversations": [
+            {"from": "human", "value": "Look at this long instruction please <image>"},
+            {"from": "gpt", "value": "a caption with several words in it"},
+        ]
+    }
     pieces = [conversation_pieces(render(meta, None, "caption", True, cfg))]
     full = encode_pieces(pieces, tok, K, None)[0]
     start = int(full.modality_mask.nonzero()[0][0])
@@ -105,8 +122,10 @@ def test_truncation_never_cuts_an_image(tok):
     assert len(part.input_ids) == first_label + 2 and int(part.modality_mask.sum()) == K and part.n_images == 1
     assert (part.labels != IGNORE).sum() == 2
     # an image after some answer tokens (multi-turn): cut inside it keeps the first turn, drops the image whole
-    chat = {"source": "llava_instruct", "conversations": [
-        {"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}]}
+    chat = {
+        "source": "llava_instruct",
+        "conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}],
+    }
     conv = render(chat, None, "chat", True, cfg)  # image marker goes first in turn 1
     conv.turns = [("Q1", "A1"), ("<image>\nQ2", "A2")]
     pc = [conversation_pieces(conv)]

@@ -12,12 +12,30 @@ def test_mme_cli_end_to_end(tiny_dirs, tmp_path, capsys):
     from pipeline.model import PILLConfig, load_pill
 
     root = make_mme(tmp_path / "MME")
-    model = load_pill(tiny_dirs["llm"], tiny_dirs["vpg"], cfg=PILLConfig(stage=2, rank=4, num_query_tokens=8,
-                                                                         vpg_width=64))
+    model = load_pill(
+        tiny_dirs["llm"], tiny_dirs["vpg"], cfg=PILLConfig(stage=2, rank=4, num_query_tokens=8, vpg_width=64)
+    )
     export = model.save_adapter(tmp_path / "export")
     out = tmp_path / "out"
-    assert main(["--llm", str(tiny_dirs["llm"]), "--vpg", str(tiny_dirs["vpg"]), "--adapter", str(export),
-                 "--mme-root", str(root), "--out-dir", str(out), "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "--llm",
+                str(tiny_dirs["llm"]),
+                "--vpg",
+                str(tiny_dirs["vpg"]),
+                "--adapter",
+                str(export),
+                "--mme-root",
+                str(root),
+                "--out-dir",
+                str(out),
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores["subtasks"]) == {"existence", "artwork", "code_reasoning"}
     assert scores["subtasks"]["artwork"]["n_questions"] == 6

@@ -76,11 +76,15 @@ def test_scores_with_fixed_predictions(tmp_path):
         "Is there a dog in a2? Please answer yes or no.": "yes",
         "Is there a cat in a2?": "I think so",  # 'other' -> wrong
         # artwork: b1 both right, b2 both wrong, b3 one right -> acc 50, acc+ 33.33
-        "Is b1 by Monet?": "no", "Is b1 by Manet?": "yes",
-        "Is b2 by Monet?": "yes", "Is b2 by Manet?": "no",
-        "Is b3 by Monet?": "No.", "Is b3 by Manet?": "no",
+        "Is b1 by Monet?": "no",
+        "Is b1 by Manet?": "yes",
+        "Is b2 by Monet?": "yes",
+        "Is b2 by Manet?": "no",
+        "Is b3 by Monet?": "No.",
+        "Is b3 by Manet?": "no",
         # code_reasoning: both right -> 200
-        "Does it print 3?": "Yes", "Does it print 4?": "No",
+        "Does it print 3?": "Yes",
+        "Does it print 4?": "No",
     }
     s = score_mme((q, preds[q.question]) for q in qs)
     ex, art, code = (s["subtasks"][t] for t in ("existence", "artwork", "code_reasoning"))

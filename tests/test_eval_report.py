@@ -65,15 +65,25 @@ def test_trainer_layout(tmp_path):
     for stage in (1, 2):
         d = tmp_path / f"stage{stage}"
         d.mkdir()
-        rows = [{"step": s, "loss": 3.0 / s, "lr": 1e-3, "samples_per_s": 4.0, "samples": 8 * s,
-                 "grad_norm": float("nan"), **({"gate_abs": [0.01 * s, 0.02 * s]} if stage == 2 else {})}
-                for s in range(1, 6)]
+        rows = [
+            {
+                "step": s,
+                "loss": 3.0 / s,
+                "lr": 1e-3,
+                "samples_per_s": 4.0,
+                "samples": 8 * s,
+                "grad_norm": float("nan"),
+                **({"gate_abs": [0.01 * s, 0.02 * s]} if stage == 2 else {}),
+            }
+            for s in range(1, 6)
+        ]
         (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         (d / "result.json").write_text(json.dumps({"stage": stage, "steps": 5, "final_loss": 0.6}))
     (tmp_path / "config.json").write_text(json.dumps({"name": "demo"}))
     mc = score_multiple_choice([MCRecord(key="a", answer=0, num_choices=2, pred=1, categories=("IMG",))])
-    (tmp_path / "eval.json").write_text(json.dumps({"accuracy": 0.0, "accuracy_no_image": 0.0, "n": 1,
-                                                    "with_image": mc, "without_image": mc}))
+    (tmp_path / "eval.json").write_text(
+        json.dumps({"accuracy": 0.0, "accuracy_no_image": 0.0, "n": 1, "with_image": mc, "without_image": mc})
+    )
     assert main([str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "stage 1 loss: first 3.0000" in md and "stage 2 samples seen (last record): 40" in md

@@ -98,8 +98,14 @@ def test_score_counts_every_category():
     assert s["chance"] == pytest.approx(33.33)
     cats = {c: (v["n"], v["correct"]) for c, v in s["categories"].items()}
     assert cats == {
-        "NAT": (2, 1), "SOC": (1, 0), "LAN": (1, 1), "TXT": (2, 0), "IMG": (2, 1), "NO": (1, 1),
-        "G1-6": (2, 1), "G7-12": (2, 1),
+        "NAT": (2, 1),
+        "SOC": (1, 0),
+        "LAN": (1, 1),
+        "TXT": (2, 0),
+        "IMG": (2, 1),
+        "NO": (1, 1),
+        "G1-6": (2, 1),
+        "G7-12": (2, 1),
     }
     # the random-fallback variant differs only through the unparsed sample, and is reproducible
     assert s["accuracy_random_fallback"] in (50.0, 75.0)

@@ -9,7 +9,6 @@ import importlib
 import pytest
 import torch
 from pill_kernels import (
-    RoutedSwiGLUAdapterFunction,
     build_route_schedule,
     routed_swiglu_adapter,
     routed_swiglu_adapter_eager,
@@ -51,7 +50,7 @@ def _run(fn, x, route, ws, dy):
 
 def _check_fp32(x, route, ws):
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype)
-    got = _run(RoutedSwiGLUAdapterFunction.apply, x, route, ws, dy)
+    got = _run(routed_swiglu_adapter, x, route, ws, dy)
     ref = _run(routed_swiglu_adapter_ref, x, route, ws, dy)
     for name, a, b in zip(["y", "dx", "dw_gate", "dw_down", "dw_up"], got, ref, strict=True):
         assert a.dtype == b.dtype, name
@@ -93,7 +92,7 @@ def test_unrouted_shared_adapter():
 @requires_triton_path
 def test_bool_route_and_zero_up_is_identity():
     x, rt, ws = _inputs((2, 10), 32, 16, 2)
-    y = RoutedSwiGLUAdapterFunction.apply(x, rt.bool(), ws[0], ws[1], torch.zeros_like(ws[2]))
+    y = routed_swiglu_adapter(x, rt.bool(), ws[0], ws[1], torch.zeros_like(ws[2]))
     assert torch.equal(y, x)  # U = 0 (PILL's init): exactly the input
     _check_fp32(x, rt.bool(), ws)
 
@@ -131,7 +130,7 @@ def test_route_schedule_errors():
     with pytest.raises(ValueError, match="integer"):
         build_route_schedule(rt.float(), 2)
     with pytest.raises(ValueError, match="built for 3 experts"):
-        RoutedSwiGLUAdapterFunction.apply(x, build_route_schedule(rt, 3), *ws)
+        routed_swiglu_adapter(x, build_route_schedule(rt, 3), *ws)
 
 
 @requires_triton_path
@@ -176,7 +175,7 @@ def _check_low_precision(x32, route, ws, dtype):
     x_low = x32.detach().to(dtype).requires_grad_()
     ref32 = _run(routed_swiglu_adapter_ref, x32, route, ws, dy32)
     ref_low = _run(routed_swiglu_adapter_ref, x_low, route, ws, dy32.to(dtype))
-    got = _run(RoutedSwiGLUAdapterFunction.apply, x_low, route, ws, dy32.to(dtype))
+    got = _run(routed_swiglu_adapter, x_low, route, ws, dy32.to(dtype))
     for name, a, b, r in zip(["y", "dx", "dw_gate", "dw_down", "dw_up"], got, ref_low, ref32, strict=True):
         assert a.dtype == b.dtype, name
         err = (a.float() - r).abs().max().item()

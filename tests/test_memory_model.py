@@ -27,8 +27,15 @@ K, W = 8, 32  # visual tokens per image, Q-former width
 
 
 def _llm_config(**kw) -> LlamaConfig:
-    base = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, vocab_size=256, max_position_embeddings=512)
+    base = dict(
+        hidden_size=128,
+        intermediate_size=320,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+        max_position_embeddings=512,
+    )
     return LlamaConfig(**{**base, **kw})
 
 
@@ -42,9 +49,12 @@ def _pill(llm_config: LlamaConfig, dtype: torch.dtype, **pill_kw) -> PILL:
 def _batch(B: int, T: int, dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(1)
     mm = torch.zeros(B, T, dtype=torch.bool)
-    mm[:, 4:4 + K] = True
-    return {"input_ids": torch.randint(0, 256, (B, T), generator=g), "modality_mask": mm,
-            "image_features": torch.randn(B, K, W, generator=g).to(dtype)}
+    mm[:, 4 : 4 + K] = True
+    return {
+        "input_ids": torch.randint(0, 256, (B, T), generator=g),
+        "modality_mask": mm,
+        "image_features": torch.randn(B, K, W, generator=g).to(dtype),
+    }
 
 
 def saved_activation_bytes(model: torch.nn.Module, fn) -> int:
@@ -70,8 +80,13 @@ CASES = [
     ("bf16 eager attention", torch.bfloat16, {}, {"attn_backend": "eager", "adapter_backend": "eager"}, 2),
     ("bf16 GQA", torch.bfloat16, {"num_key_value_heads": 2}, {"attn_backend": "sdpa", "adapter_backend": "eager"}, 2),
     ("fp32 stage 1", torch.float32, {}, {"attn_backend": "sdpa", "adapter_backend": "eager"}, 1),
-    ("fp32 no MoMAE/MAG", torch.float32, {}, {"attn_backend": "sdpa", "adapter_backend": "eager", "momae": False,
-                                              "mag": False}, 2),
+    (
+        "fp32 no MoMAE/MAG",
+        torch.float32,
+        {},
+        {"attn_backend": "sdpa", "adapter_backend": "eager", "momae": False, "mag": False},
+        2,
+    ),
 ]
 
 
@@ -81,8 +96,13 @@ def test_activations_match_what_autograd_saves(name, dtype, llm_kw, pill_kw, sta
     llm_config = _llm_config(**llm_kw)
     model = _pill(llm_config, dtype, stage=stage, **pill_kw)
     measured = saved_activation_bytes(model, lambda: model(**_batch(B, T, dtype)))
-    s = MemorySetup(micro_batch=B, seq=T, precision="bf16" if dtype == torch.bfloat16 else "fp32",
-                    attn_backend=pill_kw["attn_backend"], adapter_backend=pill_kw["adapter_backend"])
+    s = MemorySetup(
+        micro_batch=B,
+        seq=T,
+        precision="bf16" if dtype == torch.bfloat16 else "fp32",
+        attn_backend=pill_kw["attn_backend"],
+        adapter_backend=pill_kw["adapter_backend"],
+    )
     per_layer = sum(layer_activation_bytes(llm_config, model.cfg, s).values())
     predicted = activation_bytes(llm_config, model.cfg, s, per_layer)
     assert predicted == pytest.approx(measured, rel=0.02), (name, predicted, measured)
@@ -133,8 +153,9 @@ def _seven_b(**setup) -> tuple:
 def test_internal_consistency():
     llm_config, cfg, counts, s = _seven_b()
     base = estimate(llm_config, cfg, counts, s)
-    assert base.peak == pytest.approx(sum(base.components.values()) - min(base.components["logits and loss"],
-                                                                           base.components["backward transients"]))
+    assert base.peak == pytest.approx(
+        sum(base.components.values()) - min(base.components["logits and loss"], base.components["backward transients"])
+    )
     act = lambda e: next(v for k, v in e.components.items() if k.startswith("activations"))  # noqa: E731
     ck = estimate(llm_config, cfg, counts, dataclasses.replace(s, checkpointing=True))
     ck2 = estimate(llm_config, cfg, counts, dataclasses.replace(s, checkpointing=True, checkpoint_every=2))
@@ -158,15 +179,36 @@ def test_internal_consistency():
 
 
 def test_params_memory_cli():
-    r = subprocess.run([sys.executable, "-m", "pipeline.params", "--memory", "--llm-preset", "llama2-7b", "--stage",
-                        "2", "--micro-batch", "4", "--seq", "512", "--checkpointing", "--zero", "2", "--world", "1"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.params",
+            "--memory",
+            "--llm-preset",
+            "llama2-7b",
+            "--stage",
+            "2",
+            "--micro-batch",
+            "4",
+            "--seq",
+            "512",
+            "--checkpointing",
+            "--zero",
+            "2",
+            "--world",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "frozen LLM weights" in r.stdout and "predicted peak" in r.stdout
     assert r.stdout.strip().splitlines()[-1].startswith("predicted_peak_gb=")
 
 
-_DS_CHILD = r'''
+_DS_CHILD = r"""
 import json, os, sys, torch
 import deepspeed
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -198,7 +240,7 @@ s = MemorySetup(micro_batch=2, seq=32, zero_stage=int(sys.argv[1]), reduce_bucke
 est = estimate(c, model.cfg, ParamCounts.of(model), s)
 print(json.dumps({"measured": master + moments, "predicted": est.components["optimizer (fp32 master, Adam m, v)"],
                   "module_dtypes": sorted({str(p.dtype) for p in model.parameters()})}))
-'''
+"""
 
 
 @pytest.mark.parametrize("zero", [1, 2])
@@ -206,8 +248,14 @@ def test_deepspeed_optimizer_state_bytes(zero):
     """DeepSpeed's bf16 ZeRO optimizer on CPU, 1 rank: fp32 master partition + Adam moments as predicted (up to
     DeepSpeed's alignment padding of the flat partition; measured: equal)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run([sys.executable, "-c", _DS_CHILD, str(zero)], capture_output=True, text=True, timeout=300,
-                       env=env, cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [sys.executable, "-c", _DS_CHILD, str(zero)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["module_dtypes"] == ["torch.bfloat16"]

@@ -23,13 +23,23 @@ def test_cached_decode_equals_full_forward_with_left_padding(tiny_gqa_dirs):
     with torch.no_grad():
         full = model(ids, attention_mask=attn, modality_mask=mm, image_features=feats, use_cache=True).logits
         prefix = 16
-        out = model(ids[:, :prefix], attention_mask=attn[:, :prefix], modality_mask=mm[:, :prefix],
-                    image_features=feats, use_cache=True)
+        out = model(
+            ids[:, :prefix],
+            attention_mask=attn[:, :prefix],
+            modality_mask=mm[:, :prefix],
+            image_features=feats,
+            use_cache=True,
+        )
         steps = [out.logits]
         cache = out.past_key_values
         for t in range(prefix, T):
-            out = model(ids[:, t:t + 1], attention_mask=attn[:, :t + 1], modality_mask=mm[:, t:t + 1],
-                        past_key_values=cache, use_cache=True)
+            out = model(
+                ids[:, t : t + 1],
+                attention_mask=attn[:, : t + 1],
+                modality_mask=mm[:, t : t + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache = out.past_key_values
             steps.append(out.logits)
     stepped = torch.cat(steps, dim=1)

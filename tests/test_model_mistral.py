@@ -18,10 +18,21 @@ def tiny_mistral(tmp_path_factory):
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16, max_position_embeddings=256,
-                        initializer_range=0.125, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    cfg = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+        max_position_embeddings=256,
+        initializer_range=0.125,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     MistralForCausalLM(cfg).save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out

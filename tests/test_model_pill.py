@@ -30,8 +30,8 @@ def batch_with_images(vocab, B=2, T=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (B, T), generator=g)
     mm = torch.zeros(B, T, dtype=torch.bool)
-    mm[0, 3:3 + K] = True
-    mm[0, 20:20 + K] = True
+    mm[0, 3 : 3 + K] = True
+    mm[0, 20 : 20 + K] = True
     attn = torch.ones(B, T, dtype=torch.long)
     attn[1, 30:] = 0
     labels = torch.full_like(ids, -100)  # only the answer (the last tokens) is in the loss, as in real data
@@ -68,8 +68,10 @@ def test_init_with_images_stage1_equals_llm_stage2_zero_gate(tiny_dirs):
         m1.cfg.stage = 2
         ours2 = m1(**{k: v for k, v in b.items() if k != "labels"}).logits
         keep = (~b["modality_mask"]).unsqueeze(-1).float()
-        hooks = [layer.self_attn.v_proj.register_forward_hook(lambda mod, inp, out: out * keep)
-                 for layer in m1.llm.model.layers]
+        hooks = [
+            layer.self_attn.v_proj.register_forward_hook(lambda mod, inp, out: out * keep)
+            for layer in m1.llm.model.layers
+        ]
         ref2 = m1.llm(inputs_embeds=emb).logits
         for h in hooks:
             h.remove()
@@ -148,8 +150,10 @@ def test_pixels_through_vpg_equal_precomputed_features(tiny_dirs):
     assert not model.vpg.training and not model.llm.training  # Q-former dropout stays off
 
 
-@pytest.mark.parametrize("variant", [dict(momae=False), dict(mag=False), dict(adapter_act="gelu"),
-                                     dict(adapter_act="none"), dict(attn_adapter=False)])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(momae=False), dict(mag=False), dict(adapter_act="gelu"), dict(adapter_act="none"), dict(attn_adapter=False)],
+)
 def test_ablation_variants_run_and_keep_init_identity(tiny_dirs, variant):
     model = make(tiny_dirs, stage=2, **variant)
     ids = torch.randint(5, 400, (1, 20), generator=torch.Generator().manual_seed(3))

@@ -11,8 +11,10 @@ import torch
 from pipeline.model import PILLConfig, load_pill
 from tests.test_model_pill import assert_close_to_scale, batch_with_images, randomize
 
-needs_triton = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                  reason="no CUDA and TRITON_INTERPRET is not 1: the kernels would fall back")
+needs_triton = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no CUDA and TRITON_INTERPRET is not 1: the kernels would fall back",
+)
 
 
 @needs_triton
@@ -20,8 +22,9 @@ needs_triton = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.g
 def test_triton_backends_match_eager(tiny_gqa_dirs, stage):
     results = {}
     for attn, adapter in (("eager", "eager"), ("triton", "triton")):
-        cfg = PILLConfig(stage=stage, rank=8, num_query_tokens=8, vpg_width=64, attn_backend=attn,
-                         adapter_backend=adapter)
+        cfg = PILLConfig(
+            stage=stage, rank=8, num_query_tokens=8, vpg_width=64, attn_backend=attn, adapter_backend=adapter
+        )
         torch.manual_seed(1)
         model = load_pill(tiny_gqa_dirs["llm"], None, cfg, dtype=torch.float32)
         randomize(model)
@@ -50,8 +53,15 @@ def test_triton_packed_batch_matches_eager(tiny_dirs):
         mm[0, 2:10] = True
         cu = torch.tensor([0, 13, 30], dtype=torch.int32)
         pos = torch.cat([torch.arange(13), torch.arange(17)])[None]
-        out = model(ids, modality_mask=mm, labels=ids, image_features=torch.randn(1, 8, 64, generator=g),
-                    cu_seqlens=cu, max_seqlen=17, position_ids=pos)
+        out = model(
+            ids,
+            modality_mask=mm,
+            labels=ids,
+            image_features=torch.randn(1, 8, 64, generator=g),
+            cu_seqlens=cu,
+            max_seqlen=17,
+            position_ids=pos,
+        )
         out.loss.backward()
         outs[backend] = (out.logits.detach(), model.projection.weight.grad.clone())
     assert_close_to_scale(outs["triton"][0], outs["eager"][0], "logits")
@@ -62,13 +72,14 @@ def test_triton_packed_batch_matches_eager(tiny_dirs):
 @pytest.mark.parametrize("stage, builds", [(1, 2), (2, 1)])
 def test_route_schedule_is_built_once_per_forward(tiny_dirs, monkeypatch, stage, builds):
     """Every layer shares one expert schedule (stage 1's inverted last layer gets a second one)."""
-    import pill_kernels
+    from pipeline.model import adapters
 
     calls = []
-    real = pill_kernels.build_route_schedule
-    monkeypatch.setattr(pill_kernels, "build_route_schedule", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cfg = PILLConfig(stage=stage, rank=4, num_query_tokens=8, vpg_width=64, attn_backend="eager",
-                     adapter_backend="triton")
+    real = adapters.build_route_schedule  # patched where the model looks it up
+    monkeypatch.setattr(adapters, "build_route_schedule", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = PILLConfig(
+        stage=stage, rank=4, num_query_tokens=8, vpg_width=64, attn_backend="eager", adapter_backend="triton"
+    )
     model = load_pill(tiny_dirs["llm"], None, cfg, dtype=torch.float32)
     model(**{k: v for k, v in batch_with_images(len(model.tokenizer)).items() if k != "labels"})
     assert len(calls) == builds

@@ -69,7 +69,13 @@ def test_iaa_stages(tiny_dirs, clip_dir):  # noqa: F811
     assert {n.split(".")[0] for n, _ in model.trainable_parameters()} == {"projection", "projection_out"}
     model.set_stage(2)
     assert {n.split(".")[0] for n, _ in model.trainable_parameters()} == {
-        "projection", "projection_out", "adaptors", "mm_embed", "mm_norm", "mm_head"}
+        "projection",
+        "projection_out",
+        "adaptors",
+        "mm_embed",
+        "mm_norm",
+        "mm_head",
+    }
     assert model.insert_after == [0, 1]  # IAA-14's pattern on a 2-layer LLM
     from pipeline.model.peers.iaa import iaa_layers
 
@@ -90,11 +96,11 @@ def test_excitor_output_rows_are_convex_combinations_of_the_value_rows():
     key_ex = torch.randn(B, T, H, T, generator=g) * 3
     v = torch.eye(T).expand(B, H, T, T).permute(0, 2, 1, 3)  # (B, T, H, T): value row j = e_j
     for backend in ("eager", "sdpa"):
-        w = excitor_attention(q, k, v, key_ex, torch.tensor(2.5), AttnMask(causal=True), T ** -0.5, backend)
+        w = excitor_attention(q, k, v, key_ex, torch.tensor(2.5), AttnMask(causal=True), T**-0.5, backend)
         assert (w >= 0).all()
         torch.testing.assert_close(w.sum(-1), torch.ones(B, T, H))
         assert w.transpose(1, 2).triu(1).abs().max() == 0  # (B, H, Tq, Tk): nothing on future keys
-        plain = excitor_attention(q, k, v, key_ex, torch.tensor(0.0), AttnMask(causal=True), T ** -0.5, backend)
+        plain = excitor_attention(q, k, v, key_ex, torch.tensor(0.0), AttnMask(causal=True), T**-0.5, backend)
         assert (w - plain).abs().max() > 1e-2  # the excitor did change the weights
 
 

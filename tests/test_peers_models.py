@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 
+from pipeline.model import get_method, load_export, load_method, method_names
 from pipeline.model.base import ADAPTER_CONFIG, read_export_meta
-from pipeline.model import load_export, load_method
-from pipeline.model import get_method, method_names
 from pipeline.model.methods import clip_features
 
 PEERS = ["llama_adapter", "lavin", "excitor", "iaa"]
@@ -46,7 +45,7 @@ def image_batch(model, seed=0, T=30):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, len(model.tokenizer), (2, T + K), generator=g)
     mm = torch.zeros_like(ids, dtype=torch.bool)
-    mm[0, 3:3 + K] = True
+    mm[0, 3 : 3 + K] = True
     attn = torch.ones_like(ids)
     attn[1, -4:] = 0
     labels = torch.full_like(ids, -100)
@@ -106,7 +105,7 @@ def test_kv_cache_decoding_equals_the_full_forward(name, tiny_dirs, clip_dir):
     T, pad = 12 + K, 3
     ids = torch.randint(5, len(model.tokenizer), (2, T), generator=g)
     mm = torch.zeros_like(ids, dtype=torch.bool)
-    mm[0, 2:2 + K] = True
+    mm[0, 2 : 2 + K] = True
     attn = torch.ones_like(ids)
     attn[1, :pad] = 0
     pixels = torch.randn(1, 3, 224, 224, generator=g)
@@ -116,24 +115,35 @@ def test_kv_cache_decoding_equals_the_full_forward(name, tiny_dirs, clip_dir):
         steps = [out.logits[:, -1]]
         for t in range(new.shape[1]):
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            out = model(input_ids=new[:, t:t + 1], attention_mask=attn, modality_mask=torch.zeros_like(new[:, :1],
-                        dtype=torch.bool), past_key_values=out.past_key_values, use_cache=True)
+            out = model(
+                input_ids=new[:, t : t + 1],
+                attention_mask=attn,
+                modality_mask=torch.zeros_like(new[:, :1], dtype=torch.bool),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
             steps.append(out.logits[:, -1])
         cached = torch.stack(steps[:-1], dim=1)  # logits predicting new[:, 0..2]
-        full0 = model(input_ids=torch.cat([ids[:1], new[:1]], 1), modality_mask=torch.cat(
-            [mm[:1], torch.zeros_like(new[:1], dtype=torch.bool)], 1), pixel_values=pixels).logits
+        full0 = model(
+            input_ids=torch.cat([ids[:1], new[:1]], 1),
+            modality_mask=torch.cat([mm[:1], torch.zeros_like(new[:1], dtype=torch.bool)], 1),
+            pixel_values=pixels,
+        ).logits
         full1 = model(input_ids=torch.cat([ids[1:, pad:], new[1:]], 1)).logits
     n = new.shape[1]
-    torch.testing.assert_close(cached[0], full0[0, T - 1:T - 1 + n], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(cached[1], full1[0, T - pad - 1:T - pad - 1 + n], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached[0], full0[0, T - 1 : T - 1 + n], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached[1], full1[0, T - pad - 1 : T - pad - 1 + n], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name,preset,expected", [
-    ("llama_adapter", "llama2-7b", 1_692_672),  # 1,229,760 text-only (below) + the reconstructed image MLP
-    ("lavin", "llama2-7b", 3_781_296),  # the paper's 3.78M, exactly
-    ("excitor", "llama2-7b", 16_007_198),  # 7,618,590 text-only + the (shared) W_k, W_v reconstruction
-    ("iaa", "llama3-8b", 4_125_224_960),  # IAA-14, the paper's "about 4.1B"
-])
+@pytest.mark.parametrize(
+    "name,preset,expected",
+    [
+        ("llama_adapter", "llama2-7b", 1_692_672),  # 1,229,760 text-only (below) + the reconstructed image MLP
+        ("lavin", "llama2-7b", 3_781_296),  # the paper's 3.78M, exactly
+        ("excitor", "llama2-7b", 16_007_198),  # 7,618,590 text-only + the (shared) W_k, W_v reconstruction
+        ("iaa", "llama3-8b", 4_125_224_960),  # IAA-14, the paper's "about 4.1B"
+    ],
+)
 def test_params_method_counts(name, preset, expected, capsys):
     from pipeline import params
 
@@ -152,16 +162,22 @@ def test_params_text_only_counts(name, expected, capsys):
 def test_iaa_memory_table_shows_why_zero3(capsys):
     from pipeline import params
 
-    assert params.main(["--method", "iaa", "--llm-preset", "llama3-8b", "--memory", "--zero", "3", "--world",
-                        "8"]) == 0
+    assert params.main(["--method", "iaa", "--llm-preset", "llama3-8b", "--memory", "--zero", "3", "--world", "8"]) == 0
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].startswith("predicted_state_gb=")
     zero0 = next(line for line in out.splitlines() if line.split()[:1] == ["0"])
     assert float(zero0.split()[-1]) > 80  # 4.1B trainables: > 80 GB per GPU without partitioning
 
 
-@pytest.mark.parametrize("name,field,value", [("lavin", "rank", 7), ("iaa", "stage", 3), ("excitor", "attn_backend",
-                                              "triton"), ("llama_adapter", "prompt_len", 0)])
+@pytest.mark.parametrize(
+    "name,field,value",
+    [
+        ("lavin", "rank", 7),
+        ("iaa", "stage", 3),
+        ("excitor", "attn_backend", "triton"),
+        ("llama_adapter", "prompt_len", 0),
+    ],
+)
 def test_bad_config_names_the_field(name, field, value):
     with pytest.raises(ValueError, match=f"{field}"):
         get_method(name).config_cls(**{field: value})
@@ -219,8 +235,9 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(name, tiny_d
 
 def _grad_order(model, batch) -> list[str]:
     order = []
-    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: order.append(n))
-             for n, p in model.trainable_parameters()]
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda p, n=n: order.append(n)) for n, p in model.trainable_parameters()
+    ]
     model(**batch).loss.backward()
     for h in hooks:
         h.remove()
@@ -242,9 +259,15 @@ def test_text_only_micro_batch_has_the_image_batch_gradient_graph(name, tiny_dir
     assert text_only == with_image and len(with_image) == len(model.trainable_parameters())
 
 
-@pytest.mark.parametrize("preset,method,stages", [("llama_adapter_scienceqa", "llama_adapter", [2]),
-                                                  ("lavin_scienceqa", "lavin", [2]),
-                                                  ("excitor_scienceqa", "excitor", [2]), ("iaa_llava", "iaa", [1, 2])])
+@pytest.mark.parametrize(
+    "preset,method,stages",
+    [
+        ("llama_adapter_scienceqa", "llama_adapter", [2]),
+        ("lavin_scienceqa", "lavin", [2]),
+        ("excitor_scienceqa", "excitor", [2]),
+        ("iaa_llava", "iaa", [1, 2]),
+    ],
+)
 def test_peer_presets_load_and_fill_every_ds_config(preset, method, stages):
     from pathlib import Path
 

@@ -31,16 +31,32 @@ def workdir(tmp_path_factory) -> Path:
 
 def _config(workdir: Path, method: str, precision: str = "fp32") -> Path:
     data = str(workdir / "data" / "train-index.json")
-    stages = [{"stage": s, "task": "caption" if s == 1 and method == "iaa" else "scienceqa", "train_shards": [data],
-               "max_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 1}
-              for s in STAGES[method]]
+    stages = [
+        {
+            "stage": s,
+            "task": "caption" if s == 1 and method == "iaa" else "scienceqa",
+            "train_shards": [data],
+            "max_steps": 3,
+            "micro_batch_size": 2,
+            "grad_accum": 1,
+            "lr": 1e-3,
+            "warmup_steps": 1,
+        }
+        for s in STAGES[method]
+    ]
     stages[-1]["eval_shards"] = [str(workdir / "data" / "val-index.json")]
-    cfg = {"name": method, "output_dir": str(workdir / method), "seed": 0, "precision": precision,
-           "model": {"method": method, "llm_path": "tiny", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
-           "data": {"max_length": 160, "num_workers": 0, "shuffle_buffer": 16, "sqa_format": "QCM-A"},
-           "stages": stages, "checkpoint": {"every_steps": 2, "keep_last": 1},
-           "log": {"every_steps": 1, "progress_bar": False, "tensorboard": False},
-           "eval": {"enabled": True, "max_samples": 8, "batch_size": 4, "mode": "generate"}}
+    cfg = {
+        "name": method,
+        "output_dir": str(workdir / method),
+        "seed": 0,
+        "precision": precision,
+        "model": {"method": method, "llm_path": "tiny", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
+        "data": {"max_length": 160, "num_workers": 0, "shuffle_buffer": 16, "sqa_format": "QCM-A"},
+        "stages": stages,
+        "checkpoint": {"every_steps": 2, "keep_last": 1},
+        "log": {"every_steps": 1, "progress_bar": False, "tensorboard": False},
+        "eval": {"enabled": True, "max_samples": 8, "batch_size": 4, "mode": "generate"},
+    }
     path = workdir / f"{method}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -52,11 +68,27 @@ def _run(config: Path, world: int = 2) -> tuple[list[int], str]:
         port = str(s.getsockname()[1])
     procs = []
     for r in range(world):
-        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "DS_ACCELERATOR": "cpu", "PILL_TINY_DIR": str(config.parent / "tiny")}
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "pipeline" / "train.py"), "--config", str(config)],
-                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(r),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "DS_ACCELERATOR": "cpu",
+            "PILL_TINY_DIR": str(config.parent / "tiny"),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "pipeline" / "train.py"), "--config", str(config)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     out = [p.communicate(timeout=600)[0] for p in procs]
     return [p.returncode for p in procs], "\n".join(out)
 

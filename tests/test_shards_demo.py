@@ -35,8 +35,20 @@ def test_fields_and_answers_match_the_image(tmp_path):
     qtypes = set()
     for key, s in samples.items():
         m = json.loads(s["json"])
-        for f in ("question", "choices", "answer", "qtype", "split", "has_image", "hint", "subject", "grade",
-                  "lecture", "solution", "caption"):
+        for f in (
+            "question",
+            "choices",
+            "answer",
+            "qtype",
+            "split",
+            "has_image",
+            "hint",
+            "subject",
+            "grade",
+            "lecture",
+            "solution",
+            "caption",
+        ):
             assert f in m, f
         assert 2 <= len(m["choices"]) <= 4 and 0 <= m["answer"] < len(m["choices"])
         assert len(set(m["choices"])) == len(m["choices"])

@@ -24,12 +24,28 @@ def test_encode_demo_and_train_on_features(tmp_path):
 
     good = {"json": json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}).encode()}
     two = {"json": json.dumps({"question": "<image> or <image>?", "choices": ["a", "b"], "answer": 0}).encode()}
-    write_tar(tmp_path / "px" / "train-000001.tar",
-              [Sample("ok", {"png": _png(), **good}), Sample("bad", {"png": b"\x89PNG broken", **good}),
-               Sample("two", {"0.png": _png(), "1.png": _png(), **two})])
+    write_tar(
+        tmp_path / "px" / "train-000001.tar",
+        [
+            Sample("ok", {"png": _png(), **good}),
+            Sample("bad", {"png": b"\x89PNG broken", **good}),
+            Sample("two", {"0.png": _png(), "1.png": _png(), **two}),
+        ],
+    )
     vpg_dir = tmp_path / "vpg"
-    args = ["--shards", str(tmp_path / "px" / "train-{000000..000001}.tar"), "--vpg", "tiny", "--tiny-dir",
-            str(vpg_dir), "--out", str(tmp_path / "ft"), "--batch-size", "4", "--no-progress"]
+    args = [
+        "--shards",
+        str(tmp_path / "px" / "train-{000000..000001}.tar"),
+        "--vpg",
+        "tiny",
+        "--tiny-dir",
+        str(vpg_dir),
+        "--out",
+        str(tmp_path / "ft"),
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     assert main(args) == 0
     idx = json.loads((tmp_path / "ft" / "train-index.json").read_text())
     assert idx["total_samples"] == 8 and idx["skipped"] == {"undecodable_image": 1} and idx["content"] == "features"
@@ -56,9 +72,15 @@ def test_encode_demo_and_train_on_features(tmp_path):
 
     tok = tiny_tokenizer(tmp_path / "tok")
     cfg = DataConfig(max_length=256, num_workers=0, shuffle_buffer=0)
-    batches = list(build_loader(cfg, tok, sources=[SourceConfig(str(tmp_path / "ft" / "train-index.json"),
-                                                                task="scienceqa")],
-                                batch_size=4, num_query_tokens=K))
+    batches = list(
+        build_loader(
+            cfg,
+            tok,
+            sources=[SourceConfig(str(tmp_path / "ft" / "train-index.json"), task="scienceqa")],
+            batch_size=4,
+            num_query_tokens=K,
+        )
+    )
     assert len(batches) == 8 // 4
     for b in batches:
         n_img = int(b["modality_mask"].sum()) // K  # one per sample, two for "two"
@@ -76,8 +98,17 @@ def test_encode_clip_features_for_a_peer(tmp_path, monkeypatch):
     """--clip tiny --clip-features method:<peer> writes what that peer's front end computes from the pixels."""
     monkeypatch.setenv("PILL_TINY_DIR", str(tmp_path / "tiny"))
     build_demo(DemoConfig(n_train=4, n_val=0, image_size=64), tmp_path / "px", max_samples=4)
-    args = ["--shards", str(tmp_path / "px" / "train-000000.tar"), "--clip", "tiny", "--clip-features",
-            "method:lavin", "--out", str(tmp_path / "ft"), "--no-progress"]
+    args = [
+        "--shards",
+        str(tmp_path / "px" / "train-000000.tar"),
+        "--clip",
+        "tiny",
+        "--clip-features",
+        "method:lavin",
+        "--out",
+        str(tmp_path / "ft"),
+        "--no-progress",
+    ]
     assert main(args) == 0
     idx = json.loads((tmp_path / "ft" / "train-index.json").read_text())
     feats = clip_features(load_clip("tiny"), "method:lavin")

@@ -79,8 +79,9 @@ def test_parallel_workers_write_identical_bytes(tmp_path):
     items = list(range(12))
     keys = [str(i) for i in items]
     for w, d in ((1, tmp_path / "a"), (2, tmp_path / "b")):
-        write_shards(items, keys, [1] * 12, _make, WriterConfig(out_dir=d, name="p", max_samples=3, workers=w,
-                                                                 progress=False))
+        write_shards(
+            items, keys, [1] * 12, _make, WriterConfig(out_dir=d, name="p", max_samples=3, workers=w, progress=False)
+        )
     for i in range(4):
         assert (tmp_path / "a" / f"p-{i:06d}.tar").read_bytes() == (tmp_path / "b" / f"p-{i:06d}.tar").read_bytes()
 

@@ -32,11 +32,18 @@ from tests.helpers import tiny_stage2_config
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-         "PREEMPTED"}
+FINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 CPU_JOB = ["--gres=none", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
-
-
 
 
 class Cluster:
@@ -44,14 +51,20 @@ class Cluster:
         self.state = state
         # Own ports (pid-derived), so a cluster started by hand (6817) or another test run does not collide.
         port = 17000 + 2 * (os.getpid() % 4000)
-        self.env = dict(os.environ, PILL_SLURM_STATE=str(state), PILL_SLURM_PORT=str(port),
-                        SLURM_CONF=str(state / "slurm.conf"))
+        self.env = dict(
+            os.environ, PILL_SLURM_STATE=str(state), PILL_SLURM_PORT=str(port), SLURM_CONF=str(state / "slurm.conf")
+        )
         for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
             self.env.pop(k, None)
 
     def script(self, cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), cmd], env=self.env, text=True,
-                              capture_output=True, timeout=timeout)
+        return subprocess.run(
+            ["bash", str(REPO / "slurm" / "local_cluster.sh"), cmd],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
 
     def run(self, *args: str, **env: str) -> str:
         r = subprocess.run(list(args), env=dict(self.env, **env), text=True, capture_output=True, timeout=60)
@@ -70,7 +83,7 @@ class Cluster:
         deadline = time.time() + timeout
         while time.time() < deadline:
             j = self.job(job_id)
-            if (until(j) if until else j["JobState"] in FINAL):
+            if until(j) if until else j["JobState"] in FINAL:
                 return j
             time.sleep(1)
         j = self.job(job_id)
@@ -109,8 +122,9 @@ def cluster(tmp_path_factory):
             pidfile = c.state / "run" / f"{name}.pid"
             if pidfile.is_file():
                 pid = int(pidfile.read_text())
-                assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), \
+                assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), (
                     f"{name} (pid {pid}) still running after down"
+                )
 
 
 # ---- 1. the script plumbing, with a stub trainer -----------------------------------------------------------------
@@ -155,12 +169,19 @@ def test_script_env_contract_and_scancel_is_not_requeued(cluster, tmp_path):
     fake = _fake_repo(tmp_path, STUB)
     run_dir = tmp_path / "run"
     # --chdir=/: the script must find its repo from the submitted path, not from the working directory.
-    job = cluster.sbatch(fake / "slurm" / "stage2.sh", *CPU_JOB, f"--output={tmp_path}/%x-%j.out",
-                         "--chdir=/", PILL_CPU="1", PILL_RUN_DIR=str(run_dir), PILL_PYTHON=sys.executable,
-                         PILL_SET="stages.0.max_steps=7 debug.sleep_per_step=0.5")
+    job = cluster.sbatch(
+        fake / "slurm" / "stage2.sh",
+        *CPU_JOB,
+        f"--output={tmp_path}/%x-%j.out",
+        "--chdir=/",
+        PILL_CPU="1",
+        PILL_RUN_DIR=str(run_dir),
+        PILL_PYTHON=sys.executable,
+        PILL_SET="stages.0.max_steps=7 debug.sleep_per_step=0.5",
+    )
     cluster.wait(job, 60, until=lambda j: (run_dir / "rank1.json").is_file() or j["JobState"] in FINAL)
     time.sleep(0.5)
-    cluster.run("scancel", job)                      # SIGTERM everywhere, as a user's cancel
+    cluster.run("scancel", job)  # SIGTERM everywhere, as a user's cancel
     j = cluster.wait(job, 60)
     log = Path(j["StdOut"]).read_text()
     assert j["JobState"] == "CANCELLED" and j["Restarts"] == "0", (j, log)
@@ -170,8 +191,15 @@ def test_script_env_contract_and_scancel_is_not_requeued(cluster, tmp_path):
     port = str(10000 + int(job) % 20000)
     for r in (0, 1):
         rec = json.loads((run_dir / f"rank{r}.json").read_text())
-        assert rec["env"] == {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": os.uname()[1],
-                              "MASTER_PORT": port, "DS_ACCELERATOR": "cpu", "SLURM_JOB_ID": job}, rec
+        assert rec["env"] == {
+            "RANK": str(r),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(r),
+            "MASTER_ADDR": os.uname()[1],
+            "MASTER_PORT": port,
+            "DS_ACCELERATOR": "cpu",
+            "SLURM_JOB_ID": job,
+        }, rec
         assert rec["set"] == ["stages.0.max_steps=7", "debug.sleep_per_step=0.5"]
         assert rec["config"] == "configs/stage2_scienceqa.yaml" and rec["ds"] == "ds_configs/zero2.json"
 
@@ -179,7 +207,7 @@ def test_script_env_contract_and_scancel_is_not_requeued(cluster, tmp_path):
 # A rank that dies while the other waits (in a collective, in the real trainer): rank 1 exits 3 at once, rank 0
 # would sleep 60 s; it leaves on the SIGTERM that ends the step (a blocked NCCL rank would be SIGKILLed after
 # KillWait), recording when it got it.
-DYING_STUB = textwrap.dedent('''
+DYING_STUB = textwrap.dedent("""
     import os, signal, sys, time
     out = sys.argv[sys.argv.index("--output-dir") + 1]
     os.makedirs(out, exist_ok=True)
@@ -192,15 +220,21 @@ DYING_STUB = textwrap.dedent('''
         time.sleep(2)
         sys.exit(3)
     time.sleep(60)
-''')
+""")
 
 
 def test_a_dead_rank_ends_the_step_at_once(cluster, tmp_path):
     fake = _fake_repo(tmp_path, DYING_STUB)
     run_dir = tmp_path / "run"
     t0 = time.time()
-    job = cluster.sbatch(fake / "slurm" / "stage2.sh", *CPU_JOB, f"--output={tmp_path}/%x-%j.out", PILL_CPU="1",
-                         PILL_RUN_DIR=str(run_dir), PILL_PYTHON=sys.executable)
+    job = cluster.sbatch(
+        fake / "slurm" / "stage2.sh",
+        *CPU_JOB,
+        f"--output={tmp_path}/%x-%j.out",
+        PILL_CPU="1",
+        PILL_RUN_DIR=str(run_dir),
+        PILL_PYTHON=sys.executable,
+    )
     j = cluster.wait(job, 90)
     log = Path(j["StdOut"]).read_text()
     assert j["JobState"] == "FAILED" and j["Restarts"] == "0", (j, log)
@@ -212,12 +246,20 @@ def test_a_dead_rank_ends_the_step_at_once(cluster, tmp_path):
 
 # ---- 2-3. the real trainer ---------------------------------------------------------------------------------------
 
+
 def _submit_real(cluster: Cluster, tmp_path: Path, steps: int, extra_set: str = "") -> tuple[str, Path]:
     cfg = tiny_stage2_config(tmp_path / "tiny.yaml", steps)
     run_dir = tmp_path / "run"
-    job = cluster.sbatch(REPO / "slurm" / "stage2.sh", *CPU_JOB, "--job-name=pill-test",
-                         f"--output={tmp_path}/%x-%j.out", PILL_CPU="1", PILL_CONFIG=str(cfg),
-                         PILL_RUN_DIR=str(run_dir), PILL_SET=extra_set)
+    job = cluster.sbatch(
+        REPO / "slurm" / "stage2.sh",
+        *CPU_JOB,
+        "--job-name=pill-test",
+        f"--output={tmp_path}/%x-%j.out",
+        PILL_CPU="1",
+        PILL_CONFIG=str(cfg),
+        PILL_RUN_DIR=str(run_dir),
+        PILL_SET=extra_set,
+    )
     return job, run_dir
 
 
@@ -246,8 +288,12 @@ def test_stage2_runs_to_completion(cluster, tmp_path):
 def test_demo_script_as_a_new_user_submits_it(cluster, tmp_path):
     """README's first job: `sbatch slurm/demo.sh` with no flags (2 CPU tasks, both demo stages), a short run."""
     run_dir = tmp_path / "run"
-    job = cluster.sbatch(REPO / "slurm" / "demo.sh", f"--output={tmp_path}/%x-%j.out", PILL_RUN_DIR=str(run_dir),
-                         PILL_SET="stages.*.max_steps=3 eval.enabled=false")
+    job = cluster.sbatch(
+        REPO / "slurm" / "demo.sh",
+        f"--output={tmp_path}/%x-%j.out",
+        PILL_RUN_DIR=str(run_dir),
+        PILL_SET="stages.*.max_steps=3 eval.enabled=false",
+    )
     j = cluster.wait(job, 150)
     log = Path(j["StdOut"]).read_text()
     assert j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0", (j, log[-4000:])

@@ -31,7 +31,7 @@ TIMEOUT_S = 170
 
 # Runs pipeline.train.main(argv) unchanged; only observes. Rank > 0 gets its own metrics.jsonl under
 # <run dir>/rank<N>/ (the trainer writes metrics on global rank 0 only) so the test can compare what ranks saw.
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     sys.path.insert(0, os.environ["PILL_REPO"])
@@ -62,9 +62,7 @@ DRIVER = textwrap.dedent('''
     out = Path(os.environ["PILL_TEST_OUT"]) / f"shards_rank{rank}.json"
     out.write_text(json.dumps({"rank": rank, "shards_read": [list(ld.shards_read) for ld in loaders]}))
     sys.exit(rc)
-''')
-
-
+""")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -79,7 +77,7 @@ def two_nodes():
         pytest.skip("iproute2 ('ip') is not installed")
     tag = f"{os.getpid() % 100000}"
     ns = [f"pill-a{tag}", f"pill-b{tag}"]
-    veth = [f"pva{tag}", f"pvb{tag}"]   # interface names must stay under 16 characters
+    veth = [f"pva{tag}", f"pvb{tag}"]  # interface names must stay under 16 characters
     created = []
     try:
         for n in ns:
@@ -110,21 +108,48 @@ def test_two_namespaces_train_together(two_nodes, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     run_dir = tmp_path / "run"
-    argv = [sys.executable, str(driver), "--ds_config", str(REPO / "ds_configs" / "zero2.json"),
-            "--config", str(cfg), "--output-dir", str(run_dir)]
+    argv = [
+        sys.executable,
+        str(driver),
+        "--ds_config",
+        str(REPO / "ds_configs" / "zero2.json"),
+        "--config",
+        str(cfg),
+        "--output-dir",
+        str(run_dir),
+    ]
     procs, logs = [], []
     t0 = time.time()
     for rank in (0, 1):
-        env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_NODEID=str(rank),
-                   SLURM_TASKS_PER_NODE="1(x2)", MASTER_ADDR="10.77.0.1", MASTER_PORT="29577",
-                   DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME=veth[rank], OMP_NUM_THREADS="1",
-                   PILL_REPO=str(REPO), PILL_TEST_OUT=str(tmp_path), PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID="0",
+            SLURM_NODEID=str(rank),
+            SLURM_TASKS_PER_NODE="1(x2)",
+            MASTER_ADDR="10.77.0.1",
+            MASTER_PORT="29577",
+            DS_ACCELERATOR="cpu",
+            GLOO_SOCKET_IFNAME=veth[rank],
+            OMP_NUM_THREADS="1",
+            PILL_REPO=str(REPO),
+            PILL_TEST_OUT=str(tmp_path),
+            PYTHONUNBUFFERED="1",
+        )
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # slurm/task.sh must derive these
             env.pop(k, None)
         log = open(tmp_path / f"rank{rank}.log", "w")
         logs.append(log)
-        procs.append(subprocess.Popen(["ip", "netns", "exec", ns[rank], "bash", str(REPO / "slurm" / "task.sh"),
-                                       *argv], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                ["ip", "netns", "exec", ns[rank], "bash", str(REPO / "slurm" / "task.sh"), *argv],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     try:
         for p in procs:
             p.wait(timeout=max(1.0, TIMEOUT_S - (time.time() - t0)))
@@ -142,8 +167,10 @@ def test_two_namespaces_train_together(two_nodes, tmp_path):
     print(f"two-namespace run: {time.time() - t0:.1f}s")
 
     # Same loss on both ranks at every step: the per-step all-reduce went over the veth.
-    rows = [[json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            for path in (run_dir / "metrics.jsonl", run_dir / "rank1" / "metrics.jsonl")]
+    rows = [
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for path in (run_dir / "metrics.jsonl", run_dir / "rank1" / "metrics.jsonl")
+    ]
     assert [r["step"] for r in rows[0]] == list(range(1, STEPS + 1)), tails
     assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[0]]
     for a, b in zip(*rows):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slurm
 
 # srun: start SLURM_NTASKS copies of the command with the per-task variables, forward USR1/TERM to them,
 # exit with the highest task exit code (as srun does).
-FAKE_SRUN = textwrap.dedent('''\
+FAKE_SRUN = textwrap.dedent("""\
     #!/usr/bin/env bash
     echo "$*" >> "$FAKE_SRUN_LOG"
     while [[ $1 == -* ]]; do shift; done
@@ -40,9 +40,9 @@ FAKE_SRUN = textwrap.dedent('''\
       wait "$p"; r=$?; ((r > rc)) && rc=$r
     done
     exit $rc
-''')
+""")
 
-FAKE_SCONTROL = textwrap.dedent('''\
+FAKE_SCONTROL = textwrap.dedent("""\
     #!/usr/bin/env bash
     echo "$*" >> "$FAKE_LOG"
     case "$1 $2" in
@@ -51,9 +51,9 @@ FAKE_SCONTROL = textwrap.dedent('''\
       "requeue $SLURM_JOB_ID") exit "${FAKE_REQUEUE_RC:-0}" ;;
       *) exit 1 ;;
     esac
-''')
+""")
 
-STUB = textwrap.dedent('''\
+STUB = textwrap.dedent("""\
     import json, os, signal, sys, time
     got = []
     for s in (signal.SIGTERM, signal.SIGUSR1):
@@ -71,20 +71,29 @@ STUB = textwrap.dedent('''\
             sys.exit(99)
         time.sleep(0.05)
     sys.exit(int(os.environ.get("STUB_EXIT", "0")))
-''')
+""")
 
 
 def test_sbatch_headers():
     for n in (1, 2):
         text = (SLURM / f"stage{n}.sh").read_text()
         header = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("#SBATCH")]
-        for want in (f"--job-name=pill-stage{n}", "--nodes=1", "--ntasks-per-node=8", "--gres=gpu:8",
-                     "--output=%x-%j.out", "--open-mode=append", "--requeue", "--signal=B:USR1@180"):
+        for want in (
+            f"--job-name=pill-stage{n}",
+            "--nodes=1",
+            "--ntasks-per-node=8",
+            "--gres=gpu:8",
+            "--output=%x-%j.out",
+            "--open-mode=append",
+            "--requeue",
+            "--signal=B:USR1@180",
+        ):
             assert want in header, (n, want, header)
         assert any(h.startswith("--cpus-per-task=") for h in header) and any(h.startswith("--time=") for h in header)
         # sbatch stops reading #SBATCH at the first command: the header must come before any code.
-        first_code = next(i for i, line in enumerate(text.splitlines()[1:], 1)
-                          if line.strip() and not line.startswith("#"))
+        first_code = next(
+            i for i, line in enumerate(text.splitlines()[1:], 1) if line.strip() and not line.startswith("#")
+        )
         last_sbatch = max(i for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH"))
         assert last_sbatch < first_code
         assert "source" in text and "common.sh" in text and f"pill_run_stage {n} " in text
@@ -115,11 +124,21 @@ def fake(tmp_path):
         (repo / "bin" / name).write_text(text)
         (repo / "bin" / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PILL_", "MASTER_"))}
-    env.update(PATH=f"{repo / 'bin'}:{env['PATH']}", FAKE_LOG=str(tmp_path / "scontrol.log"),
-               FAKE_SRUN_LOG=str(tmp_path / "srun.log"),
-               FAKE_COMMAND=str(repo / "slurm" / "stage2.sh"), SLURM_JOB_ID="123456", SLURM_JOB_NAME="pill-stage2",
-               SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node-[a-b]",
-               SLURM_TASKS_PER_NODE="2", SLURM_CPUS_PER_TASK="3", PILL_CPU="1", PILL_PYTHON=sys.executable)
+    env.update(
+        PATH=f"{repo / 'bin'}:{env['PATH']}",
+        FAKE_LOG=str(tmp_path / "scontrol.log"),
+        FAKE_SRUN_LOG=str(tmp_path / "srun.log"),
+        FAKE_COMMAND=str(repo / "slurm" / "stage2.sh"),
+        SLURM_JOB_ID="123456",
+        SLURM_JOB_NAME="pill-stage2",
+        SLURM_NTASKS="2",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_TASKS_PER_NODE="2",
+        SLURM_CPUS_PER_TASK="3",
+        PILL_CPU="1",
+        PILL_PYTHON=sys.executable,
+    )
     return repo, env, tmp_path
 
 
@@ -130,8 +149,9 @@ def _start(fake, **env):
     spool.mkdir(exist_ok=True)
     shutil.copy(repo / "slurm" / "stage2.sh", spool / "slurm_script")
     log = open(tmp / "job.out", "w")
-    p = subprocess.Popen(["bash", str(spool / "slurm_script")], cwd=spool, env=dict(base, **env), stdout=log,
-                         stderr=subprocess.STDOUT)
+    p = subprocess.Popen(
+        ["bash", str(spool / "slurm_script")], cwd=spool, env=dict(base, **env), stdout=log, stderr=subprocess.STDOUT
+    )
     p.log_path = tmp / "job.out"
     return p
 
@@ -157,18 +177,41 @@ def _requeues(fake) -> list[str]:
 
 
 def test_env_contract_and_arguments(fake):
-    p = _start(fake, STUB_SECONDS="0.3", PILL_SET="stages.0.max_steps=5 seed=3", PILL_SOCKET_IFNAME="ib0",
-               MASTER_ADDR="stale-host", MASTER_PORT="1")
+    p = _start(
+        fake,
+        STUB_SECONDS="0.3",
+        PILL_SET="stages.0.max_steps=5 seed=3",
+        PILL_SOCKET_IFNAME="ib0",
+        MASTER_ADDR="stale-host",
+        MASTER_PORT="1",
+    )
     assert p.wait(30) == 0, p.log_path.read_text()
     for r in (0, 1):
         rec = json.loads((_run_dir(fake) / f"rank{r}.json").read_text())
-        assert rec["env"] == {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
-                              "MASTER_ADDR": "node-a", "MASTER_PORT": str(10000 + 123456 % 20000),
-                              "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3", "GLOO_SOCKET_IFNAME": "ib0",
-                              "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-        assert rec["argv"] == ["--ds_config", "ds_configs/zero2.json", "--config", "configs/stage2_scienceqa.yaml",
-                               "--output-dir", "runs/pill-stage2-123456",
-                               "--set", "stages.0.max_steps=5", "--set", "seed=3"]
+        assert rec["env"] == {
+            "RANK": str(r),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(r),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "node-a",
+            "MASTER_PORT": str(10000 + 123456 % 20000),
+            "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "3",
+            "GLOO_SOCKET_IFNAME": "ib0",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        }
+        assert rec["argv"] == [
+            "--ds_config",
+            "ds_configs/zero2.json",
+            "--config",
+            "configs/stage2_scienceqa.yaml",
+            "--output-dir",
+            "runs/pill-stage2-123456",
+            "--set",
+            "stages.0.max_steps=5",
+            "--set",
+            "seed=3",
+        ]
     assert _requeues(fake) == []
     assert "training finished" in p.log_path.read_text()
 
@@ -244,8 +287,11 @@ def test_srun_gets_cpus_per_task_and_kills_on_bad_exit(fake):
 
 def test_master_port_stays_below_the_ephemeral_range():
     for job_id in (0, 1, 22767, 22768, 40000, 49999, 123456, 2**31 - 1):
-        r = subprocess.run(["bash", "-c", f"source {SLURM / 'common.sh'}; SLURM_JOB_ID={job_id} pill_master_port"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["bash", "-c", f"source {SLURM / 'common.sh'}; SLURM_JOB_ID={job_id} pill_master_port"],
+            capture_output=True,
+            text=True,
+        )
         port = int(r.stdout)
         assert 10000 <= port < 32768, (job_id, port)  # Linux ip_local_port_range starts at 32768
 
@@ -271,7 +317,7 @@ def test_log_names_the_stages_the_config_trains(fake):
     assert p.wait(30) == 0 and "stage(s) 2 restart 0" in p.log_path.read_text()
 
 
-_METRICS_CHILD = textwrap.dedent('''
+_METRICS_CHILD = textwrap.dedent("""
     import sys
     from pipeline.training.metrics import MetricsLogger
     log = MetricsLogger(sys.argv[1], enabled=True, tensorboard=False, progress_bar=True, total_steps=50)
@@ -281,20 +327,22 @@ _METRICS_CHILD = textwrap.dedent('''
         if step % 10 == 0:
             log.log(step, {"loss": 1.0 / step, "lr": 1e-3})
     log.close()
-''')
+""")
 
 
 def test_no_progress_bar_in_log_files(tmp_path):
     """Slurm's %x-%j.out is a file: no tqdm carriage returns there, only whole log lines."""
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     with open(out, "w") as o, open(err, "w") as e:
-        r = subprocess.run([sys.executable, "-c", _METRICS_CHILD, str(tmp_path / "run")], stdout=o, stderr=e,
-                           cwd=REPO, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", _METRICS_CHILD, str(tmp_path / "run")], stdout=o, stderr=e, cwd=REPO, timeout=120
+        )
     text = out.read_text() + err.read_text()
     assert r.returncode == 0, text
     assert "\r" not in text and text.splitlines()[0] == "no bar", text
-    assert [line.split("] ", 1)[1].split(" |")[0] for line in out.read_text().splitlines()[1:]] == \
-        [f"step {n}" for n in (10, 20, 30, 40, 50)]
+    assert [line.split("] ", 1)[1].split(" |")[0] for line in out.read_text().splitlines()[1:]] == [
+        f"step {n}" for n in (10, 20, 30, 40, 50)
+    ]
 
 
 def test_progress_bar_on_a_terminal(tmp_path):
@@ -302,8 +350,13 @@ def test_progress_bar_on_a_terminal(tmp_path):
 
     master, slave = pty.openpty()
     try:
-        r = subprocess.run([sys.executable, "-c", _METRICS_CHILD, str(tmp_path / "run")], stdout=subprocess.PIPE,
-                           stderr=slave, cwd=REPO, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", _METRICS_CHILD, str(tmp_path / "run")],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            cwd=REPO,
+            timeout=120,
+        )
     finally:
         os.close(slave)
         os.close(master)

@@ -31,8 +31,10 @@ def test_shipped_presets_load_and_fill_every_ds_config(name):
         for s in cfg.stages:
             plan = plan_batch(s, 8 if s.global_batch_size else 2)
             d = fill_ds_config(raw, cfg, s, plan, CPU, hidden_size=64)
-            assert d["train_batch_size"] == d["train_micro_batch_size_per_gpu"] * d["gradient_accumulation_steps"] \
-                * plan.world_size
+            assert (
+                d["train_batch_size"]
+                == d["train_micro_batch_size_per_gpu"] * d["gradient_accumulation_steps"] * plan.world_size
+            )
             assert "auto" not in json.dumps(d)
 
 
@@ -49,22 +51,26 @@ def test_spec_hyperparameters_in_presets():
 
 
 def test_set_overrides_dotted_and_star(tmp_path):
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["stages.*.max_steps=3", "stages.1.lr=0.5", "seed=7",
-                                                       "optim.betas=[0.8, 0.9]"])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml", ["stages.*.max_steps=3", "stages.1.lr=0.5", "seed=7", "optim.betas=[0.8, 0.9]"]
+    )
     assert [s.max_steps for s in cfg.stages] == [3, 3]
     assert cfg.stages[1].lr == 0.5 and cfg.seed == 7 and cfg.optim.betas == (0.8, 0.9)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["stages.0.max_stepz=3"], "max_stepz"),
-    (["stages.0.epochs=2"], "epochs / max_steps"),
-    (["stages.0.micro_batch_size=0"], "micro_batch_size"),
-    (["stages.0.train_shards=[]"], "train_shards"),
-    (["precision=fp16"], "precision"),
-    (["stages.0.stage=3"], "stage"),
-    (["stages.0.train_weights=[1, 2]"], "train_weights"),
-    (["log.every_steps=zero"], "log.every_steps"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["stages.0.max_stepz=3"], "max_stepz"),
+        (["stages.0.epochs=2"], "epochs / max_steps"),
+        (["stages.0.micro_batch_size=0"], "micro_batch_size"),
+        (["stages.0.train_shards=[]"], "train_shards"),
+        (["precision=fp16"], "precision"),
+        (["stages.0.stage=3"], "stage"),
+        (["stages.0.train_weights=[1, 2]"], "train_weights"),
+        (["log.every_steps=zero"], "log.every_steps"),
+    ],
+)
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("*", r"\*")):
         load_config(REPO / "configs" / "demo.yaml", overrides)
@@ -84,7 +90,7 @@ def test_ds_config_contradictions_and_leftovers():
     raw = load_ds_config(REPO / "ds_configs" / "zero2.json")
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=16 contradicts"):
         fill_ds_config({**raw, "train_micro_batch_size_per_gpu": 16}, cfg, s, plan, CPU)
-    with pytest.raises(ConfigError, match="\"optimizer\" section"):
+    with pytest.raises(ConfigError, match='"optimizer" section'):
         fill_ds_config({**raw, "optimizer": {"type": "AdamW"}}, cfg, s, plan, CPU)
     with pytest.raises(ConfigError, match="fp16"):
         fill_ds_config({**raw, "fp16": {"enabled": True}}, cfg, s, plan, CPU)
@@ -116,7 +122,6 @@ def test_main_reports_config_error_before_launch(capsys):
     assert "stages[0].global_batch_size=10 is not divisible" in capsys.readouterr().err
 
 
-
 def test_missing_inputs_are_named_before_launch(capsys, tmp_path, tiny_dirs):
     """A real job's missing LLM, VPG, stage-1 export or shards fail with the field's name, exit 2, no launch."""
     from pipeline.train import main
@@ -127,14 +132,24 @@ def test_missing_inputs_are_named_before_launch(capsys, tmp_path, tiny_dirs):
         (base, "model.llm_path='checkpoints/llama-2-7b-chat-hf': no config.json"),
         (base + llm + ["--set", f"model.vpg_path={tmp_path / 'nope'}"], "model.vpg_path="),
         (base + llm + vpg, "stages[0].init_from='runs/stage1_cc595k/export'"),
-        (base + llm + vpg + ["--set", "stages.0.init_from=null", "--set",
-                             f"stages.0.train_shards=['{tmp_path}/sqa-{{000000..000003}}.tar']"],
-         "stages[0].train_shards: source stages[0].train_shards: none of its 4 shard(s) exist"),
+        (
+            base
+            + llm
+            + vpg
+            + [
+                "--set",
+                "stages.0.init_from=null",
+                "--set",
+                f"stages.0.train_shards=['{tmp_path}/sqa-{{000000..000003}}.tar']",
+            ],
+            "stages[0].train_shards: source stages[0].train_shards: none of its 4 shard(s) exist",
+        ),
     ]
     cases.append((base + ["--set", "stages.0.train_shards=[a-{0..3}.tar]"], "--set stages.0.train_shards: the value"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, message
+
 
 class _Toy(torch.nn.Module):
     def __init__(self):

@@ -33,9 +33,15 @@ def _engine(zero_stage: int, bf16: bool):
     groups = param_groups(m.named_parameters(), OptimConfig())
     opt = build_optimizer(groups, 1e-2, OptimConfig(), cpu_offload=False)
     sched = build_scheduler(opt, 10, 2, 0.0)
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
-           "gradient_clipping": 1.0, "bf16": {"enabled": bf16}, "zero_optimization": {"stage": zero_stage},
-           "steps_per_print": 10**9}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 4,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 10**9,
+    }
     engine, *_ = deepspeed.initialize(model=m, optimizer=opt, lr_scheduler=sched, config=cfg)
     return engine, [(n, p) for n, p in m.named_parameters() if p.requires_grad]
 

@@ -47,11 +47,24 @@ def workdir(tmp_path_factory) -> Path:
 
 def _config(workdir: Path, name: str, **over) -> Path:
     cfg = {
-        "name": name, "output_dir": str(workdir / name), "seed": 0, "precision": "bf16",
+        "name": name,
+        "output_dir": str(workdir / name),
+        "seed": 0,
+        "precision": "bf16",
         "model": {"llm_path": "tiny", "vpg_path": "tiny", "pill": {"rank": 8}},
         "data": {"max_length": 160, "num_workers": 0, "shuffle_buffer": 16, "sqa_format": "QCM-A"},
-        "stages": [{"stage": 2, "task": "scienceqa", "train_shards": [str(workdir / "data" / "train-index.json")],
-                    "max_steps": 8, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 2}],
+        "stages": [
+            {
+                "stage": 2,
+                "task": "scienceqa",
+                "train_shards": [str(workdir / "data" / "train-index.json")],
+                "max_steps": 8,
+                "micro_batch_size": 2,
+                "grad_accum": 2,
+                "lr": 1e-2,
+                "warmup_steps": 2,
+            }
+        ],
         "checkpoint": {"every_steps": 2, "keep_last": 2},
         "log": {"every_steps": 1, "progress_bar": False, "tensorboard": True},
         "eval": {"enabled": False},
@@ -72,12 +85,27 @@ def _launch(config: Path, world: int = 2, extra: list[str] = ()) -> list[subproc
     port = str(_free_port())
     procs = []
     for r in range(world):
-        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "DS_ACCELERATOR": "cpu", "PILL_TINY_DIR": str(config.parent / "tiny")}
-        procs.append(subprocess.Popen([PY, str(REPO / "pipeline" / "train.py"), "--config", str(config), *extra],
-                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(r),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "DS_ACCELERATOR": "cpu",
+            "PILL_TINY_DIR": str(config.parent / "tiny"),
+        }
+        procs.append(
+            subprocess.Popen(
+                [PY, str(REPO / "pipeline" / "train.py"), "--config", str(config), *extra],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -130,8 +158,17 @@ def reference(workdir) -> dict[int, float]:
 def test_uninterrupted_run_outputs(workdir, reference):
     run = workdir / "ref"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "pad_frac", "skipped_nonfinite",
-                "skipped_samples", "gate_abs"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "pad_frac",
+        "skipped_nonfinite",
+        "skipped_samples",
+        "gate_abs",
+    ):
         assert key in rows[-1], key
     assert len(rows[-1]["gate_abs"]) == 2  # tiny LLM: 2 layers, one |tanh gate| per layer
     assert rows[0]["lr"] < rows[1]["lr"]  # warmup
@@ -219,8 +256,12 @@ def test_sigterm_checkpoints_and_exits_99_then_resumes_at_another_world_size(wor
 
 def test_nonfinite_loss_on_one_rank_is_skipped_by_all(workdir):
     # micro-batches 2 and 3 (grad_accum=2: the second half of step 2 and the first of step 3) on rank 1 only
-    cfg = _config(workdir, "nan", debug={"nan_loss_at": [2, 3], "nan_loss_rank": 1},
-                  **{"stages.0.max_steps": 4, "checkpoint.every_steps": 0})
+    cfg = _config(
+        workdir,
+        "nan",
+        debug={"nan_loss_at": [2, 3], "nan_loss_rank": 1},
+        **{"stages.0.max_steps": 4, "checkpoint.every_steps": 0},
+    )
     rcs, out = _run(cfg)
     assert rcs == [0, 0], out
     rows = [json.loads(x) for x in (workdir / "nan" / "metrics.jsonl").read_text().splitlines()]
@@ -229,8 +270,12 @@ def test_nonfinite_loss_on_one_rank_is_skipped_by_all(workdir):
 
 
 def test_too_many_nonfinite_losses_stop_the_run(workdir):
-    cfg = _config(workdir, "nan_stop", debug={"nan_loss_at": [1, 2, 3, 4]},
-                  **{"optim.max_nonfinite_in_a_row": 3, "checkpoint.every_steps": 0})
+    cfg = _config(
+        workdir,
+        "nan_stop",
+        debug={"nan_loss_at": [1, 2, 3, 4]},
+        **{"optim.max_nonfinite_in_a_row": 3, "checkpoint.every_steps": 0},
+    )
     rcs, out = _run(cfg, world=1)
     assert rcs == [3], out
     assert "3 non-finite losses in a row" in out
@@ -242,16 +287,36 @@ def test_deepspeed_launcher_two_stages_with_eval(workdir):
     s2 = cfg["stages"][0]
     s1 = {**s2, "stage": 1, "task": "caption", "max_steps": 2}
     s2.update(max_steps=2, eval_shards=[str(workdir / "data" / "val-index.json")])
-    cfg.update(stages=[s1, s2], precision="fp32", eval={"enabled": True, "mode": "logits", "batch_size": 8},
-               checkpoint={"every_steps": 0, "keep_last": 1})
+    cfg.update(
+        stages=[s1, s2],
+        precision="fp32",
+        eval={"enabled": True, "mode": "logits", "batch_size": 8},
+        checkpoint={"every_steps": 0, "keep_last": 1},
+    )
     path = workdir / "two.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    p = subprocess.run([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-                        "pipeline/train.py", "--ds_config", "ds_configs/zero2.json", "--config", str(path)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        [
+            str(Path(PY).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "pipeline/train.py",
+            "--ds_config",
+            "ds_configs/zero2.json",
+            "--config",
+            str(path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     run = workdir / "two"
     ev = json.loads((run / "eval.json").read_text())

@@ -14,8 +14,9 @@ from pipeline.training.checkpointing import apply_activation_checkpointing
 
 def _model(tiny_dirs, stage: int = 2):
     torch.manual_seed(0)
-    model = load_pill(tiny_dirs["llm"], None, PILLConfig(stage=stage, rank=4, num_query_tokens=8, vpg_width=64),
-                      dtype=torch.float32)
+    model = load_pill(
+        tiny_dirs["llm"], None, PILLConfig(stage=stage, rank=4, num_query_tokens=8, vpg_width=64), dtype=torch.float32
+    )
     with torch.no_grad():  # leave the zero init, so every trainable tensor gets a gradient
         for _, p in model.trainable_parameters():
             p.normal_(0, 0.05)
@@ -28,9 +29,15 @@ def _batch(seed: int, answer_len: int, T: int = 24):
     mm = torch.zeros(1, T, dtype=torch.bool)
     mm[0, 2:10] = True
     labels = torch.full_like(ids, -100)
-    labels[0, T - answer_len:] = ids[0, T - answer_len:]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "modality_mask": mm, "labels": labels,
-            "image_features": torch.randn(1, 8, 64, generator=g), "num_samples": 1}
+    labels[0, T - answer_len :] = ids[0, T - answer_len :]
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "modality_mask": mm,
+        "labels": labels,
+        "image_features": torch.randn(1, 8, 64, generator=g),
+        "num_samples": 1,
+    }
 
 
 def _grads(model):
@@ -96,14 +103,27 @@ def test_loss_weights_every_answer_token_of_the_global_batch_equally(tiny_dirs, 
     before = {n: p.detach().clone() for n, p in model.trainable_parameters()}
     opt = torch.optim.SGD([p for _, p in model.trainable_parameters()], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config={
-        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4, "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": 0}, "bf16": {"enabled": False}})
+    engine, _, _, sched = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        lr_scheduler=sched,
+        config={
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 4,
+            "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": 0},
+            "bf16": {"enabled": False},
+        },
+    )
     ctx = SimpleNamespace(device=torch.device("cpu"), world_size=1, rank=0)
-    st = SimpleNamespace(plan=SimpleNamespace(grad_accum=4), engine=engine, scheduler=sched,
-                         float_dtype=torch.float32)
-    guard = NonFiniteGuard(SimpleNamespace(debug={}, optim=SimpleNamespace(max_nonfinite_in_a_row=3)), 0, ctx,
-                           TrainState(), SimpleNamespace(info=print))
+    st = SimpleNamespace(plan=SimpleNamespace(grad_accum=4), engine=engine, scheduler=sched, float_dtype=torch.float32)
+    guard = NonFiniteGuard(
+        SimpleNamespace(debug={}, optim=SimpleNamespace(max_nonfinite_in_a_row=3)),
+        0,
+        ctx,
+        TrainState(),
+        SimpleNamespace(info=print),
+    )
     stats = train_step(st, iter(batches), ctx, guard)
     assert stats.loss_sum / 4 == pytest.approx(ref_loss, rel=1e-5)  # the logged loss: the same token mean
     for n, p in model.trainable_parameters():

@@ -17,11 +17,24 @@ DEMO = resolve_preset("demo", "configs", ".yaml")
 def test_data_section_is_the_data_pipelines_own_config():
     from pipeline.data import DataConfig
 
-    cfg = load_config(DEMO, ["data.image_input=features", "data.resampled=true", "data.shuffle_shards=false",
-                             "data.system_message=Be brief.", "data.image_size=336"])
+    cfg = load_config(
+        DEMO,
+        [
+            "data.image_input=features",
+            "data.resampled=true",
+            "data.shuffle_shards=false",
+            "data.system_message=Be brief.",
+            "data.image_size=336",
+        ],
+    )
     assert isinstance(cfg.data, DataConfig)
-    assert (cfg.data.image_input, cfg.data.resampled, cfg.data.shuffle_shards, cfg.data.system_message,
-            cfg.data.image_size) == ("features", True, False, "Be brief.", 336)
+    assert (
+        cfg.data.image_input,
+        cfg.data.resampled,
+        cfg.data.shuffle_shards,
+        cfg.data.system_message,
+        cfg.data.image_size,
+    ) == ("features", True, False, "Be brief.", 336)
 
 
 def test_data_options_reach_the_loader(tmp_path, tiny_dirs):
@@ -33,8 +46,10 @@ def test_data_options_reach_the_loader(tmp_path, tiny_dirs):
     from tests.datagen import write_sqa_shards
 
     shards = write_sqa_shards(tmp_path, n_shards=2, per_shard=4)
-    cfg = load_config(DEMO, ["data.image_input=features", "data.image_size=96", "data.shuffle_buffer=3",
-                             "stages.1.samples_per_epoch=8"])
+    cfg = load_config(
+        DEMO,
+        ["data.image_input=features", "data.image_size=96", "data.shuffle_buffer=3", "stages.1.samples_per_epoch=8"],
+    )
     cfg.stages[1].train_shards = [shards]
     tok = AutoTokenizer.from_pretrained(str(tiny_dirs["llm"]))
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=__import__("torch").device("cpu"))
@@ -43,13 +58,16 @@ def test_data_options_reach_the_loader(tmp_path, tiny_dirs):
     assert (seen.image_input, seen.image_size, seen.shuffle_buffer) == ("features", 96, 3)
 
 
-@pytest.mark.parametrize("override, words", [
-    ("model.pill.rnak=16", ["model.pill", "rnak"]),
-    ("model.pill.rank=0", ["model.pill", "rank"]),
-    ("model.pill.attn_backend=flash", ["attn_backend"]),
-    ("data.image_input=jpeg", ["data.image_input"]),
-    ("model.method=lora", ["model.method", "lora"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("model.pill.rnak=16", ["model.pill", "rnak"]),
+        ("model.pill.rank=0", ["model.pill", "rank"]),
+        ("model.pill.attn_backend=flash", ["attn_backend"]),
+        ("data.image_input=jpeg", ["data.image_input"]),
+        ("model.method=lora", ["model.method", "lora"]),
+    ],
+)
 def test_typed_sections_fail_before_launch(override, words):
     with pytest.raises(ConfigError) as e:
         load_config(DEMO, [override])
@@ -80,8 +98,13 @@ def test_pipeline_imports_no_data_builder():
     for path in (REPO / "pipeline").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path}: {n}" for n in names if n == "shards" or n.startswith("shards.")]
         if "sys.modules" in path.read_text():
             offenders.append(f"{path}: sys.modules")
@@ -121,8 +144,14 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    log = MetricsLogger(tmp_path, True, tensorboard=False, progress_bar=False, total_steps=2,
-                        wandb={"project": "pill-test", "name": "t", "dir": str(tmp_path), "config": {"a": 1}})
+    log = MetricsLogger(
+        tmp_path,
+        True,
+        tensorboard=False,
+        progress_bar=False,
+        total_steps=2,
+        wandb={"project": "pill-test", "name": "t", "dir": str(tmp_path), "config": {"a": 1}},
+    )
     log.log(1, {"loss": 2.5, "lr": 1e-3}, gates=[0.1, 0.2])
     log.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))

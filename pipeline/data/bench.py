@@ -18,15 +18,21 @@ machine, are in docs/data.md.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import io
 import json
 import os
+import pstats
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import webdataset as wds
 from PIL import Image
+from transformers import PreTrainedTokenizerFast
 
 from pipeline.constants import IMAGE_MEAN, IMAGE_STD
 from pipeline.data import transforms
@@ -34,9 +40,16 @@ from pipeline.data.config import DataConfig, SourceConfig
 from pipeline.data.loader import build_loader
 from pipeline.data.tarwrite import Sample, write_tar
 from pipeline.data.transforms import decode_image, resize_bicubic
+from pipeline.model.tiny import build_tiny_tokenizer
 
-SETS = {"jpeg224": (224, 224), "jpeg500": (500, 375), "jpeg1000": (1000, 750), "jpeg500sq": (500, 500),
-        "jpeg1000sq": (1000, 1000), "features": None}
+SETS = {
+    "jpeg224": (224, 224),
+    "jpeg500": (500, 375),
+    "jpeg1000": (1000, 750),
+    "jpeg500sq": (500, 500),
+    "jpeg1000sq": (1000, 1000),
+    "features": None,
+}
 _SAMPLE_PHOTO = "mpl-data/sample_data/grace_hopper.jpg"  # a real photograph that ships with matplotlib
 
 
@@ -64,16 +77,26 @@ def photo_jpeg(rng: np.random.Generator, w: int, h: int, photo: Image.Image | No
     else:
         f = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2)
         f[0, 0] = 1
-        chans = [np.fft.irfft2((rng.standard_normal(f.shape) + 1j * rng.standard_normal(f.shape)) / f, s=(h, w))
-                 for _ in range(3)]
+        chans = [
+            np.fft.irfft2((rng.standard_normal(f.shape) + 1j * rng.standard_normal(f.shape)) / f, s=(h, w))
+            for _ in range(3)
+        ]
         arr = np.stack([(c - c.mean()) / c.std() * 50 + 120 for c in chans], -1).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
-def make_shards(out: Path, kind: str, n: int, per_shard: int = 200, size: tuple[int, int] = (224, 224),
-                K: int = 32, W: int = 768, noise: bool = False) -> list[str]:
+def make_shards(
+    out: Path,
+    kind: str,
+    n: int,
+    per_shard: int = 200,
+    size: tuple[int, int] = (224, 224),
+    K: int = 32,
+    W: int = 768,
+    noise: bool = False,
+) -> list[str]:
     """`kind` "jpeg" (photo crops, or 1/f noise with `noise`: sharp to the pixel, the harsh case for reduced-size
     decoding; the crops are upsampled and soft at 1000 px) or "features"."""
     rng = np.random.default_rng(0)
@@ -99,9 +122,6 @@ def make_shards(out: Path, kind: str, n: int, per_shard: int = 200, size: tuple[
 
 def tiny_tokenizer(cache_dir: Path):
     """The tiny byte-level BPE tokenizer of pipeline.model.tiny (the bench measures data work, not vocabulary)."""
-    from transformers import PreTrainedTokenizerFast
-
-    from pipeline.model.tiny import build_tiny_tokenizer
 
     if not (cache_dir / "tokenizer.json").is_file():
         build_tiny_tokenizer(cache_dir)
@@ -117,22 +137,30 @@ def _rate(batches, count) -> dict:
     for b in it:
         n += count(b)
     dt, dc = time.perf_counter() - t0, time.process_time() - c0
-    return {"samples": n, "seconds": round(dt, 2), "samples_per_s": round(n / dt, 1),
-            "samples_per_cpu_s": round(n / max(dc, 1e-9), 1)}
+    return {
+        "samples": n,
+        "seconds": round(dt, 2),
+        "samples_per_s": round(n / dt, 1),
+        "samples_per_cpu_s": round(n / max(dc, 1e-9), 1),
+    }
 
 
 def measure(urls: list[str], task: str, workers: int, tok, K: int, max_length: int, batch_size: int = 16) -> dict:
     cfg = DataConfig(max_length=max_length, num_workers=workers, shuffle_buffer=256)
-    ld = build_loader(cfg, tok, sources=[SourceConfig(urls, task=task)], batch_size=batch_size,
-                      num_query_tokens=K, rank=0, world_size=1)
+    ld = build_loader(
+        cfg,
+        tok,
+        sources=[SourceConfig(urls, task=task)],
+        batch_size=batch_size,
+        num_query_tokens=K,
+        rank=0,
+        world_size=1,
+    )
     return _rate(ld, lambda b: b["num_samples"])
 
 
 def measure_webdataset(urls: list[str], tok, size: int = 224, batch_size: int = 16) -> dict:
     """The plain pipeline: webdataset's PIL decoder, full-size decode, resize, float normalise, tokenise."""
-    import torch
-    import webdataset as wds
-
     mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(3, 1, 1)
 
@@ -145,15 +173,18 @@ def measure_webdataset(urls: list[str], tok, size: int = 224, batch_size: int = 
         ids = tok([f"[INST] <image>\nDescribe the image briefly. [/INST]{c}" for c in caps])["input_ids"]
         return torch.stack(list(imgs)), ids
 
-    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg", "txt")
-          .map_tuple(transform, lambda t: t).batched(batch_size, collation_fn=None).map(
-              lambda b: collate(list(zip(*b)))))
+    ds = (
+        wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        .decode("pil")
+        .to_tuple("jpg", "txt")
+        .map_tuple(transform, lambda t: t)
+        .batched(batch_size, collation_fn=None)
+        .map(lambda b: collate(list(zip(*b))))
+    )
     return _rate(ds, lambda b: len(b[1]))
 
 
 def _jpegs(urls: list[str], limit: int) -> list[bytes]:
-    import tarfile
-
     with tarfile.open(urls[0]) as tar:
         return [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")][:limit]
 
@@ -166,8 +197,10 @@ def _full_decode_resize(data: bytes, size: int) -> np.ndarray:
 def pixel_error(urls: list[str], size: int = 224, limit: int = 100, turbo: bool | None = None) -> tuple[float, float]:
     """(mean, worst image's mean) |ours - full decode + Pillow's resize| in 1/255 units over the first `limit`
     images; `turbo` as in decode_image."""
-    errs = [np.abs(decode_image(d, size, turbo).astype(np.float32) - _full_decode_resize(d, size)).mean()
-            for d in _jpegs(urls, limit)]
+    errs = [
+        np.abs(decode_image(d, size, turbo).astype(np.float32) - _full_decode_resize(d, size)).mean()
+        for d in _jpegs(urls, limit)
+    ]
     return float(np.mean(errs)), float(np.max(errs))
 
 
@@ -184,10 +217,8 @@ def _cpu_ms(fn, items: list, rounds: int) -> float:
 
 def scale_table(urls: list[str], size: int = 224, limit: int = 60, rounds: int = 3) -> list[str]:
     """simplejpeg decode + resize cost and pixel error at every DCT scale M/8 that keeps >= size on both sides."""
-    import simplejpeg
-
     datas = _jpegs(urls, limit)
-    h, w = simplejpeg.decode_jpeg_header(datas[0])[:2]
+    h, w = transforms.simplejpeg.decode_jpeg_header(datas[0])[:2]
     refs = [_full_decode_resize(d, size) for d in datas]
     rows = []
     for m in range(1, 9):
@@ -195,20 +226,20 @@ def scale_table(urls: list[str], size: int = 224, limit: int = 60, rounds: int =
         if min(dims.values()) < size:
             continue
         extent = (w * m / 8, h * m / 8)
-        arrs = [simplejpeg.decode_jpeg(d, "RGB", **dims) for d in datas]
-        dec = _cpu_ms(lambda d, dims=dims: simplejpeg.decode_jpeg(d, "RGB", **dims), datas, rounds)
+        arrs = [transforms.simplejpeg.decode_jpeg(d, "RGB", **dims) for d in datas]
+        dec = _cpu_ms(lambda d, dims=dims: transforms.simplejpeg.decode_jpeg(d, "RGB", **dims), datas, rounds)
         res = _cpu_ms(lambda a, extent=extent: resize_bicubic(a, size, extent), arrs, rounds)
-        err = np.mean([np.abs(resize_bicubic(a, size, extent).astype(np.float32) - r).mean()
-                       for a, r in zip(arrs, refs)])
-        rows.append(f"  {m}/8 -> {arrs[0].shape[1]}x{arrs[0].shape[0]}: decode {dec:.2f} ms + resize {res:.2f} ms = "
-                    f"{dec + res:.2f} ms, error {err:.3f}/255")
+        err = np.mean(
+            [np.abs(resize_bicubic(a, size, extent).astype(np.float32) - r).mean() for a, r in zip(arrs, refs)]
+        )
+        rows.append(
+            f"  {m}/8 -> {arrs[0].shape[1]}x{arrs[0].shape[0]}: decode {dec:.2f} ms + resize {res:.2f} ms = "
+            f"{dec + res:.2f} ms, error {err:.3f}/255"
+        )
     return rows
 
 
 def profile_features(urls: list[str], tok, K: int, top: int = 14) -> str:
-    import cProfile
-    import pstats
-
     pr = cProfile.Profile()
     pr.enable()
     measure(urls, "caption", 0, tok, K, 128)
@@ -218,7 +249,7 @@ def profile_features(urls: list[str], tok, K: int, top: int = 14) -> str:
     return out.getvalue()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.data.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=600, help="samples per shard set")
     p.add_argument("--workers", type=int, nargs="+", default=[0])
@@ -227,13 +258,59 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="runs per measurement; the best is reported")
     p.add_argument("--scales", action="store_true", help="simplejpeg decode + resize cost at every DCT scale")
     p.add_argument("--noise", action="store_true", help="JPEG sets of 1/f noise instead of photo crops")
-    p.add_argument("--margin", type=float, default=None,
-                   help=f"transforms.DCT_MARGIN for this run (default {transforms.DCT_MARGIN})")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help=f"transforms.DCT_MARGIN for this run (default {transforms.DCT_MARGIN})",
+    )
     p.add_argument("--profile", action="store_true", help="cProfile of the feature path")
     p.add_argument("--dir", type=Path, default=None, help="where to write the shards (default: a temp dir)")
-    a = p.parse_args(argv)
-    import torch
+    return p
 
+
+def bench_features(a: argparse.Namespace, root: Path, tok) -> None:
+    urls = make_shards(root / "features", "features", a.n, K=a.K)
+    for w in a.workers:
+        key = "samples_per_cpu_s" if w == 0 else "samples_per_s"
+        runs = [measure(urls, "caption", w, tok, a.K, 128) for _ in range(a.rounds)]
+        print(
+            f"{'features':10s} caption workers={w}: ours {max(r[key] for r in runs):8.1f} "
+            f"{key.replace('_', ' ')} ({max(r['samples_per_s'] for r in runs):.1f} per wall s; best of "
+            f"{a.rounds})"
+        )
+    if a.profile:
+        print(profile_features(urls, tok, a.K))
+
+
+def bench_jpeg(a: argparse.Namespace, name: str, root: Path, tok, decoders: dict[str, bool]) -> None:
+    urls = make_shards(root / name, "jpeg", a.n, size=SETS[name], noise=a.noise)
+    for w in a.workers:
+        key = "samples_per_cpu_s" if w == 0 else "samples_per_s"  # workers > 0: their CPU is not ours
+        ours: dict[str, list[float]] = {d: [] for d in decoders}
+        base = []
+        for _ in range(a.rounds):  # alternated, best of each: other jobs on the machine hit all alike
+            for d, turbo in decoders.items():
+                ours[d].append(_measure_with(turbo, urls, w, tok, a.K)[key])
+            base.append(measure_webdataset(urls, tok)["samples_per_cpu_s"])
+        figs = ", ".join(
+            f"{max(v):8.1f} ({d}{f' = {max(v) / max(base):.2f}x' if w == 0 else ''})" for d, v in ours.items()
+        )
+        print(
+            f"{name:10s} caption workers={w}: webdataset+PIL {max(base):8.1f}, ours {figs} "
+            f"{key.replace('_', ' ')} (best of {a.rounds} alternated runs)"
+        )
+    errs = ", ".join(
+        "{:.3f}/255 mean abs, worst image {:.3f} ({})".format(*pixel_error(urls, turbo=t), d)
+        for d, t in decoders.items()
+    )
+    print(f"{name:10s} pixel error vs full decode + Pillow resize: {errs}")
+    if a.scales and "simplejpeg" in decoders:
+        print("\n".join(scale_table(urls, rounds=a.rounds)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     root = a.dir or Path(tempfile.mkdtemp(prefix="pill-bench-"))
@@ -241,39 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.margin is not None:
         transforms.DCT_MARGIN = a.margin
     decoders = {"simplejpeg": True, "pillow": False} if transforms.simplejpeg is not None else {"pillow": False}
-    print(f"machine: {os.cpu_count()} cpu(s), load {os.getloadavg()[0]:.1f}; {a.n} samples per set; K={a.K}; "
-          f"batch 16; shards in {root}; JPEG decoders: {', '.join(decoders)}; DCT margin {transforms.DCT_MARGIN}; "
-          f"JPEG content: {'1/f noise' if a.noise else 'photo crops'}")
+    print(
+        f"machine: {os.cpu_count()} cpu(s), load {os.getloadavg()[0]:.1f}; {a.n} samples per set; K={a.K}; "
+        f"batch 16; shards in {root}; JPEG decoders: {', '.join(decoders)}; DCT margin {transforms.DCT_MARGIN}; "
+        f"JPEG content: {'1/f noise' if a.noise else 'photo crops'}"
+    )
     for name in a.sets:
         if name == "features":
-            urls = make_shards(root / name, "features", a.n, K=a.K)
-            for w in a.workers:
-                key = "samples_per_cpu_s" if w == 0 else "samples_per_s"
-                runs = [measure(urls, "caption", w, tok, a.K, 128) for _ in range(a.rounds)]
-                print(f"{name:10s} caption workers={w}: ours {max(r[key] for r in runs):8.1f} "
-                      f"{key.replace('_', ' ')} ({max(r['samples_per_s'] for r in runs):.1f} per wall s; best of "
-                      f"{a.rounds})")
-            if a.profile:
-                print(profile_features(urls, tok, a.K))
-            continue
-        urls = make_shards(root / name, "jpeg", a.n, size=SETS[name], noise=a.noise)
-        for w in a.workers:
-            key = "samples_per_cpu_s" if w == 0 else "samples_per_s"  # workers > 0: their CPU is not ours
-            ours: dict[str, list[float]] = {d: [] for d in decoders}
-            base = []
-            for _ in range(a.rounds):  # alternated, best of each: other jobs on the machine hit all alike
-                for d, turbo in decoders.items():
-                    ours[d].append(_measure_with(turbo, urls, w, tok, a.K)[key])
-                base.append(measure_webdataset(urls, tok)["samples_per_cpu_s"])
-            figs = ", ".join(f"{max(v):8.1f} ({d}{f' = {max(v) / max(base):.2f}x' if w == 0 else ''})"
-                             for d, v in ours.items())
-            print(f"{name:10s} caption workers={w}: webdataset+PIL {max(base):8.1f}, ours {figs} "
-                  f"{key.replace('_', ' ')} (best of {a.rounds} alternated runs)")
-        errs = ", ".join("{:.3f}/255 mean abs, worst image {:.3f} ({})".format(*pixel_error(urls, turbo=t), d)
-                         for d, t in decoders.items())
-        print(f"{name:10s} pixel error vs full decode + Pillow resize: {errs}")
-        if a.scales and "simplejpeg" in decoders:
-            print("\n".join(scale_table(urls, rounds=a.rounds)))
+            bench_features(a, root, tok)
+        else:
+            bench_jpeg(a, name, root, tok, decoders)
     return 0
 
 

@@ -69,14 +69,22 @@ class PillDataset(IterableDataset):
         self.samples_per_epoch = cfg.samples_per_epoch or sum(sum(c) for c in self.counts if c)
         for s, urls in zip(cfg.sources, self.urls):
             if not probe_readable(urls):
-                raise ValueError(f"source {s.name}: no readable sample in any of the {len(urls)} shard(s) "
-                                 f"{urls[:4]}{'...' if len(urls) > 4 else ''}; see the skip log above")
+                raise ValueError(
+                    f"source {s.name}: no readable sample in any of the {len(urls)} shard(s) "
+                    f"{urls[:4]}{'...' if len(urls) > 4 else ''}; see the skip log above"
+                )
         if self.samples_per_epoch == 0:
             raise ValueError(f"sources {[s.name for s in cfg.sources]} hold no samples")
         self.batches_per_rank = max(1, self.samples_per_epoch // (cfg.world_size * cfg.batch_size))
         d = cfg.data
-        self.collate = Collator(d, tokenizer, cfg.num_query_tokens, d.image_mean or IMAGE_MEAN,
-                                d.image_std or IMAGE_STD, with_meta=with_meta)
+        self.collate = Collator(
+            d,
+            tokenizer,
+            cfg.num_query_tokens,
+            d.image_mean or IMAGE_MEAN,
+            d.image_std or IMAGE_STD,
+            with_meta=with_meta,
+        )
         self.epoch = 0
         self.start_batch = 0
 
@@ -87,9 +95,11 @@ class PillDataset(IterableDataset):
         counts = None if c.data.resampled else shard_counts(urls, index_urls(s.shards))
         if counts is not None and None in counts:
             if not c.samples_per_epoch:
-                raise ValueError(f"source {s.name}: {counts.count(None)} remote shard(s) without a sample count "
-                                 f"(e.g. {urls[counts.index(None)]}); give samples_per_epoch (the stage's samples "
-                                 "per epoch) or an index JSON (a builder's *-index.json) as the source")
+                raise ValueError(
+                    f"source {s.name}: {counts.count(None)} remote shard(s) without a sample count "
+                    f"(e.g. {urls[counts.index(None)]}); give samples_per_epoch (the stage's samples "
+                    "per epoch) or an index JSON (a builder's *-index.json) as the source"
+                )
             counts = None  # whole-shard round robin, epoch length from samples_per_epoch
         if counts is None and not c.data.resampled:
             warn_if_few_shards(urls, c.world_size, c.workers_for_split, s.name)
@@ -110,8 +120,7 @@ class PillDataset(IterableDataset):
         """This slot's first pass over source i this epoch."""
         c, urls, counts = self.cfg, self.urls[i], self.counts[i]
         if counts is None:
-            a = assign_shards(urls, c.seed, self.epoch, c.rank, c.world_size, worker, nw, c.data.shuffle_shards,
-                              salt=i)
+            a = assign_shards(urls, c.seed, self.epoch, c.rank, c.world_size, worker, nw, c.data.shuffle_shards, salt=i)
             return [Piece(u, stride=a.sample_stride, offset=a.sample_offset) for u in a.shards]
         start, end, span = self._slot_range(worker, nw)
         order = epoch_order(urls, c.seed, self.epoch, c.data.shuffle_shards, salt=i)
@@ -127,8 +136,9 @@ class PillDataset(IterableDataset):
         rng = random.Random(f"shuffle/{c.seed}/{self.epoch}/{c.rank}/{worker}/{i}")
         if c.data.resampled:
             shards = resampled_shards(self.urls[i], c.seed, self.epoch, c.rank, worker, salt=i)
-            yield from _tagged(_shuffle((r for u in shards for r in read_piece(Piece(u), counter)),
-                                        c.data.shuffle_buffer, rng), task)
+            yield from _tagged(
+                _shuffle((r for u in shards for r in read_piece(Piece(u), counter)), c.data.shuffle_buffer, rng), task
+            )
             return
         pieces = self.pieces(i, worker, nw)
         fallback = False
@@ -137,12 +147,19 @@ class PillDataset(IterableDataset):
             records = _counting((r for p in pieces for r in read_piece(p, counter, count=n_pass == 0)), got)
             yield from _tagged(_shuffle(records, c.data.shuffle_buffer, rng), task)
             if got[0] == 0 and fallback:
-                raise RuntimeError(f"source {c.sources[i].name}: no shard gave a readable sample this epoch "
-                                   f"(rank {c.rank} worker {worker}); see the skip log above")
+                raise RuntimeError(
+                    f"source {c.sources[i].name}: no shard gave a readable sample this epoch "
+                    f"(rank {c.rank} worker {worker}); see the skip log above"
+                )
             if got[0] == 0:  # none of this slot's shards was readable: fill the quota from the others'
                 fallback, pieces = True, [Piece(u) for u in self.urls[i]]
-                log.warning("source %s: rank %d worker %d read nothing from its shards; reading the other "
-                            "slots' shards to fill its quota", c.sources[i].name, c.rank, worker)
+                log.warning(
+                    "source %s: rank %d worker %d read nothing from its shards; reading the other "
+                    "slots' shards to fill its quota",
+                    c.sources[i].name,
+                    c.rank,
+                    worker,
+                )
             # else: the quota is not met yet (shards gave fewer records than counted): the same share again
 
     def _mixed(self, worker: int, nw: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
@@ -180,8 +197,9 @@ class PillDataset(IterableDataset):
         # worker n % nw, so physical worker w plays logical worker (w + n) % nw (its shards, rng, quota, skip).
         worker = (worker + self.start_batch) % nw
         if nw != self.cfg.workers_for_split:
-            raise RuntimeError(f"dataset built for {self.cfg.workers_for_split} workers runs under {nw}; "
-                               "iterate it through PillLoader")
+            raise RuntimeError(
+                f"dataset built for {self.cfg.workers_for_split} workers runs under {nw}; iterate it through PillLoader"
+            )
         counter = SkipCounter(self.cfg.data.log_skips)
         it: Any = None
         for stage in self.stages(worker, nw, counter):
@@ -245,8 +263,16 @@ class PillLoader:
     iteration continue exactly there (same config, world size and num_workers required).
     """
 
-    def __init__(self, cfg: LoaderSpec, tokenizer: Any, start_epoch: int = 0, start_batch: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int | None = None, with_meta: bool = False):
+    def __init__(
+        self,
+        cfg: LoaderSpec,
+        tokenizer: Any,
+        start_epoch: int = 0,
+        start_batch: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        with_meta: bool = False,
+    ):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers + rust threads deadlock otherwise
         self.cfg = cfg
         self.dataset = PillDataset(cfg, tokenizer, with_meta=with_meta)
@@ -276,14 +302,26 @@ class PillLoader:
 
     def state_dict(self) -> dict[str, Any]:
         c = self.cfg
-        return {"epoch": self.epoch, "batch": self.batch, "seed": c.seed, "batch_size": c.batch_size,
-                "num_workers": c.workers_for_split, "world_size": c.world_size, "rank": c.rank,
-                "batches_per_epoch": len(self)}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": c.seed,
+            "batch_size": c.batch_size,
+            "num_workers": c.workers_for_split,
+            "world_size": c.world_size,
+            "rank": c.rank,
+            "batches_per_epoch": len(self),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         c = self.cfg
-        for k, mine in (("seed", c.seed), ("batch_size", c.batch_size), ("num_workers", c.workers_for_split),
-                        ("world_size", c.world_size), ("batches_per_epoch", len(self))):
+        for k, mine in (
+            ("seed", c.seed),
+            ("batch_size", c.batch_size),
+            ("num_workers", c.workers_for_split),
+            ("world_size", c.world_size),
+            ("batches_per_epoch", len(self)),
+        ):
             if k in state and state[k] != mine:
                 # Still resumable, but not to the same sample sequence: say so instead of pretending.
                 log.warning("data resume: %s was %s, now %s; the sample order after resume differs", k, state[k], mine)
@@ -304,8 +342,7 @@ class PillLoader:
             if self.prefetch_factor:
                 kwargs["prefetch_factor"] = self.prefetch_factor
         # Workers are re-created per epoch (not persistent), so they see the epoch/start_batch set above.
-        dl = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity, pin_memory=self.pin_memory,
-                        **kwargs)
+        dl = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity, pin_memory=self.pin_memory, **kwargs)
         for b in dl:
             self._skips_now[b.pop("_worker")] = b.pop("_skipped")
             self.shards_read.extend(b.pop("_shards"))
@@ -318,14 +355,25 @@ class PillLoader:
             self.epoch, self.batch = self.epoch + 1, 0
 
 
-def build_loader(cfg: DataConfig, tokenizer: Any, *, sources: list[SourceConfig], batch_size: int,
-                 num_query_tokens: int, seed: int = 0, samples_per_epoch: int | None = None, rank: int | None = None,
-                 world_size: int | None = None, start_epoch: int = 0, start_batch: int = 0, with_meta: bool = False,
-                 **kwargs: Any) -> PillLoader:
+def build_loader(
+    cfg: DataConfig,
+    tokenizer: Any,
+    *,
+    sources: list[SourceConfig],
+    batch_size: int,
+    num_query_tokens: int,
+    seed: int = 0,
+    samples_per_epoch: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    start_epoch: int = 0,
+    start_batch: int = 0,
+    with_meta: bool = False,
+    **kwargs: Any,
+) -> PillLoader:
     """The trainer's entry point: `cfg` is the `data:` section, the rest is per stage / per rank.
 
     rank / world_size None: $RANK / $WORLD_SIZE. `start_*` (or load_state_dict) resume mid-epoch. with_meta: batches
     also carry `meta` (key, shard, task and json of each sample; for tests and debugging, not needed to train)."""
     spec = LoaderSpec(cfg, sources, batch_size, num_query_tokens, seed, samples_per_epoch, rank, world_size)
-    return PillLoader(spec, tokenizer, start_epoch=start_epoch, start_batch=start_batch, with_meta=with_meta,
-                      **kwargs)
+    return PillLoader(spec, tokenizer, start_epoch=start_epoch, start_batch=start_batch, with_meta=with_meta, **kwargs)

@@ -24,13 +24,23 @@ SKIP_REASONS = (
     # shards and records
     "unreadable_shard",  # cannot be opened: missing file, refused connection, 404, failing pipe
     "bad_tar",  # not a tar, or the stream broke mid-file (the records complete before the break are kept)
-    "missing_json", "bad_json",
+    "missing_json",
+    "bad_json",
     # prompt
-    "missing_field", "bad_choices", "empty_answer", "bad_conversation", "bad_task",
+    "missing_field",
+    "bad_choices",
+    "empty_answer",
+    "bad_conversation",
+    "bad_task",
     # visual input
-    "missing_image", "undecodable_image", "unsupported_image", "image_count_mismatch", "bad_features",
+    "missing_image",
+    "undecodable_image",
+    "unsupported_image",
+    "image_count_mismatch",
+    "bad_features",
     # batch
-    "too_long", "empty_batch",
+    "too_long",
+    "empty_batch",
 )
 """Every reason the loader counts a skip under (the trainer sums counters over ranks in this order)."""
 _PER_BATCH = ("empty_batch",)  # counted per occurrence; every other reason once per (shard, key) and epoch
@@ -61,8 +71,14 @@ class SkipCounter:
         self.counts[reason] += 1
         n = self.counts[reason]
         if n <= self.log_first:
-            log.warning("data: skipped (%s) shard=%s key=%s %s%s", reason, shard, key, detail,
-                        " [further skips of this reason are only counted]" if n == self.log_first else "")
+            log.warning(
+                "data: skipped (%s) shard=%s key=%s %s%s",
+                reason,
+                shard,
+                key,
+                detail,
+                " [further skips of this reason are only counted]" if n == self.log_first else "",
+            )
 
     def take_shards(self) -> list[str]:
         out, self.shards_opened = self.shards_opened, []

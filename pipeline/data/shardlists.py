@@ -59,8 +59,11 @@ def is_remote(url: str) -> bool:
 
 
 def _join(index_url: str, file: str) -> str:
-    return index_url.rsplit("/", 1)[0] + "/" + file if is_remote(index_url) else os.path.join(
-        os.path.dirname(index_url), file)
+    return (
+        index_url.rsplit("/", 1)[0] + "/" + file
+        if is_remote(index_url)
+        else os.path.join(os.path.dirname(index_url), file)
+    )
 
 
 def _read_json(path: str) -> dict | None:
@@ -172,8 +175,13 @@ def epoch_order(urls: list[str], seed: int, epoch: int, shuffle: bool, salt: int
     return order
 
 
-def range_pieces(urls: list[str], counts: list[int], start: int, end: int, epoch_end: int | None = None,
-                 ) -> list[Piece]:
+def range_pieces(
+    urls: list[str],
+    counts: list[int],
+    start: int,
+    end: int,
+    epoch_end: int | None = None,
+) -> list[Piece]:
     """Positions [start, end) of the concatenation of the shards (in the given order), wrapping past the end.
 
     A shard counted empty (unscannable, or every record bad) holds no position; it still goes, as an empty
@@ -196,8 +204,9 @@ def range_pieces(urls: list[str], counts: list[int], start: int, end: int, epoch
     return empty + out
 
 
-def slot_pieces(urls: list[str], counts: list[int], order: list[int], start: int, end: int, span: int,
-                epoch_end: int | None = None) -> list[Piece]:
+def slot_pieces(
+    urls: list[str], counts: list[int], order: list[int], start: int, end: int, span: int, epoch_end: int | None = None
+) -> list[Piece]:
     """This slot's pieces of one source. [start, end) is the slot's share of the epoch's `span` positions; a
     source of N samples maps it onto [start*N/span, end*N/span) (span == N: the positions themselves).
     epoch_end: where the epoch's positions end in this source (default N)."""
@@ -215,8 +224,17 @@ class Assignment:
     sample_offset: int
 
 
-def assign_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size: int, worker: int,
-                  num_workers: int, shuffle: bool = True, salt: int = 0) -> Assignment:
+def assign_shards(
+    urls: list[str],
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    shuffle: bool = True,
+    salt: int = 0,
+) -> Assignment:
     """This slot's share of one epoch. Every rank shuffles identically (same seed/epoch), so shares are disjoint."""
     order = list(urls)
     if shuffle:
@@ -232,9 +250,14 @@ def assign_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size:
 def warn_if_few_shards(urls: list[str], world_size: int, num_workers: int, name: str) -> bool:
     slots = world_size * num_workers
     if len(urls) < slots:
-        log.warning("%s: %d shard(s) < %d ranks x %d workers: splitting by sample instead of by shard "
-                    "(each worker reads every shard); write more, smaller shards to avoid the extra reading",
-                    name, len(urls), world_size, num_workers)
+        log.warning(
+            "%s: %d shard(s) < %d ranks x %d workers: splitting by sample instead of by shard "
+            "(each worker reads every shard); write more, smaller shards to avoid the extra reading",
+            name,
+            len(urls),
+            world_size,
+            num_workers,
+        )
         return True
     return False
 
@@ -252,5 +275,10 @@ def check_exists(urls: list[str], name: str) -> None:
     if missing and len(missing) == len(urls):
         raise FileNotFoundError(f"source {name}: none of its {len(urls)} shard(s) exist, e.g. {missing[0]}")
     if missing:
-        log.warning("source %s: %d of %d shard(s) missing (e.g. %s); they will be skipped and counted",
-                    name, len(missing), len(urls), missing[0])
+        log.warning(
+            "source %s: %d of %d shard(s) missing (e.g. %s); they will be skipped and counted",
+            name,
+            len(missing),
+            len(urls),
+            missing[0],
+        )

@@ -174,9 +174,10 @@ def _npy(data: bytes) -> np.ndarray:
     if data[:6] != b"\x93NUMPY" or len(data) < 10:
         raise ValueError("not a .npy file")
     major = data[6]
-    hlen, start = (int.from_bytes(data[8:10], "little"), 10) if major == 1 else (
-        int.from_bytes(data[8:12], "little"), 12)
-    header = data[:start + hlen]
+    hlen, start = (
+        (int.from_bytes(data[8:10], "little"), 10) if major == 1 else (int.from_bytes(data[8:12], "little"), 12)
+    )
+    header = data[: start + hlen]
     parsed = _NPY_HEADERS.get(header)
     if parsed is None:
         arr = np.load(io.BytesIO(data), allow_pickle=False)

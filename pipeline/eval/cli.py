@@ -11,8 +11,10 @@ TASKS = {"scienceqa": "pipeline.eval.scienceqa", "mme": "pipeline.eval.mme"}
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in TASKS:
-        print(f"usage: pill-eval {{{','.join(TASKS)}}} [options]  (pill-eval <task> --help for the options)",
-              file=sys.stderr)
+        print(
+            f"usage: pill-eval {{{','.join(TASKS)}}} [options]  (pill-eval <task> --help for the options)",
+            file=sys.stderr,
+        )
         return 2
     return importlib.import_module(TASKS[argv[0]]).main(argv[1:])
 

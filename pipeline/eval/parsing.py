@@ -49,4 +49,3 @@ def parse_yes_no(text: str) -> str:
     if "no" in prefix:
         return "no"
     return "other"
-

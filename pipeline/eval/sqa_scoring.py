@@ -121,8 +121,12 @@ def score_multiple_choice(records: Iterable[MCRecord], seed: int = 0) -> dict:
         "accuracy_random_fallback": _acc(correct_rand, n),
         "seed": seed,
         "categories": {
-            cat: {"n": c[0], "correct": c[1], "accuracy": _acc(c[1], c[0]),
-                  "accuracy_random_fallback": _acc(c[2], c[0])}
+            cat: {
+                "n": c[0],
+                "correct": c[1],
+                "accuracy": _acc(c[1], c[0]),
+                "accuracy_random_fallback": _acc(c[2], c[0]),
+            }
             for cat, c in counts.items()
         },
     }

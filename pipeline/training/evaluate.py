@@ -97,7 +97,7 @@ def _evaluate(cfg: TrainConfig, export_dir: Path, llm: str, vpg: str | None) -> 
 
 
 def retention_enabled(cfg: TrainConfig) -> bool:
-    on = getattr(cfg.eval, "text_retention", None)  # TEMP while a run started before the field finishes
+    on = cfg.eval.text_retention
     return str(cfg.model.llm_path) != TINY if on is None else on
 
 
@@ -111,7 +111,7 @@ def stage_retention(cfg: TrainConfig, last_export: Path, llm: str, vpg: str | No
     """Text retention of each stage's export; the frozen LLM's answers are generated once and reused."""
     from pipeline.model import load_export
 
-    texts = retention.load_text_prompts(limit=getattr(cfg.eval, "text_retention_prompts", None))
+    texts = retention.load_text_prompts(limit=cfg.eval.text_retention_prompts)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     device = torch.device("cuda") if torch.cuda.is_available() else None
     out, frozen = {}, None
