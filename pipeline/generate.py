@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from pipeline.data.chat_template import end_of_turn_ids
 from pipeline.data.config import PROMPT_FORMATS
 from pipeline.data.eval import chat_prompt, default_data_config, image_tensor, shard_prompts
 from pipeline.data.prompt_cut import Prompt
 from pipeline.data.prompts import prompt_format_problem
+from pipeline.model import PILLConfig, load_export, load_pill
 from pipeline.model.attention import ATTN_BACKEND_CHOICES
 
 
@@ -198,8 +200,6 @@ def generate(
     texts = []
     starts = range(0, len(prompts), batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="generate", unit="batch")
     for start in starts:
         for row in generate_ids(model, prompts[start : start + batch_size], cfg):
@@ -221,8 +221,6 @@ def load_trained(
     The method and its config (stage, modules, rank) are read from the export's adapter_config.json, so gates and
     routing are exactly those of training; attn_backend may be overridden (e.g. sdpa on a machine without Triton)
     for methods that have one. No adapter: a fresh PILL (the frozen LLM's behaviour on text)."""
-    from pipeline.model import PILLConfig, load_export, load_pill
-
     if adapter is None:
         cfg = PILLConfig(attn_backend=attn_backend) if attn_backend else PILLConfig()
         return load_pill(llm, vpg, cfg=cfg, dtype=dtype, device=device).eval()

@@ -55,7 +55,8 @@ def image_batch(model, seed=0, T=30):
 
 
 def test_registry_lists_every_peer_with_its_stages():
-    assert set(PEERS) | {"pill"} == set(method_names())
+    shipped = set(method_names()) - {"linear_projector"}  # tests/toy_method.py registers a plug-in for its test
+    assert set(PEERS) | {"pill"} == shipped
     assert get_method("iaa").stages == (1, 2)
     for name in ("llama_adapter", "lavin", "excitor"):
         assert get_method(name).stages == (2,) and get_method(name).front_end == "clip"

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import braceexpand
 
+from pipeline.data.tarstream import TarError, iter_members
+
 log = logging.getLogger(__name__)
 
 
@@ -69,7 +71,7 @@ def _join(index_url: str, file: str) -> str:
 def _read_json(path: str) -> dict | None:
     try:
         if is_remote(path):
-            from webdataset.gopen import gopen
+            from webdataset.gopen import gopen  # remote urls only: local shards never import webdataset
 
             with gopen(path, "rb") as f:
                 return json.loads(f.read())
@@ -119,8 +121,6 @@ def shard_counts(urls: list[str], index_urls: list[str] = ()) -> list[int | None
 def scan_tar_count(url: str) -> int:
     """Usable samples in a local tar: keys with a member extension and a json object (the records the reader
     yields); 0 when unreadable (the reader will count the error). Reads headers and json members only."""
-    from pipeline.data.tarstream import TarError, iter_members
-
     keys: dict[str, bool] = {}
     try:
         with open(url, "rb") as f:
