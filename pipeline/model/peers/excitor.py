@@ -114,11 +114,23 @@ def excitor_attention(q, k, v, key_ex, gate, mask: AttnMask, scale: float, backe
     return o.transpose(1, 2)  # (B, Tq, H, Dh)
 
 
+def _check_head_split(c) -> None:
+    """Key_ex lives in the model width (the prompts are D wide) and is split into the query heads, which needs
+    heads x head_dim == D: true of Llama and Mistral, not of every Qwen3 (the paper defines nothing else)."""
+    heads, head_dim = c.num_attention_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if heads * head_dim != c.hidden_size:
+        raise ValueError(
+            f"excitor: {type(c).__name__} has {heads} heads x head_dim {head_dim} = {heads * head_dim} != "
+            f"hidden_size {c.hidden_size}; Excitor's Key_ex (width hidden_size) cannot be split into its heads"
+        )
+
+
 class Excitor(FrozenLLMMethod):
     method = "excitor"
 
     def __init__(self, llm: nn.Module, cfg: ExcitorConfig, vpg=None, tokenizer=None):
         check_llm(llm.config, source="Excitor(llm=...)")
+        _check_head_split(llm.config)
         cfg.take_front_end_shape(vpg)
         super().__init__(llm, cfg, tokenizer)
         self.vpg = vpg
