@@ -33,8 +33,7 @@ from pipeline.model.backends import resolve_backends
 
 def resolve_attn_backend(name: str, device: torch.device) -> str:
     """`auto` -> triton on CUDA when the kernel passes its self-check, else sdpa (pipeline.model.backends)."""
-    return resolve_backends(SimpleNamespace(attn_backend=name, adapter_backend="eager", adapter_act="none"),
-                            device)[0]
+    return resolve_backends(SimpleNamespace(attn_backend=name, adapter_backend="eager", adapter_act="none"), device)[0]
 
 
 # ---- sequence context ------------------------------------------------------------------------------------------------
@@ -55,33 +54,48 @@ class SeqContext:
     key_mask: torch.Tensor  # (B, S) bool
 
     @classmethod
-    def build(cls, llm: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None,
-              position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int | None,
-              past_key_mask: torch.Tensor | None, use_cache: bool, hide: torch.Tensor | None = None) -> SeqContext:
+    def build(
+        cls,
+        llm: nn.Module,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+        past_key_mask: torch.Tensor | None,
+        use_cache: bool,
+        hide: torch.Tensor | None = None,
+    ) -> SeqContext:
         """Masks and RoPE for x (B, T, D). `past_key_mask` (B, S - T) bool: the cached keys that are real and
         visible (None: no cache). `hide` (B, T) bool: positions no query may attend to (see above)."""
         B, T = x.shape[:2]
-        real = (attention_mask[:, -T:].bool() if attention_mask is not None
-                else torch.ones(B, T, dtype=torch.bool, device=x.device))
+        real = (
+            attention_mask[:, -T:].bool()
+            if attention_mask is not None
+            else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        )
         hidden = hide is not None and bool(hide.any())
         visible = real & ~hide.bool() if hidden else real
         past = past_key_mask is not None
         key_mask = torch.cat([past_key_mask, visible], dim=1) if past else visible
         # Keys to mask: hidden placeholders, left padding (generation), or holes in the cache. Right-padded
         # batches without a cache need none (a real token never sees a later pad).
-        masked = hidden or ((past or use_cache) and attention_mask is not None) or (
-            past and not bool(past_key_mask.all()))
+        masked = (
+            hidden or ((past or use_cache) and attention_mask is not None) or (past and not bool(past_key_mask.all()))
+        )
         if position_ids is None:
             if masked:
                 position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 start = past_key_mask.shape[1] if past else 0
                 position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
-        mask = AttnMask(causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                        key_padding=key_mask if masked else None)
+        mask = AttnMask(
+            causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, key_padding=key_mask if masked else None
+        )
         if cu_seqlens is not None:
-            mask.doc_ids = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(T, device=x.device),
-                                              right=True)[None].expand(B, T)
+            mask.doc_ids = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(T, device=x.device), right=True)[
+                None
+            ].expand(B, T)
         return cls(mask, llm.model.rotary_emb(x, position_ids), key_mask)
 
 
@@ -118,8 +132,13 @@ def extend(past: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if past is None else torch.cat([past, new], dim=1)
 
 
-def frozen_layer(base: nn.Module, x: torch.Tensor, ctx: SeqContext, backend: str,
-                 cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
+def frozen_layer(
+    base: nn.Module,
+    x: torch.Tensor,
+    ctx: SeqContext,
+    backend: str,
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple]:
     """One unmodified Llama decoder layer (or a trainable copy of one) through our attention backends."""
     attn = base.self_attn
     q, k, v = project_qkv(attn, base.input_layernorm(x), ctx.position_embeddings)
@@ -164,15 +183,23 @@ def same_graph_on_every_rank() -> bool:
     return torch.is_grad_enabled()
 
 
-def front_end_features(model: nn.Module, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None,
-                       compute, empty_shape: tuple[int, ...], kind: str) -> torch.Tensor | None:
+def front_end_features(
+    model: nn.Module,
+    pixel_values: torch.Tensor | None,
+    image_features: torch.Tensor | None,
+    compute,
+    empty_shape: tuple[int, ...],
+    kind: str,
+) -> torch.Tensor | None:
     """A batch's CLIP features: precomputed `image_features`, else `compute(pixel_values)` on the front end; with
     no image, zero rows of `empty_shape` while training (same_graph_on_every_rank) and None otherwise."""
     feats = image_features
     if feats is None and pixel_values is not None and pixel_values.numel():
         if model.vpg is None:
-            raise ValueError(f"batch has pixel_values but {type(model).__name__} was built without a CLIP front end: "
-                             f"give model.vpg_path (a CLIP dir or 'tiny') or train on precomputed {kind} features")
+            raise ValueError(
+                f"batch has pixel_values but {type(model).__name__} was built without a CLIP front end: "
+                f"give model.vpg_path (a CLIP dir or 'tiny') or train on precomputed {kind} features"
+            )
         feats = compute(pixel_values)
     if feats is None or feats.numel() == 0:
         if not same_graph_on_every_rank():
@@ -182,8 +209,9 @@ def front_end_features(model: nn.Module, pixel_values: torch.Tensor | None, imag
 
 
 # ---- output ---------------------------------------------------------------------------------------------------------
-def lm_output(h: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor | None, return_logits: bool,
-              num_items_in_batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def lm_output(
+    h: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor | None, return_logits: bool, num_items_in_batch: Any
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(logits or None, loss or None, n_loss_tokens or None) from the final-normed hidden states h (B, T, D)."""
     logits = lm_head(h) if return_logits or labels is None else None
     if labels is None:
@@ -192,9 +220,14 @@ def lm_output(h: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor | None, 
     return logits, loss, n
 
 
-def causal_lm_loss(logits: torch.Tensor | None, labels: torch.Tensor, *, hidden: torch.Tensor | None = None,
-                   lm_head: nn.Module | None = None, num_items_in_batch: torch.Tensor | int | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss(
+    logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    hidden: torch.Tensor | None = None,
+    lm_head: nn.Module | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy over positions whose label is not -100, and the number of those positions.
 
     Only the answer rows are upcast to fp32 (never the whole (B, T, V) logits); with `logits=None` the LM head
