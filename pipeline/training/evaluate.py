@@ -19,7 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.data.eval import default_data_config, shard_prompts
 from pipeline.eval import retention
+from pipeline.eval.multiple_choice import evaluate_multiple_choice
+from pipeline.eval.sqa_scoring import markdown_table
+from pipeline.model import load_export
 from pipeline.model.frozen import TINY
 from pipeline.training.config import TrainConfig
 from pipeline.training.dist import DistContext
@@ -37,11 +41,6 @@ def evaluate_export(
 
 
 def _evaluate(cfg: TrainConfig, export_dir: Path, llm: str, vpg: str | None) -> dict[str, Any]:
-    from pipeline.data.eval import default_data_config, shard_prompts
-    from pipeline.eval.multiple_choice import evaluate_multiple_choice
-    from pipeline.eval.sqa_scoring import markdown_table
-    from pipeline.model import load_export
-
     s = cfg.stages[-1]
     device = torch.device("cuda") if torch.cuda.is_available() else None
     model = load_export(
@@ -109,8 +108,6 @@ def stage_exports(cfg: TrainConfig, last_export: Path) -> dict[str, Path]:
 
 def stage_retention(cfg: TrainConfig, last_export: Path, llm: str, vpg: str | None) -> dict[str, dict]:
     """Text retention of each stage's export; the frozen LLM's answers are generated once and reused."""
-    from pipeline.model import load_export
-
     texts = retention.load_text_prompts(limit=cfg.eval.text_retention_prompts)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     device = torch.device("cuda") if torch.cuda.is_available() else None
