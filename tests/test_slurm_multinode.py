@@ -35,18 +35,18 @@ DRIVER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     sys.path.insert(0, os.environ["PILL_REPO"])
-    import pipeline.data as pdata
+    import pipeline.training.data_glue as data_glue  # where the trainer looks build_loader up
     import pipeline.training.loop as loop
 
     rank = int(os.environ["RANK"])
     loaders = []
-    _build = pdata.build_loader
+    _build = data_glue.build_loader
 
     def build_loader(*a, **k):
         loaders.append(_build(*a, **k))
         return loaders[-1]
 
-    pdata.build_loader = build_loader
+    data_glue.build_loader = build_loader
     _Logger = loop.MetricsLogger
 
     class RankLogger(_Logger):
