@@ -110,6 +110,35 @@ def _load_rows(
 
 
 @triton.jit
+def _kv_descriptor(base, k_len, stride, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A TMA descriptor over one sequence's K or V rows of one KV head: rows past k_len and columns past the
+    head dim arrive as zeros, so no load needs a mask and a padded cache's stale rows are never read. (One row
+    at least: an empty sequence's descriptor is built but never loaded from.)"""
+    return tl.make_tensor_descriptor(base, [tl.maximum(k_len, 1), HEAD_DIM], [stride, 1], [BLOCK_N, BLOCK_D])
+
+
+@triton.jit
+def _load_kv(
+    src,
+    start_n,
+    offs_n,
+    offs_d,
+    stride,
+    n_lim,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """A (BLOCK_N x BLOCK_D) K or V tile: one bulk copy through a descriptor (TMA), or pointer loads."""
+    if TMA:
+        t = src.load([start_n, 0])
+    else:
+        t = _load_rows(src, offs_n, offs_d, stride, n_lim, HEAD_DIM, BLOCK_D, MASK_ROWS)
+    return t
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -135,11 +164,13 @@ def _fwd_inner(
     HAS_GATE: tl.constexpr,
     DOT_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """k_base / v_base: tensor descriptors when TMA, else pointers to the sequence's first row of the KV head."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, stride_kt, k_len, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(v_base, offs_n, offs_d, stride_vt, k_len, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_kv(k_base, start_n, offs_n, offs_d, stride_kt, k_len, HEAD_DIM, BLOCK_D, MASKED, TMA)
+        v = _load_kv(v_base, start_n, offs_n, offs_d, stride_vt, k_len, HEAD_DIM, BLOCK_D, MASKED, TMA)
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -216,6 +247,7 @@ def _gated_attn_fwd_kernel(
     HAS_KV_LENS: tl.constexpr,
     DOT_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # G and LSE are head-major (Hq, N): stride_gh / stride_lh are the token count, not specialised on (a new
     # sequence length must not compile a new kernel). Grid (Hq, sequences, query blocks): neighbouring programs
@@ -236,6 +268,9 @@ def _gated_attn_fwd_kernel(
         q = q.to(tl.float32)
     k_base = K + k_start * stride_kt + h_kv * stride_kh
     v_base = V + k_start * stride_vt + h_kv * stride_vh
+    if TMA:
+        k_base = _kv_descriptor(k_base, k_len, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_base = _kv_descriptor(v_base, k_len, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D)
     g_base = G + h * stride_gh + k_start
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -267,6 +302,7 @@ def _gated_attn_fwd_kernel(
         HAS_GATE,
         DOT_F32,
         DOT_PREC,
+        TMA,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -293,6 +329,7 @@ def _gated_attn_fwd_kernel(
         HAS_GATE,
         DOT_F32,
         DOT_PREC,
+        TMA,
     )
     empty = l_i == 0.0  # no visible key: output 0, LSE +inf so the backward sees P = 0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -387,6 +424,7 @@ def _gated_attn_decode_kernel(
         HAS_GATE,
         DOT_F32,
         DOT_PREC,
+        False,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -413,6 +451,7 @@ def _gated_attn_decode_kernel(
         HAS_GATE,
         DOT_F32,
         DOT_PREC,
+        False,
     )
     m_valid = offs_m < q_len
     tl.store(OPART + s.to(tl.int64) * stride_os + row * stride_ot + h * stride_oh + offs_d[None, :], acc, mask=q_mask)
@@ -719,13 +758,15 @@ def _bwd_dq_inner(
     HAS_GATE: tl.constexpr,
     DOT_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """dQ += dS K over the key blocks; with a gate also the gate's gradient of this query block,
-    dg_j = sum_i P_ij (dO_i . v_j): the column sums of P * (dO V^T) (UNgated), both already in registers."""
+    dg_j = sum_i P_ij (dO_i . v_j): the column sums of P * (dO V^T) (UNgated), both already in registers.
+    k_base / v_base: tensor descriptors when TMA, else pointers (as in the forward)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, stride_kt, k_len, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(v_base, offs_n, offs_d, stride_vt, k_len, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_kv(k_base, start_n, offs_n, offs_d, stride_kt, k_len, HEAD_DIM, BLOCK_D, MASKED, TMA)
+        v = _load_kv(v_base, start_n, offs_n, offs_d, stride_vt, k_len, HEAD_DIM, BLOCK_D, MASKED, TMA)
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -790,6 +831,7 @@ def _gated_attn_bwd_dq_kernel(
     HAS_KV_LENS: tl.constexpr,
     DOT_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # DGP: the gate-gradient partials (query blocks, Hq, Nk) fp32, zero-filled; grid as the forward's
     h = tl.program_id(0).to(tl.int64)
@@ -814,6 +856,9 @@ def _gated_attn_bwd_dq_kernel(
         do = do.to(tl.float32)
     k_base = K + k_start * stride_kt + h_kv * stride_kh
     v_base = V + k_start * stride_vt + h_kv * stride_vh
+    if TMA:
+        k_base = _kv_descriptor(k_base, k_len, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_base = _kv_descriptor(v_base, k_len, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D)
     g_base = G + h * stride_gh + k_start
     dg_base = DGP + m_block.to(tl.int64) * stride_gp + h * stride_gh + k_start
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -845,6 +890,7 @@ def _gated_attn_bwd_dq_kernel(
         HAS_GATE,
         DOT_F32,
         DOT_PREC,
+        TMA,
     )
     dq = _bwd_dq_inner(
         dq,
@@ -873,6 +919,7 @@ def _gated_attn_bwd_dq_kernel(
         HAS_GATE,
         DOT_F32,
         DOT_PREC,
+        TMA,
     )
     dq = dq * sm_scale
     tl.store(DQ + row[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -895,12 +942,40 @@ def _cfg(m, n, warps, stages):
 # shared memory within 227 KB; docs/kernels.md); not tuned on a GPU yet. fwd: BLOCK_M queries x BLOCK_N keys;
 # dkdv: BLOCK_M queries streamed past BLOCK_N keys (the keys are the wgmma rows); dq: BLOCK_M queries x BLOCK_N
 # keys. Gated and ungated attention share every tile (the gate's gradient lives in the dQ kernel). Sequence
-# length is not part of the key: a new length never compiles a new kernel.
+# length is not part of the key: a new length never compiles a new kernel. fwd_tma: the forward when K/V arrive
+# through TMA descriptors (no address registers, no masks): at d128 a 128-key tile fits without spilling (wgmma
+# N 128 for both matmuls), where the pointer-load kernel at that tile spills. dq_tma likewise: 64 keys per step
+# at d64/d128 (wgmma N 64, was 32), and at d256 a tile that spills under neither Triton (3.6 spilled 308 B).
 _BF16 = (torch.bfloat16, torch.float16)
 _HOPPER = {
-    **{(64, dt): {"fwd": _cfg(128, 64, 4, 3), "dkdv": _cfg(32, 128, 8, 2), "dq": _cfg(128, 32, 4, 2)} for dt in _BF16},
-    **{(128, dt): {"fwd": _cfg(128, 64, 8, 3), "dkdv": _cfg(32, 128, 8, 2), "dq": _cfg(128, 32, 8, 2)} for dt in _BF16},
-    **{(256, dt): {"fwd": _cfg(64, 64, 8, 2), "dkdv": _cfg(32, 64, 8, 1), "dq": _cfg(128, 16, 8, 1)} for dt in _BF16},
+    **{
+        (64, dt): {
+            "fwd": _cfg(128, 64, 4, 3),
+            "dkdv": _cfg(32, 128, 8, 2),
+            "dq": _cfg(128, 32, 4, 2),
+            "dq_tma": _cfg(128, 64, 8, 2),
+        }
+        for dt in _BF16
+    },
+    **{
+        (128, dt): {
+            "fwd": _cfg(128, 64, 8, 3),
+            "fwd_tma": _cfg(128, 128, 8, 2),
+            "dkdv": _cfg(32, 128, 8, 2),
+            "dq": _cfg(128, 32, 8, 2),
+            "dq_tma": _cfg(128, 64, 8, 2),
+        }
+        for dt in _BF16
+    },
+    **{
+        (256, dt): {
+            "fwd": _cfg(64, 64, 8, 2),
+            "dkdv": _cfg(32, 64, 8, 1),
+            "dq": _cfg(128, 16, 8, 1),
+            "dq_tma": _cfg(64, 32, 8, 2),
+        }
+        for dt in _BF16
+    },
 }
 # dK/dV when the grid above would leave SMs idle (few KV heads, e.g. SmolLM2's 3 at 2 x 2048: 96 programs for
 # 132 SMs): half as many keys per program, twice the programs
@@ -953,6 +1028,30 @@ def _dkdv_config(cfgs: dict, block_d: int, dtype: torch.dtype, device: torch.dev
     return cfg
 
 
+# K/V tiles of the forward through TMA descriptors where the Triton has them (3.6 and 3.9 do) and the GPU is a
+# Hopper or newer; PILL_ATTN_TMA=0 keeps pointer loads (the fallback, and a switch for comparing the two)
+USE_TMA = os.environ.get("PILL_ATTN_TMA", "1") != "0"
+_TMA_ALIGN = 16  # bytes: TMA needs 16-byte-aligned row starts and strides
+
+
+def _tma_ok(*kv: torch.Tensor) -> bool:
+    """Whether the forward may load these K/V tensors through device-side TMA descriptors: the installed Triton
+    builds them, the target is sm_90+ (or the interpreter, which emulates them), and each tensor's row starts
+    and strides are 16-byte aligned with unit stride along the head dim."""
+    if not (USE_TMA and hasattr(tl, "make_tensor_descriptor")):
+        return False
+    device = kv[0].device
+    if on_gpu(device) and _arch(device) < 90:
+        return False
+    for t in kv:
+        elt = t.element_size()
+        if t.stride(-1) != 1 or any((st * elt) % _TMA_ALIGN for st in t.stride()[:-1]):
+            return False
+        if t.device.type != "meta" and t.data_ptr() % _TMA_ALIGN:
+            return False
+    return True
+
+
 def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     return {
         "DOT_F32": not on_gpu(device) and dtype == torch.bfloat16,
@@ -971,7 +1070,9 @@ def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
     o = torch.zeros_like(q) if zero_init else torch.empty_like(q)
     lse = torch.empty((h_q, n_q), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
-    cfg = _configs(block_d, q.dtype, q.device)["fwd"]
+    tma = _tma_ok(k, v)
+    cfgs = _configs(block_d, q.dtype, q.device)
+    cfg = cfgs["fwd_tma"] if tma and "fwd_tma" in cfgs else cfgs["fwd"]
     grid = (h_q, n_seq, triton.cdiv(max_q, cfg["BLOCK_M"]))
     launch(
         _gated_attn_fwd_kernel,
@@ -1002,6 +1103,7 @@ def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
         CAUSAL=causal,
         HAS_GATE=g is not None,
         HAS_KV_LENS=kv_lens is not None,
+        TMA=tma,
         **_dot_flags(q.dtype, q.device),
         **cfg,
     )
@@ -1046,7 +1148,9 @@ def _bwd(do, q, k, v, g, o, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_s
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     cfgs = _configs(block_d, q.dtype, q.device)
     dkdv = _dkdv_config(cfgs, block_d, q.dtype, q.device, lambda bn: triton.cdiv(max_k, bn) * h_kv * n_seq)
-    n_mblocks = triton.cdiv(max_q, cfgs["dq"]["BLOCK_M"])
+    tma = _tma_ok(k, v)
+    dq_cfg = cfgs["dq_tma"] if tma and "dq_tma" in cfgs else cfgs["dq"]
+    n_mblocks = triton.cdiv(max_q, dq_cfg["BLOCK_M"])
     # the gate's gradient: one fp32 partial row per (dQ query block, head), zero where a block sees no key,
     # summed below; deterministic (no atomics) at cdiv(max_q, BLOCK_M) x Hq x Nk x 4 bytes
     dg_part = torch.zeros((n_mblocks, h_q, k.shape[0]), device=q.device) if g is not None else None
@@ -1119,8 +1223,9 @@ def _bwd(do, q, k, v, g, o, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_s
         dg_part.stride(0) if g is not None else 0,
         sm_scale * LOG2E,
         sm_scale,
+        TMA=tma,
         **flags,
-        **cfgs["dq"],
+        **dq_cfg,
     )
     dg = dg_part.sum(0) if g is not None else None
     return dq, dk, dv, dg

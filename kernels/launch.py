@@ -22,6 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+import triton
+from triton.runtime import _allocation
 
 
 @dataclass
@@ -46,7 +49,23 @@ def launch(kernel, grid: tuple, *args, tag: str = "", **kwargs) -> None:
         return
     if os.environ.get("TRITON_INTERPRET") == "1":
         check_interpreter_numpy()
+    elif kwargs.get("TMA"):
+        ensure_scratch_allocator()
     kernel[grid](*args, **kwargs)
+
+
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # torch's caching allocator returns 512-byte-aligned blocks on the current stream (and works under graph capture)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Give Triton a global-memory allocator where none is set, for kernels that build TMA descriptors on the
+    device (each program writes its descriptors to a scratch slot). Triton keeps the allocator in a ContextVar:
+    a thread that never set one (autograd's device threads, where activation checkpointing re-runs the forward)
+    sees the raising default, so this runs before every such launch, and never replaces a user's allocator."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
 
 
 def interpreter_needs_old_numpy() -> bool:
@@ -67,8 +86,6 @@ def check_interpreter_numpy() -> None:
     if tuple(int(part) for part in np.__version__.split(".")[:2]) < (2, 4):
         return
     if interpreter_needs_old_numpy():
-        import triton
-
         raise RuntimeError(
             f"the Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) needs numpy < 2.4 "
             f"(found {np.__version__}; triton-lang/triton#9171): pip install 'numpy<2.4', or a "

@@ -17,11 +17,12 @@ Design choices
   token split), the three weight-gradient tiles and dx from the same x and dy tiles. dy is read twice (dA needs
   all of d before any dx or dW tile can start), x once; the compile report sets this against the minimum.
 - Compute dtype: the fp32 master weights are cast to the activation dtype ([D1; D2] and U^T, what
-  ``torch.autocast`` does to F.linear) once per optimizer step for the same weight tensors (``_weights``: keyed
-  on the tensors, their data_ptr and version counter, emptied by an optimizer step hook); the forward and the
-  backward of a call share the copy. Accumulation, SiLU, the product and the residual add are fp32, y is
-  written in x's dtype. fp32 activations use IEEE fp32 dots. Under the Triton interpreter everything runs in
-  fp32 (its bf16 ``tl.dot`` is wrong). Weight gradients are fp32 (the weights are fp32 master weights).
+  ``torch.autocast`` does to F.linear) once per optimizer step for the same weights (``_weights``: keyed on
+  the memory they view, their data_ptr and version counter, emptied by an optimizer step hook); the forward and
+  the backward of a call, and every later call on the same weights or views of them, share the copy.
+  Accumulation, SiLU, the product and the residual add are fp32, y is written in x's dtype. fp32 activations
+  use IEEE fp32 dots. Under the Triton interpreter everything runs in fp32 (its bf16 ``tl.dot`` is wrong).
+  Weight gradients are fp32 (the weights are fp32 master weights).
 - Weight gradients: tokens of expert e only ever add to expert e. With more than one token split per expert
   the partial sums meet through fp32 atomics (non-deterministic summation order on GPU; one split,
   deterministic, in the interpreter).
@@ -29,8 +30,9 @@ Design choices
 
 Caveats
 - ``route`` values must lie in [0, E); out-of-range values are not checked on the device (indexing error).
-- The weight cache only hits when the caller passes the same tensors: pipeline/model/adapters.py stacks the
-  experts' weights per call (new tensors), so there only the backward reuses the forward's copy.
+- The weight cache only hits when the caller passes the same tensors or views of the same memory: pipeline/
+  model/adapters.py stacks the experts' weights once per optimizer step and passes views of that stack, so every
+  forward of a step (micro-batches, checkpoint recomputation) and its backward share one copy.
 - Triton runs when tensors are on CUDA, or when TRITON_INTERPRET=1 was set before import; otherwise the
   reference. Tile sizes for the GPU are checked with the compile report, not timed (no GPU here).
 """
@@ -369,27 +371,33 @@ def _cast(w_gate, w_down, w_up, dtype):
     return w_cat, w_ut
 
 
-# (id of w_gate, w_down, w_up, dtype) -> (weak refs, (data_ptr, version) of each, (w_cat, w_ut)); emptied after
-# every optimizer step (a step changes the weights; DeepSpeed may write them through .data, which does not bump
-# the version counter), and an entry goes when its weights are freed
+# (for each of w_gate, w_down, w_up: id of its storage, offset, shape, strides, dtype; the compute dtype) -> (weak
+# refs to the storages, (data_ptr, version) of each weight, (w_cat, w_ut)). Keyed on the memory the weights view,
+# not on the tensor objects: pipeline/model/adapters.py passes each call a fresh view of its per-step stacked
+# weights (an autograd node per call), and activation checkpointing hands the backward a detached alias; all of
+# them read the same storage and share its version counter, so they share one copy. A storage's Python object
+# lives as long as the storage, so its id is not reused while the weak ref holds. Emptied after every optimizer
+# step (a step changes the weights; DeepSpeed may write them through .data, which does not bump the version);
+# an entry goes when a storage is freed.
 _WEIGHT_CACHE: dict = {}
 register_optimizer_step_post_hook(lambda *_a, **_k: _WEIGHT_CACHE.clear())
 
 
 def _weights(w_gate, w_down, w_up, dtype):
-    """The compute-dtype copies of the weights, cast once per optimizer step for the same weight tensors (the
-    forward, the backward, and every further call with them within the step share one copy)."""
+    """The compute-dtype copies of the weights, cast once per optimizer step for the same weights (the forward,
+    the backward, and every further call on views of the same memory within the step share one copy)."""
     ws = (w_gate, w_down, w_up)
     if w_gate.device.type == "meta" or torch.is_inference_mode_enabled():
         return _cast(*ws, dtype)
-    key = (*(id(w) for w in ws), dtype)
+    stores = tuple(w.untyped_storage() for w in ws)
+    key = (*((id(st), w.storage_offset(), w.shape, w.stride(), w.dtype) for st, w in zip(stores, ws)), dtype)
     stamp = tuple((w.data_ptr(), w._version) for w in ws)
     hit = _WEIGHT_CACHE.get(key)
-    if hit is not None and hit[1] == stamp and all(ref() is w for ref, w in zip(hit[0], ws, strict=True)):
+    if hit is not None and hit[1] == stamp and all(ref() is st for ref, st in zip(hit[0], stores, strict=True)):
         return hit[2]
     with torch.no_grad():
         out = _cast(*ws, dtype)
-    refs = tuple(weakref.ref(w, lambda _r, key=key: _WEIGHT_CACHE.pop(key, None)) for w in ws)
+    refs = tuple(weakref.ref(st, lambda _r, key=key: _WEIGHT_CACHE.pop(key, None)) for st in stores)
     _WEIGHT_CACHE[key] = (refs, stamp, out)
     return out
 
@@ -496,7 +504,11 @@ def plan_launches(x2: torch.Tensor, w_rd: torch.Tensor, w_dr: torch.Tensor) -> d
     sched = RouteSchedule(perm, perm, offs, num_experts)
     elt = x2.element_size()
     # the compute-dtype weight copies: .to per weight (fp32 in, elt out), cat / transpose-copy (elt in and out);
-    # cast once per optimizer step for the same weights: the forward pays it, the backward hits the cache
+    # cast once per optimizer step for the same weights: the first forward of a step pays it, its backward and
+    # every later forward of the step (gradient-accumulation micro-batches, checkpoint recomputation) hit the
+    # cache and move 0, so with k forwards of a layer per step a call moves copies / k on average. The model's
+    # stacking of the experts' fp32 weights (pipeline/model/adapters.py: 3 x 8 B per weight element, per call
+    # before, uncounted here) is also once per step now.
     copies = num_experts * r * d * (3 * (4 + elt) + 3 * 2 * elt)
 
     with capture() as fwd:

@@ -3,8 +3,9 @@
 Each kernel is compiled for sm_90a from the launchers' own choices at the headline shapes (kernels/compile_report.py)
 and ptxas reports its registers and spills. Rules: no spill at head dim <= 128 in any kernel (attention, decode,
 adapter); each gated attention kernel's narrowest wgmma N no narrower than the same kernel's in the ungated case
-at the same head dim; no spill in the d256 dQ kernel. The report runs in a child process (the kernels must be
-compiled, so TRITON_INTERPRET, which the test session sets, is unset there); ~45 launches, a few minutes on 2 cores.
+at the same head dim; no spill in the d256 dQ kernel; K/V through TMA in the forward and dQ. The report runs in a
+child process (the kernels must be compiled, so TRITON_INTERPRET, which the test session sets, is unset there);
+~45 launches, a few minutes on 2 cores.
 """
 
 import json
@@ -80,3 +81,15 @@ def test_no_spill_in_d256_dq(tmp_path):
     assert rows, "no d256 dQ launch found"
     spills = [f"{_name(r)}: {r['spill_bytes']} B, {r['regs']} regs" for r in rows if r["spill_bytes"]]
     assert not spills, "d256 dQ spills:\n" + "\n".join(spills)
+
+
+def test_forward_and_dq_load_kv_through_tma(small_rows):
+    """Where the installed Triton builds tensor descriptors, the forward and dQ kernels load K/V with TMA
+    (cp.async.bulk.tensor), and the d128 forward then runs 128-key tiles: both of its matmuls at wgmma N 128."""
+    triton_lang = pytest.importorskip("triton.language")
+    if not hasattr(triton_lang, "make_tensor_descriptor"):
+        pytest.skip("this Triton has no tensor descriptors: pointer loads are the path")
+    kv_kernels = [r for r in small_rows if r["kernel"] in ("_gated_attn_fwd_kernel", "_gated_attn_bwd_dq_kernel")]
+    assert kv_kernels and all(r["tma"] > 0 for r in kv_kernels), [_name(r) for r in kv_kernels if not r["tma"]]
+    fwd128 = [r for r in kv_kernels if r["kernel"] == "_gated_attn_fwd_kernel" and " d128 " in f" {r['case']} "]
+    assert fwd128 and all(r["wgmma_n"] >= 128 for r in fwd128), [(_name(r), r["wgmma_n"]) for r in fwd128]

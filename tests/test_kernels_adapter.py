@@ -195,8 +195,9 @@ def test_gpu_llama7b_width(dtype, num_experts):
 
 
 def test_weight_copies_cached_per_step(monkeypatch):
-    """The compute-dtype weight copies are made once for the same weights (forward and backward share them), again
-    after an in-place change (version counter) and after an optimizer step, and dropped with their weights."""
+    """The compute-dtype weight copies are made once for the same weights or full views of them (forward and
+    backward share them), again after an in-place change (version counter) and after an optimizer step, and
+    dropped with their weights."""
     casts = []
     real = ra._cast
     monkeypatch.setattr(ra, "_cast", lambda *a: casts.append(1) or real(*a))
@@ -204,14 +205,18 @@ def test_weight_copies_cached_per_step(monkeypatch):
     _, _, ws = _inputs((2, 5), 32, 16, 2, device="cpu", seed=8)
     first = ra._weights(*ws, torch.float32)
     assert ra._weights(*ws, torch.float32) is first and len(casts) == 1
+    # views of the same memory (the model's per-call views of its stack, checkpointing's detached aliases) hit
+    assert ra._weights(*(w.detach() for w in ws), torch.float32) is first
+    assert ra._weights(*(w.view_as(w) for w in ws), torch.float32) is first and len(casts) == 1
+    assert ra._weights(ws[0][:1], ws[1][:1], ws[2][:1], torch.float32) is not first and len(casts) == 2  # a part
     with torch.no_grad():
         ws[0].mul_(2.0)  # bumps the version: a fresh copy
-    assert ra._weights(*ws, torch.float32) is not first and len(casts) == 2
+    assert ra._weights(*ws, torch.float32) is not first and len(casts) == 3
     opt = torch.optim.SGD(ws, lr=0.0)
     opt.step()  # the step hook empties the cache (DeepSpeed writes through .data without a version bump)
     assert not ra._WEIGHT_CACHE
     ra._weights(*ws, torch.float32)
-    assert len(casts) == 3 and len(ra._WEIGHT_CACHE) == 1
+    assert len(casts) == 4 and len(ra._WEIGHT_CACHE) == 1
     del ws, first, opt
     import gc
 

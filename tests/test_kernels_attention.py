@@ -190,6 +190,36 @@ def test_right_padding_kv_seqlens(causal):
 
 
 @requires_triton_path
+@pytest.mark.parametrize("use_tma", [True, False])
+def test_forward_tma_and_pointer_loads(monkeypatch, use_tma):
+    """The forward's K/V tiles through TMA descriptors (zero fill past the sequence / head dim, no masks) and
+    through the pointer fallback: both equal the reference on a packed batch with a non-power-of-two head dim,
+    and a right-padded cache whose padding holds NaN (neither path may read past kv_seqlens)."""
+    monkeypatch.setattr(ga, "USE_TMA", use_tma)
+    seen = []
+    monkeypatch.setattr(ga, "_tma_ok", lambda *kv, _f=ga._tma_ok: seen.append(_f(*kv)) or seen[-1])
+    cu = torch.tensor([0, 1, 19, 40], dtype=torch.int32, device=DEV)
+    _check_fp32(_inputs((44, 6, 24), (44, 2, 24), "random", seed=21), causal=True, cu_seqlens=cu, max_seqlen=21)
+    q, k, v, g = (t.detach() for t in _inputs((3, 20, 2, 16), (3, 20, 1, 16), "random", seed=22))
+    lens = torch.tensor([20, 7, 1], dtype=torch.int32, device=DEV)
+    ref = gated_attention_ref(q, k, v, g, causal=False, kv_seqlens=lens)
+    k[1, 7:], v[1, 7:], k[2, 1:], v[2, 1:] = (float("nan"),) * 4
+    with torch.enable_grad():  # the training op (the forward kernel), not the decode path
+        got = _triton(q.requires_grad_(), k, v, g, causal=False, kv_seqlens=lens).detach()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert seen and all(s == use_tma for s in seen)
+
+
+def test_tma_needs_aligned_rows():
+    """Rows whose starts are not 16-byte aligned (head dim 6 in fp32: 24-byte rows) take the pointer loads."""
+    ok = torch.empty(4, 2, 8)
+    assert ga._tma_ok(ok, ok) == ga.USE_TMA
+    assert not ga._tma_ok(torch.empty(4, 2, 6), ok)
+    assert not ga._tma_ok(torch.empty(4, 2, 16)[..., ::2], ok)  # head dim not contiguous
+    assert not ga._tma_ok(torch.empty(4 * 2 * 8 + 1)[1:].view(4, 2, 8), ok)  # base 4 bytes off
+
+
+@requires_triton_path
 @pytest.mark.parametrize("tq,tk", [(1, 37), (3, 20), (17, 40), (20, 5)])
 def test_decode_bottom_right_alignment(tq, tk):
     """KV-cache decode: queries are the LAST tq positions of tk keys (tq > tk: early rows see nothing)."""

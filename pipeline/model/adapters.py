@@ -11,12 +11,14 @@ can carry fp32 trainables.
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pill_kernels import build_route_schedule, routed_swiglu_adapter
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 AdapterAct = Literal["swiglu", "gelu", "none"]
 ADAPTER_BACKENDS = ("eager", "triton")
@@ -81,6 +83,62 @@ class RouteSchedules:
         return self._built[key]
 
 
+# The fused kernel takes the experts' weights stacked (E, r, d), (E, r, d), (E, d, r); the experts stay separate
+# Linear modules (their names are the export format). Stacking, and the kernel's compute-dtype copy of the stack,
+# happen once per optimizer step per layer, not per call: every forward of a step (gradient-accumulation micro-
+# batches, activation-checkpoint recomputation) gets a fresh view of the same cached stack, whose own autograd
+# node splits the stacked gradient back to the experts, and the kernel's weight cache (keyed on the memory a view
+# reads) hits for it. Entries: (ids of the 3E weights) -> (weak refs, (data_ptr, version) of each, the stacks).
+# A version bump (in-place update) or a new data_ptr (ZeRO-3 gathers a parameter into new memory) misses; an
+# optimizer step empties the cache (DeepSpeed writes weights through .data, which bumps no version); an entry
+# goes when its weights are freed.
+_STACKS: dict = {}
+register_optimizer_step_post_hook(lambda *_a, **_k: _STACKS.clear())
+
+
+def _stack(weights: list[torch.Tensor], num_experts: int) -> tuple[torch.Tensor, ...]:
+    """(w_gate, w_down, w_up) stacked from the experts' weights, all gates first, then downs, then ups."""
+    return tuple(torch.stack(weights[i * num_experts : (i + 1) * num_experts]) for i in range(3))
+
+
+def _cached_stacks(weights: list[torch.Tensor], num_experts: int) -> tuple[torch.Tensor, ...]:
+    key = tuple(id(w) for w in weights)
+    stamp = tuple((w.data_ptr(), w._version) for w in weights)
+    hit = _STACKS.get(key)
+    if hit is not None and hit[1] == stamp and all(ref() is w for ref, w in zip(hit[0], weights, strict=True)):
+        return hit[2]
+    with torch.no_grad():
+        stacks = _stack([w.detach() for w in weights], num_experts)
+    refs = tuple(weakref.ref(w, lambda _r, key=key: _STACKS.pop(key, None)) for w in weights)
+    _STACKS[key] = (refs, stamp, stacks)
+    return stacks
+
+
+class _StackedExpertWeights(torch.autograd.Function):
+    """Forward: views of the step's cached stacks (a new node per call, so micro-batches and recomputation each
+    backpropagate through their own); backward: torch.stack's own (unbind), so each expert's fp32 gradient is
+    bitwise what stacking per call gave."""
+
+    @staticmethod
+    def forward(ctx, num_experts: int, *weights: torch.Tensor):
+        return tuple(s.view_as(s) for s in _cached_stacks(list(weights), num_experts))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        return None, *(g for grad in grads for g in grad.unbind(0))
+
+
+def stacked_expert_weights(experts: list[Adapter]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The experts' (w_gate, w_down, w_up) stacked for the fused kernel, from the per-step cache. torch.compile
+    (its graph stacks; the cache is host-side state it cannot trace, so it is asked first), meta tensors and
+    inference mode (its tensors must not outlive it in a cache) stack per call."""
+    ws = [e.stacked_weights() for e in experts]
+    weights = [w[i] for i in range(3) for w in ws]
+    if torch.compiler.is_compiling() or weights[0].is_meta or torch.is_inference_mode_enabled():
+        return _stack(weights, len(experts))
+    return _StackedExpertWeights.apply(len(experts), *weights)
+
+
 def routed_adapter(
     x: torch.Tensor, route: torch.Tensor | None, experts: list[Adapter], backend: str, schedule=None
 ) -> torch.Tensor:
@@ -88,17 +146,13 @@ def routed_adapter(
 
     eager is PILL's reference formulation: every expert runs on every token and the output is selected, which
     is simple and exact but does E times the adapter work; triton computes only each token's own expert, with
-    `schedule` (RouteSchedules.get) built once per forward instead of in every layer.
+    `schedule` (RouteSchedules.get) built once per forward instead of in every layer, and the experts' weights
+    stacked and cast once per optimizer step (stacked_expert_weights).
     """
     if len(experts) == 1:
         route = None
     if backend == "triton":
-        # The experts stay separate Linear modules (their names are the export format), so their weights are
-        # stacked per call: 3 x E x r x d fp32 (1.5 MB per layer at 7B), small beside the layer's frozen weights.
-        ws = [e.stacked_weights() for e in experts]
-        w_gate = torch.stack([w[0] for w in ws])
-        w_down = torch.stack([w[1] for w in ws])
-        w_up = torch.stack([w[2] for w in ws])
+        w_gate, w_down, w_up = stacked_expert_weights(experts)
         if schedule is None:
             schedule = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device) if route is None else route.long()
         return routed_swiglu_adapter(x, schedule, w_gate, w_down, w_up)
