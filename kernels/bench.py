@@ -1,6 +1,7 @@
 """Benchmarks of the PILL kernels against their baselines: ``python -m kernels.bench [--quick] [--out DIR]``.
 
-Attention (LLaMA-2-7B: 32 heads x 128, causal, gate from a visual fraction): Triton gated attention vs SDPA on
+Attention (LLaMA-2-7B: 32 heads x 128, causal, gate from a visual fraction): Triton gated attention (TMA K/V loads, and
+the pointer-load fallback as `triton_pointers`) vs SDPA on
 gated V (v * g computed inside the timed call, as the model would) per available backend (flash, cuDNN,
 efficient), the eager reference, and flash-attn's ``flash_attn_func`` when installed. TFLOP/s counts the causal
 half only: fwd = 2 matmuls x 2 B H Tq Tk D / 2, bwd = 2.5 x fwd.
@@ -18,6 +19,8 @@ imported), writes the smoke result and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -36,6 +39,7 @@ from . import compile_report as cr
 from .gated_attention import gated_attention, gated_attention_ref
 from .routed_adapter import routed_swiglu_adapter, routed_swiglu_adapter_eager, routed_swiglu_adapter_ref
 
+_GA = importlib.import_module(".gated_attention", __package__)  # the package attribute of that name is the function
 SMOKE_OK = "SMOKE OK"
 NO_CUDA = "No CUDA device: GPU benchmark skipped; running the Triton-interpreter smoke check instead"
 
@@ -99,6 +103,8 @@ def _attention_providers(causal: bool, gqa: bool = False) -> dict:
 
     providers = {
         "triton": lambda q, k, v, g: gated_attention(q, k, v, g, causal=causal),
+        # the same op with K/V pointer loads instead of TMA descriptors (timed under _pointer_loads)
+        "triton_pointers": lambda q, k, v, g: gated_attention(q, k, v, g, causal=causal),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
         "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
@@ -144,6 +150,20 @@ def _adapter_providers() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
+@contextlib.contextmanager
+def _pointer_loads():
+    """The attention kernels' TMA fallback for a whole measurement (forward and backward launches alike), so the
+    first GPU hour sees which of the two wins."""
+    use_tma, _GA.USE_TMA = _GA.USE_TMA, False
+    try:
+        yield
+    finally:
+        _GA.USE_TMA = use_tma
+
+
+_PROVIDER_CONTEXT = {"triton_pointers": _pointer_loads}
+
+
 def _measure(fn, args, leaves, mode, cuda_graph=False):
     """Median ms and peak extra MiB of one provider in one mode; (None, None, reason) when it cannot run.
     cuda_graph: time a CUDA-graph replay (no launch overhead: what decides small shapes)."""
@@ -206,7 +226,8 @@ def bench_attention(
                         }
                     )
                     continue
-                ms, peak, err = _measure(fn, (q, k, v, g), [q, k, v, g], mode, cuda_graph)
+                with _PROVIDER_CONTEXT.get(name, contextlib.nullcontext)():
+                    ms, peak, err = _measure(fn, (q, k, v, g), [q, k, v, g], mode, cuda_graph)
                 row = {
                     "op": "attention",
                     "shape": f"{bsz}x{seq} {heads}/{kv_heads}h",
