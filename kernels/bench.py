@@ -2,8 +2,9 @@
 
 Attention (LLaMA-2-7B: 32 heads x 128, causal, gate from a visual fraction): Triton gated attention (K/V through
 TMA descriptors, and the pointer-load fallback as ``triton_pointers``) vs SDPA on gated V (v * g computed inside
-the timed call, as the model would) per available backend (flash, cuDNN, efficient), the eager reference, and flash-attn's ``flash_attn_func`` when installed. TFLOP/s counts the causal
-half only: fwd = 2 matmuls x 2 B H Tq Tk D / 2, bwd = 2.5 x fwd.
+the timed call, as the model would) per available backend (flash, cuDNN, efficient), the eager reference, and
+flash-attn's ``flash_attn_func`` when installed. TFLOP/s counts the causal half only: fwd = 2 matmuls x 2 B H Tq
+Tk D / 2, bwd = 2.5 x fwd.
 Adapter (d 4096, r 32, 2 experts, fp32 weights, bf16 activations): Triton routed adapter vs PILL's reference
 formulation (every expert, then select), the routed eager version, and torch.compile(reference). GB/s counts the
 activation traffic the op cannot avoid: fwd reads x and writes y, bwd reads x and dy and writes dx (+ weights).
