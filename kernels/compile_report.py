@@ -256,8 +256,9 @@ def stats(rec: Launch, case: str, arch: int = 90, tokens: int = 0) -> KernelStat
 ATTN_HEAD_DIMS = (64, 80, 96, 128, 256)
 # (causal, gated, q heads, kv heads): PILL's MAG (causal, gated, Llama-3-8B GQA) and plain non-causal MHA
 ATTN_CASES = ((True, True, 32, 8), (False, False, 32, 32))
-# head dim -> extra cases at that dim: SmolLM2-135M (issue 18), 9 query / 3 KV heads (not a power of two), d64
-ATTN_EXTRA_CASES = {64: ((True, True, 9, 3),)}
+# head dim -> extra cases at that dim: SmolLM2-135M (issue 18), 9 query / 3 KV heads (not a power of two), d64;
+# LLaMA-2-7B (the paper's LLM), causal gated MHA 32/32 at d128: the two shapes whose grids must fill 132 SMs
+ATTN_EXTRA_CASES = {64: ((True, True, 9, 3),), 128: ((True, True, 32, 32),)}
 ATTN_SHAPE = (2, 2048)  # B x T
 ADAPTER_TOKENS = (2048, 8192)
 ADAPTER_SHAPE = (4096, 32, 2)  # d, r, E

@@ -76,6 +76,16 @@ def test_report_covers_smollm2_shape(small_rows):
     assert any("d64" in r["case"] and "9/3h" in r["case"] for r in small_rows)
 
 
+def test_grids_fill_the_sms_at_smollm2_and_llama2_shapes(small_rows):
+    """SmolLM2-135M (d64, 9/3 heads) and LLaMA-2-7B (d128, 32/32 heads), causal gated at 2 x 2048: every
+    attention kernel's grid has at least one program per H100 SM (132)."""
+    cases = ("attn d64 causal gated 9/3h", "attn d128 causal gated 32/32h")
+    rows = [r for r in small_rows if r["case"].startswith(cases) and "_gated_attn_" in r["kernel"]]
+    assert {r["case"].rsplit(" ", 1)[0] for r in rows} == set(cases)
+    short = [f"{_name(r)}: {r['programs']} programs" for r in rows if r["programs"] < 132]
+    assert not short, "grids below 132 programs:\n" + "\n".join(short)
+
+
 def test_no_spill_in_d256_dq(tmp_path):
     rows = [r for r in _report(tmp_path, "256", "attention", kernels="dq") if r["case"].startswith("attn")]
     assert rows, "no d256 dQ launch found"
