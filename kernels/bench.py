@@ -1,9 +1,10 @@
 """Benchmarks of the PILL kernels against their baselines: ``python -m kernels.bench [--quick] [--out DIR]``.
 
 Attention (LLaMA-2-7B: 32 heads x 128, causal, gate from a visual fraction): Triton gated attention (K/V through
-TMA descriptors, and the pointer-load fallback as ``triton_pointers``) vs SDPA on gated V (v * g computed inside
-the timed call, as the model would) per available backend (flash, cuDNN, efficient), the eager reference, and
-flash-attn's ``flash_attn_func`` when installed. TFLOP/s counts the causal half only: fwd = 2 matmuls x 2 B H Tq
+TMA descriptors with the overlapped forward; the in-order TMA forward as ``triton_in_order`` and the pointer-load
+fallback as ``triton_pointers``) vs SDPA on gated V (v * g computed inside the timed call, as the model would) per
+available backend (flash, cuDNN, efficient), the eager reference, and flash-attn's ``flash_attn_func`` when
+installed. TFLOP/s counts the causal half only: fwd = 2 matmuls x 2 B H Tq
 Tk D / 2, bwd = 2.5 x fwd.
 Adapter (d 4096, r 32, 2 experts, fp32 weights, bf16 activations): Triton routed adapter vs PILL's reference
 formulation (every expert, then select), the routed eager version, and torch.compile(reference). GB/s counts the
@@ -103,7 +104,9 @@ def _attention_providers(causal: bool, gqa: bool = False) -> dict:
 
     providers = {
         "triton": lambda q, k, v, g: gated_attention(q, k, v, g, causal=causal),
-        # the same op with K/V pointer loads instead of TMA descriptors (timed under _pointer_loads)
+        # the same op with the in-order TMA forward (d128: 128-key tiles) and with K/V pointer loads instead of
+        # TMA descriptors (timed under _PROVIDER_CONTEXT's switches)
+        "triton_in_order": lambda q, k, v, g: gated_attention(q, k, v, g, causal=causal),
         "triton_pointers": lambda q, k, v, g: gated_attention(q, k, v, g, causal=causal),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
@@ -151,17 +154,21 @@ def _adapter_providers() -> dict:
 
 # ---------------------------------------------------------------------------------------------------------- timing
 @contextlib.contextmanager
-def _pointer_loads():
-    """The attention kernels' TMA fallback for a whole measurement (forward and backward launches alike), so the
-    first GPU hour sees which of the two wins."""
-    use_tma, _GA.USE_TMA = _GA.USE_TMA, False
+def _switched(name: str, value: bool):
+    """One of gated_attention's path switches (USE_TMA, FWD_OVERLAP) for a whole measurement (forward and
+    backward launches alike), so the first GPU hour sees which path wins."""
+    old = getattr(_GA, name)
+    setattr(_GA, name, value)
     try:
         yield
     finally:
-        _GA.USE_TMA = use_tma
+        setattr(_GA, name, old)
 
 
-_PROVIDER_CONTEXT = {"triton_pointers": _pointer_loads}
+_PROVIDER_CONTEXT = {
+    "triton_in_order": lambda: _switched("FWD_OVERLAP", False),
+    "triton_pointers": lambda: _switched("USE_TMA", False),
+}
 
 
 def _measure(fn, args, leaves, mode, cuda_graph=False):

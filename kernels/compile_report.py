@@ -14,6 +14,10 @@ Columns read from the PTX (Hopper readiness, issue 20):
   tensor cores have; a tile whose N is that narrow runs them at a fraction of their rate);
 - ``wait``: the deepest ``wgmma.wait_group N`` (0 everywhere = no wgmma overlaps the code after it);
 - ``TMA``: ``cp.async.bulk.tensor`` instructions (tensor-descriptor loads / stores).
+- ``ex2 ovl``: ``ex2.approx`` instructions (the softmax's exponentials) that execute while a wgmma group is
+  committed and not yet waited for, following each loop's back edge once (``ex2_in_flight``): the softmax work
+  that overlaps the tensor cores within a warpgroup. Triton's Hopper pipeliner can give this with ``wait 0``
+  everywhere (docs/kernels.md), so it is counted directly rather than read from the wait depth.
 - ``HBM B/tok`` (launches that declare a token count, the adapter): a traffic model, every tensor argument of
   the launch moved once between HBM and the SM (re-reads within one launch assumed to hit L2), per token. The
   adapter's summary sets each direction's total against its minimum: the forward must read x and write y, the
@@ -67,6 +71,7 @@ class KernelStats:
     waves: float
     wgmma_n: int = 0  # narrowest N of the wgmma shapes (0: no wgmma)
     wait_depth: int = -1  # deepest wgmma.wait_group N (-1: no wait)
+    ex2_overlap: int = 0  # ex2.approx executed while a wgmma group is in flight (steady state of each loop)
     hbm_bytes: int = 0  # traffic model: every tensor argument once
     tokens: int = 0  # tokens of the launch, where it declares them (per-token traffic)
 
@@ -75,6 +80,7 @@ class KernelStats:
         per_tok = f"{self.hbm_bytes / self.tokens:.0f}" if self.tokens else ""
         return (
             f"| {self.case} | {self.kernel} | {self.config} | {self.wgmma} | {self.wgmma_n or ''} | {wait} | "
+            f"{self.ex2_overlap} | "
             f"{self.mma_sync} | {self.regs} | {self.spill_bytes} | {self.shared_bytes // 1024} | "
             f"{self.ctas_per_sm} | {self.cp_async} | {self.tma} | {self.programs} | {self.waves:.2f} | "
             f"{per_tok} |"
@@ -82,11 +88,16 @@ class KernelStats:
 
 
 HEADER = (
-    "| case | kernel | config | wgmma | wgmma N | wait | mma.sync | regs | spill B | smem KB | CTA/SM | "
-    "cp.async | TMA | grid | waves | HBM B/tok |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| case | kernel | config | wgmma | wgmma N | wait | ex2 ovl | mma.sync | regs | spill B | smem KB | CTA/SM | "
+    "cp.async | TMA | grid | waves | HBM B/tok |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 WGMMA_SHAPE = re.compile(r"\bwgmma\.mma_async(?:\.sp)?\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
 WGMMA_WAIT = re.compile(r"\bwgmma\.wait_group\.sync\.aligned\s+(\d+)")
+# the PTX events ex2_in_flight follows: commit / wait of wgmma groups, exponentials, labels and branches
+_PTX_EVENT = re.compile(
+    r"^(?:@!?%p\d+\s+)?(?:(?P<commit>wgmma\.commit_group)|wgmma\.wait_group\.sync\.aligned\s+(?P<wait>\d+)"
+    r"|(?P<ex2>ex2\.approx)|bra(?:\.uni)?\s+(?P<bra>\$L__\w+))|^(?P<label>\$L__\w+):"
+)
 
 
 # ----------------------------------------------------------------------------------------------- specialisation
@@ -210,6 +221,48 @@ def wgmma_shape_stats(ptx: str) -> tuple[int, int]:
     return min(widths, default=0), max(waits, default=-1)
 
 
+def _ptx_events(ptx: str) -> list[tuple[str, str]]:
+    events = []
+    for line in ptx.splitlines():
+        m = _PTX_EVENT.match(line.strip())
+        if m:
+            kind = m.lastgroup
+            events.append((kind, m.group(kind)))
+    return events
+
+
+def _pending_after(kind: str, val: str, pending: int) -> int:
+    if kind == "commit":
+        return pending + 1
+    if kind == "wait":
+        return min(pending, int(val))
+    return pending
+
+
+def ex2_in_flight(ptx: str) -> int:
+    """Static count of ex2.approx instructions that run while at least one wgmma group is committed and not yet
+    waited for. A loop (a label some later branch jumps back to) is walked in its steady state: it is entered
+    with the groups still pending at its back edge (what the previous iteration left in flight)."""
+    events = _ptx_events(ptx)
+    labels = {val: i for i, (kind, val) in enumerate(events) if kind == "label"}
+    loop_end = {}
+    for i, (kind, val) in enumerate(events):
+        if kind == "bra" and labels.get(val, i) < i:
+            loop_end[labels[val]] = max(i, loop_end.get(labels[val], i))
+    pending, count, i = 0, 0, 0
+    while i < len(events):
+        end = loop_end.get(i, i)
+        body = events[i : end + 1]
+        if end > i:  # one pass for the state at the back edge, then the counted steady-state pass
+            for kind, val in body:
+                pending = _pending_after(kind, val, pending)
+        for kind, val in body:
+            count += kind == "ex2" and pending > 0
+            pending = _pending_after(kind, val, pending)
+        i = end + 1
+    return count
+
+
 def traffic_bytes(rec: Launch) -> int:
     """HBM traffic model of a launch: each distinct tensor argument moved once (its full size)."""
     seen = {}
@@ -247,6 +300,7 @@ def stats(rec: Launch, case: str, arch: int = 90, tokens: int = 0) -> KernelStat
         waves=programs / (H100_SMS * max(occ, 1)),
         wgmma_n=wgmma_n,
         wait_depth=wait_depth,
+        ex2_overlap=ex2_in_flight(ptx),
         hbm_bytes=traffic_bytes(rec),
         tokens=tokens,
     )
@@ -407,7 +461,7 @@ def side_by_side(a: list[KernelStats], b: list[KernelStats], name_a: str, name_b
         return out
 
     ka, kb = keyed(a), keyed(b)
-    cols = ("config", "regs", "spill B", "wgmma N", "wait", "TMA")
+    cols = ("config", "regs", "spill B", "wgmma N", "wait", "ex2 ovl", "TMA")
     head = "| case | kernel | " + " | ".join(f"{c} {name_a} / {name_b}" for c in cols) + " |"
     lines = [head, "|" + "---|" * (2 + len(cols))]
     for key in [*ka, *(k for k in kb if k not in ka)]:
@@ -418,6 +472,6 @@ def side_by_side(a: list[KernelStats], b: list[KernelStats], name_a: str, name_b
 
         lines.append(
             f"| {key[0]} | {key[1]} | {pair('config')} | {pair('regs')} | {pair('spill_bytes')} | "
-            f"{pair('wgmma_n')} | {pair('wait_depth')} | {pair('tma')} |"
+            f"{pair('wgmma_n')} | {pair('wait_depth')} | {pair('ex2_overlap')} | {pair('tma')} |"
         )
     return "\n".join(lines)

@@ -139,6 +139,49 @@ def _load_kv(
 
 
 @triton.jit
+def _softmax_step(
+    qk,
+    m_i,
+    l_i,
+    offs_m,
+    offs_n,
+    g_base,
+    k_len,
+    diag,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+):
+    """One key block of the online softmax, from its unscaled scores: -> (gated P, rescale factor, new row max,
+    new row sum)."""
+    qk = qk * qk_scale
+    if MASKED:
+        valid = offs_n[None, :] < k_len
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
+        qk = tl.where(valid, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:
+        # a row may have seen no key yet: keep exp2(-inf - -inf) from producing NaN
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.exp2(qk - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)  # the gate does not enter the normaliser
+    if HAS_GATE:
+        # gate on the columns of P (one multiply of the fp32 tile already in registers), not on the V tile:
+        # V goes from shared memory straight into the wgmma; the head-major gate row is a contiguous load
+        if MASKED:
+            g = tl.load(g_base + offs_n, mask=offs_n < k_len, other=0.0)
+        else:
+            g = tl.load(g_base + offs_n)
+        p = p * g[None, :]
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -166,7 +209,8 @@ def _fwd_inner(
     DOT_PREC: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """k_base / v_base: tensor descriptors when TMA, else pointers to the sequence's first row of the KV head."""
+    """Key blocks [lo, hi) in order: S = Q K^T, softmax, O += P V. k_base / v_base: tensor descriptors when
+    TMA, else pointers to the sequence's first row of the KV head."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_kv(k_base, start_n, offs_n, offs_d, stride_kt, k_len, HEAD_DIM, BLOCK_D, MASKED, TMA)
@@ -174,33 +218,57 @@ def _fwd_inner(
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if MASKED:
-            valid = offs_n[None, :] < k_len
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
-            qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:
-            # a row may have seen no key yet: keep exp2(-inf - -inf) from producing NaN
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_sub = m_new
-        p = tl.exp2(qk - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the gate does not enter the normaliser
-        acc = acc * alpha[:, None]
-        if HAS_GATE:
-            # gate on the columns of P (one multiply of the fp32 tile already in registers), not on the V tile:
-            # V goes from shared memory straight into the wgmma; the head-major gate row is a contiguous load
-            if MASKED:
-                g = tl.load(g_base + offs_n, mask=offs_n < k_len, other=0.0)
-            else:
-                g = tl.load(g_base + offs_n)
-            p = p * g[None, :]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p, alpha, m_i, l_i = _softmax_step(
+            qk, m_i, l_i, offs_m, offs_n, g_base, k_len, diag, qk_scale, MASKED, CAUSAL, HAS_GATE
+        )
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_inner_overlap(
+    acc,
+    l_i,
+    m_i,
+    qk,
+    q,
+    k_desc,
+    v_desc,
+    g_base,
+    offs_m,
+    lo,
+    hi,
+    k_len,
+    diag,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Key blocks [lo, hi) software-pipelined so the softmax overlaps a wgmma: ``qk`` holds block lo's scores
+    (issued by the caller), each step runs block j's softmax, then issues block j+1's Q K^T and block j's P V
+    and leaves the P V in flight into the next step's softmax. Triton's Hopper pipeliner waits for every wgmma
+    right after a Q K^T (its result feeds non-dot code), so this order is the one where a wgmma (P V of block
+    j-1) is still running while block j's exp2s execute. TMA descriptors only: the look-ahead load of block
+    j+1 may lie past the keys, where a descriptor gives zeros. Returns block hi's scores for the next range."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        v = v_desc.load([start_n, 0])
+        if DOT_F32:
+            v = v.to(tl.float32)
+        p, alpha, m_i, l_i = _softmax_step(
+            qk, m_i, l_i, offs_m, offs_n, g_base, k_len, diag, qk_scale, MASKED, CAUSAL, HAS_GATE
+        )
+        k = k_desc.load([start_n + BLOCK_N, 0])
+        if DOT_F32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, l_i, m_i, qk
 
 
 @triton.jit
@@ -248,6 +316,7 @@ def _gated_attn_fwd_kernel(
     DOT_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
     TMA: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     # G and LSE are head-major (Hq, N): stride_gh / stride_lh are the token count, not specialised on (a new
     # sequence length must not compile a new kernel). Grid (Hq, sequences, query blocks): neighbouring programs
@@ -277,60 +346,110 @@ def _gated_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, hi = _key_bounds(start_m, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        g_base,
-        stride_kt,
-        stride_vt,
-        offs_m,
-        offs_d,
-        0,
-        full_end,
-        k_len,
-        diag,
-        qk_scale,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_N,
-        False,
-        CAUSAL,
-        HAS_GATE,
-        DOT_F32,
-        DOT_PREC,
-        TMA,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        g_base,
-        stride_kt,
-        stride_vt,
-        offs_m,
-        offs_d,
-        full_end,
-        hi,
-        k_len,
-        diag,
-        qk_scale,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_N,
-        True,
-        CAUSAL,
-        HAS_GATE,
-        DOT_F32,
-        DOT_PREC,
-        TMA,
-    )
+    if OVERLAP:
+        k = k_base.load([0, 0])
+        if DOT_F32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        acc, l_i, m_i, qk = _fwd_inner_overlap(
+            acc,
+            l_i,
+            m_i,
+            qk,
+            q,
+            k_base,
+            v_base,
+            g_base,
+            offs_m,
+            0,
+            full_end,
+            k_len,
+            diag,
+            qk_scale,
+            BLOCK_N,
+            False,
+            CAUSAL,
+            HAS_GATE,
+            DOT_F32,
+            DOT_PREC,
+        )
+        acc, l_i, m_i, qk = _fwd_inner_overlap(
+            acc,
+            l_i,
+            m_i,
+            qk,
+            q,
+            k_base,
+            v_base,
+            g_base,
+            offs_m,
+            full_end,
+            hi,
+            k_len,
+            diag,
+            qk_scale,
+            BLOCK_N,
+            True,
+            CAUSAL,
+            HAS_GATE,
+            DOT_F32,
+            DOT_PREC,
+        )
+    else:
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            g_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            0,
+            full_end,
+            k_len,
+            diag,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            False,
+            CAUSAL,
+            HAS_GATE,
+            DOT_F32,
+            DOT_PREC,
+            TMA,
+        )
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            g_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            full_end,
+            hi,
+            k_len,
+            diag,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            True,
+            CAUSAL,
+            HAS_GATE,
+            DOT_F32,
+            DOT_PREC,
+            TMA,
+        )
     empty = l_i == 0.0  # no visible key: output 0, LSE +inf so the backward sees P = 0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
@@ -944,13 +1063,16 @@ def _cfg(m, n, warps, stages):
 # keys. Gated and ungated attention share every tile (the gate's gradient lives in the dQ kernel). Sequence
 # length is not part of the key: a new length never compiles a new kernel. fwd_tma: the forward when K/V arrive
 # through TMA descriptors (no address registers, no masks): at d128 a 128-key tile fits without spilling (wgmma
-# N 128 for both matmuls), where the pointer-load kernel at that tile spills. dq_tma likewise: 64 keys per step
+# N 128 for both matmuls), where the pointer-load kernel at that tile spills. fwd_overlap: the forward whose softmax
+# overlaps the previous block's P V (_fwd_inner_overlap; two score tiles live, so 64 keys per step and 8 warps:
+# no spill at d64/d128), preferred over fwd_tma where both exist unless FWD_OVERLAP is off. dq_tma likewise: 64 keys per step
 # at d64/d128 (wgmma N 64, was 32), and at d256 a tile that spills under neither Triton (3.6 spilled 308 B).
 _BF16 = (torch.bfloat16, torch.float16)
 _HOPPER = {
     **{
         (64, dt): {
             "fwd": _cfg(128, 64, 4, 3),
+            "fwd_overlap": _cfg(128, 64, 8, 3),
             "dkdv": _cfg(32, 128, 8, 2),
             "dq": _cfg(128, 32, 4, 2),
             "dq_tma": _cfg(128, 64, 8, 2),
@@ -961,6 +1083,7 @@ _HOPPER = {
         (128, dt): {
             "fwd": _cfg(128, 64, 8, 3),
             "fwd_tma": _cfg(128, 128, 8, 2),
+            "fwd_overlap": _cfg(128, 64, 8, 3),
             "dkdv": _cfg(32, 128, 8, 2),
             "dq": _cfg(128, 32, 8, 2),
             "dq_tma": _cfg(128, 64, 8, 2),
@@ -984,7 +1107,12 @@ _DKDV_NARROW = {64: _cfg(32, 64, 4, 2), 128: _cfg(32, 64, 4, 2)}
 _FALLBACK = {"fwd": _cfg(64, 32, 4, 2), "dkdv": _cfg(32, 64, 4, 1), "dq": _cfg(64, 32, 4, 1)}
 # fp32 (IEEE dots on CUDA cores, a correctness path): tiles small enough not to spill up to head dim 128
 _FP32 = {w: {"fwd": _cfg(32, 32, w, 1), "dkdv": _cfg(16, 32, w, 1), "dq": _cfg(32, 16, w, 1)} for w in (4, 8)}
-_INTERP = {"fwd": _cfg(16, 16, 1, 1), "dkdv": _cfg(16, 16, 1, 1), "dq": _cfg(16, 16, 1, 1)}
+_INTERP = {
+    "fwd": _cfg(16, 16, 1, 1),
+    "fwd_overlap": _cfg(16, 16, 1, 1),
+    "dkdv": _cfg(16, 16, 1, 1),
+    "dq": _cfg(16, 16, 1, 1),
+}
 H100_SMS = 132  # what a launch planned on meta tensors (the compile report) is sized for
 
 
@@ -1031,6 +1159,9 @@ def _dkdv_config(cfgs: dict, block_d: int, dtype: torch.dtype, device: torch.dev
 # K/V tiles of the forward through TMA descriptors where the Triton has them (3.6 and 3.9 do) and the GPU is a
 # Hopper or newer; PILL_ATTN_TMA=0 keeps pointer loads (the fallback, and a switch for comparing the two)
 USE_TMA = os.environ.get("PILL_ATTN_TMA", "1") != "0"
+# with TMA, the forward whose softmax overlaps a wgmma (64 keys per step) where the tile table has one, else the
+# in-order loop at fwd_tma's wider tile; PILL_ATTN_OVERLAP=0 picks the latter (the first GPU hour times both)
+FWD_OVERLAP = os.environ.get("PILL_ATTN_OVERLAP", "1") != "0"
 _TMA_ALIGN = 16  # bytes: TMA needs 16-byte-aligned row starts and strides
 
 
@@ -1072,7 +1203,8 @@ def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
     block_d = _block_d(d)
     tma = _tma_ok(k, v)
     cfgs = _configs(block_d, q.dtype, q.device)
-    cfg = cfgs["fwd_tma"] if tma and "fwd_tma" in cfgs else cfgs["fwd"]
+    overlap = tma and FWD_OVERLAP and "fwd_overlap" in cfgs
+    cfg = cfgs["fwd_overlap"] if overlap else cfgs["fwd_tma"] if tma and "fwd_tma" in cfgs else cfgs["fwd"]
     grid = (h_q, n_seq, triton.cdiv(max_q, cfg["BLOCK_M"]))
     launch(
         _gated_attn_fwd_kernel,
@@ -1104,6 +1236,7 @@ def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
         HAS_GATE=g is not None,
         HAS_KV_LENS=kv_lens is not None,
         TMA=tma,
+        OVERLAP=overlap,
         **_dot_flags(q.dtype, q.device),
         **cfg,
     )

@@ -190,14 +190,25 @@ def test_right_padding_kv_seqlens(causal):
 
 
 @requires_triton_path
-@pytest.mark.parametrize("use_tma", [True, False])
-def test_forward_tma_and_pointer_loads(monkeypatch, use_tma):
-    """The forward's K/V tiles through TMA descriptors (zero fill past the sequence / head dim, no masks) and
-    through the pointer fallback: both equal the reference on a packed batch with a non-power-of-two head dim,
-    and a right-padded cache whose padding holds NaN (neither path may read past kv_seqlens)."""
+@pytest.mark.parametrize(
+    "use_tma,overlap", [(True, True), (True, False), (False, True)], ids=["tma-overlap", "tma-in-order", "pointers"]
+)
+def test_forward_tma_and_pointer_loads(monkeypatch, use_tma, overlap):
+    """The forward's three loops: K/V through TMA descriptors (zero fill past the sequence / head dim, no masks)
+    with the softmax overlapping the previous P V (look-ahead Q K^T), TMA in order, and the pointer fallback.
+    Each equals the reference on a packed batch with a non-power-of-two head dim, and on a right-padded cache
+    whose padding holds NaN (no path may read past kv_seqlens)."""
     monkeypatch.setattr(ga, "USE_TMA", use_tma)
+    monkeypatch.setattr(ga, "FWD_OVERLAP", overlap)
     seen = []
-    monkeypatch.setattr(ga, "_tma_ok", lambda *kv, _f=ga._tma_ok: seen.append(_f(*kv)) or seen[-1])
+
+    def spy(kernel, grid, *args, **kwargs):
+        if kernel is ga._gated_attn_fwd_kernel:
+            seen.append((kwargs["TMA"], kwargs["OVERLAP"]))
+        return ga_launch(kernel, grid, *args, **kwargs)
+
+    ga_launch = ga.launch
+    monkeypatch.setattr(ga, "launch", spy)
     cu = torch.tensor([0, 1, 19, 40], dtype=torch.int32, device=DEV)
     _check_fp32(_inputs((44, 6, 24), (44, 2, 24), "random", seed=21), causal=True, cu_seqlens=cu, max_seqlen=21)
     q, k, v, g = (t.detach() for t in _inputs((3, 20, 2, 16), (3, 20, 1, 16), "random", seed=22))
@@ -207,7 +218,7 @@ def test_forward_tma_and_pointer_loads(monkeypatch, use_tma):
     with torch.enable_grad():  # the training op (the forward kernel), not the decode path
         got = _triton(q.requires_grad_(), k, v, g, causal=False, kv_seqlens=lens).detach()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    assert seen and all(s == use_tma for s in seen)
+    assert seen and set(seen) == {(use_tma, use_tma and overlap)}
 
 
 def test_tma_needs_aligned_rows():
