@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch, on_gpu
+from .launch import ensure_scratch_allocator, launch, on_gpu
 
 LOG2E = 1.4426950408889634
 # The decorator decides at import time whether kernels are interpreted; remember it for the backend switch.
@@ -1183,6 +1183,14 @@ def _tma_ok(*kv: torch.Tensor) -> bool:
     return True
 
 
+def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """_tma_ok, and on a CUDA device the scratch allocator the device-side descriptors need (set per thread)."""
+    tma = _tma_ok(k, v)
+    if tma and k.device.type == "cuda":
+        ensure_scratch_allocator()
+    return tma
+
+
 def _dot_flags(dtype: torch.dtype, device: torch.device) -> dict:
     return {
         "DOT_F32": not on_gpu(device) and dtype == torch.bfloat16,
@@ -1201,7 +1209,7 @@ def _fwd(q, k, v, g, cu_q, cu_k, kv_lens, max_q, causal, sm_scale, zero_init):
     o = torch.zeros_like(q) if zero_init else torch.empty_like(q)
     lse = torch.empty((h_q, n_q), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
-    tma = _tma_ok(k, v)
+    tma = _use_tma(k, v)
     cfgs = _configs(block_d, q.dtype, q.device)
     overlap = tma and FWD_OVERLAP and "fwd_overlap" in cfgs
     cfg = cfgs["fwd_overlap"] if overlap else cfgs["fwd_tma"] if tma and "fwd_tma" in cfgs else cfgs["fwd"]
@@ -1281,7 +1289,7 @@ def _bwd(do, q, k, v, g, o, lse, cu_q, cu_k, kv_lens, max_q, max_k, causal, sm_s
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     cfgs = _configs(block_d, q.dtype, q.device)
     dkdv = _dkdv_config(cfgs, block_d, q.dtype, q.device, lambda bn: triton.cdiv(max_k, bn) * h_kv * n_seq)
-    tma = _tma_ok(k, v)
+    tma = _use_tma(k, v)
     dq_cfg = cfgs["dq_tma"] if tma and "dq_tma" in cfgs else cfgs["dq"]
     n_mblocks = triton.cdiv(max_q, dq_cfg["BLOCK_M"])
     # the gate's gradient: one fp32 partial row per (dQ query block, head), zero where a block sees no key,

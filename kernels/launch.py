@@ -49,8 +49,6 @@ def launch(kernel, grid: tuple, *args, tag: str = "", **kwargs) -> None:
         return
     if os.environ.get("TRITON_INTERPRET") == "1":
         check_interpreter_numpy()
-    elif kwargs.get("TMA"):
-        ensure_scratch_allocator()
     kernel[grid](*args, **kwargs)
 
 
@@ -63,7 +61,8 @@ def ensure_scratch_allocator() -> None:
     """Give Triton a global-memory allocator where none is set, for kernels that build TMA descriptors on the
     device (each program writes its descriptors to a scratch slot). Triton keeps the allocator in a ContextVar:
     a thread that never set one (autograd's device threads, where activation checkpointing re-runs the forward)
-    sees the raising default, so this runs before every such launch, and never replaces a user's allocator."""
+    sees the raising default, so the launchers call this before every such launch on a GPU; it never replaces a
+    user's allocator."""
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_torch_scratch)
 

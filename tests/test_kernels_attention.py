@@ -5,10 +5,14 @@ GPU (skipped without CUDA): bf16/fp16 at realistic shapes under the flash-attn t
 """
 
 import importlib
+import threading
 
 import pytest
 import torch
+import triton
 from pill_kernels import gated_attention, gated_attention_ref
+from pill_kernels import launch as pl
+from triton.runtime import _allocation
 
 ga = importlib.import_module("pill_kernels.gated_attention")  # the package attribute of that name is the function
 CUDA = torch.cuda.is_available()
@@ -219,6 +223,31 @@ def test_forward_tma_and_pointer_loads(monkeypatch, use_tma, overlap):
         got = _triton(q.requires_grad_(), k, v, g, causal=False, kv_seqlens=lens).detach()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert seen and set(seen) == {(use_tma, use_tma and overlap)}
+
+
+def test_scratch_allocator_is_set_per_thread_and_never_replaced():
+    """TMA descriptors need Triton's scratch allocator, a ContextVar: a thread without one (autograd's device
+    threads, where checkpointing re-runs the forward) gets ours; a user's own allocator stays."""
+    seen = {}
+
+    def fresh_thread():
+        before = _allocation._allocator.get()
+        pl.ensure_scratch_allocator()
+        seen["fresh"] = (before, _allocation._allocator.get())
+
+        def mine(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+
+        triton.set_allocator(mine)
+        pl.ensure_scratch_allocator()
+        seen["user"] = (mine, _allocation._allocator.get())
+
+    worker = threading.Thread(target=fresh_thread)
+    worker.start()
+    worker.join()
+    before, after = seen["fresh"]
+    assert isinstance(before, _allocation.NullAllocator) and after is pl._torch_scratch
+    assert seen["user"][0] is seen["user"][1]
 
 
 def test_tma_needs_aligned_rows():
