@@ -50,7 +50,7 @@ from pipeline.model.config import PILLConfig
 from pipeline.model.pill import PILL
 from pipeline.model.vpg import VPG
 from pipeline.params import PRESETS
-from pipeline.training.checkpointing import apply_activation_checkpointing
+from pipeline.training.activation_checkpointing import apply_activation_checkpointing
 from pipeline.training.config import OptimConfig
 from pipeline.training.dist import init_distributed
 from pipeline.training.optim import build_optimizer, param_groups

@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.model import PILL, PILLConfig
-from pipeline.training.checkpointing import apply_activation_checkpointing
+from pipeline.training.activation_checkpointing import apply_activation_checkpointing
 
 
 def saved_bytes(fn) -> tuple[int, torch.Tensor]:

@@ -217,7 +217,7 @@ def test_lavin_refuses_precomputed_features_while_clip_is_adapted(tiny_dirs, cli
 
 @pytest.mark.parametrize("name", PEERS)
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(name, tiny_dirs, clip_dir):
-    from pipeline.training.checkpointing import apply_activation_checkpointing
+    from pipeline.training.activation_checkpointing import apply_activation_checkpointing
 
     res = []
     for checkpointed in (False, True):

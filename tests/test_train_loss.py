@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.model import PILLConfig, load_pill
-from pipeline.training.checkpointing import apply_activation_checkpointing
+from pipeline.training.activation_checkpointing import apply_activation_checkpointing
 
 
 def _model(tiny_dirs, stage: int = 2):

@@ -155,7 +155,7 @@ class FrozenLLMMethod(nn.Module):
     - `forward(input_ids, attention_mask, modality_mask, labels, pixel_values, image_features, position_ids,
       cu_seqlens, max_seqlen, past_key_values, use_cache, num_items_in_batch, return_logits) -> MethodOutput`;
     - `checkpoint_layers()`: the per-layer modules activation checkpointing wraps (pipeline.training.
-      checkpointing): by default its `steps` (pipeline.model.seq.LayerStep per layer), else its `blocks`.
+      activation_checkpointing): by default its `steps` (pipeline.model.seq.LayerStep per layer), else its `blocks`.
     """
 
     method: ClassVar[str] = ""

@@ -101,7 +101,7 @@ class SeqContext:
 
 class LayerStep(nn.Module):
     """One layer's call of a method's layer function, as a module without parameters of its own, so activation
-    checkpointing can wrap it from outside (pipeline.training.checkpointing: `checkpoint_layers()`)."""
+    checkpointing can wrap it from outside (pipeline.training.activation_checkpointing: `checkpoint_layers()`)."""
 
     def __init__(self, fn):
         super().__init__()

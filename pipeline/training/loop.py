@@ -29,8 +29,8 @@ from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline.model import load_method, resolve_source
+from pipeline.training.activation_checkpointing import apply_activation_checkpointing
 from pipeline.training.checkpoint import CheckpointManager, export_adapter, gather_consolidated, set_rng_state
-from pipeline.training.checkpointing import apply_activation_checkpointing
 from pipeline.training.config import StageConfig, TrainConfig
 from pipeline.training.data_glue import StageData
 from pipeline.training.dist import DistContext, Preempted, PreemptionFlag, all_agree_any, all_mean, all_sum
