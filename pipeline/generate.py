@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,8 +126,17 @@ def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 
 @torch.no_grad()
-def generate_ids(model, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None) -> list[list[int]]:
-    """New token ids per prompt (EOS and what follows removed). One forward for the prompt, one per new token."""
+def generate_ids(
+    model,
+    prompts: Sequence[Prompt],
+    cfg: GenerationConfig | None = None,
+    on_step: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+) -> list[list[int]]:
+    """New token ids per prompt (EOS and what follows removed). One forward for the prompt, one per new token.
+
+    on_step (cached decoding): called with each step's (B,) next ids (pad for finished rows); it may return a (B,)
+    bool mask of rows to finish now, as at EOS (pipeline.serve: stop strings, a request's own token budget, a
+    client that went away), so a batch ends when its last row does."""
     cfg = cfg or GenerationConfig()
     if not prompts:
         return []
@@ -152,6 +161,8 @@ def generate_ids(model, prompts: Sequence[Prompt], cfg: GenerationConfig | None 
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         new_tokens.append(nxt)
         done |= torch.isin(nxt, eos_t)
+        if on_step is not None and (finish := on_step(nxt)) is not None:
+            done |= finish.to(device)
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
