@@ -25,6 +25,7 @@ FLOORS: list[tuple[str, ...]] = [
     (
         "pipeline.model.adapters",
         "pipeline.model.attention",
+        "pipeline.model.batch",
         "pipeline.model.backends",
         "pipeline.model.lavis",
         "pipeline.model.clip",

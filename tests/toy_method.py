@@ -16,13 +16,13 @@ from torch import nn
 from pipeline.model import register
 from pipeline.model.attention import AttnBackend
 from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.batch import Batch
 from pipeline.model.frozen import build_method, meta_builder
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
     SeqContext,
     frozen_layer,
-    lm_output,
     resolve_attn_backend,
     scatter_visual_tokens,
 )
@@ -47,6 +47,7 @@ class LinearProjectorConfig(MethodConfig):
 
 class LinearProjector(FrozenLLMMethod):
     method = "linear_projector"
+    supports_adapters_off = True  # off: the images are not scattered in (every layer is the frozen one anyway)
 
     def __init__(self, llm: nn.Module, cfg: LinearProjectorConfig, vpg=None, tokenizer=None):
         cfg.take_front_end_shape(vpg)
@@ -61,40 +62,21 @@ class LinearProjector(FrozenLLMMethod):
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith("projection.")
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        modality_mask=None,
-        labels=None,
-        pixel_values=None,
-        image_features=None,
-        position_ids=None,
-        cu_seqlens=None,
-        max_seqlen=None,
-        past_key_values=None,
-        use_cache=False,
-        num_items_in_batch=None,
-        return_logits=True,
-        **unused,
-    ) -> MethodOutput:
-        self.backend = self.backend or resolve_attn_backend(self.cfg.attn_backend, input_ids.device)
-        x = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
-        feats = (
-            image_features
-            if image_features is not None
-            else (self.vpg(pixel_values) if pixel_values is not None and pixel_values.numel() else None)
-        )
-        if feats is not None and feats.numel():
-            x = scatter_visual_tokens(x, modality_mask.bool(), self.projection(feats.to(x.dtype)))
-        cache: PeerCache | None = past_key_values
+    def forward(self, batch: Batch, *, cache: PeerCache | None = None, use_cache: bool = False) -> MethodOutput:
+        self.backend = self.backend or resolve_attn_backend(self.cfg.attn_backend, batch.input_ids.device)
+        x = self.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
+        feats = batch.image_features
+        if feats is None and batch.pixel_values is not None and batch.pixel_values.numel():
+            feats = self.vpg(batch.pixel_values)
+        if feats is not None and feats.numel() and self.adapters_enabled:
+            x = scatter_visual_tokens(x, batch.modality_mask.bool(), self.projection(feats.to(x.dtype)))
         ctx = SeqContext.build(
             self.llm,
             x,
-            attention_mask,
-            position_ids,
-            cu_seqlens,
-            max_seqlen,
+            batch.attention_mask,
+            batch.position_ids,
+            batch.cu_seqlens,
+            batch.max_seqlen,
             cache.key_mask if cache is not None else None,
             use_cache,
         )
@@ -102,9 +84,8 @@ class LinearProjector(FrozenLLMMethod):
         for i, base in enumerate(self.llm.model.layers):
             x, kv = self.steps[i](base, x, ctx, self.backend, cache.layers[i] if cache is not None else None)
             layers.append(kv)
-        logits, loss, n = lm_output(self.llm.model.norm(x), self.llm.lm_head, labels, return_logits, num_items_in_batch)
         return MethodOutput(
-            loss=loss, logits=logits, n_loss_tokens=n, kv_cache=PeerCache(layers, ctx.key_mask) if use_cache else None
+            hidden=self.llm.model.norm(x), kv_cache=PeerCache(layers, ctx.key_mask) if use_cache else None
         )
 
 

@@ -5,10 +5,11 @@ tensor op. A record that fails here (undecodable image, bad features, unusable j
 batch and counted; batches therefore hold between 1 and batch_size samples. A batch whose every record failed becomes
 one dummy text row (`num_samples == 0`, loss on a single EOS) so that every rank still steps together.
 
-Batch keys (docs/data.md): input_ids, attention_mask, labels, modality_mask, exactly one of pixel_values
-(N,3,S,S) / image_features (N,K,W), num_samples (int, 0 for the dummy row); packed batches add cu_seqlens (B'+1,)
-int32 and position_ids (1,T). with_meta=True (evaluation, tests) adds meta: one dict per sample (key, shard, task +
-the json fields; `[{"dummy": True}]` for the dummy row).
+The result is a `pipeline.model.batch.Batch` (docs/data.md): input_ids, attention_mask, labels, modality_mask,
+exactly one of pixel_values (N,3,S,S) / image_features (N,K,W), source (the data source of each sample),
+num_samples (0 for the dummy row); packed batches add cu_seqlens (B'+1,) int32 and position_ids (1,T).
+with_meta=True (evaluation, tests) adds meta: one dict per sample (key, shard, task + the json fields;
+`({"dummy": True},)` for the dummy row).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipeline.data.transforms import (
     normalise,
     unsupported_image_ext,
 )
+from pipeline.model.batch import Batch
 
 
 class Collator:
@@ -43,7 +45,7 @@ class Collator:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
 
-    def __call__(self, records: list[dict[str, Any]], counter: SkipCounter) -> dict[str, Any]:
+    def __call__(self, records: list[dict[str, Any]], counter: SkipCounter) -> Batch:
         kept, pieces, visuals = [], [], []
         for r in records:
             item = self._prepare(r, counter)
@@ -55,11 +57,13 @@ class Collator:
         rows: list[Encoded] = []
         images: list[np.ndarray] = []
         meta: list[dict[str, Any]] = []
+        sources: list[int] = []
         for r, enc, vis in zip(kept, encoded, visuals):
             if enc is None:
                 _skip(counter, r, "too_long", f"max_length={self.cfg.max_length}")
                 continue
             rows.append(enc)
+            sources.append(r.get("__source__", 0))
             images += vis[: enc.n_images]  # images cut by truncation leave with their positions
             if self.with_meta:  # the loader's fields win: ScienceQA's json has a `task` of its own
                 meta.append({**r["json"], "key": r["__key__"], "shard": r["__shard__"], "task": r["__task__"]})
@@ -77,10 +81,12 @@ class Collator:
             batch["image_features"] = torch.from_numpy(np.stack(images)).float()
         else:
             batch["pixel_values"] = normalise(images, self.mean, self.std, self.cfg.image_size)
-        batch["num_samples"] = len(rows)
-        if self.with_meta:
-            batch["meta"] = meta
-        return batch
+        return Batch(
+            **batch,
+            source=torch.tensor(sources, dtype=torch.long),
+            num_samples=len(rows),
+            meta=tuple(meta) if self.with_meta else None,
+        )
 
     def _prepare(self, r: dict[str, Any], counter: SkipCounter) -> tuple[list[tuple], list[np.ndarray]] | None:
         """Prompt pieces and decoded visual inputs (in marker order) of one record, or None (counted)."""
@@ -157,23 +163,21 @@ class Collator:
             "position_ids": torch.from_numpy(pos[None].astype(np.int64)),
         }
 
-    def _dummy(self) -> dict[str, Any]:
+    def _dummy(self) -> Batch:
         bos, eos = self.tok.bos_token_id, self.tok.eos_token_id
         bos = eos if bos is None else bos  # ChatML tokenizers (Qwen, SmolLM2) have no bos
-        batch = {
-            "input_ids": torch.tensor([[bos, eos]]),
-            "attention_mask": torch.ones(1, 2, dtype=torch.long),
-            "labels": torch.tensor([[IGNORE, eos]]),
-            "modality_mask": torch.zeros(1, 2, dtype=torch.bool),
-            "pixel_values": torch.empty(0, 3, self.cfg.image_size, self.cfg.image_size),
-            "num_samples": 0,
-        }
-        if self.with_meta:
-            batch["meta"] = [{"dummy": True}]
-        if self.cfg.pack:
-            batch["cu_seqlens"] = torch.tensor([0, 2], dtype=torch.int32)
-            batch["position_ids"] = torch.arange(2)[None]
-        return batch
+        return Batch(
+            input_ids=torch.tensor([[bos, eos]]),
+            attention_mask=torch.ones(1, 2, dtype=torch.long),
+            labels=torch.tensor([[IGNORE, eos]]),
+            modality_mask=torch.zeros(1, 2, dtype=torch.bool),
+            pixel_values=torch.empty(0, 3, self.cfg.image_size, self.cfg.image_size),
+            cu_seqlens=torch.tensor([0, 2], dtype=torch.int32) if self.cfg.pack else None,
+            position_ids=torch.arange(2)[None] if self.cfg.pack else None,
+            source=torch.zeros(1, dtype=torch.long),
+            num_samples=0,
+            meta=({"dummy": True},) if self.with_meta else None,
+        )
 
 
 def _skip(counter: SkipCounter, r: dict[str, Any], reason: str, detail: str) -> None:

@@ -49,6 +49,7 @@ from pipeline.data.shardlists import (
     slot_pieces,
     warn_if_few_shards,
 )
+from pipeline.model.batch import Batch
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,9 @@ class PillDataset(IterableDataset):
         if c.data.resampled:
             shards = resampled_shards(self.urls[i], c.seed, self.epoch, c.rank, worker, salt=i)
             yield from _tagged(
-                _shuffle((r for u in shards for r in read_piece(Piece(u), counter)), c.data.shuffle_buffer, rng), task
+                _shuffle((r for u in shards for r in read_piece(Piece(u), counter)), c.data.shuffle_buffer, rng),
+                task,
+                i,
             )
             return
         pieces = self.pieces(i, worker, nw)
@@ -145,7 +148,7 @@ class PillDataset(IterableDataset):
         for n_pass in itertools.count():
             got = [0]
             records = _counting((r for p in pieces for r in read_piece(p, counter, count=n_pass == 0)), got)
-            yield from _tagged(_shuffle(records, c.data.shuffle_buffer, rng), task)
+            yield from _tagged(_shuffle(records, c.data.shuffle_buffer, rng), task, i)
             if got[0] == 0 and fallback:
                 raise RuntimeError(
                     f"source {c.sources[i].name}: no shard gave a readable sample this epoch "
@@ -184,13 +187,11 @@ class PillDataset(IterableDataset):
             lambda it: (self._finish(self.collate(g, counter), worker, counter) for g in it),
         ]
 
-    def _finish(self, batch: dict[str, Any], worker: int, counter: SkipCounter) -> dict[str, Any]:
-        batch["_worker"] = worker
-        batch["_skipped"] = dict(counter.counts)
-        batch["_shards"] = counter.take_shards()
-        return batch
+    def _finish(self, batch: Batch, worker: int, counter: SkipCounter) -> tuple[Batch, tuple]:
+        """The batch with what the main process's counters need from this worker (its skips, the shards read)."""
+        return batch, (worker, dict(counter.counts), counter.take_shards())
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[tuple[Batch, tuple]]:
         info = get_worker_info()
         worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         # The DataLoader always asks worker 0 first; after resuming at batch n the next batch belongs to logical
@@ -238,9 +239,10 @@ def _counting(it: Iterator[dict[str, Any]], got: list[int]) -> Iterator[dict[str
         yield r
 
 
-def _tagged(it: Iterator[dict[str, Any]], task: str) -> Iterator[dict[str, Any]]:
+def _tagged(it: Iterator[dict[str, Any]], task: str, source: int) -> Iterator[dict[str, Any]]:
     for r in it:
         r["__task__"] = task
+        r["__source__"] = source  # the row's Batch.source (mixed stages: a loss or a metric per source)
         yield r
 
 
@@ -329,7 +331,7 @@ class PillLoader:
         if self.batch >= len(self):
             self.epoch, self.batch = self.epoch + 1, 0
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         ds = self.dataset
         ds.epoch, ds.start_batch = self.epoch, self.batch
         for snap in self._skips_now.values():  # an earlier iteration left early (break): keep its counts
@@ -343,9 +345,9 @@ class PillLoader:
                 kwargs["prefetch_factor"] = self.prefetch_factor
         # Workers are re-created per epoch (not persistent), so they see the epoch/start_batch set above.
         dl = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity, pin_memory=self.pin_memory, **kwargs)
-        for b in dl:
-            self._skips_now[b.pop("_worker")] = b.pop("_skipped")
-            self.shards_read.extend(b.pop("_shards"))
+        for b, (worker, skipped, shards) in dl:
+            self._skips_now[worker] = skipped
+            self.shards_read.extend(shards)
             self.batch += 1
             yield b
         for snap in self._skips_now.values():

@@ -14,6 +14,15 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def resolve_attn_backend(name: str, device: torch.device) -> str:
+    """`auto` -> triton on CUDA when the kernel passes its self-check, else sdpa; any other name unchanged."""
+    if name != "auto":
+        return name
+    ok, why = _triton_self_check(device.type, "attention")
+    log.info("attn_backend auto -> %s (%s)", "triton" if ok else "sdpa", why)
+    return "triton" if ok else "sdpa"
+
+
 def resolve_backends(cfg, device: torch.device, zero3: bool = False) -> tuple[str, str]:
     """(attention backend, adapter backend) with `auto` replaced by what this device runs.
 
@@ -25,10 +34,7 @@ def resolve_backends(cfg, device: torch.device, zero3: bool = False) -> tuple[st
             "adapter_backend='triton' reads whole expert weights, which ZeRO-3 partitions: use "
             "adapter_backend='auto' or 'eager' under ZeRO-3 (or ZeRO-2, where the trainables are whole)"
         )
-    if attn == "auto":
-        ok, why = _triton_self_check(device.type, "attention")
-        attn = "triton" if ok else "sdpa"
-        log.info("attn_backend auto -> %s (%s)", attn, why)
+    attn = resolve_attn_backend(attn, device)
     if adapter == "auto":
         ok, why = (
             _triton_self_check(device.type, "adapter")

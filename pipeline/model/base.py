@@ -12,12 +12,13 @@ method"). What the trainer, the export and the evaluation need beyond the method
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -28,6 +29,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from pipeline.model.attention import ATTN_BACKEND_CHOICES
+from pipeline.model.batch import Batch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -98,8 +100,6 @@ class MethodSpec:
     """The paper's trainable count and how this engine's count relates to it (pipeline.params prints it)."""
     stages: tuple[int, ...] = (1, 2)
     """Stages the method has (one-stage methods train in stage 2 only)."""
-    config_section: str = "peer"
-    """Where a training config holds its options: `model.<config_section>`."""
     group_of: Callable[[str], str] | None = None
     """Row name of a trainable parameter in pipeline.params' table (None: its first name component)."""
     layer_memory_model: bool = False
@@ -128,20 +128,19 @@ def default_group_of(name: str) -> str:
 
 @dataclass
 class MethodOutput(ModelOutput):
-    """A transformers ModelOutput (an ordered dict), so DeepSpeed ZeRO-3's hooks see the tensors inside."""
+    """A method's forward output: final-normed hidden states, not logits (the loss lives in the trainer,
+    pipeline.training.loss; `FrozenLLMMethod.logits` is the head). A transformers ModelOutput (an ordered dict),
+    so DeepSpeed ZeRO-3's hooks see the tensors inside."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None  # (B, T, V)
-    kv_cache: list | None = None
-    """Per layer (k, v, value_gate) with use_cache (not `past_key_values`: transformers 5 renames that field)."""
-    n_loss_tokens: torch.Tensor | None = None
-    """Label positions that entered `loss` (the trainer weights micro-batches by it)."""
+    hidden: torch.Tensor | None = None
+    """(B, T, D) after the method's final norm: the input of its LM head."""
+    kv_cache: Any = None
+    """The cache to pass back as `forward(..., cache=)` (with use_cache); its layout is the method's own."""
     gate_abs: torch.Tensor | None = None
     """(n_layers,) mean |gate| over visual tokens and heads, detached; None for methods without a gate."""
-
-    @property
-    def past_key_values(self) -> list | None:
-        return self.kv_cache
+    head_index: torch.Tensor | None = None
+    """(B,) int64: which of the method's heads each row's logits come from (`FrozenLLMMethod.logits`); None: the
+    LLM's own head for every row. IAA: 1 = its multimodal head for rows with an image."""
 
 
 class FrozenLLMMethod(nn.Module):
@@ -152,21 +151,57 @@ class FrozenLLMMethod(nn.Module):
       its frozen visual front end (None with precomputed features); call `super().__init__` after
       `cfg.take_front_end_shape(vpg)`;
     - `is_trainable(name, stage)`: the one predicate behind requires_grad and the export;
-    - `forward(input_ids, attention_mask, modality_mask, labels, pixel_values, image_features, position_ids,
-      cu_seqlens, max_seqlen, past_key_values, use_cache, num_items_in_batch, return_logits) -> MethodOutput`;
+    - `forward(batch: Batch, *, cache=None, use_cache=False) -> MethodOutput`: the final-normed hidden states
+      (B, T, D); no **kwargs, so a misspelt control is a TypeError (and Batch's fields are fixed);
+    - `logits(hidden, head_index=None)`: the head that turns hidden states into logits (this default: the LLM's
+      lm_head; a method with heads of its own, IAA, overrides it); training (pipeline.training.loss),
+      generation and evaluation all go through it;
+    - `adapters_off()`: a context manager under which forward computes the frozen LLM alone (text-only logits
+      equal transformers' forward of the LLM); the method's forward reads `self.adapters_enabled` and sets
+      `supports_adapters_off = True`;
     - `checkpoint_layers()`: the per-layer modules activation checkpointing wraps (pipeline.training.
-      activation_checkpointing): by default its `steps` (pipeline.model.seq.LayerStep per layer), else its `blocks`.
+      checkpointing): by default its `steps` (pipeline.model.seq.LayerStep per layer), else its `blocks`.
     """
 
     method: ClassVar[str] = ""
     config_key: ClassVar[str] = "method_config"
     """The key of adapter_config.json that holds the config (PILL's exports keep their historical name)."""
+    supports_adapters_off: ClassVar[bool] = False
+    """The forward honours `adapters_enabled` (adapters_off() refuses a method that does not say so)."""
 
     def __init__(self, llm: nn.Module, cfg: Any, tokenizer: Any = None):
         super().__init__()
         self.cfg = cfg
         self.llm = llm
         self.tokenizer = tokenizer
+        self.adapters_enabled = True
+
+    def forward(self, batch: Batch, *, cache: Any = None, use_cache: bool = False) -> MethodOutput:
+        raise NotImplementedError(f"{type(self).__name__} must define forward(batch, *, cache=None, use_cache=False)")
+
+    # ---- the head and the frozen LLM -----------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor, head_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., V) logits of final-normed hidden states (..., D). `head_index` (...) int64 (or None: head 0, the
+        LLM's lm_head) picks each row's head: `MethodOutput.head_index` broadcast to the rows taken from hidden."""
+        return self.llm.lm_head(hidden)
+
+    def output_logits(self, out: MethodOutput) -> torch.Tensor:
+        """(B, T, V) logits at every position of a forward's output (evaluation, tests; training takes the answer
+        rows only, pipeline.training.loss)."""
+        return self.logits(out.hidden, row_heads(out, out.hidden.shape[:2]))
+
+    @contextlib.contextmanager
+    def adapters_off(self) -> Iterator[FrozenLLMMethod]:
+        """Within the block, forward computes the frozen LLM alone (images are not read: the placeholders are the
+        LLM's tokens); leaving it restores the trained method."""
+        if not self.supports_adapters_off:
+            raise NotImplementedError(f"{type(self).__name__} does not implement adapters_off (supports_adapters_off)")
+        before = self.adapters_enabled
+        self.adapters_enabled = False
+        try:
+            yield self
+        finally:
+            self.adapters_enabled = before
 
     def is_trainable(self, name: str, stage: int) -> bool:
         raise NotImplementedError(f"{type(self).__name__} must say which parameters each stage trains")
@@ -261,6 +296,13 @@ class FrozenLLMMethod(nn.Module):
                     )
                 own[n].copy_(t.to(own[n].dtype))
         return meta
+
+
+def row_heads(out: MethodOutput, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """`out.head_index` (B,) broadcast to `shape` (B, ...) (None stays None): the head of each position's row."""
+    if out.head_index is None:
+        return None
+    return out.head_index.view(-1, *([1] * (len(shape) - 1))).expand(*shape)
 
 
 def trainable_table(model: nn.Module, group_of) -> tuple[list[tuple[str, int, int]], int]:

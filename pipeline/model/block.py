@@ -68,17 +68,20 @@ class PILLBlock(nn.Module):
         mask: AttnMask,
         cache: KVCache | None = None,
         schedules: RouteSchedules | None = None,
+        plugged: bool = True,
     ) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
-        """(output, this layer's cache, mean |gate| over visual tokens and heads (detached) or None)."""
+        """(output, this layer's cache, mean |gate| over visual tokens and heads (detached) or None).
+
+        `plugged=False` (PILL.adapters_off): the frozen layer alone, no adapter and no gate."""
         cfg, attn = self.cfg, base.self_attn
         B, T, _ = x.shape
 
         x_n = base.input_layernorm(x)
-        a = self.attn_adapter(x_n) if self.attn_adapter is not None else x_n
+        a = self.attn_adapter(x_n) if self.attn_adapter is not None and plugged else x_n
         q, k, v = project_qkv(attn, a, position_embeddings)  # flash layout: the Triton kernel reads them as is
 
         value_gate = gate_abs = None
-        if cfg.gate_active:
+        if cfg.gate_active and plugged:
             g = torch.tanh(self.gate(a.to(self.gate.weight.dtype)))  # (B, T, H)
             gate_abs = _visual_mean(g.detach().abs(), modality_mask)
             value_gate = torch.where(modality_mask.unsqueeze(-1), g, torch.ones_like(g)).to(v.dtype)
@@ -93,6 +96,8 @@ class PILLBlock(nn.Module):
         h = x + attn.o_proj(o.reshape(B, T, -1))
 
         h_n = base.post_attention_layernorm(h)
+        if not plugged:
+            return h + base.mlp(h_n), new_cache, None
         fused = self.adapter_backend == "triton" and schedules is not None
         if self.adapter_ffn is not None:
             f = routed_adapter(

@@ -19,10 +19,11 @@ from torch import nn
 from pipeline.model.adapters import RouteSchedules
 from pipeline.model.backends import resolve_backends
 from pipeline.model.base import FrozenLLMMethod, MethodOutput, MethodSpec
+from pipeline.model.batch import Batch
 from pipeline.model.block import KVCache, PILLBlock
 from pipeline.model.config import PILLConfig
 from pipeline.model.frozen import VPGSource, build_method, check_llm, meta_builder
-from pipeline.model.seq import SeqContext, lm_output, same_graph_on_every_rank, scatter_visual_tokens
+from pipeline.model.seq import SeqContext, same_graph_on_every_rank, scatter_visual_tokens
 from pipeline.model.vpg import VPG
 
 _STAGE_MODULES = {
@@ -42,6 +43,7 @@ def is_trainable(name: str, stage: int) -> bool:
 class PILL(FrozenLLMMethod):
     method = "pill"
     config_key = "pill_config"  # the export format's historical key (DESIGN.md: adapter_config.json)
+    supports_adapters_off = True
 
     def __init__(self, llm: nn.Module, cfg: PILLConfig, vpg: VPG | None = None, tokenizer=None):
         check_llm(llm.config, source="PILL(llm=...)")
@@ -120,39 +122,37 @@ class PILL(FrozenLLMMethod):
                 "sequences (data.max_length, prompt + generation) within it"
             )
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # (B, T)
-        attention_mask: torch.Tensor | None = None,  # (B, T) or (B, S) with a cache; 1 = real token
-        modality_mask: torch.Tensor | None = None,  # (B, T) bool
-        labels: torch.Tensor | None = None,  # (B, T), -100 = ignored
-        pixel_values: torch.Tensor | None = None,  # (N, 3, H, W)
-        image_features: torch.Tensor | None = None,  # (N, K, W)
-        position_ids: torch.Tensor | None = None,  # (B, T)
-        cu_seqlens: torch.Tensor | None = None,  # (n_docs + 1,) int32, packed batches (B == 1)
-        max_seqlen: int | None = None,
-        past_key_values: list[KVCache] | None = None,
-        use_cache: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-        return_logits: bool = True,
-        **unused,
-    ) -> MethodOutput:
-        """`num_items_in_batch`: answer tokens of the whole global batch; the loss is then this micro-batch's
-        summed token loss divided by it (transformers' convention), so micro-batches and ranks weigh every answer
-        token equally. `return_logits=False` (training) computes the LM head at answer positions only."""
+    def forward(self, batch: Batch, *, cache: list[KVCache] | None = None, use_cache: bool = False) -> MethodOutput:
+        """Final-normed hidden states (B, T, D) of the batch; `cache`: the previous call's `kv_cache` (generation:
+        `batch.attention_mask` then spans the cached + new tokens). Under adapters_off() every layer is the frozen
+        one and the images are not read."""
+        input_ids = batch.input_ids  # (B, T)
         attn_backend, adapter_backend = self.resolve_backends(input_ids.device)
         B, T = input_ids.shape
-        modality_mask = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids)).bool()
-        x = self.embed(input_ids, modality_mask, pixel_values, image_features)
-        past = past_key_values[0][0].shape[1] if past_key_values else 0
+        plugged = self.adapters_enabled
+        mm = batch.modality_mask
+        modality_mask = (mm if mm is not None and plugged else torch.zeros_like(input_ids)).bool()
+        if plugged:
+            x = self.embed(input_ids, modality_mask, batch.pixel_values, batch.image_features)
+        else:
+            x = self.llm.get_input_embeddings()(input_ids)
+        past = cache[0][0].shape[1] if cache else 0
         self.check_window(past + T)
-        if cu_seqlens is not None and max_seqlen is None and attn_backend == "triton":
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one sync per forward, not per layer
-        past_key_mask = _past_key_mask(attention_mask, B, past, T, x.device) if past_key_values else None
+        max_seqlen = batch.max_seqlen
+        if batch.cu_seqlens is not None and max_seqlen is None and attn_backend == "triton":
+            max_seqlen = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())  # one sync per forward
+        past_key_mask = _past_key_mask(batch.attention_mask, B, past, T, x.device) if cache else None
         ctx = SeqContext.build(
-            self.llm, x, attention_mask, position_ids, cu_seqlens, max_seqlen, past_key_mask, use_cache
+            self.llm,
+            x,
+            batch.attention_mask,
+            batch.position_ids,
+            batch.cu_seqlens,
+            max_seqlen,
+            past_key_mask,
+            use_cache,
         )
-        schedules = RouteSchedules(modality_mask) if adapter_backend == "triton" else None
+        schedules = RouteSchedules(modality_mask) if adapter_backend == "triton" and plugged else None
         new_cache, gates = [], []
         for i, (block, base) in enumerate(zip(self.blocks, self.llm.model.layers)):
             x, layer_cache, gate_abs = block(
@@ -161,19 +161,15 @@ class PILL(FrozenLLMMethod):
                 ctx.position_embeddings,
                 modality_mask,
                 ctx.mask,
-                past_key_values[i] if past_key_values else None,
+                cache[i] if cache else None,
                 schedules,
+                plugged,
             )
             new_cache.append(layer_cache)
             gates.append(gate_abs)
-        logits, loss, n_tokens = lm_output(
-            self.llm.model.norm(x), self.llm.lm_head, labels, return_logits, num_items_in_batch
-        )
         return MethodOutput(
-            loss=loss,
-            logits=logits,
+            hidden=self.llm.model.norm(x),
             kv_cache=new_cache if use_cache else None,
-            n_loss_tokens=n_tokens,
             gate_abs=torch.stack(gates) if gates[0] is not None else None,
         )
 
@@ -222,7 +218,6 @@ SPEC = MethodSpec(
     lambda llm, vpg, cfg, **kw: load_pill(llm, vpg, cfg, **kw),
     meta_builder(PILL, "blip2"),
     front_end="blip2",
-    config_section="pill",
     group_of=group_of,
     layer_memory_model=True,
     published="paper: 43M at LLaMA-2-7B (Table 1); 3 adapters x 3dr + d x n_heads per layer + 768 d (the spec's "

@@ -19,7 +19,6 @@ width, N images, V vocab.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,12 +27,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnMask
-from pipeline.model.backends import resolve_backends
-
-
-def resolve_attn_backend(name: str, device: torch.device) -> str:
-    """`auto` -> triton on CUDA when the kernel passes its self-check, else sdpa (pipeline.model.backends)."""
-    return resolve_backends(SimpleNamespace(attn_backend=name, adapter_backend="eager", adapter_act="none"), device)[0]
+from pipeline.model.backends import resolve_attn_backend  # noqa: F401  (re-exported: the methods import it here)
 
 
 # ---- sequence context ------------------------------------------------------------------------------------------------

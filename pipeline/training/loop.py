@@ -1,9 +1,10 @@
 """One training stage under DeepSpeed: set-up (model, data, engine) -> resume -> optimizer steps -> save/export.
 
 The loss of an optimizer step is the mean over every answer token of the global batch (all micro-batches of
-all ranks), as transformers' `num_items_in_batch` and torchtitan do: each micro-batch's summed token loss is
-divided by the global count, scaled so that DeepSpeed's 1/grad_accum and its mean over ranks cancel. A sample's
-weight does not depend on the answer lengths of the others in its micro-batch.
+all ranks), as transformers' `num_items_in_batch` and torchtitan do: the method's forward gives hidden states,
+pipeline.training.loss turns them into each micro-batch's summed token loss divided by the global count, scaled so
+that DeepSpeed's 1/grad_accum and its mean over ranks cancel. A sample's weight does not depend on the answer
+lengths of the others in its micro-batch.
 
 A skipped non-finite micro-batch calls neither backward nor step on ANY rank (all agree), and the next batch
 takes its place, so DeepSpeed's micro-step count and ours stay equal; every collective below is reached by all
@@ -18,6 +19,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,25 +31,16 @@ from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline.model import load_method, resolve_source
+from pipeline.model.batch import Batch
 from pipeline.training.activation_checkpointing import apply_activation_checkpointing
 from pipeline.training.checkpoint import CheckpointManager, export_adapter, gather_consolidated, set_rng_state
 from pipeline.training.config import StageConfig, TrainConfig
 from pipeline.training.data_glue import StageData
 from pipeline.training.dist import DistContext, Preempted, PreemptionFlag, all_agree_any, all_mean, all_sum
 from pipeline.training.ds_config import fill_ds_config, peak_lr, plan_batch, uses_cpu_offload
+from pipeline.training.loss import Loss
 from pipeline.training.metrics import MetricsLogger
 from pipeline.training.optim import build_optimizer, build_scheduler, param_groups
-
-MODEL_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "modality_mask",
-    "pixel_values",
-    "image_features",
-    "position_ids",
-    "cu_seqlens",
-)
 
 
 @dataclass
@@ -125,7 +118,7 @@ def model_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def method_config(cfg: TrainConfig, stage: int) -> Any:
-    """The method's config for one stage (model.<its config_section>: model.pill for PILL, model.peer else)."""
+    """The method's config for one stage (model.options, with that stage)."""
     return replace(cfg.model.method_config(), stage=stage)
 
 
@@ -178,6 +171,8 @@ class Stage:
     ckpts: CheckpointManager
     keep_alive: list = field(default_factory=list)
     """Objects that must outlive the engine set-up (transformers' ZeRO-3 config, read through a weak reference)."""
+    loss: Loss = field(default_factory=Loss)
+    """The training loss's terms (pipeline.training.loss)."""
 
 
 def setup_stage(
@@ -297,23 +292,20 @@ class NonFiniteGuard:
         return True
 
 
-def answer_tokens(batch: dict[str, Any]) -> int:
-    """Label positions the loss counts (the shifted labels that are not -100); from the host copy, no sync."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def train_step(st: Stage, batches, ctx: DistContext, guard: NonFiniteGuard) -> StepStats:
+def train_step(st: Stage, batches: Iterator[Batch], ctx: DistContext, guard: NonFiniteGuard) -> StepStats:
     """grad_accum micro-batches -> one optimizer step (DeepSpeed steps at the last engine.step())."""
     ga = st.plan.grad_accum
     group = [next(batches) for _ in range(ga)]
-    n_global = all_sum([sum(answer_tokens(b) for b in group)], ctx.device)[0]
-    share = max(1.0, n_global) / (ctx.world_size * ga)  # DeepSpeed's 1/ga and mean over ranks undo this factor
+    # Every loss term's count over the global batch, from the host copies: one all-reduce per step, no device sync.
+    global_counts = all_sum([sum(col) for col in zip(*(st.loss.counts(b) for b in group))], ctx.device)
     stats = StepStats(lr=st.scheduler.get_last_lr()[0])  # the lr this step uses (the scheduler steps after it)
     done = 0
     while done < ga:
         batch = group.pop(0) if group else next(batches)  # a skipped micro-batch is replaced by the next one
-        out = st.engine(**_to_device(batch, ctx.device, st.float_dtype), num_items_in_batch=share, return_logits=False)
-        loss = guard.loss(out.loss)
+        on_device = batch.to(ctx.device, st.float_dtype)  # bf16: DeepSpeed casts the module, inputs follow
+        out = st.engine(on_device)
+        result = st.loss(st.model, out, on_device, global_counts, ctx.world_size * ga)
+        loss = guard.loss(result.loss)
         loss_value = float(loss.detach().float())  # the one host sync of a micro-step
         if guard.skip(loss_value):
             continue
@@ -321,26 +313,12 @@ def train_step(st: Stage, batches, ctx: DistContext, guard: NonFiniteGuard) -> S
         st.engine.step()
         done += 1
         stats.loss_sum += loss_value
-        am = batch["attention_mask"]
-        stats.samples += int(batch.get("num_samples", len(am)))
+        am = batch.attention_mask
+        stats.samples += batch.samples
         stats.tokens += int(am.sum())
         stats.positions += am.numel()
         stats.gate_abs = out.gate_abs
     return stats
-
-
-def _to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for k in MODEL_KEYS:
-        v = batch.get(k)
-        if v is None:
-            continue
-        if torch.is_tensor(v):
-            v = v.to(device, non_blocking=True)
-            if v.is_floating_point():
-                v = v.to(float_dtype)  # DeepSpeed bf16 casts the module; inputs must match its dtype
-        out[k] = v
-    return out
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
