@@ -40,23 +40,27 @@ OUT = REPO / "runs" / "compare"
 # Excitor's prompts likewise; IAA trains full layers, so a much smaller lr) scaled to the demo's batch of 16.
 METHODS: dict[str, tuple[dict, list[tuple[int, str, int, float]]]] = {
     "pill": (
-        {"method": "pill", "vpg_path": "tiny", "pill": {"rank": 16, "attn_backend": "auto", "adapter_backend": "auto"}},
+        {
+            "method": "pill",
+            "vpg_path": "tiny",
+            "options": {"rank": 16, "attn_backend": "auto", "adapter_backend": "auto"},
+        },
         [(1, "caption", 60, 1.0e-2), (2, "scienceqa", 600, 3.0e-3)],
     ),
     "llama_adapter": (
-        {"method": "llama_adapter", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
+        {"method": "llama_adapter", "vpg_path": "tiny", "options": {"attn_backend": "sdpa"}},
         [(2, "scienceqa", 600, 2.0e-2)],
     ),
     "lavin": (
-        {"method": "lavin", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
+        {"method": "lavin", "vpg_path": "tiny", "options": {"attn_backend": "sdpa"}},
         [(2, "scienceqa", 600, 1.0e-2)],
     ),
     "excitor": (
-        {"method": "excitor", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
+        {"method": "excitor", "vpg_path": "tiny", "options": {"attn_backend": "sdpa"}},
         [(2, "scienceqa", 600, 3.0e-2)],
     ),
     "iaa": (
-        {"method": "iaa", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
+        {"method": "iaa", "vpg_path": "tiny", "options": {"attn_backend": "sdpa"}},
         [(1, "caption", 60, 1.0e-3), (2, "scienceqa", 600, 3.0e-4)],
     ),
 }

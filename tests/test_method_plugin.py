@@ -45,7 +45,7 @@ def test_toy_method_trains_exports_and_reloads(tmp_path):
         "--set",
         "model.method=linear_projector",
         "--set",
-        "model.peer={attn_backend: sdpa}",
+        "model.options={attn_backend: sdpa}",
         "--set",
         "stages.*.max_steps=3",
         "--set",

@@ -278,7 +278,7 @@ def test_peer_presets_load_and_fill_every_ds_config(preset, method, stages):
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / f"{preset}.yaml")
     assert cfg.model.method == method and [s.stage for s in cfg.stages] == stages
-    assert isinstance(cfg.model.peer, get_method(method).config_cls)  # model.peer is typed by the method
+    assert isinstance(cfg.model.options, get_method(method).config_cls)  # model.options is typed by the method
     for ds in ("zero1", "zero2", "zero3", "zero2_offload"):
         raw = load_ds_config(repo / "ds_configs" / f"{ds}.json")
         for s in cfg.stages:

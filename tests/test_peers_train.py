@@ -50,7 +50,7 @@ def _config(workdir: Path, method: str, precision: str = "fp32") -> Path:
         "output_dir": str(workdir / method),
         "seed": 0,
         "precision": precision,
-        "model": {"method": method, "llm_path": "tiny", "vpg_path": "tiny", "peer": {"attn_backend": "sdpa"}},
+        "model": {"method": method, "llm_path": "tiny", "vpg_path": "tiny", "options": {"attn_backend": "sdpa"}},
         "data": {"max_length": 160, "num_workers": 0, "shuffle_buffer": 16, "sqa_format": "QCM-A"},
         "stages": stages,
         "checkpoint": {"every_steps": 2, "keep_last": 1},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.training.config import ConfigError, StageConfig, TrainConfig, load_config
 from pipeline.training.ds_config import fill_ds_config, load_ds_config, peak_lr, plan_batch
@@ -213,3 +214,55 @@ def test_warmup_then_cosine():
         sched.step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.01 + 0 * math.pi
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One place for a method's options: model.options, typed by the selected method's config class.
+
+
+def _model_dict(method: str, **extra) -> dict:
+    return {"model": {"method": method, **extra}, "stages": [{"stage": 2, "train_shards": ["x.tar"], "max_steps": 1}]}
+
+
+@pytest.mark.parametrize("method", ["pill", "llama_adapter", "lavin", "excitor", "iaa"])
+def test_every_method_reads_its_options_from_model_options(method):
+    from pipeline.model import get_method
+
+    spec = get_method(method)
+    cfg = load_config(None, ["model.options.attn_backend=sdpa"], base=_model_dict(method))
+    assert type(cfg.model.options) is spec.config_cls
+    assert cfg.model.method_config() is cfg.model.options
+    assert cfg.model.options.attn_backend == "sdpa"
+    assert not hasattr(cfg.model, "pill") and not hasattr(cfg.model, "peer")
+    with pytest.raises(ConfigError, match=r"model\.options: unknown key\(s\) \['rnak'\].*model.method=" + method):
+        load_config(None, ["model.options.rnak=16"], base=_model_dict(method))
+
+
+@pytest.mark.parametrize(
+    "base, overrides, old",
+    [
+        (_model_dict("pill", pill={"rank": 8}), [], "model.pill"),
+        (_model_dict("lavin", peer={"rank": 8}), [], "model.peer"),
+        (_model_dict("pill"), ["model.pill.rank=8"], "model.pill"),
+        (_model_dict("iaa"), ["model.peer={attn_backend: sdpa}"], "model.peer"),
+    ],
+)
+def test_old_method_option_keys_name_model_options(base, overrides, old):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides, base=base)
+    assert f"{old} is now model.options" in str(e.value)
+
+
+def test_old_method_option_key_in_a_yaml_file_is_named(tmp_path):
+    p = tmp_path / "old.yaml"
+    p.write_text((REPO / "configs" / "demo.yaml").read_text().replace("  options:", "  pill:"))
+    assert "  pill:" in p.read_text()
+    with pytest.raises(ConfigError, match=r"model\.pill is now model\.options"):
+        load_config(p)
+
+
+def test_no_shipped_preset_uses_an_old_method_option_key():
+    for p in sorted((REPO / "pipeline" / "configs").glob("*.yaml")):
+        model = yaml.safe_load(p.read_text()).get("model", {})
+        assert not {"pill", "peer"} & set(model), p.name
+        load_config(p)

@@ -51,7 +51,7 @@ def _config(workdir: Path, name: str, **over) -> Path:
         "output_dir": str(workdir / name),
         "seed": 0,
         "precision": "bf16",
-        "model": {"llm_path": "tiny", "vpg_path": "tiny", "pill": {"rank": 8}},
+        "model": {"llm_path": "tiny", "vpg_path": "tiny", "options": {"rank": 8}},
         "data": {"max_length": 160, "num_workers": 0, "shuffle_buffer": 16, "sqa_format": "QCM-A"},
         "stages": [
             {

@@ -1,4 +1,4 @@
-"""Issue 15's config and structure bugs: every data: key reaches the loader, model.pill is typed, presets ship."""
+"""Issue 15's config and structure bugs: every data: key reaches the loader, model.options is typed, presets ship."""
 
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ def test_data_options_reach_the_loader(tmp_path, tiny_dirs):
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("model.pill.rnak=16", ["model.pill", "rnak"]),
-        ("model.pill.rank=0", ["model.pill", "rank"]),
-        ("model.pill.attn_backend=flash", ["attn_backend"]),
+        ("model.options.rnak=16", ["model.options", "rnak"]),
+        ("model.options.rank=0", ["model.options", "rank"]),
+        ("model.options.attn_backend=flash", ["attn_backend"]),
         ("data.image_input=jpeg", ["data.image_input"]),
         ("model.method=lora", ["model.method", "lora"]),
     ],
@@ -78,9 +78,9 @@ def test_typed_sections_fail_before_launch(override, words):
 def test_pill_typo_exits_2_before_launch(capsys):
     from pipeline.train import main
 
-    assert main(["--set", "model.pill.rnak=16"]) == 2
+    assert main(["--set", "model.options.rnak=16"]) == 2
     err = capsys.readouterr().err
-    assert "model.pill" in err and "rnak" in err
+    assert "model.options" in err and "rnak" in err
 
 
 def test_shipped_presets_and_deepspeed_aliases():

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.data import DataConfig
-from pipeline.model import PILLConfig, get_method
+from pipeline.model import get_method
 from pipeline.model.base import MethodConfig
 
 
@@ -35,11 +35,12 @@ class ModelConfig:
     vpg_path: str | None = "tiny"
     """The visual front end: a BLIP-2 dir for PILL, a CLIP ViT dir for the peers, or "tiny"; None when the shards
     carry precomputed image_features."""
-    pill: PILLConfig = field(default_factory=PILLConfig)
-    """PILL's own options (rank, adapter_act, momae, mag, backends, ...); `stage` comes from each stage."""
-    peer: Any = field(default_factory=dict)
-    """Options of a method whose config_section is "peer" (every method but PILL): a mapping in YAML, turned into
-    that method's config class (typed, checked, an unknown key named) when the config is built."""
+    options: Any = field(default_factory=dict)
+    """The selected method's own options, whatever the method (PILL: rank, adapter_act, momae, mag, backends, ...;
+    a peer: its config dataclass): a mapping in YAML, turned into that method's config class (typed, checked, an
+    unknown key named) when the config is built. One key for every method, so a preset reads the same whichever
+    method it trains and `--set model.options.X=...` needs no knowledge of where a method keeps them. `stage`
+    comes from each stage."""
     activation_checkpointing: bool = False
     """Recompute decoder layers in the backward instead of storing their activations (pipeline.training.
     checkpointing applies it from outside the model)."""
@@ -51,17 +52,24 @@ class ModelConfig:
             spec = get_method(self.method)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if spec.config_section == "peer" and isinstance(self.peer, dict):
-            self.peer = _from_dict(spec.config_cls, {"stage": spec.stages[-1], **self.peer}, "model.peer")
-        elif spec.config_section != "peer" and self.peer not in ({}, None):
+        if self.options is None:
+            self.options = {}
+        if isinstance(self.options, dict):
+            try:
+                self.options = _from_dict(spec.config_cls, {"stage": spec.stages[-1], **self.options}, "model.options")
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{e} (model.options holds the options of model.method={self.method}: {spec.config_cls.__name__})"
+                ) from None
+        elif not isinstance(self.options, spec.config_cls):
             raise ConfigError(
-                f"model.peer is not read by method {self.method} (its options go under "
-                f"model.{spec.config_section}); got {self.peer!r}"
+                f"model.options: method {self.method} takes a mapping of {spec.config_cls.__name__} fields, got "
+                f"{type(self.options).__name__}"
             )
 
     def method_config(self) -> MethodConfig:
-        """The options of the selected method: model.<its config_section>."""
-        return getattr(self, get_method(self.method).config_section)
+        """The options of the selected method (model.options, typed by its config class)."""
+        return self.options
 
 
 @dataclass
@@ -202,12 +210,19 @@ class TrainConfig:
 # Building from dicts, with typo detection (an unknown key is an error, not silently ignored).
 
 
+RENAMED = {"model.pill": "model.options", "model.peer": "model.options"}
+"""Keys of earlier releases -> where they went (an old key is an error naming the new one, not "unknown key")."""
+
+
 def _from_dict(cls: type, d: Any, path: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
+    for k in unknown:
+        if f"{path}.{k}" in RENAMED:
+            raise ConfigError(f"{path}.{k} is now {RENAMED[f'{path}.{k}']}: rename the key in your YAML or --set")
     if unknown:
         raise ConfigError(f"{path or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs = {}
