@@ -48,12 +48,16 @@ class Conversation:
 
 def detect_task(meta: dict[str, Any]) -> str:
     """From the fields present: a record with choices (or question + answer) is ScienceQA even when a field is
-    missing, so the skip names the missing field instead of reading as a caption without text."""
+    missing, so the skip names the missing field instead of reading as a caption without text. A conversation is
+    chat unless it is LLaVA's caption shape (one human + one gpt turn) about an image the record names (`image` or
+    `has_image`): a text-only conversation is an instruction to train on, not a caption whose image is missing."""
     if "choices" in meta or ("question" in meta and "answer" in meta):
         return "scienceqa"
     conv = meta.get("conversations")
-    if isinstance(conv, list) and (len(conv) > 2 or meta.get("source") == "llava_instruct"):
-        return "chat"
+    if isinstance(conv, list):
+        names_image = bool(meta.get("image")) or bool(meta.get("has_image"))
+        if len(conv) > 2 or meta.get("source") == "llava_instruct" or not names_image:
+            return "chat"
     return "caption"
 
 
