@@ -4,6 +4,11 @@ pipeline.data.build_loader gives one epoch per iter() and the same number of bat
 would hang otherwise); it knows its own (epoch, batch) position and resumes there exactly, without decoding the
 skipped samples. Different world size: the per-rank position does not map one to one, so we resume from the
 global number of samples consumed in the epoch (same samples per epoch, new split; documented in training.md).
+
+No stage trains on nothing: the collator turns a batch whose every record failed into a dummy row (so that all
+ranks still step together); `checked_batches` looks at the first batches of a stage before any optimizer step and
+stops with `NoUsableDataError` (naming the sources, the skip reasons and what to change) when no rank got a single
+usable sample in them.
 """
 
 from __future__ import annotations
@@ -14,8 +19,31 @@ from typing import Any
 import torch
 
 from pipeline.data import SKIP_REASONS, SourceConfig, build_loader
-from pipeline.training.config import StageConfig, TrainConfig
+from pipeline.training.config import ConfigError, StageConfig, TrainConfig
 from pipeline.training.dist import DistContext, all_sum
+
+FIRST_BATCHES_CHECKED = 8
+"""Batches per rank looked at before the first optimizer step (at most the rest of the epoch)."""
+
+ADVICE = {
+    "bad_features": "the shards' image_features do not fit this model (query tokens / width, or pixel shards read "
+    "as features): train on pixel shards with model.vpg_path set, or re-encode with `python -m shards.encode` and "
+    "this model's VPG",
+    "missing_image": "the task needs an image the shards do not carry: check stages[{i}].task and data.image_input",
+    "undecodable_image": "the images cannot be decoded: check the shards and data.image_input",
+    "unsupported_image": "the image members have a format PIL cannot read: re-encode them as jpg/png/webp",
+    "too_long": "every sample is longer than data.max_length: raise data.max_length",
+    "missing_field": "the samples lack the fields stages[{i}].task={task} needs: set stages[{i}].task to the shards' "
+    "task (auto detects it per sample)",
+    "bad_conversation": "the samples are not conversations: set stages[{i}].task to the shards' task (auto detects it)",
+    "bad_task": "set stages[{i}].task to the shards' task (auto detects it per sample)",
+    "bad_choices": "the multiple-choice fields are malformed: check the builder that wrote the shards",
+    "empty_answer": "the answers are empty: check the builder that wrote the shards",
+}
+
+
+class NoUsableDataError(ConfigError):
+    """A stage whose first batches hold no usable sample on any rank (raised on every rank, before any step)."""
 
 
 class StageData:
@@ -44,19 +72,52 @@ class StageData:
         self.batch_size = micro_batch_size
         self.world_size = ctx.world_size
         self.samples_per_epoch = self.loader.samples_per_epoch
+        self._pending = 0
 
     def batches(self) -> Iterator[dict[str, Any]]:
         """Endless: the loader advances its epoch itself at the end of each pass."""
         while True:
             yield from self.loader
 
+    def checked_batches(self, device: torch.device, idx: int, s: StageConfig) -> Iterator[Any]:
+        """batches(), once the first few have shown a usable sample on some rank (collective: all ranks call it).
+
+        The batches looked at are held back and trained on first; until then the position reported for a
+        checkpoint excludes them (they stay within the current epoch, so the arithmetic is a subtraction)."""
+        it = self.batches()
+        n = max(1, min(FIRST_BATCHES_CHECKED, len(self.loader) - self.loader.batch))
+        head = [next(it) for _ in range(n)]
+        self._pending = len(head)
+        usable = all_sum([sum(b.samples for b in head)], device)[0]
+        skipped = self.skip_counters(device)  # collective: every rank reaches it whatever `usable` is
+        if usable == 0:
+            raise NoUsableDataError(self._nothing_usable(idx, s, n, skipped))
+        while head:
+            self._pending = len(head) - 1
+            yield head.pop(0)
+        yield from it
+
+    def _nothing_usable(self, idx: int, s: StageConfig, n: int, skipped: dict[str, int]) -> str:
+        reasons = {k.removeprefix("skipped/"): v for k, v in skipped.items() if k.startswith("skipped/")}
+        reasons.pop("empty_batch", None)  # the consequence, not a cause
+        top = sorted(reasons, key=reasons.get, reverse=True)
+        advice = [ADVICE[r].format(i=idx, task=s.task) for r in top if r in ADVICE][:2]
+        return (
+            f"stages[{idx}] (stage {s.stage}, task {s.task}): no usable sample in the first {n} batch(es) of any "
+            f"of the {self.world_size} rank(s) from {s.train_shards}; skipped by reason: "
+            f"{', '.join(f'{r} {reasons[r]}' for r in top) or 'none counted'}. Nothing was trained"
+            + (f". Fix: {'; '.join(advice)}" if advice else "")
+        )
+
     # ---- position ---------------------------------------------------------------------------------------------
     def state_dict_rank(self) -> dict[str, Any]:
-        return self.loader.state_dict()
+        st = self.loader.state_dict()
+        st["batch"] -= self._pending  # batches checked by checked_batches but not trained on yet
+        return st
 
     def state_dict_global(self) -> dict[str, Any]:
         """Rank-independent position (every rank is at the same (epoch, batch): equal batches per rank)."""
-        st = self.loader.state_dict()
+        st = self.state_dict_rank()
         return {
             "epoch": st["epoch"],
             "batch": st["batch"],

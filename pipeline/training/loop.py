@@ -366,7 +366,7 @@ def run_stage(
     window = MetricsWindow()
     st.engine.train()
     t_stage = time.time() - state.wall_seconds
-    batches = st.data.batches()
+    batches = st.data.checked_batches(ctx.device, idx, st.s)  # no optimizer step on a stage with no usable sample
     while state.global_step < st.total_steps:
         stats = train_step(st, batches, ctx, guard)
         state.global_step += 1
