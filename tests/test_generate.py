@@ -134,7 +134,11 @@ def test_sampling_reproducible_and_top_p(trained):
     greedy = generate_ids(trained, prompts, GenerationConfig(max_new_tokens=5, stop_at_eos=False))
     tiny_p = GenerationConfig(max_new_tokens=5, temperature=1.0, top_p=1e-6, seed=3, stop_at_eos=False)
     assert generate_ids(trained, prompts, tiny_p) == greedy  # the nucleus holds only the top token
-    assert isinstance(generate(trained, prompts[:1], cfg)[0], str)
+    # generate's text, batched 2 + 1, in input order: the decoded ids of uncached step-by-step argmax decoding
+    reference = generate_ids(trained, prompts, GenerationConfig(max_new_tokens=5, stop_at_eos=False, use_cache=False))
+    assert reference == greedy and all(reference)
+    texts = generate(trained, prompts, GenerationConfig(max_new_tokens=5, stop_at_eos=False), batch_size=2)
+    assert texts == [trained.tokenizer.decode(ids, skip_special_tokens=True) for ids in reference]
 
 
 def test_select_next_top_p_keeps_the_nucleus():
