@@ -70,15 +70,6 @@ def unsupported_image_ext(record: dict[str, Any]) -> str | None:
     return next(iter(_indexed(record, UNSUPPORTED_IMAGE_EXTS)), None)
 
 
-def image_ext(record: dict[str, Any]) -> str | None:
-    """The first image member (single-image callers)."""
-    return next(iter(image_exts(record)), None)
-
-
-def feature_ext(record: dict[str, Any]) -> str | None:
-    return next(iter(feature_exts(record)), None)
-
-
 JPEG_TURBO = simplejpeg is not None  # decode_image's default: simplejpeg for JPEG (the bench switches it off)
 _TURBO_COLORSPACES = ("YCbCr", "Gray", "RGB")  # CMYK / YCCK: Pillow's own conversion, whatever simplejpeg would do
 _SOI = b"\xff\xd8\xff"

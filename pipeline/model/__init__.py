@@ -14,12 +14,9 @@ from pipeline.model.pill import PILL, is_trainable, load_pill
 from pipeline.model.seq import causal_lm_loss
 from pipeline.model.vpg import VPG
 
-PILLOutput = MethodOutput
-
 __all__ = [
     "PILLConfig",
     "PILL",
-    "PILLOutput",
     "VPG",
     "IMAGE_MEAN",
     "IMAGE_STD",

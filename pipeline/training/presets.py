@@ -32,10 +32,6 @@ def resolve_preset(name_or_path: str, folder: str, suffix: str) -> str:
     return name_or_path  # the loader reports it as missing, naming the flag
 
 
-def shipped_names(folder: str) -> list[str]:
-    return sorted(p.name for p in (resources.files("pipeline") / folder).iterdir() if p.is_file())
-
-
 def run_prepare_steps(steps: list[PrepareStep], is_main: bool) -> None:
     """Run each step once (rank 0; skipped when its directory holds the stamp of the same command); all wait."""
     if is_main:
