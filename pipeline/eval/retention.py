@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pipeline.data.eval import chat_prompt
 from pipeline.data.prompt_cut import Prompt
 from pipeline.generate import GenerationConfig, generate_ids, model_device_dtype, stop_ids
+from pipeline.model.batch import Batch
 
 PROMPTS_FILE = "text_prompts.jsonl"
 
@@ -48,39 +50,92 @@ def load_text_prompts(path: str | Path | None = None, limit: int | None = None) 
     return prompts[:limit] if limit else prompts
 
 
-def _left_padded(prompts: list[Prompt], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(p.input_ids) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p.input_ids) :] = torch.as_tensor(p.input_ids)
-        attn[b, T - len(p.input_ids) :] = 1
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.as_tensor(r)
+        attn[b, T - len(r) :] = 1
     return ids.to(device), attn.to(device)
 
 
+@dataclass
+class Sampling:
+    """How `llm_answers` decodes: temperature 0 = greedy (transformers' generate with do_sample=False)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    """Seeds torch once before the first batch: a sampled run is reproducible for the same prompts and batch size."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature == 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None}
+
+
 @torch.no_grad()
-def frozen_answers(model, prompts: list[Prompt], max_new_tokens: int, batch_size: int) -> FrozenAnswers:
-    """Greedy answers of the frozen LLM (transformers' generate on `model.llm`, left-padded batches)."""
-    device, _ = model_device_dtype(model)
-    tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    eos = sorted(stop_ids(model))
-    answers, stops = [], []
-    for start in range(0, len(prompts), batch_size):
-        ids, attn = _left_padded(prompts[start : start + batch_size], pad_id, device)
-        out = model.llm.generate(
+def llm_answers(
+    llm,
+    prompt_ids: list[list[int]],
+    *,
+    pad_id: int,
+    eos: set[int],
+    sampling: Sampling,
+    batch_size: int,
+    progress: bool = False,
+) -> FrozenAnswers:
+    """Answers of a plain transformers causal LM (the frozen LLM, no method around it) to tokenised prompts, in
+    input order: transformers' generate with its KV cache on left-padded batches. Prompts are batched by length
+    (less padding); with greedy decoding the batch a prompt lands in does not change its answer."""
+    device = llm.get_input_embeddings().weight.device
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    answers: list[list[int]] = [[] for _ in prompt_ids]
+    stops: list[int | None] = [None] * len(prompt_ids)
+    if sampling.temperature > 0:
+        torch.manual_seed(sampling.seed)
+    bar = tqdm(total=len(order), desc="generate", unit="prompt", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, attn = _left_padded([prompt_ids[i] for i in rows], pad_id, device)
+        out = llm.generate(
             input_ids=ids,
             attention_mask=attn,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=sorted(eos),
             pad_token_id=pad_id,
+            **sampling.generate_kwargs(),
         )[:, ids.shape[1] :]
-        for row in out.tolist():
-            cut = next((i for i, t in enumerate(row) if t in eos), None)
-            answers.append(row if cut is None else row[:cut])
-            stops.append(None if cut is None else row[cut])
+        for i, row in zip(rows, out.tolist()):
+            cut = next((j for j, t in enumerate(row) if t in eos), None)
+            answers[i] = row if cut is None else row[:cut]
+            stops[i] = None if cut is None else row[cut]
+        bar.update(len(rows))
+    bar.close()
     return FrozenAnswers(answers, stops)
+
+
+def frozen_answers(model, prompts: list[Prompt], max_new_tokens: int, batch_size: int) -> FrozenAnswers:
+    """Greedy answers of the frozen LLM (`model.llm`, no method code) to text-only prompts."""
+    tok = model.tokenizer
+    return llm_answers(
+        model.llm,
+        [list(p.input_ids) for p in prompts],
+        pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        eos=stop_ids(model),
+        sampling=Sampling(max_new_tokens=max_new_tokens),
+        batch_size=batch_size,
+    )
 
 
 @torch.no_grad()
@@ -104,7 +159,7 @@ def answer_kl(model, prompts: list[Prompt], ref: FrozenAnswers, batch_size: int)
             ids[b, : len(p) + len(a)] = torch.as_tensor(p + a)
             attn[b, : len(p) + len(a)] = 1
         logp_f = F.log_softmax(model.llm(input_ids=ids, attention_mask=attn).logits.float(), -1)  # (B, T, V)
-        logp_t = F.log_softmax(model(input_ids=ids, attention_mask=attn).logits.float(), -1)
+        logp_t = F.log_softmax(model.output_logits(model(Batch(input_ids=ids, attention_mask=attn))).float(), -1)
         kl = (logp_f.exp() * (logp_f - logp_t)).sum(-1)  # (B, T)
         for b, (p, a) in enumerate(rows):
             out.append(kl[b, len(p) - 1 : len(p) - 1 + len(a)].clamp(min=0).tolist())
