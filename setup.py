@@ -51,7 +51,8 @@ setup(
     version="0.2.0",
     description="Scalable DeepSpeed training of PILL (adapter experts + attention gates) on a frozen Llama LLM",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipeline", "pipeline.*", "shards", "shards.*"]) + ["pill_kernels"],
+    packages=find_packages(include=["pipeline", "pipeline.*", "shards", "shards.*"])
+    + ["pill_kernels", "pill_kernels.attention"],
     package_dir={"pill_kernels": "kernels"},
     package_data={"pipeline": ["configs/*.yaml", "ds_configs/*.json", "eval/*.jsonl"], "shards": ["data/*.jsonl"]},
     install_requires=REQUIRES,

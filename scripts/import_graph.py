@@ -41,6 +41,8 @@ FLOORS: list[tuple[str, ...]] = [
     # shards.replay answers prompts with the frozen LLM through the evaluation's generation helper
     ("pipeline.eval", "pipeline.report", "shards.replay"),
     ("pipeline.training", "pipeline.bench", "pipeline.params"),
+    # the server answers with pipeline.generate's batched decoding
+    ("pipeline.serve",),
     ("pipeline.train", "pipeline"),
 ]
 
