@@ -6,17 +6,27 @@ Layout under <stage dir>/checkpoints/:
         mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed's files (ZeRO partitions per rank)
         consolidated.pt         full fp32 trainables + Adam moments + step + scheduler, by parameter name
         rank00000.pt ...        per-rank RNG states and data position
-        meta.json               step, world size, ZeRO stage; written last, so its presence means complete
+        meta.json               step, world size, ZeRO stage, and the size + sha256 of every file above;
+                                written last, so its presence means the save finished
 
 Atomicity: every rank writes into `step_N.partial/`; after a barrier global rank 0 writes meta.json, renames the
 directory to `step_N/` and only then replaces `latest` (write tmp + os.replace). A crash at any point leaves
 `latest` on the previous complete checkpoint; stale `.partial` dirs are removed on the next save.
 Only global rank 0 touches shared files (not each node's local rank 0: the output dir is on a shared filesystem).
+
+Fallback: a checkpoint is complete when its meta.json exists and every file it lists has its size and checksum
+(a disk that filled up, a copy that was cut short, a bit flip). Resuming `auto` takes the newest complete one;
+a damaged or missing newest checkpoint (or a `latest` that points nowhere) is reported by file name and skipped.
+Pruning counts complete checkpoints only and never removes the newest complete one, so a damaged newer save can
+never cost the last good state. With checkpoints present but none complete, the run stops (exit 2) instead of
+starting over on top of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -38,6 +48,7 @@ from pipeline.training.config import ConfigError
 from pipeline.training.dist import all_agree_any
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+log = logging.getLogger(__name__)
 
 
 def _barrier() -> None:
@@ -174,6 +185,56 @@ def restore_consolidated(engine, named_trainables: list[tuple[str, torch.nn.Para
                         inner.state[p][key].copy_(m.to(p.device))
 
 
+# ---- completeness ------------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_manifest(ckpt: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every file of a checkpoint directory (meta.json excluded)."""
+    files = sorted(f for f in ckpt.rglob("*") if f.is_file() and f.name != "meta.json")
+    return {str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+
+
+def checkpoint_problems(ckpt: Path, checksums: bool = True) -> list[str]:
+    """Why `ckpt` cannot be resumed from, each naming the file; [] when it is complete. Checkpoints written before
+    manifests existed are judged by their meta.json alone."""
+    meta_path = ckpt / "meta.json"
+    if not ckpt.is_dir():
+        return [f"{ckpt}: missing"]
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        return [f"{meta_path}: missing (the save did not finish)"]
+    except (OSError, ValueError) as e:
+        return [f"{meta_path}: unreadable ({e})"]
+    problems = []
+    for name, want in meta.get("files", {}).items():
+        f = ckpt / name
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != want["size"]:
+            problems.append(f"{f}: {f.stat().st_size} bytes, {want['size']} written (truncated or replaced)")
+        elif checksums and _sha256(f) != want["sha256"]:
+            problems.append(f"{f}: checksum differs from the one written at save (corrupted)")
+    return problems
+
+
+def _agreed(value: Any) -> Any:
+    """Rank 0's value on every rank (the checkpoint choice must be the same everywhere)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ---- the manager ---------------------------------------------------------------------------------------------------
 
 
@@ -182,19 +243,35 @@ class CheckpointManager:
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint (the `latest` pointer, verified by its meta.json)."""
+    def steps(self) -> list[Path]:
+        """Checkpoint directories, oldest first (finished saves; `.partial` ones are not)."""
+        return sorted(p for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
+
+    def latest(self, checksums: bool = False) -> Path | None:
+        """The newest complete checkpoint: the `latest` pointer's if it verifies, else the newest that does (each
+        one passed over is logged with the files that are wrong). None when there is no checkpoint at all; a
+        ConfigError when there are some but none is complete."""
         ptr = self.dir / "latest"
-        if not ptr.is_file():
-            return None
-        tag = ptr.read_text().strip()
-        path = self.dir / tag
-        if not (path / "meta.json").is_file():
-            raise RuntimeError(
-                f"{ptr} points to {tag!r}, which is incomplete or missing; remove {ptr} to start "
-                "over or point it at a complete checkpoint directory (one holding meta.json)"
+        candidates = list(reversed(self.steps()))
+        if ptr.is_file():
+            named = self.dir / ptr.read_text().strip()
+            candidates = [named] + [c for c in candidates if c != named]
+        skipped: list[str] = []
+        for c in candidates:
+            problems = checkpoint_problems(c, checksums)
+            if not problems:
+                if skipped:
+                    log.warning("checkpoint: resuming from %s instead of a newer one: %s", c, "; ".join(skipped))
+                    print(f"checkpoint: passed over {'; '.join(skipped)}; using {c}", flush=True)
+                return c
+            skipped += problems
+        if skipped:
+            raise ConfigError(
+                f"{self.dir} holds checkpoints but none is complete ({'; '.join(skipped)}); nothing was deleted. "
+                "Resume from a copy of a complete checkpoint (--resume PATH), or start over with --resume never and "
+                "a new --output-dir"
             )
-        return path
+        return None
 
     def save(
         self, engine, named_trainables, step: int, client_state: dict[str, Any], per_rank_state: dict[str, Any]
@@ -229,6 +306,7 @@ class CheckpointManager:
                 "zero_stage": engine.zero_optimization_stage(),
                 "time": time.time(),
                 "save_seconds": round(time.time() - t0, 3),
+                "files": file_manifest(tmp),  # what "complete" means when this checkpoint is resumed
             }
             _fsync_write(tmp / "meta.json", json.dumps(meta, indent=2))
             os.replace(tmp, self.dir / tag)
@@ -248,20 +326,29 @@ class CheckpointManager:
                 )
             return None
         if policy == "auto":
-            path = self.latest()
+            path = _agreed(self.latest(checksums=True) if _rank() == 0 else None)
         else:
             path = Path(policy)
-            if not (path / "meta.json").is_file():
-                raise ConfigError(f"--resume {policy}: not a complete checkpoint directory (no meta.json)")
+            problems = _agreed(checkpoint_problems(path) if _rank() == 0 else None)
+            if problems:
+                raise ConfigError(f"--resume {policy}: not a complete checkpoint: {'; '.join(problems)}")
         if path is None:
             return None
         client, per_rank, how = self.load(engine, named_trainables, path)
         return client, per_rank, f"{path} ({how})"
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
-        for old in done[: max(0, len(done) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Keep the newest `keep_last` complete checkpoints (sizes checked: cheap); a damaged one is not counted
+        and is removed only once a newer complete one exists."""
+        done = self.steps()
+        complete = [p for p in done if not checkpoint_problems(p, checksums=False)]
+        if not complete:
+            return
+        keep = set(complete[-max(1, self.keep_last) :])
+        newest = complete[-1]
+        for old in done:
+            if old not in keep and old.name < newest.name:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load(self, engine, named_trainables, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
         """Restore into `engine`. Returns (client_state, this rank's per-rank state or None, how)."""
@@ -270,7 +357,12 @@ class CheckpointManager:
         same_layout = meta["world_size"] == world and meta["zero_stage"] == engine.zero_optimization_stage()
         if same_layout:
             # exclude_frozen_parameters left the frozen weights out, hence load_module_strict=False.
-            load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+            try:
+                load_path, client_state = engine.load_checkpoint(
+                    str(path.parent), tag=path.name, load_module_strict=False
+                )
+            except (OSError, RuntimeError, EOFError) as e:  # torch.load of a damaged file names none
+                raise RuntimeError(f"checkpoint {path}: loading failed ({type(e).__name__}: {e})") from e
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {path}")
             per_rank = torch.load(path / f"rank{rank:05d}.pt", weights_only=False)
