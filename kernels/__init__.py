@@ -1,4 +1,9 @@
-"""Triton kernels for PILL, each with a PyTorch reference and an autograd.Function.
+"""Triton kernels for PILL, each a ``torch.library`` custom op (fake implementation and autograd registered, so
+``torch.compile(fullgraph=True)`` captures it as one graph node) with a public function and a PyTorch reference:
+
+- ``gated_attention`` / ``gated_attention_ref`` (the ``attention`` package, split by phase);
+- ``routed_swiglu_adapter`` / ``routed_swiglu_adapter_ref`` (``routed_adapter.py``), with ``build_route_schedule``;
+- ``weight_cache``: the compute-dtype / stacked weight copies made once per optimizer step.
 
 Backend switch (per call): Triton when the tensors are on CUDA, or when TRITON_INTERPRET=1 was set before import
 (CPU interpreter, slow, for tests); otherwise the PyTorch reference.
@@ -10,9 +15,8 @@ importing it; there is deliberately no `__version__` here for the case where no 
 """
 
 from . import ops  # noqa: F401,E402  (registers the torch.library custom ops)
-from .gated_attention import GatedAttentionFunction, gated_attention, gated_attention_ref
+from .attention import gated_attention, gated_attention_ref
 from .routed_adapter import (
-    RoutedSwiGLUAdapterFunction,
     RouteSchedule,
     build_route_schedule,
     routed_swiglu_adapter,
@@ -21,9 +25,7 @@ from .routed_adapter import (
 )
 
 __all__ = [
-    "GatedAttentionFunction",
     "RouteSchedule",
-    "RoutedSwiGLUAdapterFunction",
     "build_route_schedule",
     "gated_attention",
     "gated_attention_ref",

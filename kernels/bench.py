@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import subprocess
@@ -37,10 +36,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench, do_bench_cudagraph
 
 from . import compile_report as cr
-from .gated_attention import gated_attention, gated_attention_ref
+from .attention import gated_attention, gated_attention_ref, tiles
 from .routed_adapter import routed_swiglu_adapter, routed_swiglu_adapter_eager, routed_swiglu_adapter_ref
 
-_GA = importlib.import_module(".gated_attention", __package__)  # the package attribute of that name is the function
 SMOKE_OK = "SMOKE OK"
 NO_CUDA = "No CUDA device: GPU benchmark skipped; running the Triton-interpreter smoke check instead"
 
@@ -155,14 +153,14 @@ def _adapter_providers() -> dict:
 # ---------------------------------------------------------------------------------------------------------- timing
 @contextlib.contextmanager
 def _switched(name: str, value: bool):
-    """One of gated_attention's path switches (USE_TMA, FWD_OVERLAP) for a whole measurement (forward and
-    backward launches alike), so the first GPU hour sees which path wins."""
-    old = getattr(_GA, name)
-    setattr(_GA, name, value)
+    """One of gated_attention's path switches (attention/tiles.py: USE_TMA, FWD_OVERLAP) for a whole measurement
+    (forward and backward launches alike), so the first GPU hour sees which path wins."""
+    old = getattr(tiles, name)
+    setattr(tiles, name, value)
     try:
         yield
     finally:
-        setattr(_GA, name, old)
+        setattr(tiles, name, old)
 
 
 _PROVIDER_CONTEXT = {

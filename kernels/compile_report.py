@@ -31,7 +31,6 @@ side.
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import subprocess
@@ -44,6 +43,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import routed_adapter
+from .attention import decode as attention_decode
+from .attention import plan_launches as attention_plan
 from .launch import Launch, capture
 
 H100_SMS = 132
@@ -333,15 +335,13 @@ def attention_case_name(head_dim: int, causal: bool, gated: bool, h_q: int, h_kv
 def attention_launches(
     head_dim: int, causal: bool, gated: bool, h_q: int, h_kv: int, dtype=torch.bfloat16
 ) -> list[Launch]:
-    ga = importlib.import_module(f"{__package__}.gated_attention")  # the package attribute is the function
-
     bsz, t = ATTN_SHAPE
     meta = torch.device("meta")
     q = torch.empty(bsz * t, h_q, head_dim, device=meta, dtype=dtype)
     k = torch.empty(bsz * t, h_kv, head_dim, device=meta, dtype=dtype)
     with capture() as recs:
         g = torch.empty(h_q, bsz * t, device=meta, dtype=torch.float32) if gated else None
-        ga.plan_launches(q, k, k, g, bsz, t, causal)
+        attention_plan(q, k, k, g, bsz, t, causal)
     return recs
 
 
@@ -350,7 +350,6 @@ DECODE_SHAPE = (8, 4096)  # batch x cached keys, one new token per sequence
 
 def decode_launches(head_dim: int, h_q: int = 32, h_kv: int = 8, dtype=torch.bfloat16) -> list[Launch]:
     """Split-KV decode step: one query per sequence against DECODE_SHAPE keys, gated, GQA."""
-    ga = importlib.import_module(f"{__package__}.gated_attention")
     bsz, t_k = DECODE_SHAPE
     meta = torch.device("meta")
     q = torch.empty(bsz, h_q, head_dim, device=meta, dtype=dtype)
@@ -359,18 +358,18 @@ def decode_launches(head_dim: int, h_q: int = 32, h_kv: int = 8, dtype=torch.bfl
     cu_q = torch.arange(0, bsz + 1, device=meta, dtype=torch.int32)
     cu_k = torch.arange(0, (bsz + 1) * t_k, t_k, device=meta, dtype=torch.int32)
     with capture() as recs:
-        ga._decode(q, k, k, g, cu_q, cu_k, None, 1, t_k, True, head_dim**-0.5)
+        attention_decode._decode(q, k, k, g, cu_q, cu_k, None, 1, t_k, True, head_dim**-0.5)
     return recs
 
 
 def adapter_launches(n: int, dtype=torch.bfloat16) -> dict[str, tuple[list[Launch], int]]:
     """direction ("fwd" / "bwd") -> (its launches, the bytes its torch-side weight copies move per call)."""
-    ra = importlib.import_module(f"{__package__}.routed_adapter")
-
     d, r, experts = ADAPTER_SHAPE
     meta = torch.device("meta")
     x = torch.empty(n, d, device=meta, dtype=dtype)
-    return ra.plan_launches(x, torch.empty(experts, r, d, device=meta), torch.empty(experts, d, r, device=meta))
+    return routed_adapter.plan_launches(
+        x, torch.empty(experts, r, d, device=meta), torch.empty(experts, d, r, device=meta)
+    )
 
 
 def adapter_case_name(n: int, direction: str) -> str:

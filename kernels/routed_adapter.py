@@ -18,7 +18,7 @@ Design choices
   all of d before any dx or dW tile can start), x once; the compile report sets this against the minimum.
 - Compute dtype: the fp32 master weights are cast to the activation dtype ([D1; D2] and U^T, what
   ``torch.autocast`` does to F.linear) once per optimizer step for the same weights (``_weights``: keyed on
-  the memory they view, their data_ptr and version counter, emptied by an optimizer step hook); the forward and
+  the memory they view, their data_ptr and version counter, in the per-step ``weight_cache``); the forward and
   the backward of a call, and every later call on the same weights or views of them, share the copy.
   Accumulation, SiLU, the product and the residual add are fp32, y is written in x's dtype. fp32 activations
   use IEEE fp32 dots. Under the Triton interpreter everything runs in fp32 (its bf16 ``tl.dot`` is wrong).
@@ -40,15 +40,14 @@ Caveats
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import weight_cache
 from .launch import capture, launch, on_gpu
 
 H100_SMS = 132  # SM count the launchers plan for when they only plan (meta tensors, compile report)
@@ -85,24 +84,12 @@ def _block_tokens(PERM, OFFS, pid, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.conste
 
 @triton.jit
 def _routed_adapter_fwd_kernel(
-    X,
-    Y,
-    W,
-    WUT,
-    H,
-    PERM,
-    OFFS,
-    stride_x,
-    stride_y,
-    D,
-    R,
-    NUM_EXPERTS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    COMPUTE_F32: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
+    X, Y, W, WUT, H, PERM, OFFS,
+    stride_x, stride_y,
+    D, R,
+    NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
     """The whole forward of one token block in one program: hg | hd = x [D1; D2]_e^T over all of d (written
     (N, 2r) fp32 for the backward), a = SiLU(hg) * hd in registers, then y = x + a U_e^T d-tile by d-tile. The
     second pass re-reads the block's own rows right after the first: BLOCK_M is small enough (16 rows x d) that
@@ -152,23 +139,11 @@ def _routed_adapter_fwd_kernel(
 
 @triton.jit
 def _routed_adapter_bwd_dh_kernel(
-    DY,
-    WUT,
-    H,
-    A,
-    DH,
-    PERM,
-    OFFS,
-    stride_dy,
-    D,
-    R,
-    NUM_EXPERTS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    COMPUTE_F32: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
+    DY, WUT, H, A, DH, PERM, OFFS,
+    stride_dy, D, R,
+    NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    COMPUTE_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
     """First backward pass, one token block per program: dA = dy U_e over all of d (no partials), then what the
     second pass needs in the activation dtype: a = SiLU(hg) hd (N, r) and dhg | dhd (N, 2r)."""
     pid = tl.program_id(0)
@@ -203,29 +178,12 @@ def _routed_adapter_bwd_dh_kernel(
 
 @triton.jit
 def _routed_adapter_bwd_dw_kernel(
-    X,
-    DY,
-    DX,
-    W,
-    A,
-    DH,
-    DWG,
-    DWD,
-    DWU,
-    PERM,
-    OFFS,
-    stride_x,
-    stride_dy,
-    stride_dx,
-    D,
-    R,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    SPLIT: tl.constexpr,
-    COMPUTE_F32: tl.constexpr,
+    X, DY, DX, W, A, DH, DWG, DWD, DWU, PERM, OFFS,
+    stride_x, stride_dy, stride_dx,
+    D, R,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, COMPUTE_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
-):
+):  # fmt: skip
     """Second backward pass, per (d-tile, expert, token split): over that expert's tokens only, the weight
     gradients as (BLOCK_D, r) tiles (d is the wgmma row dimension): dU = dy^T a, dD1^T = x^T dhg, dD2^T = x^T dhd,
     and dx = dy + dhg D1_e + dhd D2_e on the same tiles of dy: x and dy are read once here."""
@@ -371,35 +329,20 @@ def _cast(w_gate, w_down, w_up, dtype):
     return w_cat, w_ut
 
 
-# (for each of w_gate, w_down, w_up: id of its storage, offset, shape, strides, dtype; the compute dtype) -> (weak
-# refs to the storages, (data_ptr, version) of each weight, (w_cat, w_ut)). Keyed on the memory the weights view,
-# not on the tensor objects: pipeline/model/adapters.py passes each call a fresh view of its per-step stacked
-# weights (an autograd node per call), and activation checkpointing hands the backward a detached alias; all of
-# them read the same storage and share its version counter, so they share one copy. A storage's Python object
-# lives as long as the storage, so its id is not reused while the weak ref holds. Emptied after every optimizer
-# step (a step changes the weights; DeepSpeed may write them through .data, which does not bump the version);
-# an entry goes when a storage is freed.
-_WEIGHT_CACHE: dict = {}
-register_optimizer_step_post_hook(lambda *_a, **_k: _WEIGHT_CACHE.clear())
-
-
 def _weights(w_gate, w_down, w_up, dtype):
     """The compute-dtype copies of the weights, cast once per optimizer step for the same weights (the forward,
-    the backward, and every further call on views of the same memory within the step share one copy)."""
+    the backward, and every further call on views of the same memory within the step share one copy).
+
+    Keyed on the memory the weights view (each storage's id, offset, shape, strides, dtype; the compute dtype),
+    not on the tensor objects: pipeline/model/adapters.py passes each call a fresh view of its per-step stacked
+    weights (an autograd node per call), and activation checkpointing hands the backward a detached alias; all of
+    them read the same storage and share its version counter, so they share one copy (weight_cache.py)."""
     ws = (w_gate, w_down, w_up)
     if w_gate.device.type == "meta" or torch.is_inference_mode_enabled():
         return _cast(*ws, dtype)
     stores = tuple(w.untyped_storage() for w in ws)
     key = (*((id(st), w.storage_offset(), w.shape, w.stride(), w.dtype) for st, w in zip(stores, ws)), dtype)
-    stamp = tuple((w.data_ptr(), w._version) for w in ws)
-    hit = _WEIGHT_CACHE.get(key)
-    if hit is not None and hit[1] == stamp and all(ref() is st for ref, st in zip(hit[0], stores, strict=True)):
-        return hit[2]
-    with torch.no_grad():
-        out = _cast(*ws, dtype)
-    refs = tuple(weakref.ref(st, lambda _r, key=key: _WEIGHT_CACHE.pop(key, None)) for st in stores)
-    _WEIGHT_CACHE[key] = (refs, stamp, out)
-    return out
+    return weight_cache.per_step("cast", key, stores, ws, lambda: _cast(*ws, dtype))
 
 
 def _forward(x2, sched, w_cat, w_ut):
@@ -411,24 +354,15 @@ def _forward(x2, sched, w_cat, w_ut):
     h = torch.empty((n, 2 * r), device=x2.device, dtype=torch.float32)
     if n > 0:
         n_blocks = triton.cdiv(n, cfg["BLOCK_M"]) + num_experts  # upper bound on per-expert blocks
+        # fmt: off
         launch(
-            _routed_adapter_fwd_kernel,
-            (n_blocks,),
-            x2,
-            y,
-            w_cat,
-            w_ut,
-            h,
-            sched.perm,
-            sched.offs,
-            x2.stride(0),
-            y.stride(0),
-            d,
-            r,
-            NUM_EXPERTS=num_experts,
-            **cfg,
-            **_flags(x2),
+            _routed_adapter_fwd_kernel, (n_blocks,),
+            x2, y, w_cat, w_ut, h, sched.perm, sched.offs,
+            x2.stride(0), y.stride(0),
+            d, r,
+            NUM_EXPERTS=num_experts, **cfg, **_flags(x2),
         )
+        # fmt: on
     return y, h
 
 
@@ -448,49 +382,27 @@ def _backward(dy2, x2, sched, w_cat, w_ut, h):
         a = torch.empty((n, r), device=x2.device, dtype=act_dtype)
         dh = torch.empty((n, 2 * r), device=x2.device, dtype=act_dtype)
         n_blocks = triton.cdiv(n, cfg["BLOCK_M"]) + num_experts  # upper bound on per-expert blocks
+        # fmt: off
         launch(
-            _routed_adapter_bwd_dh_kernel,
-            (n_blocks,),
-            dy2,
-            w_ut,
-            h,
-            a,
-            dh,
-            sched.perm,
-            sched.offs,
+            _routed_adapter_bwd_dh_kernel, (n_blocks,),
+            dy2, w_ut, h, a, dh, sched.perm, sched.offs,
             dy2.stride(0),
-            d,
-            r,
-            NUM_EXPERTS=num_experts,
-            **cfg,
-            **flags,
+            d, r,
+            NUM_EXPERTS=num_experts, **cfg, **flags,
         )
+        # fmt: on
         cfg = _dw_config(d, r, x2.device, x2.dtype)
         n_dtiles = triton.cdiv(d, cfg["BLOCK_D"])
         split = _dw_split(n, num_experts, n_dtiles, cfg["BLOCK_M"], x2.device)
+        # fmt: off
         launch(
-            _routed_adapter_bwd_dw_kernel,
-            (n_dtiles, num_experts, split),
-            x2,
-            dy2,
-            dx,
-            w_cat,
-            a,
-            dh,
-            dwg,
-            dwd,
-            dwu,
-            sched.perm,
-            sched.offs,
-            x2.stride(0),
-            dy2.stride(0),
-            dx.stride(0),
-            d,
-            r,
-            SPLIT=split,
-            **cfg,
-            **flags,
+            _routed_adapter_bwd_dw_kernel, (n_dtiles, num_experts, split),
+            x2, dy2, dx, w_cat, a, dh, dwg, dwd, dwu, sched.perm, sched.offs,
+            x2.stride(0), dy2.stride(0), dx.stride(0),
+            d, r,
+            SPLIT=split, **cfg, **flags,
         )
+        # fmt: on
     return dx, dwg, dwd, dwu
 
 
@@ -517,16 +429,6 @@ def plan_launches(x2: torch.Tensor, w_rd: torch.Tensor, w_dr: torch.Tensor) -> d
     with capture() as bwd:
         _backward(y, x2, sched, w_cat, w_ut, h)
     return {"fwd": (fwd, copies), "bwd": (bwd, 0)}
-
-
-class RoutedSwiGLUAdapterFunction:
-    """Not a second autograd path: ``apply`` is ``routed_swiglu_adapter`` on the Triton path, the custom op
-    (``<ns>::routed_swiglu_adapter_fwd`` with its registered backward) that training runs. Kept for the package's
-    export; call ``routed_swiglu_adapter``."""
-
-    @staticmethod
-    def apply(x, route, w_gate, w_down, w_up):
-        return _triton_adapter(x, route, w_gate, w_down, w_up)
 
 
 def _as_schedule(route, num_experts: int, device: torch.device) -> RouteSchedule:

@@ -19,6 +19,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"pipeline": "pipeline", "shards": "shards", "pill_kernels": "kernels"}
 FLOORS: list[tuple[str, ...]] = [
+    # the kernels, bottom up: the launch recorder and the per-step weight cache; the attention package's shared
+    # helpers and tile tables; its phases and reference; its custom ops; the ops' public names
+    ("pill_kernels.launch", "pill_kernels.weight_cache"),
+    ("pill_kernels.attention.common", "pill_kernels.attention.tiles"),
+    (
+        "pill_kernels.attention.forward",
+        "pill_kernels.attention.decode",
+        "pill_kernels.attention.backward",
+        "pill_kernels.attention.reference",
+    ),
+    ("pill_kernels.attention.op",),
+    ("pill_kernels.attention", "pill_kernels.routed_adapter"),
+    ("pill_kernels.ops",),
     ("pipeline.constants", "pill_kernels"),
     # the model package, bottom up: frozen-part building blocks, the shared skeleton, the loaders, the methods,
     # the method table, the package's public names

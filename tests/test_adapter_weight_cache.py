@@ -1,7 +1,8 @@
 """The experts' stacked weights and their compute-dtype copy: made once per optimizer step per layer, not per call.
 
 pipeline/model/adapters.py keeps the experts as separate Linear modules and stacks their weights for the fused
-kernel (kernels/routed_adapter.py). Every forward of a step (gradient-accumulation micro-batches, checkpoint
+kernel (kernels/routed_adapter.py), which casts the stack; both copies live in kernels/weight_cache.py, one cache
+emptied by one optimizer-step hook. Every forward of a step (gradient-accumulation micro-batches, checkpoint
 recomputation) must share one stack and one cast, the experts' fp32 gradients must stay bitwise those of stacking
 per call, and a weight change (optimizer step, a write through .data, a ZeRO-3 gather into new memory) must miss.
 CPU: the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), fp32, tiny shapes.
@@ -10,16 +11,17 @@ CPU: the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), fp32, t
 from __future__ import annotations
 
 import gc
-import importlib
+from pathlib import Path
 
 import pytest
 import torch
-from pill_kernels import routed_swiglu_adapter, routed_swiglu_adapter_ref
+from pill_kernels import routed_adapter as ra
+from pill_kernels import routed_swiglu_adapter, routed_swiglu_adapter_ref, weight_cache
+from torch.optim import optimizer
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.model import adapters as ad
 
-ra = importlib.import_module("pill_kernels.routed_adapter")
 requires_triton_path = pytest.mark.skipif(
     not (torch.cuda.is_available() or ra._INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1 before import"
 )
@@ -75,11 +77,9 @@ def counted(monkeypatch):
 
     monkeypatch.setattr(ad, "_stack", stack)
     monkeypatch.setattr(ra, "_cast", cast)
-    ad._STACKS.clear()
-    ra._WEIGHT_CACHE.clear()
+    weight_cache.clear()
     yield counts
-    ad._STACKS.clear()
-    ra._WEIGHT_CACHE.clear()
+    weight_cache.clear()
 
 
 @requires_triton_path
@@ -113,7 +113,7 @@ def test_optimizer_step_recasts_and_the_next_forward_sees_the_new_weights(counte
     ad.routed_adapter(x, route, experts, "triton")  # same step: both caches hit
     assert counted == {"stack": 1, "cast": 1}
     opt.step()
-    assert not ad._STACKS and not ra._WEIGHT_CACHE  # the step hooks empty both caches
+    assert weight_cache.entries() == 0  # the step hook empties the cache: stacks and casts
     y1 = ad.routed_adapter(x, route, experts, "triton")
     assert counted == {"stack": 2, "cast": 2}
     assert not torch.equal(y1, y0)
@@ -164,14 +164,28 @@ def test_shared_adapter_inference_mode_meta_and_freed_experts(counted):
     x, _, dy = _batch(6, n_experts=1)
     with torch.inference_mode():  # its tensors must not land in a cache that training reads later
         y_inf = ad.routed_adapter(x, None, shared, "triton")
-    assert not ad._STACKS and not ra._WEIGHT_CACHE
+    assert weight_cache.entries() == 0
     y = ad.routed_adapter(x, None, shared, "triton")
     torch.testing.assert_close(y_inf, y.detach(), atol=0, rtol=0)
     torch.testing.assert_close(y, shared[0](x), atol=1e-5, rtol=1e-5)
     with torch.device("meta"):
         meta = [ad.Adapter(D, R), ad.Adapter(D, R)]
         stacks = ad.stacked_expert_weights(meta)
-    assert [tuple(s.shape) for s in stacks] == [(2, R, D), (2, R, D), (2, D, R)] and len(ad._STACKS) == 1
+    assert [tuple(s.shape) for s in stacks] == [(2, R, D), (2, R, D), (2, D, R)] and weight_cache.entries("stack") == 1
     del shared, y
     gc.collect()
-    assert not ad._STACKS and not ra._WEIGHT_CACHE  # entries go with their weights
+    assert weight_cache.entries() == 0  # entries go with their weights
+
+
+def test_one_cache_emptied_by_one_step_hook():
+    """The model's stacks and the kernel's casts live in one cache with one process-wide optimizer-step hook (not
+    a cache and a hook each): every step hook registered from the project's code is weight_cache's."""
+    repo = Path(ad.__file__).resolve().parents[2]
+    files = {Path(h.__code__.co_filename).resolve() for h in optimizer._global_optimizer_post_hooks.values()}
+    assert {f for f in files if f.is_relative_to(repo)} == {Path(weight_cache.__file__).resolve()}
+    assert weight_cache.clear in {c for h in optimizer._global_optimizer_post_hooks.values() for c in _called(h)}
+
+
+def _called(hook) -> set:
+    """The module-level functions a hook lambda calls (its code's global names, looked up in its module)."""
+    return {hook.__globals__.get(name) for name in hook.__code__.co_names}

@@ -4,7 +4,7 @@ CPU: the Triton interpreter in fp32 on tiny shapes; GPU (skipped without CUDA): 
 weights at LLaMA-2-7B width under the flash-attn tolerance rule.
 """
 
-import importlib
+import gc
 
 import pytest
 import torch
@@ -13,9 +13,10 @@ from pill_kernels import (
     routed_swiglu_adapter,
     routed_swiglu_adapter_eager,
     routed_swiglu_adapter_ref,
+    weight_cache,
 )
+from pill_kernels import routed_adapter as ra
 
-ra = importlib.import_module("pill_kernels.routed_adapter")
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 requires_triton_path = pytest.mark.skipif(
@@ -201,7 +202,7 @@ def test_weight_copies_cached_per_step(monkeypatch):
     casts = []
     real = ra._cast
     monkeypatch.setattr(ra, "_cast", lambda *a: casts.append(1) or real(*a))
-    ra._WEIGHT_CACHE.clear()
+    weight_cache.clear()
     _, _, ws = _inputs((2, 5), 32, 16, 2, device="cpu", seed=8)
     first = ra._weights(*ws, torch.float32)
     assert ra._weights(*ws, torch.float32) is first and len(casts) == 1
@@ -214,11 +215,9 @@ def test_weight_copies_cached_per_step(monkeypatch):
     assert ra._weights(*ws, torch.float32) is not first and len(casts) == 3
     opt = torch.optim.SGD(ws, lr=0.0)
     opt.step()  # the step hook empties the cache (DeepSpeed writes through .data without a version bump)
-    assert not ra._WEIGHT_CACHE
+    assert weight_cache.entries("cast") == 0
     ra._weights(*ws, torch.float32)
-    assert len(casts) == 4 and len(ra._WEIGHT_CACHE) == 1
+    assert len(casts) == 4 and weight_cache.entries("cast") == 1
     del ws, first, opt
-    import gc
-
     gc.collect()
-    assert not ra._WEIGHT_CACHE
+    assert weight_cache.entries("cast") == 0

@@ -10,10 +10,9 @@ import importlib
 import pill_kernels
 import pytest
 import torch
-
-ga = importlib.import_module("pill_kernels.gated_attention")
-ra = importlib.import_module("pill_kernels.routed_adapter")
-ops = importlib.import_module("pill_kernels.ops")
+from pill_kernels import ops
+from pill_kernels import routed_adapter as ra
+from pill_kernels.attention import op as attn_op
 
 
 def _inputs(seed=0):
@@ -49,8 +48,8 @@ def _grads(fn, attn, x, route, ws):
 
 @pytest.mark.parametrize("path", ["interpreter", "reference"])
 def test_compile_fullgraph_matches_eager(path, monkeypatch):
-    if path == "reference" or not ga._INTERPRETED:
-        monkeypatch.setattr(ga, "_INTERPRETED", False)
+    if path == "reference" or not attn_op._INTERPRETED:
+        monkeypatch.setattr(attn_op, "_INTERPRETED", False)
         monkeypatch.setattr(ra, "_INTERPRETED", False)
     attn, x, route, ws = _inputs()
     torch._dynamo.reset()
@@ -78,7 +77,7 @@ def test_compile_calls_the_ops_as_single_nodes():
 
     torch._dynamo.reset()
     torch.compile(_block, fullgraph=True, backend=backend)(attn, x, route, ws)
-    if ga._use_triton(x):
+    if attn_op._use_triton(x):
         assert any("gated_attention_fwd" in s for s in seen), seen
         assert any("routed_swiglu_adapter_fwd" in s for s in seen), seen
 
@@ -86,12 +85,12 @@ def test_compile_calls_the_ops_as_single_nodes():
 @pytest.mark.parametrize("path", ["interpreter", "reference"])
 def test_opcheck(path, monkeypatch):
     """Schema, fake (meta) implementation and autograd registration are consistent with the real ones."""
-    if path == "reference" or not ga._INTERPRETED:
-        monkeypatch.setattr(ga, "_INTERPRETED", False)
+    if path == "reference" or not attn_op._INTERPRETED:
+        monkeypatch.setattr(attn_op, "_INTERPRETED", False)
         monkeypatch.setattr(ra, "_INTERPRETED", False)
     (q, k, v, g), x, route, ws = _inputs(seed=1)
     torch.library.opcheck(
-        ga.gated_attention_fwd,
+        attn_op.gated_attention_fwd,
         (q, k, v, g, None, None, True, None, 0.25),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
@@ -101,7 +100,7 @@ def test_opcheck(path, monkeypatch):
     gp = torch.tanh(torch.randn(20, 9, generator=gen)).requires_grad_()
     cu = torch.tensor([0, 1, 13, 20], dtype=torch.int32)
     torch.library.opcheck(
-        ga.gated_attention_fwd,
+        attn_op.gated_attention_fwd,
         (qp, kp, vp, gp, cu, None, True, 12, 0.125),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )

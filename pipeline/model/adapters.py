@@ -11,14 +11,12 @@ can carry fp32 trainables.
 
 from __future__ import annotations
 
-import weakref
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pill_kernels import build_route_schedule, routed_swiglu_adapter
+from pill_kernels import build_route_schedule, routed_swiglu_adapter, weight_cache
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 AdapterAct = Literal["swiglu", "gelu", "none"]
 ADAPTER_BACKENDS = ("eager", "triton")
@@ -85,17 +83,12 @@ class RouteSchedules:
 
 # The fused kernel takes the experts' weights stacked (E, r, d), (E, r, d), (E, d, r); the experts stay separate
 # Linear modules (their names are the export format). Stacking, and the kernel's compute-dtype copy of the stack,
-# happen once per optimizer step per layer, not per call: every forward of a step (gradient-accumulation micro-
-# batches, activation-checkpoint recomputation) gets a fresh view of the same cached stack, whose own autograd
-# node splits the stacked gradient back to the experts, and the kernel's weight cache (keyed on the memory a view
-# reads) hits for it. Entries: (ids of the 3E weights) -> (weak refs, (data_ptr, version) of each, the stacks).
-# A version bump (in-place update) or a new data_ptr (ZeRO-3 gathers a parameter into new memory) misses; an
-# optimizer step empties the cache (DeepSpeed writes weights through .data, which bumps no version); an entry
-# goes when its weights are freed.
-_STACKS: dict = {}
-register_optimizer_step_post_hook(lambda *_a, **_k: _STACKS.clear())
-
-
+# happen once per optimizer step per layer, not per call (pill_kernels.weight_cache, one cache emptied by one
+# optimizer-step hook): every forward of a step (gradient-accumulation micro-batches, activation-checkpoint
+# recomputation) gets a fresh view of the same cached stack, whose own autograd node splits the stacked gradient
+# back to the experts, and the kernel's cast (keyed on the memory a view reads) hits for it. The stack is keyed on
+# the ids of the 3E weights and anchored on them: a version bump (in-place update) or a new data_ptr (ZeRO-3
+# gathers a parameter into new memory) misses, and the entry goes when its weights are freed.
 def _stack(weights: list[torch.Tensor], num_experts: int) -> tuple[torch.Tensor, ...]:
     """(w_gate, w_down, w_up) stacked from the experts' weights, all gates first, then downs, then ups."""
     return tuple(torch.stack(weights[i * num_experts : (i + 1) * num_experts]) for i in range(3))
@@ -103,15 +96,9 @@ def _stack(weights: list[torch.Tensor], num_experts: int) -> tuple[torch.Tensor,
 
 def _cached_stacks(weights: list[torch.Tensor], num_experts: int) -> tuple[torch.Tensor, ...]:
     key = tuple(id(w) for w in weights)
-    stamp = tuple((w.data_ptr(), w._version) for w in weights)
-    hit = _STACKS.get(key)
-    if hit is not None and hit[1] == stamp and all(ref() is w for ref, w in zip(hit[0], weights, strict=True)):
-        return hit[2]
-    with torch.no_grad():
-        stacks = _stack([w.detach() for w in weights], num_experts)
-    refs = tuple(weakref.ref(w, lambda _r, key=key: _STACKS.pop(key, None)) for w in weights)
-    _STACKS[key] = (refs, stamp, stacks)
-    return stacks
+    return weight_cache.per_step(
+        "stack", key, weights, weights, lambda: _stack([w.detach() for w in weights], num_experts)
+    )
 
 
 class _StackedExpertWeights(torch.autograd.Function):
