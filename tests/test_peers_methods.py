@@ -4,20 +4,14 @@ import pytest
 import torch
 
 from pipeline.model.attention import AttnMask
+from pipeline.model.batch import Batch
 from pipeline.model.peers.excitor import excitor_attention
-from tests.test_peers_models import clip_dir, image_batch, make, randomize  # noqa: F401  (fixture)
+from pipeline.training.loss import answer_loss
+from tests.test_peers_models import clip_dir, image_batch, logits, make, randomize  # noqa: F401  (fixture)
 
 
 def text_ids(seed=3, B=2, T=25):
     return torch.randint(5, 400, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.mark.parametrize("name", ["llama_adapter", "excitor", "iaa"])
-def test_text_only_at_init_equals_the_frozen_llm(name, tiny_dirs, clip_dir):  # noqa: F811
-    model = make(name, tiny_dirs, clip_dir).eval()
-    ids = text_ids()
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, model.llm(ids).logits, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", ["llama_adapter", "excitor"])
@@ -26,30 +20,51 @@ def test_image_at_init_equals_the_frozen_llm_without_the_placeholders(name, tiny
     positions not advanced): the text positions equal the frozen LLM on the prompt with them cut out."""
     model = make(name, tiny_dirs, clip_dir).eval()
     b = image_batch(model)
-    keep = ~b["modality_mask"][0]
+    keep = ~b.modality_mask[0]
     with torch.no_grad():
-        ours = model(**{k: v for k, v in b.items() if k != "labels"}).logits[0, keep]
-        ref = model.llm(b["input_ids"][:1, keep]).logits[0]
+        ours = logits(model, b.replace(labels=None))[0, keep]
+        ref = model.llm(b.input_ids[:1, keep]).logits[0]
     torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
 
 
-def test_lavin_at_init_is_the_frozen_llm_with_the_modality_token_and_visual_tokens(tiny_dirs, clip_dir):  # noqa: F811
-    """Zero-init up-projections: CLIP and the LLM layers are untouched; LaVIN's own extra token (the modality
-    embedding at position 0) and its visual tokens are the only difference from the frozen LLM."""
+def test_lavin_at_init_is_the_frozen_llm_on_its_visual_tokens(tiny_dirs, clip_dir):  # noqa: F811
+    """Zero-init up-projections: CLIP and the LLM layers are untouched, and the modality token is masked from every
+    later token (the authors' lavin/model.py:319-320), so the frozen LLM run on the batch's embeddings with the
+    visual tokens written in is exactly LaVIN at init, image row and text row alike."""
     model = make("lavin", tiny_dirs, clip_dir).eval()
     b = image_batch(model)
     with torch.no_grad():
-        ours = model(**{k: v for k, v in b.items() if k != "labels"}).logits
-        emb = model.llm.get_input_embeddings()(b["input_ids"])
-        feats = model.vpg.cls_features(b["pixel_values"], model.cfg.clip_layers)  # the frozen CLIP, no adapter
+        ours = logits(model, b)
+        emb = model.llm.get_input_embeddings()(b.input_ids)
+        feats = model.vpg.cls_features(b.pixel_values, model.cfg.clip_layers)  # the frozen CLIP, no adapter
         vis = model.projection_out(model.projection(feats)).reshape(-1, emb.shape[-1])
-        emb = emb.masked_scatter(b["modality_mask"].unsqueeze(-1), vis)
-        tok = model.modality_embedding(torch.tensor([1, 0]))[:, None]
-        ref = model.llm(inputs_embeds=torch.cat([tok, emb], 1)).logits[:, 1:]
-    torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
+        emb = emb.masked_scatter(b.modality_mask.unsqueeze(-1), vis)
+        ref = model.llm(inputs_embeds=emb, attention_mask=b.attention_mask).logits
+    real = b.attention_mask.bool()  # (row 1's right padding is no one's business)
+    torch.testing.assert_close(ours[real], ref[real], rtol=0, atol=2e-5)
     randomize(model)
     with torch.no_grad():
-        assert (model(**{k: v for k, v in b.items() if k != "labels"}).logits - ours).abs().max() > 1e-3
+        assert (logits(model, b) - ours).abs().max() > 1e-3
+
+
+def test_lavin_modality_token_routes_and_is_never_attended(tiny_dirs, clip_dir):  # noqa: F811
+    """With every trainable random: the modality embedding changes the output only through the routers (swapping
+    the two embeddings changes the logits), and the text never attends to it: with equal expert weights forced,
+    the output no longer depends on it at all."""
+    model = make("lavin", tiny_dirs, clip_dir, dropout=0.0)
+    randomize(model)
+    model.eval()
+    b = image_batch(model)
+    with torch.no_grad():
+        ours = logits(model, b)
+        model.modality_embedding.weight.copy_(model.modality_embedding.weight.flip(0))
+        assert (logits(model, b) - ours).abs().max() > 1e-3  # the routing weights follow the token
+        for adapter in (*model.adapters, *model.clip_adapters):
+            adapter.router.weight.zero_()  # routing weights 1/2, 1/2 whatever the token
+            adapter.router.bias.zero_()
+        before = logits(model, b)
+        model.modality_embedding.weight.normal_()
+        torch.testing.assert_close(logits(model, b), before, rtol=0, atol=0)
 
 
 def test_iaa_text_rows_take_the_frozen_path_whatever_the_trainables(tiny_dirs, clip_dir):  # noqa: F811
@@ -58,10 +73,10 @@ def test_iaa_text_rows_take_the_frozen_path_whatever_the_trainables(tiny_dirs, c
     model.eval()
     b = image_batch(model)
     with torch.no_grad():
-        out = model(**{k: v for k, v in b.items() if k != "labels"}).logits
-        text_row = model.llm(b["input_ids"][1:, :-4]).logits  # row 1's real tokens (the last 4 are pads)
+        out = logits(model, b.replace(labels=None))
+        text_row = model.llm(b.input_ids[1:, :-4]).logits  # row 1's real tokens (the last 4 are pads)
         torch.testing.assert_close(out[1:, :-4], text_row, rtol=0, atol=2e-5)
-        assert (out[0] - model.llm(b["input_ids"][:1]).logits[0]).abs().max() > 1e-2  # the image path differs
+        assert (out[0] - model.llm(b.input_ids[:1]).logits[0]).abs().max() > 1e-2  # the image path differs
 
 
 def test_iaa_stages(tiny_dirs, clip_dir):  # noqa: F811
@@ -109,9 +124,10 @@ def test_excitor_eager_and_sdpa_agree_in_output_and_gradients(tiny_dirs, clip_di
     for backend in ("eager", "sdpa"):
         model = make("excitor", tiny_dirs, clip_dir, attn_backend=backend)
         randomize(model)
-        out = model(**image_batch(model))
-        out.loss.backward()
-        res[backend] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()})
+        b = image_batch(model)
+        out = model(b)
+        answer_loss(model, b, out).backward()
+        res[backend] = (model.output_logits(out).detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()})
     (le, ge), (ls, gs) = res["eager"], res["sdpa"]
     torch.testing.assert_close(ls, le, rtol=1e-4, atol=1e-5)
     for n in ge:
@@ -125,8 +141,9 @@ def test_iaa_text_only_batch_still_backpropagates(tiny_dirs, clip_dir):  # noqa:
     model.train()
     ids = text_ids()
     labels = ids.clone()
-    out = model(ids, labels=labels)
-    assert out.loss.requires_grad
-    out.loss.backward()
-    assert model.projection.weight.grad is not None and model.projection.weight.grad.abs().sum() == 0
-    torch.testing.assert_close(out.loss.detach(), model.llm(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+    loss = answer_loss(model, Batch(input_ids=ids, labels=labels))
+    assert loss.requires_grad
+    loss.backward()
+    for p in (model.projection.weight, model.mm_head.weight):
+        assert p.grad is not None and p.grad.abs().sum() == 0
+    torch.testing.assert_close(loss.detach(), model.llm(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)

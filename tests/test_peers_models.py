@@ -12,7 +12,9 @@ import torch
 
 from pipeline.model import get_method, load_export, load_method, method_names
 from pipeline.model.base import ADAPTER_CONFIG, read_export_meta
+from pipeline.model.batch import Batch
 from pipeline.model.methods import clip_features
+from pipeline.training.loss import answer_loss
 
 PEERS = ["llama_adapter", "lavin", "excitor", "iaa"]
 
@@ -51,7 +53,12 @@ def image_batch(model, seed=0, T=30):
     labels = torch.full_like(ids, -100)
     labels[:, -10:-4] = ids[:, -10:-4]
     pixels = torch.randn(1, 3, 224, 224, generator=g)
-    return dict(input_ids=ids, modality_mask=mm, attention_mask=attn, labels=labels, pixel_values=pixels)
+    return Batch(input_ids=ids, modality_mask=mm, attention_mask=attn, labels=labels, pixel_values=pixels)
+
+
+def logits(model, batch: Batch, **controls) -> torch.Tensor:
+    """(B, T, V) logits of the method's forward through its own head(s)."""
+    return model.output_logits(model(batch, **controls))
 
 
 def test_registry_lists_every_peer_with_its_stages():
@@ -67,7 +74,7 @@ def test_gradients_reach_exactly_the_trainable_set(name, tiny_dirs, clip_dir):
     model = make(name, tiny_dirs, clip_dir)
     randomize(model)
     model.train()
-    model(**image_batch(model)).loss.backward()
+    answer_loss(model, image_batch(model)).backward()
     expected = {n for n, _ in model.named_parameters() if model.is_trainable(n, model.cfg.stage)}
     assert {n for n, _ in model.trainable_parameters()} == expected and expected
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -82,7 +89,7 @@ def test_save_load_round_trip(name, tiny_dirs, clip_dir, tmp_path):
     model.eval()
     b = image_batch(model)
     with torch.no_grad():
-        ref = model(**b).logits
+        ref = logits(model, b)
     model.save_adapter(tmp_path / "export")
     meta = read_export_meta(tmp_path / "export")
     assert meta["method"] == name and meta["config"]["stage"] == model.cfg.stage
@@ -91,7 +98,7 @@ def test_save_load_round_trip(name, tiny_dirs, clip_dir, tmp_path):
     fresh = load_export(tmp_path / "export", tiny_dirs["llm"], clip_dir, dtype=torch.float32).eval()
     assert type(fresh) is type(model)
     with torch.no_grad():
-        got = fresh(**b).logits
+        got = logits(fresh, b)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
@@ -112,25 +119,27 @@ def test_kv_cache_decoding_equals_the_full_forward(name, tiny_dirs, clip_dir):
     pixels = torch.randn(1, 3, 224, 224, generator=g)
     new = torch.randint(5, len(model.tokenizer), (2, 3), generator=g)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=attn, modality_mask=mm, pixel_values=pixels, use_cache=True)
-        steps = [out.logits[:, -1]]
+        out = model(Batch(input_ids=ids, attention_mask=attn, modality_mask=mm, pixel_values=pixels), use_cache=True)
+        steps = [model.output_logits(out)[:, -1]]
         for t in range(new.shape[1]):
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            out = model(
+            step = Batch(
                 input_ids=new[:, t : t + 1],
                 attention_mask=attn,
                 modality_mask=torch.zeros_like(new[:, :1], dtype=torch.bool),
-                past_key_values=out.past_key_values,
-                use_cache=True,
             )
-            steps.append(out.logits[:, -1])
+            out = model(step, cache=out.kv_cache, use_cache=True)
+            steps.append(model.output_logits(out)[:, -1])
         cached = torch.stack(steps[:-1], dim=1)  # logits predicting new[:, 0..2]
-        full0 = model(
-            input_ids=torch.cat([ids[:1], new[:1]], 1),
-            modality_mask=torch.cat([mm[:1], torch.zeros_like(new[:1], dtype=torch.bool)], 1),
-            pixel_values=pixels,
-        ).logits
-        full1 = model(input_ids=torch.cat([ids[1:, pad:], new[1:]], 1)).logits
+        full0 = logits(
+            model,
+            Batch(
+                input_ids=torch.cat([ids[:1], new[:1]], 1),
+                modality_mask=torch.cat([mm[:1], torch.zeros_like(new[:1], dtype=torch.bool)], 1),
+                pixel_values=pixels,
+            ),
+        )
+        full1 = logits(model, Batch(input_ids=torch.cat([ids[1:, pad:], new[1:]], 1)))
     n = new.shape[1]
     torch.testing.assert_close(cached[0], full0[0, T - 1 : T - 1 + n], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cached[1], full1[0, T - pad - 1 : T - pad - 1 + n], rtol=1e-4, atol=1e-4)
@@ -198,21 +207,22 @@ def test_precomputed_clip_features_equal_the_pixel_path(name, tiny_dirs, clip_di
     randomize(model, seed=2)
     model.eval()
     b = image_batch(model)
-    pixels = b.pop("pixel_values")
+    pixels = b.pixel_values
     with torch.no_grad():
         feats = feats_fn(pixels)
-        a = model(**b, pixel_values=pixels).logits
-        c = model(**b, image_features=feats).logits
+        a = logits(model, b)
+        c = logits(model, b.replace(pixel_values=None, image_features=feats))
     assert feats.shape == (1, model.cfg.num_query_tokens, model.vpg.width)
     torch.testing.assert_close(c, a, rtol=0, atol=0)
 
 
 def test_lavin_refuses_precomputed_features_while_clip_is_adapted(tiny_dirs, clip_dir):
     model = make("lavin", tiny_dirs, clip_dir)
-    b = image_batch(model)
-    b.pop("pixel_values")
+    b = image_batch(model).replace(
+        pixel_values=None, image_features=torch.zeros(1, model.cfg.num_query_tokens, model.vpg.width)
+    )
     with pytest.raises(ValueError, match="clip_adapters"):
-        model(**b, image_features=torch.zeros(1, model.cfg.num_query_tokens, model.vpg.width))
+        model(b)
 
 
 @pytest.mark.parametrize("name", PEERS)
@@ -225,9 +235,9 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(name, tiny_d
         randomize(model)
         if checkpointed:
             assert apply_activation_checkpointing(model) == len(model.steps)
-        out = model(**image_batch(model))
-        out.loss.backward()
-        res.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
+        loss = answer_loss(model, image_batch(model))
+        loss.backward()
+        res.append((loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
     (l0, g0), (l1, g1) = res
     torch.testing.assert_close(l1, l0, rtol=0, atol=0)
     for n in g0:
@@ -239,7 +249,7 @@ def _grad_order(model, batch) -> list[str]:
     hooks = [
         p.register_post_accumulate_grad_hook(lambda p, n=n: order.append(n)) for n, p in model.trainable_parameters()
     ]
-    model(**batch).loss.backward()
+    answer_loss(model, batch).backward()
     for h in hooks:
         h.remove()
     return order
@@ -255,7 +265,7 @@ def test_text_only_micro_batch_has_the_image_batch_gradient_graph(name, tiny_dir
     b = image_batch(model)
     with_image = _grad_order(model, b)
     model.zero_grad()
-    text = {**b, "modality_mask": torch.zeros_like(b["modality_mask"]), "pixel_values": None}
+    text = b.replace(modality_mask=torch.zeros_like(b.modality_mask), pixel_values=None)
     text_only = _grad_order(model, text)
     assert text_only == with_image and len(with_image) == len(model.trainable_parameters())
 

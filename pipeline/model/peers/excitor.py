@@ -49,7 +49,9 @@ from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, ATTN_BACKEND_CHOICES, AttnMask, dense_mask
 from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec, literal_values
+from pipeline.model.batch import Batch
 from pipeline.model.frozen import build_method, check_llm, meta_builder
+from pipeline.model.peers.common import check_cache, frozen_forward, modality, seq_context
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -58,7 +60,6 @@ from pipeline.model.seq import (
     extend,
     front_end_features,
     image_rows,
-    lm_output,
     project_qkv,
 )
 
@@ -127,6 +128,7 @@ def _check_head_split(c) -> None:
 
 class Excitor(FrozenLLMMethod):
     method = "excitor"
+    supports_adapters_off = True
 
     def __init__(self, llm: nn.Module, cfg: ExcitorConfig, vpg=None, tokenizer=None):
         check_llm(llm.config, source="Excitor(llm=...)")
@@ -180,51 +182,27 @@ class Excitor(FrozenLLMMethod):
         has[rows] = True
         return vk, vv, has
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        modality_mask=None,
-        labels=None,
-        pixel_values=None,
-        image_features=None,
-        position_ids=None,
-        cu_seqlens=None,
-        max_seqlen=None,
-        past_key_values=None,
-        use_cache=False,
-        num_items_in_batch=None,
-        return_logits=True,
-        **unused,
-    ) -> MethodOutput:
-        B, T = input_ids.shape
-        mm = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)).bool()
-        x = self.llm.get_input_embeddings()(input_ids)
-        cache: PeerCache | None = past_key_values
-        vis = cache.extra["visual"] if cache is not None else self.visual_kv(mm, pixel_values, image_features, B)
-        ctx = SeqContext.build(
-            self.llm,
-            x,
-            attention_mask,
-            position_ids,
-            cu_seqlens,
-            max_seqlen,
-            cache.key_mask if cache is not None else None,
-            use_cache,
-            hide=mm,
+    def forward(self, batch: Batch, *, cache: PeerCache | None = None, use_cache: bool = False) -> MethodOutput:
+        """Final-normed hidden states (B, T, D); the image only through the excitor keys (placeholders hidden)."""
+        if not self.adapters_enabled:
+            return frozen_forward(self.llm, self.backend, batch, cache, use_cache, self.method)
+        check_cache(cache, False, self.method)
+        mm = modality(batch)
+        x = self.llm.get_input_embeddings()(batch.input_ids)
+        vis = (
+            cache.extra["visual"]
+            if cache is not None
+            else self.visual_kv(mm, batch.pixel_values, batch.image_features, batch.rows)
         )
+        ctx = seq_context(self.llm, x, batch, cache, use_cache, hide=mm)
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
             x, kv = self.steps[i](i, base, x, ctx, vis, cache.layers[i] if cache is not None else None)
             new_layers.append(kv)
-        h = self.llm.model.norm(x)
-        logits, loss, n = lm_output(h, self.llm.lm_head, labels, return_logits, num_items_in_batch)
         gate_abs = torch.zeros(len(new_layers), device=x.device)
         gate_abs[self.first_adapted :] = self.gates.detach().abs().to(gate_abs.device)
         return MethodOutput(
-            loss=loss,
-            logits=logits,
-            n_loss_tokens=n,
+            hidden=self.llm.model.norm(x),
             gate_abs=gate_abs,
             kv_cache=PeerCache(new_layers, ctx.key_mask, {"visual": vis}) if use_cache else None,
         )

@@ -41,12 +41,12 @@ from torch import nn
 
 from pipeline.model.attention import AttnBackend
 from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.batch import Batch
 from pipeline.model.frozen import build_method, check_llm, meta_builder
+from pipeline.model.peers.common import check_cache, frozen_forward, modality, seq_context
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
-    SeqContext,
-    causal_lm_loss,
     front_end_features,
     frozen_layer,
     has_image,
@@ -56,6 +56,8 @@ from pipeline.model.seq import (
 )
 
 VIT_L_WIDTH, VIT_L_PATCHES = 1024, 256
+_ROW_FIELDS = ("input_ids", "attention_mask", "labels", "position_ids", "source")
+"""Batch fields with one row per sequence: split between the two paths."""
 _STAGE_MODULES = {
     1: ("projection.", "projection_out."),
     2: ("projection.", "projection_out.", "adaptors.", "mm_embed.", "mm_norm.", "mm_head."),
@@ -97,6 +99,7 @@ class IAAConfig(MethodConfig):
 
 class IAA(FrozenLLMMethod):
     method = "iaa"
+    supports_adapters_off = True
 
     def __init__(self, llm: nn.Module, cfg: IAAConfig, vpg=None, tokenizer=None):
         check_llm(llm.config, source="IAA(llm=...)")
@@ -147,82 +150,65 @@ class IAA(FrozenLLMMethod):
             return None
         return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))  # (N, K, D)
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        modality_mask=None,
-        labels=None,
-        pixel_values=None,
-        image_features=None,
-        position_ids=None,
-        cu_seqlens=None,
-        max_seqlen=None,
-        past_key_values=None,
-        use_cache=False,
-        num_items_in_batch=None,
-        return_logits=True,
-        **unused,
-    ) -> MethodOutput:
-        if cu_seqlens is not None:
+    def forward(self, batch: Batch, *, cache: PeerCache | None = None, use_cache: bool = False) -> MethodOutput:
+        """Final-normed hidden states (B, T, D), each row from its path's norm, and `head_index` (B,): 1 for the
+        rows that took the image path (their logits come from MM-LH, `logits`). Under adapters_off() every row
+        takes the text path, which is the frozen LLM."""
+        if batch.cu_seqlens is not None:
             raise ValueError("IAA sends each row down one path (image or text): packed batches are not supported")
         if self.backend is None:
-            self.backend = resolve_attn_backend(self.cfg.attn_backend, input_ids.device)
-        B, T = input_ids.shape
-        mm = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)).bool()
-        cache: PeerCache | None = past_key_values
+            self.backend = resolve_attn_backend(self.cfg.attn_backend, batch.input_ids.device)
+        if not self.adapters_enabled:
+            return frozen_forward(self.llm, self.backend, batch, cache, use_cache, self.method)
+        check_cache(cache, False, self.method)
+        mm = modality(batch)
         mm_rows = cache.extra["mm_rows"] if cache is not None else has_image(mm)
-        if num_items_in_batch is None and labels is not None:
-            num_items_in_batch = (labels[:, 1:] != -100).sum().clamp(min=1)
-        vis = self.visual_tokens(pixel_values, image_features) if cache is None else None
-        logits = loss = n_tok = None
-        paths = {}
+        vis = self.visual_tokens(batch.pixel_values, batch.image_features) if cache is None else None
+        hidden, paths = None, {}
         for path, rows in (("text", ~mm_rows), ("mm", mm_rows)):
             idx = rows.nonzero().squeeze(1)
             if idx.numel() == 0 and not (path == "mm" and same_graph_on_every_rank() and cache is None):
-                continue  # (training runs the image path on zero rows: the same graph on every rank, common.py)
-            sub = lambda t, idx=idx: None if t is None else t[idx]  # noqa: E731
-            sub_cache = cache.extra["paths"][path] if cache is not None else None
-            lg, ls, n, paths[path] = self._run(
-                path,
-                input_ids[idx],
-                sub(attention_mask),
-                mm[idx],
-                sub(labels),
-                vis,
-                sub(position_ids),
-                sub_cache,
-                use_cache,
-                return_logits,
-                num_items_in_batch,
+                continue  # (training runs the image path on zero rows: the same graph on every rank, seq.py)
+            sub = batch.replace(
+                **{f: None if getattr(batch, f) is None else getattr(batch, f)[idx] for f in _ROW_FIELDS},
+                modality_mask=mm[idx],
             )
-            if lg is not None:
-                logits = lg.new_zeros(B, T, lg.shape[-1]) if logits is None else logits
-                logits[idx] = lg
-            if ls is not None:
-                loss, n_tok = (ls, n) if loss is None else (loss + ls, n_tok + n)
-        kv = PeerCache([], torch.ones(B, 0, dtype=torch.bool), {"mm_rows": mm_rows, "paths": paths})
-        return MethodOutput(loss=loss, logits=logits, n_loss_tokens=n_tok, kv_cache=kv if use_cache else None)
+            past = cache.extra["paths"][path] if cache is not None else None
+            h, paths[path] = self._run(path, sub, vis, past, use_cache)
+            if hidden is None:
+                hidden = h.new_zeros(batch.rows, *h.shape[1:])
+            hidden = hidden.to(torch.promote_types(hidden.dtype, h.dtype))  # MM-norm's fp32 next to a bf16 LLM
+            hidden[idx] = h.to(hidden.dtype)
+        kv = PeerCache([], torch.ones(batch.rows, 0, dtype=torch.bool), {"mm_rows": mm_rows, "paths": paths})
+        return MethodOutput(hidden=hidden, head_index=mm_rows.long(), kv_cache=kv if use_cache else None)
 
-    def _run(
-        self, path, ids, attention_mask, mm, labels, vis, position_ids, cache, use_cache, return_logits, num_items
-    ):
-        """One path's stack on its rows: (logits, loss, n_loss_tokens, cache)."""
+    def logits(self, hidden: torch.Tensor, head_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., V): the frozen LM head where head_index is 0 (or None), MM-LH where it is 1. MM-LH runs (on zero
+        rows if need be) whenever training, so every rank's graph holds the same parameters (seq.py)."""
+        head = self.llm.lm_head
+        if head_index is None:
+            return head(hidden.to(head.weight.dtype))
+        mm = head_index.bool()
+        parts = {}
+        for on, h in ((False, head), (True, self.mm_head)):
+            sel = mm == on
+            if not on or bool(sel.any()) or same_graph_on_every_rank():
+                parts[on] = (sel, h(hidden[sel].to(h.weight.dtype)))
+        dtype = torch.promote_types(*(p.dtype for _, p in parts.values())) if len(parts) > 1 else None
+        first = next(iter(parts.values()))[1]
+        out = first.new_zeros(*hidden.shape[:-1], first.shape[-1], dtype=dtype or first.dtype)
+        for sel, p in parts.values():
+            out[sel] = p.to(out.dtype)
+        return out
+
+    def _run(self, path: str, batch: Batch, vis, cache: PeerCache | None, use_cache: bool):
+        """One path's stack on its rows: (final-normed hidden states, cache)."""
         image = path == "mm"
         frozen_dtype = self.llm.get_input_embeddings().weight.dtype  # the frozen layers' dtype
-        x = (self.mm_embed if image else self.llm.get_input_embeddings())(ids).to(frozen_dtype)
+        x = (self.mm_embed if image else self.llm.get_input_embeddings())(batch.input_ids).to(frozen_dtype)
         if image and vis is not None:
-            x = scatter_visual_tokens(x, mm, vis)
-        ctx = SeqContext.build(
-            self.llm,
-            x,
-            attention_mask,
-            position_ids,
-            None,
-            None,
-            cache.key_mask if cache is not None else None,
-            use_cache,
-        )
+            x = scatter_visual_tokens(x, batch.modality_mask, vis)
+        ctx = seq_context(self.llm, x, batch, cache, use_cache, packed=False)
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
             past = cache.layers[len(new_layers)] if cache is not None else None
@@ -236,13 +222,8 @@ class IAA(FrozenLLMMethod):
                 )
                 x = y.to(x.dtype)
                 new_layers.append(kv)
-        norm, head = (self.mm_norm, self.mm_head) if image else (self.llm.model.norm, self.llm.lm_head)
-        h = norm(x.to(norm.weight.dtype))
-        logits = head(h) if return_logits or labels is None else None
-        loss = n = None
-        if labels is not None:
-            loss, n = causal_lm_loss(logits, labels, hidden=h, lm_head=head, num_items_in_batch=num_items)
-        return logits, loss, n, PeerCache(new_layers, ctx.key_mask) if use_cache else None
+        norm = self.mm_norm if image else self.llm.model.norm
+        return norm(x.to(norm.weight.dtype)), PeerCache(new_layers, ctx.key_mask) if use_cache else None
 
 
 def _copy(src: nn.Module, make) -> nn.Module:

@@ -1,25 +1,39 @@
 """LaVIN: Mixture-of-Modality Adaptation (MMA) of a frozen LLaMA and a frozen CLIP ViT-L/14.
 
 Paper: Luo et al., "Cheap and Quick: Efficient Vision-Language Instruction Tuning for Large Language Models",
-NeurIPS 2023 (arXiv 2305.15023), known here through PILL's tables and PEERS_SPEC.md's card (code read).
+NeurIPS 2023 (arXiv 2305.15023); the authors' code, luogen1996/LaVIN at dd0a1bf (lavin/model.py, lavin/mm_adapter.py,
+lavin/eval_model.py, lavin/generator.py, clip/model.py, util/datasets.py), wins where the paper is vague.
 
     visual tokens: the CLS state after CLIP blocks 4, 8, ..., 24 -> Linear(W, 128) - SiLU - Linear(128, D): 6 tokens
-    modality token: Embedding(2, D)[has image], prepended at position 0 of every row
+    modality token: Embedding(2, D)[has image], in front of every row, masked from every later token
     MMA adapter in front of the attention of every LLM layer and every CLIP block:
-        MMA(X) = X + sum_k softmax((t W_r + b_r) / tau)_k * Up_k(Dropout_0.1(X W_A + b_A))
+        MMA(X) = X + s * sum_k softmax((t W_r + b_r) / tau)_k * Up_k(Dropout_0.1(X W_A + b_A))
         t = the normed state of the row's first token (the modality token in the LLM, CLS in CLIP), two experts,
-        rank 8, Up_k grouped 1x1 convolutions (groups = 2) with zero init, tau = 10
+        rank 8, Up_k grouped 1x1 convolutions (groups = 2) with zero init, tau = 10, s = 1
 
-Design choices:
+As the authors compute it (docs/peers.md "Fidelity"):
+- The modality token is masked from every later token (model.py:319-320 `mask[:, :, 1:, 0] = -inf`) and never
+  cached (eval_model.py:136-138): it attends to itself alone, so at each layer its state is a function of "has an
+  image" and it does nothing but route. It therefore runs beside the sequence (`_modality_step`, one token per
+  row), not in it: the sequence is exactly the batch's tokens, and a text-only row at init IS the frozen LLM's.
+- The visual MLP starts as the authors' AdapterMLP: xavier-uniform weights, zero biases (model.py:212-215); the
+  adapters as RepAdapter_Router (xavier down-projection, zero up-projections and biases).
+- s = 1: every published script passes --adapter_scale 1, so no scale field exists.
 - Count-exact at 7B (3,781,296 = the paper's 3.78M): 32 LLM adapters (d = 4096) 81,930 each, 24 CLIP adapters
   (1024) 20,490 each, the visual MLP 659,584, the modality embedding 8,192. The code's "block" variant adds an
   adapter in front of each FFN too (`ffn_adapter: true`, not the published count).
-- The modality token is prepended inside forward (the batch format has no slot for it); its output position is
-  dropped, so logits and labels stay aligned with input_ids. Its state at each layer depends on it alone
-  (causal), so each layer's routing weights are a function of "has an image": computed at the prompt and kept in
-  the KV cache for decoding.
-- Zero-init Up: at step 0 every adapter is the identity, CLIP's features are the frozen CLIP's and a text-only
-  row equals the frozen LLM run on [modality token; text] (the extra token is the method: tested as such).
+Deliberate deviations:
+- RoPE positions: the text starts at position 0 (the authors' at 1, behind the modality token; RoPE scores depend
+  on position differences only). Decoding continues the training positions; the authors' generator gives each
+  new token the position of the token before it (generator.py:93-101 with eval_model.py's cache slots: one
+  less than in training), which cached decoding here does not copy: it equals the full forward (tested).
+- CLIP-side routing: each image's adapters are routed on that image's CLS state. The authors' CLIP runs
+  sequence-first (LND, clip/model.py:237), so their `x[:, 0]` (mm_adapter.py:46) routes token l of every image on
+  token l of batch item 0: an artefact of the layout that makes an image's features depend on its batch
+  neighbours. Per-image CLS routing is what the paper describes and what their code does for the LLM.
+- Image normalisation: the data pipeline's (CLIP's mean/std, pipeline.constants), CLIP ViT-L/14's own. The
+  authors normalise with ImageNet's (util/datasets.py:19); to run their released weights set data.image_mean:
+  [0.485, 0.456, 0.406] and data.image_std: [0.229, 0.224, 0.225].
 - The K = 6 placeholder positions per image ARE LaVIN's visual tokens ("Image: " + tokens comes from the prompt).
 - CLIP carries trainable adapters, so LaVIN needs pixels (precomputed features only with `clip_adapters: false`).
 - One training stage: stage 2 only. Attention through PILL's backends (eager / sdpa / triton).
@@ -37,15 +51,17 @@ from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnBackend
 from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.batch import Batch
 from pipeline.model.clip import check_layers, evenly_spaced_layers
 from pipeline.model.frozen import build_method, check_llm, meta_builder
+from pipeline.model.peers.common import check_cache, frozen_forward, modality, seq_context
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
     SeqContext,
+    expand_heads,
     extend,
     has_image,
-    lm_output,
     project_qkv,
     resolve_attn_backend,
     same_graph_on_every_rank,
@@ -131,6 +147,7 @@ class MMAdapter(nn.Module):
 
 class LaVIN(FrozenLLMMethod):
     method = "lavin"
+    supports_adapters_off = True
 
     def __init__(self, llm: nn.Module, cfg: LaVINConfig, vpg=None, tokenizer=None):
         check_llm(llm.config, source="LaVIN(llm=...)")
@@ -148,6 +165,9 @@ class LaVIN(FrozenLLMMethod):
         # the visual MLP: projection (W -> 128), then projection_out (SiLU, 128 -> D)
         self.projection = nn.Linear(cfg.vision_width, cfg.projection_hidden)
         self.projection_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.projection_hidden, c.hidden_size))
+        for lin in (self.projection, self.projection_out[1]):  # the authors' AdapterMLP init (model.py:212-215)
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
         self.modality_embedding = nn.Embedding(2, c.hidden_size)
         self.backend: str | None = None
         self.steps = nn.ModuleList(LayerStep(self._layer) for _ in range(c.num_hidden_layers))
@@ -195,96 +215,73 @@ class LaVIN(FrozenLLMMethod):
             return None
         return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        modality_mask=None,
-        labels=None,
-        pixel_values=None,
-        image_features=None,
-        position_ids=None,
-        cu_seqlens=None,
-        max_seqlen=None,
-        past_key_values=None,
-        use_cache=False,
-        num_items_in_batch=None,
-        return_logits=True,
-        **unused,
-    ) -> MethodOutput:
-        if cu_seqlens is not None:
+    def forward(self, batch: Batch, *, cache: PeerCache | None = None, use_cache: bool = False) -> MethodOutput:
+        """Final-normed hidden states (B, T, D) at the batch's positions (the modality token is not one of them)."""
+        if batch.cu_seqlens is not None:
             raise ValueError(
-                "LaVIN prepends a modality token to every row: packed batches (data.pack) are not supported"
+                "LaVIN routes every row on its own modality token: packed batches (data.pack) are not supported"
             )
         if self.backend is None:
-            self.backend = resolve_attn_backend(self.cfg.attn_backend, input_ids.device)
-        B, T = input_ids.shape
-        mm = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)).bool()
-        x = self.llm.get_input_embeddings()(input_ids)
-        vis = self.visual_tokens(pixel_values, image_features)
+            self.backend = resolve_attn_backend(self.cfg.attn_backend, batch.input_ids.device)
+        if not self.adapters_enabled:
+            return frozen_forward(self.llm, self.backend, batch, cache, use_cache, self.method)
+        check_cache(cache, False, self.method)
+        mm = modality(batch)
+        x = self.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
+        vis = self.visual_tokens(batch.pixel_values, batch.image_features)
         if vis is not None and bool(mm.any()):
             x = scatter_visual_tokens(x, mm, vis)
         elif vis is not None:  # the blank image of a batch without images: scattered nowhere
             x = x.masked_scatter(mm.unsqueeze(-1), vis.to(x.dtype))
-        cache: PeerCache | None = past_key_values
-        prepend = cache is None
-        if prepend:  # the modality token at position 0 of every row
-            tok = self.modality_embedding(has_image(mm).long()).to(x.dtype)[:, None]  # (B, 1, D)
-            x = torch.cat([tok, x], dim=1)
-            if attention_mask is not None:
-                attention_mask = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
-            if position_ids is not None:
-                position_ids = torch.cat([torch.zeros_like(position_ids[:, :1]), position_ids + 1], dim=1)
-        ctx = SeqContext.build(
-            self.llm,
-            x,
-            attention_mask,
-            position_ids,
-            None,
-            None,
-            cache.key_mask if cache is not None else None,
-            use_cache,
-        )
+        # The modality token runs beside the sequence, not in it: no later token attends to it (the authors' mask),
+        # so it only routes; its routing weights are fixed at the prompt and kept in the cache.
+        tok = None if cache is not None else self.modality_embedding(has_image(mm).long()).to(x.dtype)[:, None]
+        ctx = seq_context(self.llm, x, batch, cache, use_cache, packed=False)
         routes = cache.extra["routes"] if cache is not None else []
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
-            x, kv, w = self.steps[i](
-                i,
-                base,
-                x,
-                ctx,
-                routes[i] if cache is not None else None,
-                cache.layers[i] if cache is not None else None,
-            )
+            past = cache.layers[i] if cache is not None else None
+            x, tok, kv, w = self.steps[i](i, base, x, tok, ctx, routes[i] if cache is not None else None, past)
             new_layers.append(kv)
             if cache is None:
                 routes.append(w)
-        h = self.llm.model.norm(x[:, 1:] if prepend else x)
-        logits, loss, n = lm_output(h, self.llm.lm_head, labels, return_logits, num_items_in_batch)
-        return MethodOutput(
-            loss=loss,
-            logits=logits,
-            n_loss_tokens=n,
-            kv_cache=PeerCache(new_layers, ctx.key_mask, {"routes": routes}) if use_cache else None,
-        )
+        kv_cache = PeerCache(new_layers, ctx.key_mask, {"routes": routes}) if use_cache else None
+        return MethodOutput(hidden=self.llm.model.norm(x), kv_cache=kv_cache)
 
-    def _layer(self, i: int, base: nn.Module, x, ctx: SeqContext, routes, cache):
+    def _modality_step(self, i: int, base: nn.Module, tok: torch.Tensor):
+        """The modality token (B, 1, D) through layer i on its own, and its routing weights ((B, 2), (B, 2) | None).
+
+        It attends to itself alone (the authors' causal mask gives position 0 one key), so its attention output is
+        its own value row, whatever RoPE does to its query and key."""
+        attn = base.self_attn
+        t_n = base.input_layernorm(tok)
+        w = self.adapters[i].route(t_n[:, 0])
+        v = attn.v_proj(self.adapters[i](t_n, w)).unflatten(-1, (-1, attn.head_dim))  # (B, 1, Hkv, Dh)
+        h = tok + attn.o_proj(expand_heads(v, self.llm.config.num_attention_heads).flatten(2))
+        f = base.post_attention_layernorm(h)
+        w_ffn = None
+        if self.ffn_adapters is not None:
+            w_ffn = self.ffn_adapters[i].route(f[:, 0])
+            f = self.ffn_adapters[i](f, w_ffn)
+        return h + base.mlp(f), (w, w_ffn)
+
+    def _layer(self, i: int, base: nn.Module, x, tok, ctx: SeqContext, routes, cache):
+        """Layer i on the sequence x (B, T, D), routed by the modality token `tok` (prompt) or by the cached
+        `routes` (decoding): (x, tok, (k, v), routes)."""
+        if routes is None:
+            tok, routes = self._modality_step(i, base, tok)
+        w, w_ffn = routes
         attn = base.self_attn
         B, T, _ = x.shape
-        x_n = base.input_layernorm(x)
-        adapter = self.adapters[i]
-        w = routes[0] if routes is not None else adapter.route(x_n[:, 0])  # (B, 2): the modality token's state
-        a = adapter(x_n, w)
+        a = self.adapters[i](base.input_layernorm(x), w)
         q, k, v = project_qkv(attn, a, ctx.position_embeddings)
         k, v = extend(cache and cache[0], k), extend(cache and cache[1], v)
         o = ATTENTION_BACKENDS[self.backend](q, k, v, None, ctx.mask, attn.scaling)
         h = x + attn.o_proj(o.reshape(B, T, -1))
         f = base.post_attention_layernorm(h)
-        w_ffn = None
         if self.ffn_adapters is not None:
-            w_ffn = routes[1] if routes is not None else self.ffn_adapters[i].route(f[:, 0])
             f = self.ffn_adapters[i](f, w_ffn)
-        return h + base.mlp(f), (k, v), (w, w_ffn)
+        return h + base.mlp(f), tok, (k, v), routes
 
 
 SPEC = MethodSpec(

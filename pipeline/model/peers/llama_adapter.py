@@ -39,8 +39,10 @@ from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnBackend
 from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.batch import Batch
 from pipeline.model.clip import check_layers, evenly_spaced_layers
 from pipeline.model.frozen import build_method, check_llm, meta_builder
+from pipeline.model.peers.common import check_cache, frozen_forward, modality, seq_context
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -49,7 +51,6 @@ from pipeline.model.seq import (
     extend,
     front_end_features,
     image_rows,
-    lm_output,
     project_qkv,
     resolve_attn_backend,
 )
@@ -103,6 +104,7 @@ class LlamaAdapterConfig(MethodConfig):
 
 class LlamaAdapter(FrozenLLMMethod):
     method = "llama_adapter"
+    supports_adapters_off = True
 
     def __init__(self, llm: nn.Module, cfg: LlamaAdapterConfig, vpg=None, tokenizer=None):
         check_llm(llm.config, source="LlamaAdapter(llm=...)")
@@ -147,55 +149,30 @@ class LlamaAdapter(FrozenLLMMethod):
         rows = image_rows(modality_mask, self.cfg.num_query_tokens)
         return torch.zeros(B, ip.shape[-1], dtype=ip.dtype, device=ip.device).index_add(0, rows, ip)
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        modality_mask=None,
-        labels=None,
-        pixel_values=None,
-        image_features=None,
-        position_ids=None,
-        cu_seqlens=None,
-        max_seqlen=None,
-        past_key_values=None,
-        use_cache=False,
-        num_items_in_batch=None,
-        return_logits=True,
-        **unused,
-    ) -> MethodOutput:
+    def forward(self, batch: Batch, *, cache: PeerCache | None = None, use_cache: bool = False) -> MethodOutput:
+        """Final-normed hidden states (B, T, D); the image only through the prompts (placeholders hidden)."""
         if self.backend is None:
-            self.backend = resolve_attn_backend(self.cfg.attn_backend, input_ids.device)
-        B, T = input_ids.shape
-        mm = (modality_mask if modality_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)).bool()
-        x = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
-        cache: PeerCache | None = past_key_values
+            self.backend = resolve_attn_backend(self.cfg.attn_backend, batch.input_ids.device)
+        if not self.adapters_enabled:
+            return frozen_forward(self.llm, self.backend, batch, cache, use_cache, self.method)
+        check_cache(cache, False, self.method)
+        B = batch.rows
+        mm = modality(batch)
+        x = self.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
         ip = (
-            cache.extra["image_prompt"] if cache is not None else self.image_prompt(mm, pixel_values, image_features, B)
+            cache.extra["image_prompt"]
+            if cache is not None
+            else self.image_prompt(mm, batch.pixel_values, batch.image_features, B)
         )
-        ctx = SeqContext.build(
-            self.llm,
-            x,
-            attention_mask,
-            position_ids,
-            cu_seqlens,
-            max_seqlen,
-            cache.key_mask if cache is not None else None,
-            use_cache,
-            hide=mm,
-        )
+        ctx = seq_context(self.llm, x, batch, cache, use_cache, hide=mm)
         new_layers = []
         for i, base in enumerate(self.llm.model.layers):
             x, kv = self.steps[i](i, base, x, ctx, ip, cache.layers[i] if cache is not None else None)
             new_layers.append(kv)
-        h = self.llm.model.norm(x)
-        logits, loss, n = lm_output(h, self.llm.lm_head, labels, return_logits, num_items_in_batch)
         gate_abs = torch.zeros(len(new_layers), device=x.device)
         gate_abs[self.first_adapted :] = torch.tanh(self.gates.detach()).abs().mean(-1).to(gate_abs.device)
         return MethodOutput(
-            loss=loss,
-            logits=logits,
-            n_loss_tokens=n,
+            hidden=self.llm.model.norm(x),
             gate_abs=gate_abs,
             kv_cache=PeerCache(new_layers, ctx.key_mask, {"image_prompt": ip}) if use_cache else None,
         )
