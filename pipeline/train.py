@@ -53,6 +53,7 @@ from pipeline.training.dist import (  # noqa: E402
 from pipeline.training.ds_config import fill_ds_config, load_ds_config, plan_batch  # noqa: E402
 from pipeline.training.evaluate import evaluate_export  # noqa: E402
 from pipeline.training.loop import NonFiniteLossError, StageResult, run_stage  # noqa: E402
+from pipeline.training.optim import check_lr_scale  # noqa: E402
 from pipeline.training.presets import resolve_preset, run_prepare_steps  # noqa: E402
 
 DEFAULT_PRESET = "demo"
@@ -124,6 +125,7 @@ def check_llm_source(llm_path: str, max_length: int) -> None:
     installed) or a .gguf file transformers can read. Only metadata is read; nothing is converted here."""
     try:
         if str(llm_path) == "smollm2":
+    check_lr_scale(cfg)  # optim.lr_scale names groups of the method (built on the meta device)
             smollm2_gguf()
         elif str(llm_path).endswith(".gguf"):
             check_llm(read_gguf_config(Path(llm_path)), source=f"model.llm_path={llm_path}")

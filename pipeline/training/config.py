@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,19 @@ class OptimConfig:
     """Trainable parameters whose name contains one of these get no weight decay."""
     max_nonfinite_in_a_row: int = 10
     """Skip a micro-batch whose loss is NaN/Inf (all ranks agree); stop after this many in a row."""
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Per-module learning rates: {group: factor} multiplies the stage's lr for the trainable parameters of that
+    group (a row of `python -m pipeline.params` for the method; key: the row, the part before " (", or its first
+    word, e.g. A_t, A_attn, W_g, projection). `--set optim.lr_scale.A_t=0.1`. A key that names no group of the method
+    is an error listing its groups (pipeline.training.optim). Empty: one lr for every module."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lr_scale, dict):
+            raise ConfigError(f"optim.lr_scale: a mapping {{group: factor}}, got {type(self.lr_scale).__name__}")
+        for k, v in self.lr_scale.items():
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            if not ok:
+                raise ConfigError(f"optim.lr_scale.{k}: a factor > 0, got {v!r}")
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
-from pipeline.model import load_method, resolve_source
+from pipeline.model import get_method, load_method, resolve_source
 from pipeline.model.batch import Batch
 from pipeline.training.activation_checkpointing import apply_activation_checkpointing
 from pipeline.training.checkpoint import CheckpointManager, export_adapter, gather_consolidated, set_rng_state
@@ -40,7 +40,15 @@ from pipeline.training.dist import DistContext, Preempted, PreemptionFlag, all_a
 from pipeline.training.ds_config import fill_ds_config, peak_lr, plan_batch, uses_cpu_offload
 from pipeline.training.loss import Loss
 from pipeline.training.metrics import MetricsLogger
-from pipeline.training.optim import build_optimizer, build_scheduler, param_groups
+from pipeline.training.optim import (
+    base_lr,
+    build_optimizer,
+    build_scheduler,
+    check_lr_scale,
+    describe_lrs,
+    lr_by_group,
+    param_groups,
+)
 
 
 @dataclass
@@ -201,7 +209,8 @@ def setup_stage(
     )
     lr = peak_lr(s, plan)
     warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total_steps)
-    optimizer = build_optimizer(param_groups(trainables, cfg.optim), lr, cfg.optim, uses_cpu_offload(ds))
+    groups = param_groups(trainables, cfg.optim, get_method(cfg.model.method).row_of, check_lr_scale(cfg))
+    optimizer = build_optimizer(groups, lr, cfg.optim, uses_cpu_offload(ds))
     scheduler = build_scheduler(optimizer, total_steps, warmup, s.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     float_dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
@@ -298,7 +307,8 @@ def train_step(st: Stage, batches: Iterator[Batch], ctx: DistContext, guard: Non
     group = [next(batches) for _ in range(ga)]
     # Every loss term's count over the global batch, from the host copies: one all-reduce per step, no device sync.
     global_counts = all_sum([sum(col) for col in zip(*(st.loss.counts(b) for b in group))], ctx.device)
-    stats = StepStats(lr=st.scheduler.get_last_lr()[0])  # the lr this step uses (the scheduler steps after it)
+    # the lr this step uses (the scheduler steps after it), before any optim.lr_scale factor
+    stats = StepStats(lr=base_lr(st.scheduler.optimizer, st.scheduler.get_last_lr()))
     done = 0
     while done < ga:
         batch = group.pop(0) if group else next(batches)  # a skipped micro-batch is replaced by the next one
@@ -424,6 +434,8 @@ def _log_start(st: Stage, ctx: DistContext, log: MetricsLogger, resumed_from: st
         f"{'bf16' if st.float_dtype == torch.bfloat16 else 'fp32'}, backends {getattr(st.model, 'backends', '')}"
         f"{', activation checkpointing' if st.cfg.model.activation_checkpointing else ''}"
     )
+    if lrs := describe_lrs(st.scheduler.optimizer):
+        log.info(lrs)
     if resumed_from:
         log.info(f"resumed at step {state.global_step} from {resumed_from}")
 
@@ -438,6 +450,7 @@ def _log_step(
     scalars = {
         "loss": state.last_loss,
         "lr": stats.lr,
+        **lr_by_group(st.scheduler.optimizer, stats.lr),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         **window.scalars(),
         "samples": state.samples,
