@@ -106,7 +106,12 @@ def test_trains_exports_and_evaluates(workdir, method, monkeypatch):
     losses = [json.loads(x)["loss"] for x in (last / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     ev = json.loads((run / "eval.json").read_text())
-    assert ev["n"] == 8 and 0 <= ev["accuracy"] <= 100
+    assert ev["n"] == 8
+    for key, name in (("accuracy", "eval_predictions.jsonl"), ("accuracy_no_image", "eval_predictions_no_image.jsonl")):
+        # the reported figure is the one its per-sample records give (8 distinct held-out samples, each scored)
+        recs = [json.loads(x) for x in (run / name).read_text().splitlines() if x.strip()]
+        assert len({r["key"] for r in recs}) == len(recs) == 8, name
+        assert ev[key] == round(100.0 * sum(r["pred"] == r["answer"] for r in recs) / len(recs), 2), (key, recs)
     monkeypatch.setenv("PILL_TINY_DIR", str(workdir / "tiny"))
     model = load_export(last / "export", "tiny", "tiny", dtype=torch.float32)  # loadable without DeepSpeed
     assert type(model).method == method
