@@ -55,6 +55,7 @@ from pipeline.training.evaluate import evaluate_export  # noqa: E402
 from pipeline.training.loop import NonFiniteLossError, StageResult, run_stage  # noqa: E402
 from pipeline.training.optim import check_lr_scale  # noqa: E402
 from pipeline.training.presets import resolve_preset, run_prepare_steps  # noqa: E402
+from pipeline.training.run_record import check_rerun, write_record  # noqa: E402
 
 DEFAULT_PRESET = "demo"
 EXIT_CONFIG, EXIT_NONFINITE = 2, 3
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", default=None, help="auto (default: continue from the run dir), never, or a checkpoint directory"
     )
     p.add_argument(
+        "--resume-changed",
+        action="store_true",
+        help="continue a run dir although the config differs from its config.json in data, task, routing, lr, ...; "
+        "the changes are recorded in <output_dir>/config_history.jsonl (shape or method changes stay refused)",
+    )
+    p.add_argument(
         "--print-config",
         action="store_true",
         help="print every field of the resolved config with its "
@@ -118,6 +125,7 @@ def validate_before_launch(cfg: TrainConfig, raw_ds: dict, world_size: int) -> N
     for i, s in enumerate(cfg.stages):
         fill_ds_config(raw_ds, cfg, s, plan_batch(s, world_size, f"stages[{i}]"), device)
     check_paths(cfg)
+    check_lr_scale(cfg)  # optim.lr_scale names groups of the method (built on the meta device)
 
 
 def check_llm_source(llm_path: str, max_length: int) -> None:
@@ -125,7 +133,6 @@ def check_llm_source(llm_path: str, max_length: int) -> None:
     installed) or a .gguf file transformers can read. Only metadata is read; nothing is converted here."""
     try:
         if str(llm_path) == "smollm2":
-    check_lr_scale(cfg)  # optim.lr_scale names groups of the method (built on the meta device)
             smollm2_gguf()
         elif str(llm_path).endswith(".gguf"):
             check_llm(read_gguf_config(Path(llm_path)), source=f"model.llm_path={llm_path}")
@@ -191,8 +198,9 @@ def check_sliding_window(llm_config: dict, max_length: int, source: str) -> None
         )
 
 
-def configure(args: argparse.Namespace) -> tuple[TrainConfig, dict] | int:
-    """The resolved config and DeepSpeed config, checked; or the exit code (--print-config, a config error)."""
+def configure(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict | None] | int:
+    """The resolved config and DeepSpeed config, checked, and the rerun's accepted config changes (run_record); or
+    the exit code (--print-config, a config error)."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     try:
         cfg = resolve_config(args)
@@ -200,11 +208,12 @@ def configure(args: argparse.Namespace) -> tuple[TrainConfig, dict] | int:
             return 0
         raw_ds = load_ds_config(resolve_preset(args.ds_config or "zero2", "ds_configs", ".json"))
         validate_before_launch(cfg, raw_ds, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
+        history = check_rerun(cfg, stage_dirs(cfg), args.resume_changed)  # before any process starts
     except ConfigError as e:
         if rank == 0:
             print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    return cfg, raw_ds
+    return cfg, raw_ds, history
 
 
 def run_stages(cfg: TrainConfig, raw_ds: dict, ctx: DistContext, preempt: PreemptionFlag) -> list[StageResult]:
@@ -224,12 +233,13 @@ def run_stages(cfg: TrainConfig, raw_ds: dict, ctx: DistContext, preempt: Preemp
     return results
 
 
-def train_and_evaluate(cfg: TrainConfig, raw_ds: dict, ctx: DistContext, preempt: PreemptionFlag) -> None:
+def train_and_evaluate(
+    cfg: TrainConfig, raw_ds: dict, ctx: DistContext, preempt: PreemptionFlag, history: dict | None = None
+) -> None:
     t0 = time.time()
     run_prepare_steps(cfg.prepare, ctx.is_main)
     if ctx.is_main:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        write_record(cfg, history)  # config.json once, by the first run; a rerun's accepted changes
     results = run_stages(cfg, raw_ds, ctx, preempt)
     eval_result = None
     if cfg.eval.enabled and cfg.stages[-1].eval_shards:
@@ -244,14 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     configured = configure(args)
     if isinstance(configured, int):
         return configured
-    cfg, raw_ds = configured
+    cfg, raw_ds, history = configured
     ctx = init_distributed(args.local_rank)
     preempt = PreemptionFlag().install()
+    preempt.watch_launcher()  # `deepspeed` does not forward SIGTERM: its end is this rank's stop request
     if _EARLY_SIGNALS:
         preempt.signum = _EARLY_SIGNALS[0]
     preempted = False
     try:
-        train_and_evaluate(cfg, raw_ds, ctx, preempt)
+        train_and_evaluate(cfg, raw_ds, ctx, preempt, history)
         return 0
     except Preempted:
         preempted = True

@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -258,6 +259,17 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: SIGTERM / SIGUSR1 are the main process's to act on (checkpoint, exit 99).
+
+    `kill -- -PGID`, `timeout`, DeepSpeed's launcher and Slurm's step teardown signal every process of the job,
+    workers included; a worker that dies of it makes the DataLoader raise in the main process before it can
+    checkpoint. The workers still end with the main process: the DataLoader shuts them down, and they exit by
+    themselves when it dies (torch's manager watchdog)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PillLoader:
     """Iterable over one epoch of batches per `iter()`; knows its position for checkpoints.
 
@@ -344,6 +356,8 @@ class PillLoader:
             if self.prefetch_factor:
                 kwargs["prefetch_factor"] = self.prefetch_factor
         # Workers are re-created per epoch (not persistent), so they see the epoch/start_batch set above.
+        if nw > 0:
+            kwargs["worker_init_fn"] = ignore_stop_signals
         dl = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity, pin_memory=self.pin_memory, **kwargs)
         for b, (worker, skipped, shards) in dl:
             self._skips_now[worker] = skipped

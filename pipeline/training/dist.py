@@ -7,6 +7,12 @@ run is a world of one. CPU runs use gloo (DS_ACCELERATOR=cpu), CUDA runs nccl: t
 Signals: SIGTERM (Slurm's pre-preemption warning) and SIGUSR1 only set a flag. The loop checks it after each
 optimizer step with an all-reduce, so every rank agrees on the step at which to stop, all ranks join the save,
 and the process exits with EXIT_PREEMPTED (99, "preempted, resumable").
+
+DeepSpeed's `deepspeed` command (launcher/runner.py) does not forward SIGTERM on one node: it dies (143) while its
+child launcher/launch.py and the ranks would train on as orphans. So a rank started by it watches that chain of
+launcher processes (`watch_launcher`) and treats the end of any of them as a stop request: checkpoint, exit 99.
+launch.py itself, when signalled, SIGTERMs every process under it (ranks and DataLoader workers; the workers
+ignore it, pipeline.data.loader.ignore_stop_signals) and SIGKILLs them 30 s later.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -120,6 +129,59 @@ class PreemptionFlag:
     @property
     def raised(self) -> bool:
         return self.signum is not None
+
+    def watch_launcher(self, interval: float = 0.5) -> list[int]:
+        """Set the flag (as SIGTERM) when a DeepSpeed launcher process above this rank ends; returns their pids."""
+        chain = launcher_chain()
+        if not chain:
+            return []
+        ppid = os.getppid()
+
+        def poll() -> None:
+            while self.signum is None:
+                if os.getppid() != ppid or not all(_alive(pid, start) for pid, start in chain):
+                    self.signum = signal.SIGTERM
+                    return
+                time.sleep(interval)
+
+        threading.Thread(target=poll, name="launcher-watch", daemon=True).start()
+        return [pid for pid, _ in chain]
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, start time) of a process from /proc (None: gone, or no /proc)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int, start: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X") and st[2] == start
+
+
+def launcher_chain() -> list[tuple[int, int]]:
+    """(pid, start time) of the DeepSpeed launcher processes above this one: launch.py and the `deepspeed` runner
+    that started it; empty when the parent is not DeepSpeed's launch.py (srun, torchrun, a shell)."""
+    chain = []
+    pid = os.getppid()
+    while pid > 1 and len(chain) < 2 and "deepspeed" in _cmdline(pid):
+        st = _stat(pid)
+        if st is None:
+            break
+        chain.append((pid, st[2]))
+        pid = st[1]
+    return chain if chain and "deepspeed.launcher.launch" in _cmdline(chain[0][0]) else []
 
 
 class Preempted(Exception):

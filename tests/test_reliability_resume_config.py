@@ -1,0 +1,76 @@
+"""Resume checks what it resumes (issue 28, item 3): config.json is written once, by the first run; a rerun into
+the run dir is compared with it field by field. Shape / method changes exit 2 naming the fields; semantic changes
+exit 2 unless --resume-changed, which records them in config_history.jsonl; a finished stage with a changed
+definition exits 2 instead of a silent no-op."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.reliability import build_workdir, losses, run, train_cmd, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A finished 2-step single-stage run (checkpoint at step 2, result.json)."""
+    workdir = build_workdir(tmp_path_factory.mktemp("rel_resume"))
+    p = run(train_cmd(write_config(workdir, "base", **{"stages.0.max_steps": 2})), workdir)
+    assert p.returncode == 0, p.stdout[-4000:]
+    return workdir
+
+
+def _copy(base, name, finished=True):
+    dst = base / name
+    shutil.copytree(base / "base", dst)
+    if not finished:  # as if stopped after the step-2 checkpoint of a longer run
+        (dst / "result.json").unlink()
+    return dst
+
+
+def _config_error(p) -> str:
+    lines = [x for x in p.stdout.splitlines() if x.startswith("config error:")]
+    assert p.returncode == 2 and len(lines) == 1, p.stdout[-4000:]
+    return lines[0]
+
+
+def test_shape_change_exits_2_naming_the_field_even_with_resume_changed(base):
+    run_dir = _copy(base, "shape", finished=False)
+    record = (run_dir / "config.json").read_text()
+    cfg = write_config(base, "shape", **{"stages.0.max_steps": 4, "model.options.rank": 4})
+    msg = _config_error(run(train_cmd(cfg, "--resume-changed"), base))
+    assert "model.options.rank" in msg and "8 -> 4" in msg, msg
+    assert (run_dir / "config.json").read_text() == record  # a refused rerun leaves the record alone
+
+
+def test_semantic_change_exits_2_unless_resume_changed_which_records_it(base):
+    run_dir = _copy(base, "semantic", finished=False)
+    record = (run_dir / "config.json").read_text()
+    over = {"stages.0.max_steps": 4, "model.options.invert_last_layer_routing": False, "stages.0.lr": 5e-3}
+    cfg = write_config(base, "semantic", **over)
+    msg = _config_error(run(train_cmd(cfg), base))
+    assert "model.options.invert_last_layer_routing" in msg and "stages.0.lr" in msg and "--resume-changed" in msg
+    assert (run_dir / "config.json").read_text() == record
+
+    p = run(train_cmd(cfg, "--resume-changed"), base)
+    assert p.returncode == 0, p.stdout[-4000:]
+    assert "resumed at step 2" in p.stdout
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+    assert (run_dir / "config.json").read_text() == record  # still what the first run trained with
+    (line,) = (run_dir / "config_history.jsonl").read_text().splitlines()
+    h = json.loads(line)
+    assert h["changes"]["stages.0.lr"] == {"old": 0.01, "new": 0.005}
+    assert h["changes"]["model.options.invert_last_layer_routing"]["new"] is False
+    assert "step_00000002" in h["resumed_from"].values()
+
+
+def test_finished_stage_rerun_with_a_changed_definition_exits_2(base):
+    run_dir = _copy(base, "finished")
+    cfg = write_config(base, "finished", **{"stages.0.max_steps": 2, "stages.0.task": "auto"})
+    msg = _config_error(run(train_cmd(cfg, "--resume-changed"), base))
+    assert "stages.0.task" in msg and "finished" in msg, msg
+    assert not (run_dir / "config_history.jsonl").exists()
