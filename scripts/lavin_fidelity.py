@@ -116,7 +116,8 @@ def authors_model(lavin, ours: LaVIN, seqlen: int):
             blk.attention_norm.weight.copy_(base.input_layernorm.weight)
             blk.ffn_norm.weight.copy_(base.post_attention_layernorm.weight)
             r = blk.adapter_attn
-            for dst, src in ((r.conv_A, ad.down), (r.conv_B, ad.up[0]), (r.conv_D, ad.up[1]), (r.expert_weights, ad.router)):
+            pairs = ((r.conv_A, ad.down), (r.conv_B, ad.up[0]), (r.conv_D, ad.up[1]), (r.expert_weights, ad.router))
+            for dst, src in pairs:
                 dst.load_state_dict(src.state_dict())
         t.norm.weight.copy_(llm.norm.weight)
         t.output.weight.copy_(ours.llm.lm_head.weight)
@@ -178,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     feats = torch.randn(1, K, W, generator=g)
     t = authors_model(lavin, model, 64)
     frozen = llm(torch.cat([bos_rest[:1], prefix_txt, bos_rest[1:]])[None]).logits.detach()
-    print(f"zero init, text-only row vs the frozen LLM: ours {rel(ours_logits(model, bos_rest, prefix_txt, feats, False), frozen):.2e}"
-          f"  theirs {rel(theirs_logits(t, bos_rest, prefix_txt, feats, False), frozen):.2e}")  # fmt: skip
+    ours0 = rel(ours_logits(model, bos_rest, prefix_txt, feats, False), frozen)
+    theirs0 = rel(theirs_logits(t, bos_rest, prefix_txt, feats, False), frozen)
+    print(f"zero init, text-only row vs the frozen LLM: ours {ours0:.2e}  theirs {theirs0:.2e}")
     for label in ("zero init", "every trainable random"):
         if label != "zero init":
             with torch.no_grad():
