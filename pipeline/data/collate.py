@@ -25,6 +25,7 @@ from pipeline.data.prompts import PromptError, count_markers, detect_task, rende
 from pipeline.data.records import SkipCounter
 from pipeline.data.tokenize import IGNORE, Encoded, conversation_pieces, encode_pieces
 from pipeline.data.transforms import (
+    ImageTooLarge,
     decode_features,
     decode_image,
     feature_exts,
@@ -62,6 +63,8 @@ class Collator:
             if enc is None:
                 _skip(counter, r, "too_long", f"max_length={self.cfg.max_length}")
                 continue
+            if enc.cut_tokens and not self._overflow(r, enc, counter):
+                continue
             rows.append(enc)
             sources.append(r.get("__source__", 0))
             images += vis[: enc.n_images]  # images cut by truncation leave with their positions
@@ -87,6 +90,17 @@ class Collator:
             num_samples=len(rows),
             meta=tuple(meta) if self.with_meta else None,
         )
+
+    def _overflow(self, r: dict[str, Any], enc: Encoded, counter: SkipCounter) -> bool:
+        """A sample longer than max_length, by data.on_overflow: True to keep it truncated (counted per source)."""
+        detail = f"{enc.cut_tokens} tokens ({enc.cut_answer_tokens} answer) past max_length={self.cfg.max_length}"
+        if self.cfg.on_overflow == "error":
+            raise ValueError(f"{r['__shard__']} key {r['__key__']}: {detail} (data.on_overflow=error)")
+        if self.cfg.on_overflow == "skip":
+            _skip(counter, r, "too_long", detail)
+            return False
+        counter.truncated(r.get("__source__", 0), enc.cut_answer_tokens, r["__shard__"], r["__key__"], detail)
+        return True
 
     def _prepare(self, r: dict[str, Any], counter: SkipCounter) -> tuple[list[tuple], list[np.ndarray]] | None:
         """Prompt pieces and decoded visual inputs (in marker order) of one record, or None (counted)."""
@@ -122,7 +136,9 @@ class Collator:
                         raise ValueError(f"{f.shape[0]} query tokens, expected {self.K}")
                     visual.append(f)
                 else:
-                    visual.append(decode_image(r[e], self.cfg.image_size))
+                    visual.append(decode_image(r[e], self.cfg.image_size, max_pixels=self.cfg.max_image_pixels))
+            except ImageTooLarge as err:
+                return _skip(counter, r, "image_too_large", f".{e}: {err}")
             except Exception as err:  # numpy / torch / PIL raise many types on bad bytes
                 reason = "bad_features" if feat_e else "undecodable_image"
                 return _skip(counter, r, reason, f".{e}: {type(err).__name__}: {err}")

@@ -14,6 +14,7 @@ from typing import Literal, get_args
 TASKS = ("auto", "caption", "scienceqa", "chat")
 SQA_FORMATS = ("QCM-A", "QCM-ALE")
 IMAGE_INPUTS = ("auto", "pixels", "features")
+OVERFLOW = ("truncate", "skip", "error")
 PromptFormat = Literal["auto", "llama2", "chat_template"]
 PROMPT_FORMATS: tuple[str, ...] = get_args(PromptFormat)
 DEFAULT_SYSTEM = (
@@ -76,6 +77,12 @@ class DataConfig:
     """concatenate the batch into one row with cu_seqlens / position_ids instead of padding"""
     log_skips: int = 20
     """log the first N skips per reason and worker with shard and key (all are counted)"""
+    on_overflow: str = "truncate"
+    """a sample longer than max_length: truncate (counted per source: samples, answer tokens lost), skip (counted
+    as too_long) or error (stop, naming the shard and key)"""
+    max_image_pixels: int = 64_000_000
+    """images with more pixels (width x height, read from the header before decoding) are refused and counted as
+    image_too_large: a small PNG can decode to gigabytes"""
 
     def __post_init__(self) -> None:
         for name, lo in (
@@ -88,6 +95,11 @@ class DataConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"data.{name} must be an integer >= {lo}, got {v!r}")
+        if self.on_overflow not in OVERFLOW:
+            raise ValueError(f"data.on_overflow must be {'|'.join(OVERFLOW)}, got {self.on_overflow!r}")
+        px = self.max_image_pixels
+        if isinstance(px, bool) or not isinstance(px, int) or px < 1:
+            raise ValueError(f"data.max_image_pixels must be an integer >= 1, got {self.max_image_pixels!r}")
         if self.image_input not in IMAGE_INPUTS:
             raise ValueError(f"data.image_input must be {'|'.join(IMAGE_INPUTS)}, got {self.image_input!r}")
         if self.prompt_format not in PROMPT_FORMATS:

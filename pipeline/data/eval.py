@@ -43,6 +43,8 @@ from pipeline.data.records import SkipCounter, iter_tar, parse_json
 from pipeline.data.shardlists import expand_shards
 from pipeline.data.tokenize import encode_prompt
 from pipeline.data.transforms import (
+    ImageTooLarge,
+    check_image_pixels,
     decode_features,
     decode_image,
     default_mean_std,
@@ -76,7 +78,8 @@ def _visual_inputs(r: dict[str, Any], feat_e: list[str], img_e: list[str], cfg: 
     if feat_e:
         return {"image_features": torch.from_numpy(np.stack([decode_features(r[e], e) for e in feat_e])).float()}
     mean, std = cfg.image_mean or IMAGE_MEAN, cfg.image_std or IMAGE_STD
-    return {"pixel_values": normalise([decode_image(r[e], cfg.image_size) for e in img_e], mean, std, cfg.image_size)}
+    imgs = [decode_image(r[e], cfg.image_size, max_pixels=cfg.max_image_pixels) for e in img_e]
+    return {"pixel_values": normalise(imgs, mean, std, cfg.image_size)}
 
 
 def iter_eval_samples(
@@ -109,6 +112,9 @@ def iter_eval_samples(
                 continue
             try:
                 out = _visual_inputs(r, feat_e, img_e, cfg)
+            except ImageTooLarge as e:
+                counter.skip("image_too_large", url, key, str(e))
+                continue
             except Exception as e:  # PIL / numpy raise many types on bad bytes
                 counter.skip("bad_features" if feat_e else "undecodable_image", url, key, f"{type(e).__name__}: {e}")
                 continue
@@ -232,14 +238,23 @@ def rerender_without_image(prompt: Prompt, model, data_cfg=None, prompt_format: 
     )
 
 
-def image_tensor(path: str | Path, model) -> torch.Tensor:
-    """(1, 3, S, S) pixel_values with the training transform (BLIP-2 eval transform, the VPG's image size)."""
+def image_tensor(path: str | Path, model, max_pixels: int | None = DataConfig.max_image_pixels) -> torch.Tensor:
+    """(1, 3, S, S) pixel_values with the training transform (BLIP-2 eval transform, the VPG's image size).
+
+    ImageTooLarge (a ValueError naming the file) for an image over `max_pixels`, before decoding; ValueError naming
+    the file for one that is not an image."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     size = model.vpg.image_size if model.vpg is not None else 224
     mean, std = default_mean_std()
-    return normalise([decode_image(path.read_bytes(), size)], mean, std, size)
+    data = path.read_bytes()
+    check_image_pixels(data, max_pixels, str(path))
+    try:
+        arr = decode_image(data, size)
+    except Exception as e:  # PIL raises many types on bytes that are not an image
+        raise ValueError(f"image {path}: cannot be decoded ({type(e).__name__}: {e})") from None
+    return normalise([arr], mean, std, size)
 
 
 def chat_prompt(

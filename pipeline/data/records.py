@@ -38,6 +38,7 @@ SKIP_REASONS = (
     "unsupported_image",
     "image_count_mismatch",
     "bad_features",
+    "image_too_large",  # more than data.max_image_pixels in its header: refused before decoding
     # batch
     "too_long",
     "empty_batch",
@@ -79,6 +80,18 @@ class SkipCounter:
                 detail,
                 " [further skips of this reason are only counted]" if n == self.log_first else "",
             )
+
+    def truncated(self, source: int, answer_tokens: int, shard: str, key: str = "", detail: str = "") -> None:
+        """A sample kept but cut to data.max_length: counted per source (`truncated/<i>`) with the answer tokens
+        it lost (`truncated_answer_tokens/<i>`); once per (shard, key) and epoch, logged like a skip."""
+        if ("truncated", shard, key) in self._seen:
+            return
+        self._seen.add(("truncated", shard, key))
+        self.counts[f"truncated/{source}"] += 1
+        self.counts[f"truncated_answer_tokens/{source}"] += answer_tokens
+        n = sum(v for k, v in self.counts.items() if k.startswith("truncated/"))
+        if n <= self.log_first:
+            log.warning("data: truncated to max_length shard=%s key=%s %s", shard, key, detail)
 
     def take_shards(self) -> list[str]:
         out, self.shards_opened = self.shards_opened, []
@@ -204,6 +217,7 @@ def read_piece(piece: Piece, counter: SkipCounter, count: bool = True) -> Iterat
     n = 0
     hi = piece.hi
     to_end = hi is None or (piece.total is not None and hi >= piece.total)
+    held = None  # the shard's last usable record, yielded after the trailing members are read and counted
     for r in iter_tar(piece.url, counter, count=count and piece.owns_head, lazy=True):
         meta, reason, detail = json_of(r)
         owned = piece.lo <= n and (hi is None or n < hi or to_end)
@@ -225,4 +239,11 @@ def read_piece(piece: Piece, counter: SkipCounter, count: bool = True) -> Iterat
         r["__count__"] = count
         if not _loaded(r, counter, count):
             return
+        if to_end and piece.total is not None and pos == piece.total - 1:
+            # A consumer that has its quota stops pulling after this record: read on first, so that trailing
+            # records without (valid) json in the last shard are counted too.
+            held = r
+            continue
         yield r
+    if held is not None:
+        yield held

@@ -38,6 +38,8 @@ class Encoded:
     labels: np.ndarray  # (L,) int64
     modality_mask: np.ndarray  # (L,) bool
     n_images: int  # images kept after truncation (0 or 1 per marker)
+    cut_tokens: int = 0  # tokens dropped by truncation to max_length
+    cut_answer_tokens: int = 0  # of which answer (trained) tokens
 
 
 # piece kinds: ("bos",), ("eos", train), ("text", str, train), ("image",)
@@ -117,19 +119,21 @@ def encode_pieces(
                 train.append(p[0] == "eos" and p[1])
                 vis.append(False)
         n_img = len(img_starts)
+        cut_tokens = cut_answer = 0
         if max_length is not None and len(ids) > max_length:
             cut = max_length
             for s in img_starts:
                 if s < cut < s + K:  # never a partial image
                     cut = s
             n_img = sum(1 for s in img_starts if s + K <= cut)
+            cut_tokens, cut_answer = len(ids) - cut, sum(train[cut:])
             ids, train, vis = ids[:cut], train[:cut], vis[:cut]
         arr = np.asarray(ids, dtype=np.int64)
         tr = np.asarray(train, dtype=bool)
         if max_length is not None and not tr.any() and any(_trained(p) for p in pieces):
             out.append(None)
             continue
-        out.append(Encoded(arr, np.where(tr, arr, IGNORE), np.asarray(vis, dtype=bool), n_img))
+        out.append(Encoded(arr, np.where(tr, arr, IGNORE), np.asarray(vis, dtype=bool), n_img, cut_tokens, cut_answer))
     return out
 
 

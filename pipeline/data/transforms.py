@@ -90,10 +90,34 @@ def dct_scale(width: int, height: int, size: int, margin: float | None = None) -
     return next((m for m in DCT_SCALES if width * m >= need * 8 and height * m >= need * 8), 8)
 
 
-def decode_image(data: bytes, size: int, turbo: bool | None = None) -> np.ndarray:
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than allowed (refused before decoding)."""
+
+
+def check_image_pixels(data: bytes, max_pixels: int | None, where: str = "image") -> None:
+    """Refuse an image with more than `max_pixels` pixels from its header alone (nothing is decoded)."""
+    if max_pixels is None:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that counts
+            w, h = Image.open(io.BytesIO(data)).size  # lazy: reads the header only
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{where}: {e}") from None
+    except (OSError, ValueError):
+        return  # not an image PIL can read: decode_image reports it
+    if w * h > max_pixels:
+        raise ImageTooLarge(
+            f"{where}: {w}x{h} = {w * h:,} pixels > data.max_image_pixels={max_pixels:,} (refused before decoding)"
+        )
+
+
+def decode_image(data: bytes, size: int, turbo: bool | None = None, max_pixels: int | None = None) -> np.ndarray:
     """bytes -> (size, size, 3) uint8: JPEG at reduced DCT scale when >= DCT_MARGIN x size, then the bicubic resize.
 
-    `turbo`: decode JPEG with simplejpeg (default: when installed); False or not installed: Pillow."""
+    `turbo`: decode JPEG with simplejpeg (default: when installed); False or not installed: Pillow. `max_pixels`:
+    ImageTooLarge for a larger image, from its header, before any decoding."""
+    check_image_pixels(data, max_pixels)
     decoded = None
     if (JPEG_TURBO if turbo is None else turbo) and simplejpeg is not None and data[:3] == _SOI:
         decoded = _decode_turbo(data, size)

@@ -13,6 +13,7 @@ usable sample in them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,7 +73,13 @@ class StageData:
         self.batch_size = micro_batch_size
         self.world_size = ctx.world_size
         self.samples_per_epoch = self.loader.samples_per_epoch
+        self.n_sources = len(sources)
         self._pending = 0
+
+    def steps_for_epochs(self, epochs: float, grad_accum: int) -> int:
+        """Optimizer steps in `epochs` passes: whole steps inside the passes (rounding up would start one more pass
+        for the last step, reading and counting its samples, skipped ones included, a second time)."""
+        return max(1, math.floor(epochs * len(self.loader) / grad_accum))
 
     def batches(self) -> Iterator[dict[str, Any]]:
         """Endless: the loader advances its epoch itself at the end of each pass."""
@@ -136,13 +143,16 @@ class StageData:
 
     # ---- counters -----------------------------------------------------------------------------------------------
     def skip_counters(self, device: torch.device) -> dict[str, int]:
-        """Skipped samples by reason, summed over ranks (collective; reasons aligned by a fixed sorted list)."""
+        """Skipped samples by reason, and samples truncated to data.max_length per source with the answer tokens
+        they lost, summed over ranks (collective; keys aligned by one fixed list on every rank)."""
         local = self.loader.skipped()
-        known = (*SKIP_REASONS, "other")  # one fixed order on every rank, whatever reasons each has seen
+        cut = [f"{k}/{i}" for k in ("truncated", "truncated_answer_tokens") for i in range(self.n_sources)]
+        known = (*SKIP_REASONS, *cut, "other")  # one fixed order on every rank, whatever reasons each has seen
         counts = [0.0] * len(known)
         for r, n in local.items():
             counts[known.index(r) if r in known else len(known) - 1] += n
-        total = all_sum(counts, device)
-        out = {f"skipped/{r}": int(n) for r, n in zip(known, total) if n}
-        out["skipped_samples"] = int(sum(total))
+        total = dict(zip(known, all_sum(counts, device)))
+        out = {f"skipped/{r}": int(total[r]) for r in (*SKIP_REASONS, "other") if total[r]}
+        out["skipped_samples"] = sum(out.values())
+        out.update({k: int(total[k]) for k in cut if total[k]})
         return out

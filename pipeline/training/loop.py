@@ -205,7 +205,7 @@ def setup_stage(
     total_steps = (
         s.max_steps
         if s.max_steps is not None
-        else max(1, math.ceil(s.epochs * data.samples_per_epoch / plan.global_batch_size))
+        else data.steps_for_epochs(s.epochs, plan.grad_accum)
     )
     lr = peak_lr(s, plan)
     warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total_steps)
