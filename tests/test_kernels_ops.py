@@ -6,11 +6,13 @@ reference inside the op; the compiler backend is aot_eager (the graph capture is
 """
 
 import importlib
+import inspect
+import pkgutil
 
 import pill_kernels
 import pytest
 import torch
-from pill_kernels import ops
+from pill_kernels import attention, ops
 from pill_kernels import routed_adapter as ra
 from pill_kernels.attention import op as attn_op
 
@@ -125,3 +127,13 @@ def test_both_import_names_register_their_own_ops():
             "routed_swiglu_adapter_bwd",
         ):
             assert hasattr(namespace, name), f"{ns}::{name}"
+
+
+def test_no_package_attribute_shadows_a_module():
+    """`pill_kernels.gated_attention` is the function and no module hides behind a name of the package (the old
+    kernels/gated_attention.py was reachable only through importlib): every submodule name is either unset or
+    that module."""
+    for pkg in (pill_kernels, attention):
+        for info in pkgutil.iter_modules(pkg.__path__):
+            attr = getattr(pkg, info.name, None)
+            assert attr is None or inspect.ismodule(attr), f"{pkg.__name__}.{info.name} is {attr!r}"
