@@ -25,7 +25,6 @@ non-empty "prompt" string, exits with status 2 naming the file and line.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -36,9 +35,9 @@ from typing import Any
 import torch
 
 from pipeline.data.config import PROMPT_FORMATS
-from pipeline.data.prompts import IMAGE, Conversation, prompt_format_problem
+from pipeline.data.prompts import Conversation, prompt_format_problem
 from pipeline.data.tokenize import encode_prompt
-from pipeline.eval.retention import Sampling, llm_answers
+from pipeline.eval.retention import PromptFileError, Sampling, llm_answers, read_prompt_file
 from pipeline.generate import stop_ids
 from pipeline.model import load_llm
 from pipeline.model.frozen import default_dtype, is_materialised_source
@@ -46,10 +45,6 @@ from shards.common import json_bytes
 from shards.writer import Sample, SkipSample, WriterConfig, add_writer_args, sanitize_key, summary, write_shards
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class PromptFileError(ValueError):
-    """A replay prompt file that cannot be read; the message names the file and line."""
 
 
 @dataclass
@@ -62,32 +57,6 @@ class FrozenLM:
 
 def shipped_prompts() -> Path:
     return Path(str(resources.files("shards").joinpath("data/replay_prompts.jsonl")))
-
-
-def read_prompts(path: Path) -> list[dict[str, str]]:
-    """[{"id", "prompt"}] from a JSONL file; blank lines are skipped, anything else malformed raises
-    PromptFileError naming `path:line`."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PromptFileError(f"{path}: cannot read the prompt file: {e}") from None
-    rows: list[dict[str, str]] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptFileError(f'{path}:{n}: not a JSON line ({e.msg}); expected {{"prompt": "..."}}') from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-            got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-            raise PromptFileError(f'{path}:{n}: needs a non-empty string field "prompt" (got {got})')
-        if IMAGE in rec["prompt"]:
-            raise PromptFileError(f"{path}:{n}: a replay prompt is text-only; it must not contain {IMAGE}")
-        rows.append({"id": str(rec.get("id", f"line{n}")), "prompt": rec["prompt"]})
-    if not rows:
-        raise PromptFileError(f'{path}: no prompts (one JSON object with a "prompt" field per line)')
-    return rows
 
 
 def make_sample(item: dict[str, Any], keep_truncated: bool) -> Sample:
@@ -169,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     prompts_path = a.prompts or shipped_prompts()
     try:
-        rows = read_prompts(prompts_path)
+        rows = read_prompt_file(prompts_path)
     except PromptFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.data.prompts import detect_task
+from pipeline.eval.retention import read_prompt_file
 from shards import replay, replay_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +66,7 @@ def reference_answer(llm, tok, prompt: str, max_new_tokens: int) -> tuple[str, b
 def test_answers_are_the_frozen_llms_greedy_answers(chat_llm, tmp_path):
     """Prompts of different lengths in left-padded batches of 3: each shard answer equals transformers' generate on
     that prompt alone; the sample is a text-only human/gpt conversation."""
-    texts = [r["prompt"] for r in replay.read_prompts(replay.shipped_prompts())[:7]]
+    texts = [r["prompt"] for r in read_prompt_file(replay.shipped_prompts())[:7]]
     prompts = write_prompts(tmp_path / "p.jsonl", texts)
     argv = ["--llm", str(chat_llm), "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--no-progress"]
     assert replay.main([*argv, "--max-new-tokens", "12", "--batch-size", "3", "--keep-truncated"]) == 0
@@ -77,6 +79,7 @@ def test_answers_are_the_frozen_llms_greedy_answers(chat_llm, tmp_path):
         answer, stopped = reference_answer(llm, tok, text, 12)
         assert r["conversations"] == [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]
         assert r["has_image"] is False and r["source"] == "replay" and r["replay"]["stopped"] == stopped
+        assert detect_task(r) == "chat"  # trained as an instruction, not skipped as a caption without its image
     index = json.loads((tmp_path / "out" / "replay-index.json").read_text())
     assert index["total_samples"] == 7 and index["replay"]["temperature"] == 0.0
     assert index["replay"]["max_new_tokens"] == 12 and index["content"] == "text"
@@ -132,7 +135,7 @@ def _grams(text: str, n: int = 8) -> set[tuple[str, ...]]:
 
 
 def test_the_shipped_set_is_large_varied_and_disjoint_from_the_retention_prompts():
-    rows = replay.read_prompts(replay.shipped_prompts())
+    rows = read_prompt_file(replay.shipped_prompts())
     prompts = [r["prompt"] for r in rows]
     assert len(prompts) >= 500 and len(set(prompts)) == len(prompts) and len({r["id"] for r in rows}) == len(rows)
     assert len({p.split()[0] for p in prompts}) >= 15  # many instruction forms, not one template
