@@ -15,12 +15,92 @@ Legend: B batch, T new tokens, D width.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from pipeline.model.base import MethodOutput
+from pipeline.model.base import FrozenLLMMethod, MethodOutput
 from pipeline.model.batch import Batch
-from pipeline.model.seq import PeerCache, SeqContext, frozen_layer
+from pipeline.model.clip import check_layers, evenly_spaced_layers
+from pipeline.model.frozen import check_llm
+from pipeline.model.seq import PeerCache, SeqContext, frozen_layer, resolve_attn_backend
+
+VIT_L_LAYERS, VIT_L_WIDTH, VIT_L_PATCHES = 24, 1024, 256  # CLIP ViT-L/14 at 224 px: shapes without a front end
+
+
+def take_cls_shape(cfg: Any, clip: Any, n_default: int, what: str) -> None:
+    """Fill a CLS-reading config's sizes from the CLIP front end (ViT-L/14 without one): `clip_layers` (n_default
+    evenly spaced blocks ending at the last), `vision_width`, and `num_query_tokens` = one `what` per listed block
+    (a different value is an error naming the field)."""
+    depth = clip.num_layers if clip is not None else VIT_L_LAYERS
+    if cfg.clip_layers is None:
+        cfg.clip_layers = evenly_spaced_layers(depth, min(n_default, depth))
+    check_layers(cfg.clip_layers, depth, f"{type(cfg).__name__}.clip_layers")
+    if cfg.vision_width is None:
+        cfg.vision_width = clip.width if clip is not None else VIT_L_WIDTH
+    if cfg.num_query_tokens is None:
+        cfg.num_query_tokens = len(cfg.clip_layers)
+    cfg._check(
+        cfg.num_query_tokens == len(cfg.clip_layers),
+        "num_query_tokens",
+        f"must equal len(clip_layers)={len(cfg.clip_layers)} (one {what} per CLS)",
+    )
+
+
+class PeerMethod(FrozenLLMMethod):
+    """Base of the four peers. A subclass builds its modules between `super().__init__` and `self.freeze()`,
+    defines `adapted(batch, cache, use_cache)` (its forward with the adapters on) and, when it uses `run_layers`,
+    a `steps` ModuleList of LayerStep(fn(i, base, x, ctx, state, past) -> (x, kv))."""
+
+    supports_adapters_off = True
+
+    def __init__(self, llm: nn.Module, cfg: Any, vpg: Any = None, tokenizer: Any = None):
+        check_llm(llm.config, source=f"{type(self).__name__}(llm=...)")
+        cfg.take_front_end_shape(vpg)
+        super().__init__(llm, cfg, tokenizer)
+        self.vpg = vpg  # the frozen CLIP front end (pipeline.model.clip); None: precomputed features
+        self.backend: str | None = None
+        """Attention backend (eager | sdpa | triton), resolved from cfg.attn_backend at the first forward."""
+
+    def freeze(self) -> None:
+        """The end of a subclass's __init__: the LLM frozen, requires_grad on the stage's trainable set."""
+        self.llm.requires_grad_(False)
+        self.set_stage(self.cfg.stage)
+
+    def forward(self, batch: Batch, *, cache: PeerCache | None = None, use_cache: bool = False) -> MethodOutput:
+        """Final-normed hidden states (B, T, D) of the batch; `cache`: the previous call's `kv_cache`. Under
+        adapters_off() the frozen LLM on the batch's token ids (frozen_forward)."""
+        if self.backend is None:
+            self.backend = resolve_attn_backend(self.cfg.attn_backend, batch.input_ids.device)
+        if not self.adapters_enabled:
+            return frozen_forward(self.llm, self.backend, batch, cache, use_cache, self.method)
+        check_cache(cache, False, self.method)
+        return self.adapted(batch, cache, use_cache)
+
+    def adapted(self, batch: Batch, cache: PeerCache | None, use_cache: bool) -> MethodOutput:
+        raise NotImplementedError(f"{type(self).__name__} must define adapted(batch, cache, use_cache)")
+
+    def run_layers(self, x: torch.Tensor, ctx: SeqContext, state: Any, cache: PeerCache | None):
+        """x (B, T, D) through every layer's step with the method's per-batch `state`: (x, per-layer caches)."""
+        layers = []
+        for i, base in enumerate(self.llm.model.layers):
+            x, kv = self.steps[i](i, base, x, ctx, state, cache.layers[i] if cache is not None else None)
+            layers.append(kv)
+        return x, layers
+
+    def output(
+        self, x: torch.Tensor, ctx: SeqContext, layers: list, extra: dict, use_cache: bool, gate_abs=None
+    ) -> MethodOutput:
+        """The contract's output: the LLM's final norm of x, and with use_cache the layers' caches + `extra`."""
+        kv_cache = PeerCache(layers, ctx.key_mask, extra) if use_cache else None
+        return MethodOutput(hidden=self.llm.model.norm(x), gate_abs=gate_abs, kv_cache=kv_cache)
+
+    def layer_gate_abs(self, first_adapted: int, per_adapted: torch.Tensor) -> torch.Tensor:
+        """(n_layers,) mean |gate| per layer from the adapted top layers' values (0 below `first_adapted`)."""
+        g = torch.zeros(len(self.llm.model.layers), device=per_adapted.device)
+        g[first_adapted:] = per_adapted.detach()
+        return g
 
 
 def modality(batch: Batch) -> torch.Tensor:

@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, ATTN_BACKEND_CHOICES, AttnMask, dense_mask
-from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec, literal_values
+from pipeline.model.base import MethodConfig, MethodOutput, MethodSpec, literal_values
 from pipeline.model.batch import Batch
-from pipeline.model.frozen import build_method, check_llm, meta_builder
-from pipeline.model.peers.common import check_cache, frozen_forward, modality, seq_context
+from pipeline.model.frozen import build_method, meta_builder
+from pipeline.model.peers.common import VIT_L_WIDTH, PeerMethod, modality, seq_context
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -62,9 +62,6 @@ from pipeline.model.seq import (
     image_rows,
     project_qkv,
 )
-
-VIT_L_WIDTH = 1024
-
 
 # Its attention needs the materialised scores (the excitation rescales them): no fused kernel.
 ExcitorBackend = Literal[tuple(b for b in ATTN_BACKEND_CHOICES if b != "triton")]
@@ -126,16 +123,12 @@ def _check_head_split(c) -> None:
         )
 
 
-class Excitor(FrozenLLMMethod):
+class Excitor(PeerMethod):
     method = "excitor"
-    supports_adapters_off = True
 
     def __init__(self, llm: nn.Module, cfg: ExcitorConfig, vpg=None, tokenizer=None):
-        check_llm(llm.config, source="Excitor(llm=...)")
+        super().__init__(llm, cfg, vpg, tokenizer)
         _check_head_split(llm.config)
-        cfg.take_front_end_shape(vpg)
-        super().__init__(llm, cfg, tokenizer)
-        self.vpg = vpg
         c = llm.config
         d, n = c.hidden_size, c.num_hidden_layers
         self.n_adapted = min(cfg.adapter_layers, n)
@@ -150,8 +143,7 @@ class Excitor(FrozenLLMMethod):
             self.projection = nn.Linear(cfg.vision_width, 2 * d, bias=False)
         self.backend = "sdpa" if cfg.attn_backend == "auto" else cfg.attn_backend
         self.steps = nn.ModuleList(LayerStep(self._layer) for _ in range(n))
-        self.llm.requires_grad_(False)
-        self.set_stage(cfg.stage)
+        self.freeze()
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(("prompts.", "query_down.", "query_up.", "projection.")) or name == "gates"
@@ -182,30 +174,18 @@ class Excitor(FrozenLLMMethod):
         has[rows] = True
         return vk, vv, has
 
-    def forward(self, batch: Batch, *, cache: PeerCache | None = None, use_cache: bool = False) -> MethodOutput:
-        """Final-normed hidden states (B, T, D); the image only through the excitor keys (placeholders hidden)."""
-        if not self.adapters_enabled:
-            return frozen_forward(self.llm, self.backend, batch, cache, use_cache, self.method)
-        check_cache(cache, False, self.method)
+    def adapted(self, batch: Batch, cache: PeerCache | None, use_cache: bool) -> MethodOutput:
+        """The image only through the excitor keys (its placeholders hidden)."""
         mm = modality(batch)
         x = self.llm.get_input_embeddings()(batch.input_ids)
-        vis = (
-            cache.extra["visual"]
-            if cache is not None
-            else self.visual_kv(mm, batch.pixel_values, batch.image_features, batch.rows)
-        )
+        if cache is not None:
+            vis = cache.extra["visual"]
+        else:
+            vis = self.visual_kv(mm, batch.pixel_values, batch.image_features, batch.rows)
         ctx = seq_context(self.llm, x, batch, cache, use_cache, hide=mm)
-        new_layers = []
-        for i, base in enumerate(self.llm.model.layers):
-            x, kv = self.steps[i](i, base, x, ctx, vis, cache.layers[i] if cache is not None else None)
-            new_layers.append(kv)
-        gate_abs = torch.zeros(len(new_layers), device=x.device)
-        gate_abs[self.first_adapted :] = self.gates.detach().abs().to(gate_abs.device)
-        return MethodOutput(
-            hidden=self.llm.model.norm(x),
-            gate_abs=gate_abs,
-            kv_cache=PeerCache(new_layers, ctx.key_mask, {"visual": vis}) if use_cache else None,
-        )
+        x, layers = self.run_layers(x, ctx, vis, cache)
+        gates = self.layer_gate_abs(self.first_adapted, self.gates.detach().abs())
+        return self.output(x, ctx, layers, {"visual": vis}, use_cache, gate_abs=gates)
 
     def _layer(self, i: int, base: nn.Module, x, ctx: SeqContext, vis, cache):
         attn = base.self_attn

@@ -40,22 +40,20 @@ import torch
 from torch import nn
 
 from pipeline.model.attention import AttnBackend
-from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.base import MethodConfig, MethodOutput, MethodSpec
 from pipeline.model.batch import Batch
-from pipeline.model.frozen import build_method, check_llm, meta_builder
-from pipeline.model.peers.common import check_cache, frozen_forward, modality, seq_context
+from pipeline.model.frozen import build_method, meta_builder
+from pipeline.model.peers.common import VIT_L_PATCHES, VIT_L_WIDTH, PeerMethod, modality, seq_context
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
     front_end_features,
     frozen_layer,
     has_image,
-    resolve_attn_backend,
     same_graph_on_every_rank,
     scatter_visual_tokens,
 )
 
-VIT_L_WIDTH, VIT_L_PATCHES = 1024, 256
 _ROW_FIELDS = ("input_ids", "attention_mask", "labels", "position_ids", "source")
 """Batch fields with one row per sequence: split between the two paths."""
 _STAGE_MODULES = {
@@ -97,15 +95,11 @@ class IAAConfig(MethodConfig):
             )
 
 
-class IAA(FrozenLLMMethod):
+class IAA(PeerMethod):
     method = "iaa"
-    supports_adapters_off = True
 
     def __init__(self, llm: nn.Module, cfg: IAAConfig, vpg=None, tokenizer=None):
-        check_llm(llm.config, source="IAA(llm=...)")
-        cfg.take_front_end_shape(vpg)
-        super().__init__(llm, cfg, tokenizer)
-        self.vpg = vpg
+        super().__init__(llm, cfg, vpg, tokenizer)
         c = llm.config
         n = c.num_hidden_layers
         self.insert_after = sorted(cfg.insert_after) if cfg.insert_after is not None else iaa_layers(n)
@@ -123,10 +117,8 @@ class IAA(FrozenLLMMethod):
         self.projection = nn.Linear(cfg.vision_width, c.hidden_size)
         self.projection_out = nn.Sequential(nn.GELU(), nn.Linear(c.hidden_size, c.hidden_size))
         self._adaptor_of = {layer: j for j, layer in enumerate(self.insert_after)}
-        self.backend: str | None = None
         self.steps = nn.ModuleList(LayerStep(frozen_layer) for _ in range(n + len(self.insert_after)))
-        self.llm.requires_grad_(False)
-        self.set_stage(cfg.stage)
+        self.freeze()
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(_STAGE_MODULES[stage])
@@ -150,17 +142,11 @@ class IAA(FrozenLLMMethod):
             return None
         return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))  # (N, K, D)
 
-    def forward(self, batch: Batch, *, cache: PeerCache | None = None, use_cache: bool = False) -> MethodOutput:
-        """Final-normed hidden states (B, T, D), each row from its path's norm, and `head_index` (B,): 1 for the
-        rows that took the image path (their logits come from MM-LH, `logits`). Under adapters_off() every row
-        takes the text path, which is the frozen LLM."""
+    def adapted(self, batch: Batch, cache: PeerCache | None, use_cache: bool) -> MethodOutput:
+        """Hidden states (B, T, D), each row from its path's norm, and `head_index` (B,): 1 for the rows that took
+        the image path (their logits come from MM-LH, `logits`)."""
         if batch.cu_seqlens is not None:
             raise ValueError("IAA sends each row down one path (image or text): packed batches are not supported")
-        if self.backend is None:
-            self.backend = resolve_attn_backend(self.cfg.attn_backend, batch.input_ids.device)
-        if not self.adapters_enabled:
-            return frozen_forward(self.llm, self.backend, batch, cache, use_cache, self.method)
-        check_cache(cache, False, self.method)
         mm = modality(batch)
         mm_rows = cache.extra["mm_rows"] if cache is not None else has_image(mm)
         vis = self.visual_tokens(batch.pixel_values, batch.image_features) if cache is None else None

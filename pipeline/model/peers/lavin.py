@@ -50,11 +50,10 @@ import torch
 from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnBackend
-from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.base import MethodConfig, MethodOutput, MethodSpec
 from pipeline.model.batch import Batch
-from pipeline.model.clip import check_layers, evenly_spaced_layers
-from pipeline.model.frozen import build_method, check_llm, meta_builder
-from pipeline.model.peers.common import check_cache, frozen_forward, modality, seq_context
+from pipeline.model.frozen import build_method, meta_builder
+from pipeline.model.peers.common import VIT_L_LAYERS, PeerMethod, modality, seq_context, take_cls_shape
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -63,12 +62,9 @@ from pipeline.model.seq import (
     extend,
     has_image,
     project_qkv,
-    resolve_attn_backend,
     same_graph_on_every_rank,
     scatter_visual_tokens,
 )
-
-VIT_L_LAYERS, VIT_L_WIDTH = 24, 1024
 
 
 @dataclass
@@ -104,19 +100,7 @@ class LaVINConfig(MethodConfig):
         self._check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
 
     def take_front_end_shape(self, clip) -> None:
-        depth = clip.num_layers if clip is not None else VIT_L_LAYERS
-        if self.clip_layers is None:
-            self.clip_layers = evenly_spaced_layers(depth, min(6, depth))
-        check_layers(self.clip_layers, depth, "LaVINConfig.clip_layers")
-        if self.vision_width is None:
-            self.vision_width = clip.width if clip is not None else VIT_L_WIDTH
-        if self.num_query_tokens is None:
-            self.num_query_tokens = len(self.clip_layers)
-        self._check(
-            self.num_query_tokens == len(self.clip_layers),
-            "num_query_tokens",
-            f"must equal len(clip_layers)={len(self.clip_layers)} (one visual token per CLS)",
-        )
+        take_cls_shape(self, clip, 6, "visual token")
 
 
 class MMAdapter(nn.Module):
@@ -145,15 +129,11 @@ class MMAdapter(nn.Module):
         return x + delta.transpose(1, 2).to(x.dtype)
 
 
-class LaVIN(FrozenLLMMethod):
+class LaVIN(PeerMethod):
     method = "lavin"
-    supports_adapters_off = True
 
     def __init__(self, llm: nn.Module, cfg: LaVINConfig, vpg=None, tokenizer=None):
-        check_llm(llm.config, source="LaVIN(llm=...)")
-        cfg.take_front_end_shape(vpg)
-        super().__init__(llm, cfg, tokenizer)
-        self.vpg = vpg  # frozen CLIP front end (pipeline.model.clip)
+        super().__init__(llm, cfg, vpg, tokenizer)
         c = llm.config
         mk = lambda dim: MMAdapter(dim, cfg.rank, cfg.groups, cfg.temperature, cfg.dropout)  # noqa: E731
         self.adapters = nn.ModuleList(mk(c.hidden_size) for _ in range(c.num_hidden_layers))
@@ -169,10 +149,8 @@ class LaVIN(FrozenLLMMethod):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
         self.modality_embedding = nn.Embedding(2, c.hidden_size)
-        self.backend: str | None = None
         self.steps = nn.ModuleList(LayerStep(self._layer) for _ in range(c.num_hidden_layers))
-        self.llm.requires_grad_(False)
-        self.set_stage(cfg.stage)
+        self.freeze()
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(
@@ -215,17 +193,12 @@ class LaVIN(FrozenLLMMethod):
             return None
         return self.projection_out(self.projection(feats.to(self.projection.weight.dtype)))
 
-    def forward(self, batch: Batch, *, cache: PeerCache | None = None, use_cache: bool = False) -> MethodOutput:
-        """Final-normed hidden states (B, T, D) at the batch's positions (the modality token is not one of them)."""
+    def adapted(self, batch: Batch, cache: PeerCache | None, use_cache: bool) -> MethodOutput:
+        """Hidden states at the batch's positions (the modality token is not one of them)."""
         if batch.cu_seqlens is not None:
             raise ValueError(
                 "LaVIN routes every row on its own modality token: packed batches (data.pack) are not supported"
             )
-        if self.backend is None:
-            self.backend = resolve_attn_backend(self.cfg.attn_backend, batch.input_ids.device)
-        if not self.adapters_enabled:
-            return frozen_forward(self.llm, self.backend, batch, cache, use_cache, self.method)
-        check_cache(cache, False, self.method)
         mm = modality(batch)
         x = self.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
         vis = self.visual_tokens(batch.pixel_values, batch.image_features)
@@ -245,8 +218,7 @@ class LaVIN(FrozenLLMMethod):
             new_layers.append(kv)
             if cache is None:
                 routes.append(w)
-        kv_cache = PeerCache(new_layers, ctx.key_mask, {"routes": routes}) if use_cache else None
-        return MethodOutput(hidden=self.llm.model.norm(x), kv_cache=kv_cache)
+        return self.output(x, ctx, new_layers, {"routes": routes}, use_cache)
 
     def _modality_step(self, i: int, base: nn.Module, tok: torch.Tensor):
         """The modality token (B, 1, D) through layer i on its own, and its routing weights ((B, 2), (B, 2) | None).

@@ -38,11 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnBackend
-from pipeline.model.base import FrozenLLMMethod, MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.base import MethodConfig, MethodOutput, MethodSpec
 from pipeline.model.batch import Batch
-from pipeline.model.clip import check_layers, evenly_spaced_layers
-from pipeline.model.frozen import build_method, check_llm, meta_builder
-from pipeline.model.peers.common import check_cache, frozen_forward, modality, seq_context
+from pipeline.model.frozen import build_method, meta_builder
+from pipeline.model.peers.common import PeerMethod, modality, seq_context, take_cls_shape
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -52,10 +51,7 @@ from pipeline.model.seq import (
     front_end_features,
     image_rows,
     project_qkv,
-    resolve_attn_backend,
 )
-
-VIT_L_LAYERS, VIT_L_WIDTH = 24, 1024  # shapes assumed when no front end is loaded (precomputed features)
 
 
 @dataclass
@@ -87,30 +83,14 @@ class LlamaAdapterConfig(MethodConfig):
         self._check(self.projection_hidden >= 1, "projection_hidden", "must be >= 1")
 
     def take_front_end_shape(self, clip) -> None:
-        depth = clip.num_layers if clip is not None else VIT_L_LAYERS
-        if self.clip_layers is None:
-            self.clip_layers = evenly_spaced_layers(depth, min(3, depth))
-        check_layers(self.clip_layers, depth, "LlamaAdapterConfig.clip_layers")
-        if self.vision_width is None:
-            self.vision_width = clip.width if clip is not None else VIT_L_WIDTH
-        if self.num_query_tokens is None:
-            self.num_query_tokens = len(self.clip_layers)
-        self._check(
-            self.num_query_tokens == len(self.clip_layers),
-            "num_query_tokens",
-            f"must equal len(clip_layers)={len(self.clip_layers)} (one feature row per CLS scale)",
-        )
+        take_cls_shape(self, clip, 3, "feature row")
 
 
-class LlamaAdapter(FrozenLLMMethod):
+class LlamaAdapter(PeerMethod):
     method = "llama_adapter"
-    supports_adapters_off = True
 
     def __init__(self, llm: nn.Module, cfg: LlamaAdapterConfig, vpg=None, tokenizer=None):
-        check_llm(llm.config, source="LlamaAdapter(llm=...)")
-        cfg.take_front_end_shape(vpg)
-        super().__init__(llm, cfg, tokenizer)
-        self.vpg = vpg  # the frozen CLIP front end (pipeline.model.clip), None = precomputed CLS features
+        super().__init__(llm, cfg, vpg, tokenizer)
         c = llm.config
         n = c.num_hidden_layers
         self.n_adapted = min(cfg.adapter_layers, n)
@@ -122,10 +102,8 @@ class LlamaAdapter(FrozenLLMMethod):
         if cfg.multimodal:  # the image MLP: projection (down, M*W -> r), then projection_out (SiLU, r -> D)
             self.projection = nn.Linear(len(cfg.clip_layers) * cfg.vision_width, cfg.projection_hidden)
             self.projection_out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.projection_hidden, c.hidden_size))
-        self.backend: str | None = None
         self.steps = nn.ModuleList(LayerStep(self._layer) for _ in range(c.num_hidden_layers))
-        self.llm.requires_grad_(False)
-        self.set_stage(cfg.stage)
+        self.freeze()
 
     def is_trainable(self, name: str, stage: int) -> bool:
         return name.startswith(("prompts.", "projection.", "projection_out.")) or name == "gates"
@@ -149,33 +127,18 @@ class LlamaAdapter(FrozenLLMMethod):
         rows = image_rows(modality_mask, self.cfg.num_query_tokens)
         return torch.zeros(B, ip.shape[-1], dtype=ip.dtype, device=ip.device).index_add(0, rows, ip)
 
-    def forward(self, batch: Batch, *, cache: PeerCache | None = None, use_cache: bool = False) -> MethodOutput:
-        """Final-normed hidden states (B, T, D); the image only through the prompts (placeholders hidden)."""
-        if self.backend is None:
-            self.backend = resolve_attn_backend(self.cfg.attn_backend, batch.input_ids.device)
-        if not self.adapters_enabled:
-            return frozen_forward(self.llm, self.backend, batch, cache, use_cache, self.method)
-        check_cache(cache, False, self.method)
-        B = batch.rows
+    def adapted(self, batch: Batch, cache: PeerCache | None, use_cache: bool) -> MethodOutput:
+        """The image only through the prompts (its placeholders hidden)."""
         mm = modality(batch)
         x = self.llm.get_input_embeddings()(batch.input_ids)  # (B, T, D)
-        ip = (
-            cache.extra["image_prompt"]
-            if cache is not None
-            else self.image_prompt(mm, batch.pixel_values, batch.image_features, B)
-        )
+        if cache is not None:
+            ip = cache.extra["image_prompt"]
+        else:
+            ip = self.image_prompt(mm, batch.pixel_values, batch.image_features, batch.rows)
         ctx = seq_context(self.llm, x, batch, cache, use_cache, hide=mm)
-        new_layers = []
-        for i, base in enumerate(self.llm.model.layers):
-            x, kv = self.steps[i](i, base, x, ctx, ip, cache.layers[i] if cache is not None else None)
-            new_layers.append(kv)
-        gate_abs = torch.zeros(len(new_layers), device=x.device)
-        gate_abs[self.first_adapted :] = torch.tanh(self.gates.detach()).abs().mean(-1).to(gate_abs.device)
-        return MethodOutput(
-            hidden=self.llm.model.norm(x),
-            gate_abs=gate_abs,
-            kv_cache=PeerCache(new_layers, ctx.key_mask, {"image_prompt": ip}) if use_cache else None,
-        )
+        x, layers = self.run_layers(x, ctx, ip, cache)
+        gates = self.layer_gate_abs(self.first_adapted, torch.tanh(self.gates.detach()).abs().mean(-1))
+        return self.output(x, ctx, layers, {"image_prompt": ip}, use_cache, gate_abs=gates)
 
     def _layer(self, i: int, base: nn.Module, x, ctx: SeqContext, ip, cache):
         attn = base.self_attn
