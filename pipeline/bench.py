@@ -46,6 +46,7 @@ from transformers import Blip2Config, LlamaConfig, LlamaForCausalLM
 from pipeline.memory import GB, MemorySetup, ParamCounts, ds_bucket, estimate
 from pipeline.model.adapters import ADAPTER_BACKENDS
 from pipeline.model.attention import ATTENTION_BACKENDS
+from pipeline.model.batch import Batch
 from pipeline.model.config import PILLConfig
 from pipeline.model.pill import PILL
 from pipeline.model.vpg import VPG
@@ -53,6 +54,7 @@ from pipeline.params import PRESETS
 from pipeline.training.activation_checkpointing import apply_activation_checkpointing
 from pipeline.training.config import OptimConfig
 from pipeline.training.dist import init_distributed
+from pipeline.training.loss import answer_loss
 from pipeline.training.optim import build_optimizer, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +150,14 @@ def _sample(length: int, vocab: int, g: torch.Generator) -> tuple[torch.Tensor, 
     return ids, mm, labels
 
 
-def padded_batches(lengths: list[int], micro_batch: int, vocab: int) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class BenchBatch:
+    batch: Batch
+    docs: list[int]
+    """Tokens of each sample (the attention FLOPs are per document)."""
+
+
+def padded_batches(lengths: list[int], micro_batch: int, vocab: int) -> list[BenchBatch]:
     """Rows of `micro_batch` samples right-padded to the longest in the batch (a multiple of 8)."""
     g = torch.Generator().manual_seed(1)
     out = []
@@ -162,20 +171,11 @@ def padded_batches(lengths: list[int], micro_batch: int, vocab: int) -> list[dic
         for r, n in enumerate(chunk):
             ids[r, :n], mm[r, :n], labels[r, :n] = _sample(n, vocab, g)
             att[r, :n] = 1
-        out.append(
-            {
-                "input_ids": ids,
-                "modality_mask": mm,
-                "labels": labels,
-                "attention_mask": att,
-                "num_samples": micro_batch,
-                "docs": chunk,
-            }
-        )
+        out.append(BenchBatch(Batch(ids, att, mm, labels, num_samples=micro_batch), chunk))
     return out
 
 
-def packed_batches(lengths: list[int], capacity: int, vocab: int) -> list[dict[str, Any]]:
+def packed_batches(lengths: list[int], capacity: int, vocab: int) -> list[BenchBatch]:
     """One row per batch holding whole samples up to `capacity` tokens, with cu_seqlens and per-sample positions."""
     g = torch.Generator().manual_seed(1)
     out, row = [], []
@@ -183,69 +183,67 @@ def packed_batches(lengths: list[int], capacity: int, vocab: int) -> list[dict[s
         if row and (sum(row) + n > capacity):
             parts = [_sample(m, vocab, g) for m in row]
             cu = torch.tensor([0] + list(torch.tensor(row).cumsum(0)), dtype=torch.int32)
-            out.append(
-                {
-                    "input_ids": torch.cat([p[0] for p in parts])[None],
-                    "modality_mask": torch.cat([p[1] for p in parts])[None],
-                    "labels": torch.cat([p[2] for p in parts])[None],
-                    "position_ids": torch.cat([torch.arange(m) for m in row])[None],
-                    "cu_seqlens": cu,
-                    "max_seqlen": max(row),
-                    "num_samples": len(row),
-                    "docs": list(row),
-                }
+            batch = Batch(
+                input_ids=torch.cat([p[0] for p in parts])[None],
+                modality_mask=torch.cat([p[1] for p in parts])[None],
+                labels=torch.cat([p[2] for p in parts])[None],
+                position_ids=torch.cat([torch.arange(m) for m in row])[None],
+                cu_seqlens=cu,
+                max_seqlen=max(row),
+                num_samples=len(row),
             )
+            out.append(BenchBatch(batch, list(row)))
             row = []
         if n <= capacity:
             row.append(n)
     return out
 
 
-def full_batch(micro_batch: int, seq: int, vocab: int) -> dict[str, Any]:
+def full_batch(micro_batch: int, seq: int, vocab: int) -> BenchBatch:
     g = torch.Generator().manual_seed(2)
     parts = [_sample(seq, vocab, g) for _ in range(micro_batch)]
-    return {
-        "input_ids": torch.stack([p[0] for p in parts]),
-        "modality_mask": torch.stack([p[1] for p in parts]),
-        "labels": torch.stack([p[2] for p in parts]),
-        "num_samples": micro_batch,
-        "docs": [seq] * micro_batch,
-    }
+    batch = Batch(
+        input_ids=torch.stack([p[0] for p in parts]),
+        modality_mask=torch.stack([p[1] for p in parts]),
+        labels=torch.stack([p[2] for p in parts]),
+        num_samples=micro_batch,
+    )
+    return BenchBatch(batch, [seq] * micro_batch)
 
 
-def to_model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype, vpg: str) -> dict[str, Any]:
-    keys = ("input_ids", "modality_mask", "labels", "position_ids", "cu_seqlens", "max_seqlen")
-    inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k in keys}
-    n_img = batch["num_samples"]
+def to_model_inputs(bb: BenchBatch, device: torch.device, dtype: torch.dtype, vpg: str) -> Batch:
+    """The batch on `device` with one random image per sample (pixels for the BLIP-2 ViT, else Q-former features)."""
+    n_img = bb.batch.samples
     g = torch.Generator(device=device).manual_seed(3)
     if vpg == "blip2":
-        inputs["pixel_values"] = torch.randn(n_img, 3, 224, 224, device=device, generator=g).to(dtype)
+        images = {"pixel_values": torch.randn(n_img, 3, 224, 224, device=device, generator=g).to(dtype)}
     else:
-        inputs["image_features"] = torch.randn(n_img, K, W, device=device, generator=g).to(dtype)
-    return inputs
+        images = {"image_features": torch.randn(n_img, K, W, device=device, generator=g).to(dtype)}
+    return bb.batch.to(device).replace(**images)
 
 
 # ---- FLOPs and memory ----------------------------------------------------------------------------------------------
 
 
-def useful_flops(llm_config, cfg, batch: dict[str, Any]) -> float:
+def useful_flops(llm_config, cfg, bb: BenchBatch) -> float:
     """Per training step, by the formula in the module docstring."""
     c = llm_config
     d, F, L, V, H = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size, c.num_attention_heads
     dkv = c.num_key_value_heads * (d // H)
-    n = int(batch["input_ids"].numel()) if "cu_seqlens" in batch else sum(batch["docs"])
-    m = int((batch["labels"][:, 1:] != -100).sum())
-    n_vis = int(batch["modality_mask"].sum())
+    batch = bb.batch
+    n = int(batch.input_ids.numel()) if batch.cu_seqlens is not None else sum(bb.docs)
+    m = batch.answer_tokens()
+    n_vis = int(batch.modality_mask.sum())
     p_mm = L * (d * (d + 2 * dkv) + d * d + 3 * d * F)
     per_adapter = 3 * d * cfg.rank if cfg.adapter_act == "swiglu" else 2 * d * cfg.rank
     adapters = L * ((per_adapter if cfg.attn_adapter else 0) + per_adapter + (d * H if cfg.mag else 0))
-    attention = 7 * L * d * sum(t * t for t in batch["docs"])
+    attention = 7 * L * d * sum(t * t for t in bb.docs)
     return 4 * n * p_mm + 4 * m * d * V + 6 * (n * adapters + n_vis * W * d) + attention
 
 
-def predicted_peak(llm_config, cfg, counts, p: Point, batch: dict[str, Any], bf16: bool) -> float:
+def predicted_peak(llm_config, cfg, counts, p: Point, bb: BenchBatch, bf16: bool) -> float:
     bucket, overlap = ds_bucket(REPO / "ds_configs" / "zero2.json")
-    B, T = batch["input_ids"].shape
+    B, T = bb.batch.input_ids.shape
     s = MemorySetup(
         micro_batch=B,
         seq=T,
@@ -255,7 +253,7 @@ def predicted_peak(llm_config, cfg, counts, p: Point, batch: dict[str, Any], bf1
         checkpointing=p.checkpointing,
         attn_backend=p.attn,
         adapter_backend=p.adapter,
-        loss_positions=int((batch["labels"] != -100).sum()),
+        loss_positions=int((bb.batch.labels != -100).sum()),
         reduce_bucket_size=bucket,
         overlap_comm=overlap,
     )
@@ -275,7 +273,7 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 
 def run_point(
-    engine, model, p: Point, batches: list[dict[str, Any]], device, dtype, vpg: str, warmup: int, steps: int
+    engine, model, p: Point, batches: list[BenchBatch], device, dtype, vpg: str, warmup: int, steps: int
 ) -> dict[str, Any]:
     set_backends(model, p.attn, p.adapter)
     cuda = device.type == "cuda"
@@ -285,10 +283,11 @@ def run_point(
     inputs = [to_model_inputs(b, device, dtype, vpg) for b in batches]
 
     def step(i: int) -> float:
-        out = engine(**inputs[i % len(inputs)], return_logits=False)
-        engine.backward(out.loss)
+        batch = inputs[i % len(inputs)]
+        loss = answer_loss(model, batch, engine(batch))  # the trainer's loss (pipeline.training.loss)
+        engine.backward(loss)
         engine.step()
-        return out.loss.detach()
+        return loss.detach()
 
     for i in range(warmup):
         step(i)
@@ -302,8 +301,8 @@ def run_point(
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     used = [batches[(warmup + i) % len(batches)] for i in range(steps)]
-    samples = sum(b["num_samples"] for b in used) / steps
-    tokens = sum(sum(b["docs"]) for b in used) / steps
+    samples = sum(b.batch.samples for b in used) / steps
+    tokens = sum(sum(b.docs) for b in used) / steps
     return {
         "step_s": dt,
         "samples_per_s": samples / dt,
@@ -336,7 +335,7 @@ def plan(args, on_gpu: bool) -> list[Point]:
     return pts
 
 
-def batches_for(p: Point, vocab: int, n_batches: int) -> list[dict[str, Any]]:
+def batches_for(p: Point, vocab: int, n_batches: int) -> list[BenchBatch]:
     if p.layout == "full":
         return [full_batch(p.micro_batch, p.seq, vocab)]
     lengths = length_mix(p.micro_batch * n_batches * 2, p.seq)

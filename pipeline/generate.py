@@ -32,6 +32,7 @@ from pipeline.data.prompt_cut import Prompt
 from pipeline.data.prompts import prompt_format_problem
 from pipeline.model import PILLConfig, load_export, load_pill
 from pipeline.model.attention import ATTN_BACKEND_CHOICES
+from pipeline.model.batch import Batch
 
 
 @dataclass
@@ -84,7 +85,8 @@ def _left_pad(prompts: Sequence[Prompt], pad_id: int, device) -> tuple[torch.Ten
 
 
 def batch_images(prompts: Sequence[Prompt], device, dtype) -> dict:
-    """pixel_values or image_features for the model, images in row-major order (prompt after prompt)."""
+    """{"pixel_values" or "image_features": images} (Batch fields), images in row-major order (prompt after
+    prompt)."""
     kinds = {p.image_kind for p in prompts if p.images is not None and len(p.images)}
     if not kinds:
         return {}
@@ -151,13 +153,13 @@ def generate_ids(
 
     ids, attn, mm = _left_pad(prompts, pad_id, device)
     images = batch_images(prompts, device, dtype)
-    out = model(input_ids=ids, attention_mask=attn, modality_mask=mm, use_cache=True, **images)
+    out = model(Batch(input_ids=ids, attention_mask=attn, modality_mask=mm, **images), use_cache=True)
     B = ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     new_tokens = []
     for step in range(cfg.max_new_tokens):
-        nxt = select_next(out.logits[:, -1], cfg, generator)  # (B,)
+        nxt = select_next(model.logits(out.hidden[:, -1], out.head_index), cfg, generator)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         new_tokens.append(nxt)
         done |= torch.isin(nxt, eos_t)
@@ -166,13 +168,12 @@ def generate_ids(
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-        out = model(
+        step_batch = Batch(
             input_ids=nxt[:, None],
             attention_mask=attn,
             modality_mask=torch.zeros((B, 1), dtype=torch.bool, device=device),
-            past_key_values=out.past_key_values,
-            use_cache=True,
         )
+        out = model(step_batch, cache=out.kv_cache, use_cache=True)
     table = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
     return [_cut_at_eos(row, eos) for row in table]
 
@@ -194,7 +195,8 @@ def _generate_uncached(model, prompt: Prompt, cfg: GenerationConfig) -> list[int
     images = batch_images([prompt], device, dtype)
     new = []
     for _ in range(cfg.max_new_tokens):
-        logits = model(input_ids=ids, modality_mask=mm, **images).logits[:, -1]
+        out = model(Batch(input_ids=ids, modality_mask=mm, **images))
+        logits = model.logits(out.hidden[:, -1], out.head_index)
         nxt = select_next(logits, cfg, generator)
         if int(nxt) in eos:
             break

@@ -21,7 +21,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.model import PILL, PILLConfig
+from pipeline.model.batch import Batch
 from pipeline.training.activation_checkpointing import apply_activation_checkpointing
+from pipeline.training.loss import answer_loss
 
 
 def saved_bytes(fn) -> tuple[int, torch.Tensor]:
@@ -65,16 +67,15 @@ def run(args, checkpointing: bool) -> dict:
     feats = torch.randn(B, 32, 768)
     gc.collect()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    nbytes, out = saved_bytes(
-        lambda: model(ids, modality_mask=mm, labels=labels, image_features=feats, return_logits=False)
-    )
-    out.loss.backward()
+    batch = Batch(ids, modality_mask=mm, labels=labels, image_features=feats)
+    nbytes, loss = saved_bytes(lambda: answer_loss(model, batch))
+    loss.backward()
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     grads = {n: p.grad.clone() for n, p in model.trainable_parameters()}
     return {
         "saved_MB": nbytes / 2**20,
         "peak_rss_growth_MB": (rss1 - rss0) / 1024,
-        "loss": float(out.loss.detach()),
+        "loss": float(loss.detach()),
         "grads": grads,
     }
 

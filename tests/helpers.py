@@ -6,6 +6,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.model.batch import Batch
+from pipeline.training.loss import answer_loss
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,3 +23,13 @@ def tiny_stage2_config(path: Path, steps: int, **stage_overrides) -> Path:
     d["eval"] = {"enabled": False}
     path.write_text(yaml.safe_dump(d))
     return path
+
+
+def logits_of(model, **fields):
+    """(B, T, V) logits of a method's forward on Batch(**fields) (tests' shorthand for the contract's two calls)."""
+    return model.output_logits(model(Batch(**fields)))
+
+
+def loss_of(model, **fields):
+    """The trainer's answer loss of Batch(**fields) on its own: the mean over its answer tokens."""
+    return answer_loss(model, Batch(**fields))

@@ -53,17 +53,18 @@ def test_packed_and_padded_batches_hold_the_same_samples():
     lengths = length_mix(40, 512)
     assert min(lengths) >= 48 and max(lengths) <= 512
     packed = packed_batches(lengths, 4 * 512, vocab=100)
-    for b in packed:
-        cu = b["cu_seqlens"].tolist()
-        assert cu[0] == 0 and cu[-1] == b["input_ids"].shape[1] <= 4 * 512
-        assert [cu[i + 1] - cu[i] for i in range(len(cu) - 1)] == b["docs"]
-        assert int(b["modality_mask"].sum()) == K * b["num_samples"]
-        starts = (b["position_ids"][0] == 0).nonzero().flatten().tolist()
+    for bb in packed:
+        b = bb.batch
+        cu = b.cu_seqlens.tolist()
+        assert cu[0] == 0 and cu[-1] == b.input_ids.shape[1] <= 4 * 512
+        assert [cu[i + 1] - cu[i] for i in range(len(cu) - 1)] == bb.docs
+        assert int(b.modality_mask.sum()) == K * b.num_samples
+        starts = (b.position_ids[0] == 0).nonzero().flatten().tolist()
         assert starts == cu[:-1]
-    assert sum(sum(b["docs"]) for b in packed) == sum(lengths)  # every sample whole, once
+    assert sum(sum(bb.docs) for bb in packed) == sum(lengths)  # every sample whole, once
     padded = padded_batches(lengths, 4, vocab=100)
-    assert sum(sum(b["docs"]) for b in padded) == sum(lengths)
-    assert all(int(b["attention_mask"].sum()) == sum(b["docs"]) for b in padded)
+    assert sum(sum(bb.docs) for bb in padded) == sum(lengths)
+    assert all(int(bb.batch.attention_mask.sum()) == sum(bb.docs) for bb in padded)
 
 
 def test_useful_flops_by_hand():
@@ -76,10 +77,11 @@ def test_useful_flops_by_hand():
         vocab_size=100,
     )
     cfg = PILLConfig(rank=8, vpg_width=W, num_query_tokens=K)
-    b = full_batch(2, 64, vocab=100)
-    n, m, d, L = 128, int((b["labels"][:, 1:] != -100).sum()), 64, 2
+    bb = full_batch(2, 64, vocab=100)
+    b = bb.batch
+    n, m, d, L = 128, int((b.labels[:, 1:] != -100).sum()), 64, 2
     p_mm = L * (d * (d + 2 * 32) + d * d + 3 * d * 128)
     adapters = L * (3 * d * 8 + 3 * d * 8 + d * 4)
     want = 4 * n * p_mm + 4 * m * d * 100 + 6 * (n * adapters + 2 * K * W * d) + 7 * L * d * 2 * 64 * 64
-    assert useful_flops(c, cfg, b) == want
-    assert torch.equal(b["labels"][:, -1], b["input_ids"][:, -1])  # the answer ends each sample
+    assert useful_flops(c, cfg, bb) == want
+    assert torch.equal(b.labels[:, -1], b.input_ids[:, -1])  # the answer ends each sample

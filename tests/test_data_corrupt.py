@@ -70,14 +70,14 @@ def test_each_corruption_is_skipped_and_counted(tmp_path, tok, caplog):
             _cfg(urls, batch_size=2, num_workers=0, samples_per_epoch=n_trunc + 3, shuffle_shards=False), tok
         )
         batches = list(ld)
-    keys = [m["key"] for b in batches for m in b["meta"]]
+    keys = [m["key"] for b in batches for m in b.meta]
     assert "abadimg" not in keys and set(keys) <= {"ag0", "ag1", "t0", "t1", "t2"}
     sk = ld.skipped()
     assert sk["undecodable_image"] == 1 and sk["bad_json"] == 1 and sk["missing_json"] == 1
     assert sk["bad_tar"] == 2 and sk["unreadable_shard"] == 1
     assert "shard=" in caplog.text and "key=abadjson" in caplog.text and "c-000002.tar" in caplog.text
     for b in batches:
-        assert int(b["modality_mask"].sum()) == b["pixel_values"].shape[0] * K
+        assert int(b.modality_mask.sum()) == b.pixel_values.shape[0] * K
 
 
 def test_counters_are_summed_over_workers(tmp_path, tok):
@@ -88,7 +88,7 @@ def test_counters_are_summed_over_workers(tmp_path, tok):
     batches = list(ld)
     assert len(batches) == 2
     assert set(ld.shards_read) == set(urls)  # one shard per worker
-    assert {b["meta"][0]["shard"] for b in batches} == set(urls)
+    assert {b.meta[0]["shard"] for b in batches} == set(urls)
     assert ld.skipped() == {"undecodable_image": 2, "bad_json": 2, "missing_json": 2}
 
 
@@ -96,7 +96,7 @@ def test_all_bad_batch_becomes_a_dummy_row(tok):
     rec = {"__key__": "k", "__shard__": "s", "__task__": "scienceqa", "png": b"broken", "json": sqa_meta(0)}
     counter = SkipCounter()
     b = Collator(DataConfig(), tok, K, *default_mean_std())([rec], counter)
-    assert b["num_samples"] == 0 and "meta" not in b and (b["labels"] != -100).sum() == 1
+    assert b.num_samples == 0 and b.meta is None and (b.labels != -100).sum() == 1
     assert counter.counts == {"undecodable_image": 1, "empty_batch": 1}
 
 
@@ -140,12 +140,12 @@ def test_img2dataset_output_reads_as_is(tmp_path, tok):
     )
     assert ld.samples_per_epoch == 6 and len(ld) == 2
     for b in ld:
-        assert b["pixel_values"].shape == (3, 3, 224, 224)
-        for i, m in enumerate(b["meta"]):
+        assert b.pixel_values.shape == (3, 3, 224, 224)
+        for i, m in enumerate(b.meta):
             assert m["task"] == "caption"
-            lab = b["labels"][i][b["labels"][i] != -100]
+            lab = b.labels[i][b.labels[i] != -100]
             assert tok.decode(lab) == m["caption"] + "</s>"
-    assert torch.isfinite(b["pixel_values"]).all()
+    assert torch.isfinite(b.pixel_values).all()
 
 
 def test_too_long_and_missing_image_are_dropped_from_the_batch(tmp_path, tok):
@@ -161,6 +161,6 @@ def test_too_long_and_missing_image_are_dropped_from_the_batch(tmp_path, tok):
     )
     ld = build_loader(_cfg([str(tmp_path / "l-000000.tar")], batch_size=4, num_workers=0, max_length=256), tok)
     (b,) = list(ld)
-    assert [m["key"] for m in b["meta"]] == ["ok0", "ok1"] and b["pixel_values"].shape[0] == 2
-    assert b["input_ids"].shape[1] <= 256
+    assert [m["key"] for m in b.meta] == ["ok0", "ok1"] and b.pixel_values.shape[0] == 2
+    assert b.input_ids.shape[1] <= 256
     assert ld.skipped() == {"too_long": 1, "missing_image": 1}

@@ -47,7 +47,7 @@ def _epoch(tok, urls, world, workers, epochs=1, **kw):
         for ld in loaders:
             batches = list(ld)
             assert len(batches) == len(loaders[0])
-            keys.append([m["key"] for b in batches for m in b["meta"]])
+            keys.append([m["key"] for b in batches for m in b.meta])
         out.append(keys)
     return out, loaders
 
@@ -66,7 +66,7 @@ def test_epochs_differ_in_order_and_resume_stays_exact(tok, balanced):
     state = {"epoch": 1, "batch": 7}
     resumed = make_loader(tok, balanced, batch_size=B, num_query_tokens=K, num_workers=2, shuffle_buffer=24)
     resumed.load_state_dict(state)
-    tail = [m["key"] for b in resumed for m in b["meta"]]
+    tail = [m["key"] for b in resumed for m in b.meta]
     assert tail == e1[0][7 * B :]
 
 

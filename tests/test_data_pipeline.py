@@ -39,7 +39,7 @@ def build(cfg, tok, **kw):
 
 
 def _keys(loader):
-    return [[m["key"] for m in b["meta"]] for b in loader]
+    return [[m["key"] for m in b.meta] for b in loader]
 
 
 def test_assignment_is_a_partition_for_every_layout():
@@ -138,7 +138,7 @@ def test_resume_continues_the_same_sequence(shards, tok, num_workers):
     full = _keys(build(cfg, tok))
     ld = build(cfg, tok)
     it = iter(ld)
-    head = [[m["key"] for m in next(it)["meta"]] for _ in range(5)]
+    head = [[m["key"] for m in next(it).meta] for _ in range(5)]
     state = ld.state_dict()
     del it
     assert state["batch"] == 5 and state["epoch"] == 0
@@ -178,18 +178,18 @@ def test_packing_matches_padding(shards, tok):
     urls, _ = shards
     padded = next(iter(build(_cfg(urls, num_workers=0), tok)))
     packed = next(iter(build(_cfg(urls, num_workers=0, pack=True), tok)))
-    lens = padded["attention_mask"].sum(1)
-    assert packed["cu_seqlens"].dtype == torch.int32
-    assert packed["cu_seqlens"].tolist() == [0] + torch.cumsum(lens, 0).tolist()
-    assert packed["input_ids"].shape == (1, int(lens.sum()))
+    lens = padded.attention_mask.sum(1)
+    assert packed.cu_seqlens.dtype == torch.int32
+    assert packed.cu_seqlens.tolist() == [0] + torch.cumsum(lens, 0).tolist()
+    assert packed.input_ids.shape == (1, int(lens.sum()))
     for i, n in enumerate(lens.tolist()):
-        s = int(packed["cu_seqlens"][i])
+        s = int(packed.cu_seqlens[i])
         for k in ("input_ids", "labels", "modality_mask"):
-            assert torch.equal(packed[k][0, s : s + n], padded[k][i, :n]), k
-        assert packed["position_ids"][0, s : s + n].tolist() == list(range(n))
-    assert packed["num_samples"] == padded["num_samples"] == len(lens)
+            assert torch.equal(getattr(packed, k)[0, s : s + n], getattr(padded, k)[i, :n]), k
+        assert packed.position_ids[0, s : s + n].tolist() == list(range(n))
+    assert packed.num_samples == padded.num_samples == len(lens)
     # right padding: real tokens first
-    m = padded["attention_mask"]
+    m = padded.attention_mask
     assert torch.equal(m, (torch.arange(m.shape[1])[None] < lens[:, None]).long())
 
 
@@ -208,9 +208,9 @@ def test_eval_samples_are_the_training_prompts_in_order(shards, tok):
     cfg = _cfg(urls[:2], num_workers=0, shuffle_buffer=0, shuffle_shards=False, batch_size=11)
     evals = list(iter_eval_samples(urls[:2], tok, build(cfg, tok).cfg.data, K, task="scienceqa"))
     train = next(iter(build(cfg, tok)))
-    assert [e["meta"]["key"] for e in evals] == [m["key"] for m in train["meta"]]
+    assert [e["meta"]["key"] for e in evals] == [m["key"] for m in train.meta]
     for i, e in enumerate(evals):
         n = e["input_ids"].shape[1]
-        assert torch.equal(e["input_ids"][0], train["input_ids"][i, :n])
-        assert (train["labels"][i, :n] == -100).all() and train["labels"][i, n] != -100
+        assert torch.equal(e["input_ids"][0], train.input_ids[i, :n])
+        assert (train.labels[i, :n] == -100).all() and train.labels[i, n] != -100
         assert e["target"].startswith("The answer is ")

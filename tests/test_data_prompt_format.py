@@ -278,8 +278,8 @@ def test_loader_renders_with_the_configured_format(tok_dir, tmp_path):
         )
     )
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    for b, meta in enumerate(batch["meta"]):
-        lab = batch["labels"][b][batch["labels"][b] != IGNORE].tolist()
+    for b, meta in enumerate(batch.meta):
+        lab = batch.labels[b][batch.labels[b] != IGNORE].tolist()
         assert tok.decode(lab) == f"The answer is {'ABC'[meta['answer']]}.<|im_end|>" and lab[-1] == im_end
     prompts = prompts_from_batch(batch, K)
     assert tok.decode(prompts[0].input_ids).endswith(

@@ -52,7 +52,7 @@ def _run(tok, urls, **kw):
     ld = make_loader(
         tok, urls, batch_size=B, num_query_tokens=K, num_workers=kw.pop("num_workers", 2), shuffle_buffer=4, **kw
     )
-    keys = [m["key"] for b in ld for m in b["meta"]]
+    keys = [m["key"] for b in ld for m in b.meta]
     return ld, keys
 
 

@@ -46,7 +46,7 @@ def test_a_bad_sample_is_counted_once_per_epoch_however_often_it_is_read(tok, tm
     )
     batches = list(ld)
     assert len(batches) == 6
-    keys = [m["key"] for b in batches for m in b["meta"]]
+    keys = [m["key"] for b in batches for m in b.meta]
     assert sorted(set(keys)) == [f"g{i}" for i in range(4)] and all(keys.count(k) == 6 for k in set(keys))
     assert ld.skipped() == {"bad_json": 1, "undecodable_image": 1}
     list(ld)  # the next epoch counts them again, once
@@ -80,7 +80,7 @@ def test_gif_is_decoded_and_unknown_formats_are_unsupported(tok, tmp_path):
         tok, str(tmp_path / "g-000000.tar"), batch_size=2, num_query_tokens=K, num_workers=0, shuffle_buffer=0
     )
     (b,) = list(ld)
-    assert [m["key"] for m in b["meta"]] == ["gif"] and b["pixel_values"].shape == (1, 3, 224, 224)
+    assert [m["key"] for m in b.meta] == ["gif"] and b.pixel_values.shape == (1, 3, 224, 224)
     assert ld.skipped() == {"unsupported_image": 1}
 
 
@@ -107,4 +107,4 @@ def test_the_samples_json_does_not_overwrite_the_loaders_task(tok, tmp_path):
         shuffle_buffer=0,
     )
     (b,) = list(ld)
-    assert b["meta"][0]["task"] == "scienceqa" and b["meta"][0]["key"] == "k"
+    assert b.meta[0]["task"] == "scienceqa" and b.meta[0]["key"] == "k"

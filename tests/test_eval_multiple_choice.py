@@ -203,33 +203,34 @@ def test_prompts_from_batch_rules():
     import torch
 
     from pipeline.data.prompt_cut import prompts_from_batch
+    from pipeline.model.batch import Batch
 
     ids = torch.tensor([[1, 0, 0, 7, 8, 9, 2], [1, 7, 8, 9, 2, 3, 3]])
     labels = torch.tensor([[-100, -100, -100, -100, 8, 9, 2], [-100, -100, -100, 9, 2, -100, -100]])
     mm = torch.tensor([[False, True, True, False, False, False, False], [False] * 7])
     attn = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
-    batch = {
-        "input_ids": ids,
-        "labels": labels,
-        "modality_mask": mm,
-        "attention_mask": attn,
-        "image_features": torch.zeros(1, 2, 4),
-        "meta": [{"key": "a"}, {"key": "b"}],
-    }
+    batch = Batch(
+        input_ids=ids,
+        labels=labels,
+        modality_mask=mm,
+        attention_mask=attn,
+        image_features=torch.zeros(1, 2, 4),
+        meta=({"key": "a"}, {"key": "b"}),
+    )
     a, b = prompts_from_batch(batch, num_query_tokens=2)
     assert (a.input_ids, a.answer_ids, a.images.shape[0]) == ([1, 0, 0, 7], [8, 9, 2], 1)
     assert (b.input_ids, b.answer_ids, b.images) == ([1, 7, 8], [9, 2], None)
     with pytest.raises(ValueError, match="unpacked"):
-        prompts_from_batch({**batch, "cu_seqlens": torch.tensor([0, 7])}, 2)
+        prompts_from_batch(batch.replace(cu_seqlens=torch.tensor([0, 7])), 2)
     with pytest.raises(ValueError, match="not a multiple of K=3"):
         prompts_from_batch(batch, 3)
-    with pytest.raises(KeyError, match="'labels'"):
-        prompts_from_batch({"input_ids": ids, "modality_mask": mm}, 2)
-    dummy = {
-        "input_ids": torch.tensor([[1, 2]]),
-        "labels": torch.tensor([[-100, 2]]),
-        "modality_mask": torch.zeros(1, 2, dtype=torch.bool),
-        "pixel_values": torch.empty(0, 3, 8, 8),
-        "meta": [{"dummy": True}],
-    }
+    with pytest.raises(ValueError, match="no labels"):
+        prompts_from_batch(Batch(input_ids=ids, modality_mask=mm), 2)
+    dummy = Batch(
+        input_ids=torch.tensor([[1, 2]]),
+        labels=torch.tensor([[-100, 2]]),
+        modality_mask=torch.zeros(1, 2, dtype=torch.bool),
+        pixel_values=torch.empty(0, 3, 8, 8),
+        meta=({"dummy": True},),
+    )
     assert prompts_from_batch(dummy, 2) == []

@@ -12,6 +12,8 @@ from pipeline.generate import (
     select_next,
     stop_ids,
 )
+from pipeline.model.base import MethodOutput
+from pipeline.model.batch import Batch
 from tests.test_model_pill import assert_close_to_scale
 
 
@@ -75,31 +77,21 @@ def test_cache_logits_match_full_forward(trained):
     ids = torch.tensor([p.input_ids + [17, 23]])
     mm = torch.tensor([p.modality_mask + [False, False]])
     with torch.no_grad():
-        full = trained(input_ids=ids, modality_mask=mm, pixel_values=p.images).logits
-        out = trained(input_ids=ids[:, :-2], modality_mask=mm[:, :-2], pixel_values=p.images, use_cache=True)
+        full = trained.output_logits(trained(Batch(ids, modality_mask=mm, pixel_values=p.images)))
+        out = trained(Batch(ids[:, :-2], modality_mask=mm[:, :-2], pixel_values=p.images), use_cache=True)
         attn = torch.ones_like(ids)
-        out = trained(
-            input_ids=ids[:, -2:-1],
-            attention_mask=attn[:, :-1],
-            modality_mask=mm[:, -2:-1],
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-        out = trained(
-            input_ids=ids[:, -1:],
-            attention_mask=attn,
-            modality_mask=mm[:, -1:],
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
+        step = Batch(ids[:, -2:-1], attention_mask=attn[:, :-1], modality_mask=mm[:, -2:-1])
+        out = trained(step, cache=out.kv_cache, use_cache=True)
+        step = Batch(ids[:, -1:], attention_mask=attn, modality_mask=mm[:, -1:])
+        out = trained(step, cache=out.kv_cache, use_cache=True)
     # fp32 reorderings (a 1-row decode vs the full forward) differ by ~1e-6 of the logits' scale
-    assert_close_to_scale(out.logits[:, -1], full[:, -1], "cached decode logits", rel=1e-4)
+    assert_close_to_scale(trained.output_logits(out)[:, -1], full[:, -1], "cached decode logits", rel=1e-4)
     # the visual tokens matter (gates open): other visual features change the next-token logits. Features, not
     # pixels: the tiny random VPG's output barely depends on the image (its ViT init is ~1e-10).
     with torch.no_grad():
         feats = trained.vpg(p.images)
-        same = trained(input_ids=ids, modality_mask=mm, image_features=feats).logits
-        other = trained(input_ids=ids, modality_mask=mm, image_features=feats + 1.0).logits
+        same = trained.output_logits(trained(Batch(ids, modality_mask=mm, image_features=feats)))
+        other = trained.output_logits(trained(Batch(ids, modality_mask=mm, image_features=feats + 1.0)))
     torch.testing.assert_close(same, full)
     assert (other[:, -1] - full[:, -1]).abs().max() > 1e-3
 
@@ -170,9 +162,13 @@ class _Counter(torch.nn.Module):
         self.vocab = len(tokenizer) if tokenizer is not None else 12
         self.cfg = type("Cfg", (), {"num_query_tokens": 2})()
 
-    def forward(self, input_ids, past_key_values=None, **kw):
-        logits = torch.nn.functional.one_hot((input_ids + 1) % self.vocab, self.vocab).float()
-        return type("Out", (), {"logits": logits, "past_key_values": [()]})()
+    def forward(self, batch: Batch, *, cache=None, use_cache: bool = False) -> MethodOutput:
+        # "hidden states" that the identity head below turns into one-hot logits of the next id
+        hidden = torch.nn.functional.one_hot((batch.input_ids + 1) % self.vocab, self.vocab).float()
+        return MethodOutput(hidden=hidden, kv_cache=[()])
+
+    def logits(self, hidden, head_index=None):
+        return hidden
 
 
 def test_stops_at_eos_per_row():

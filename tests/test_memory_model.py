@@ -19,9 +19,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.memory import MemorySetup, ParamCounts, activation_bytes, estimate, layer_activation_bytes
+from pipeline.model.batch import Batch
 from pipeline.model.config import PILLConfig
 from pipeline.model.pill import PILL
 from pipeline.params import PRESETS, meta_pill
+from pipeline.training.loss import answer_loss
 
 K, W = 8, 32  # visual tokens per image, Q-former width
 
@@ -57,6 +59,11 @@ def _batch(B: int, T: int, dtype: torch.dtype) -> dict:
     }
 
 
+def all_logits_sum(model, batch: Batch) -> torch.Tensor:
+    """The LM head at every position (what an evaluation forward computes), summed: something to backward."""
+    return model.output_logits(model(batch)).float().sum()
+
+
 def saved_activation_bytes(model: torch.nn.Module, fn) -> int:
     """Bytes of the distinct storages autograd saves while `fn` runs, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -70,7 +77,8 @@ def saved_activation_bytes(model: torch.nn.Module, fn) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    (out.loss if out.logits is None else out.logits.float().sum()).backward()  # the graph was complete
+    out.backward()  # the graph was complete
+
     return sum(seen.values())
 
 
@@ -95,7 +103,7 @@ def test_activations_match_what_autograd_saves(name, dtype, llm_kw, pill_kw, sta
     B, T = 2, 64
     llm_config = _llm_config(**llm_kw)
     model = _pill(llm_config, dtype, stage=stage, **pill_kw)
-    measured = saved_activation_bytes(model, lambda: model(**_batch(B, T, dtype)))
+    measured = saved_activation_bytes(model, lambda: all_logits_sum(model, Batch(**_batch(B, T, dtype))))
     s = MemorySetup(
         micro_batch=B,
         seq=T,
@@ -109,7 +117,7 @@ def test_activations_match_what_autograd_saves(name, dtype, llm_kw, pill_kw, sta
 
 
 def test_loss_saves_fp32_log_probs_at_answer_positions_only():
-    """The training loss (return_logits=False) keeps 4 m V bytes of fp32 log-probs, m = answer positions, never
+    """The training loss (pipeline.training.loss) keeps 4 m V bytes of fp32 log-probs, m = answer positions, never
     the (B, T, V) logits: the saved part of the memory model's "logits and loss" (the rest is its backward)."""
     B, T = 2, 64
     llm_config = _llm_config()
@@ -118,8 +126,8 @@ def test_loss_saves_fp32_log_probs_at_answer_positions_only():
     labels = torch.full((B, T), -100)
     labels[:, 40:] = batch["input_ids"][:, 40:]
     m = int((labels[:, 1:] != -100).sum())
-    base = saved_activation_bytes(model, lambda: model(**batch))
-    with_loss = saved_activation_bytes(model, lambda: model(**batch, labels=labels, return_logits=False))
+    base = saved_activation_bytes(model, lambda: all_logits_sum(model, Batch(**batch)))
+    with_loss = saved_activation_bytes(model, lambda: answer_loss(model, Batch(**batch, labels=labels)))
     assert with_loss - base == pytest.approx(4 * m * llm_config.vocab_size, rel=0.02), (with_loss - base, m)
 
 
@@ -130,8 +138,8 @@ def test_parameter_and_optimizer_bytes_are_exact():
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert counts.trainable == sum(p.numel() for p in trainable)
     assert counts.frozen_llm == sum(p.numel() for p in model.llm.parameters())
-    out = model(**_batch(2, 32, torch.float32))
-    out.logits.float().pow(2).mean().backward()
+    out = model(Batch(**_batch(2, 32, torch.float32)))
+    model.output_logits(out).float().pow(2).mean().backward()
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     opt.step()
     moments = sum(st[k].numel() * st[k].element_size() for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
@@ -213,9 +221,11 @@ import json, os, sys, torch
 import deepspeed
 from transformers import LlamaConfig, LlamaForCausalLM
 from pipeline.memory import MemorySetup, ParamCounts, estimate
+from pipeline.model.batch import Batch
 from pipeline.model.config import PILLConfig
 from pipeline.model.pill import PILL
 from pipeline.training.dist import init_distributed
+from pipeline.training.loss import answer_loss
 
 init_distributed()
 torch.manual_seed(0)
@@ -229,9 +239,9 @@ ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf
       "zero_optimization": {"stage": int(sys.argv[1]), "reduce_bucket_size": 50000, "contiguous_gradients": True}}
 engine, opt, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
 mm = torch.zeros(2, 32, dtype=torch.bool); mm[:, 1:9] = True
-out = engine(input_ids=torch.randint(0, 256, (2, 32)), modality_mask=mm, labels=torch.randint(0, 256, (2, 32)),
-             image_features=torch.randn(2, 8, 32).bfloat16(), return_logits=False)
-engine.backward(out.loss)
+batch = Batch(input_ids=torch.randint(0, 256, (2, 32)), modality_mask=mm, labels=torch.randint(0, 256, (2, 32)),
+              image_features=torch.randn(2, 8, 32).bfloat16())
+engine.backward(answer_loss(model, batch, engine(batch)))
 engine.step()
 master = sum(t.numel() * t.element_size() for t in opt.single_partition_of_fp32_groups)
 moments = sum(st[k].numel() * st[k].element_size() for st in opt.optimizer.state.values()

@@ -24,7 +24,9 @@ from transformers import (
 )
 
 from pipeline.model import PILLConfig, get_method, load_method, load_pill
+from pipeline.model.batch import Batch
 from pipeline.model.tiny import build_tiny_tokenizer
+from tests.helpers import logits_of
 from tests.test_peers_models import clip_dir  # noqa: F401  (fixture)
 
 D, L, H = 64, 2, 4
@@ -125,7 +127,7 @@ def test_pill_at_init_equals_the_frozen_model(arch_dir, stage):
     ids = ids_of()
     ref = frozen_logits(path, ids)
     with torch.no_grad():
-        ours = model(ids).logits
+        ours = logits_of(model, input_ids=ids)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
@@ -140,13 +142,11 @@ def test_pill_cached_left_padded_decode_equals_the_frozen_model(arch_dir):
     attn = torch.ones_like(ids)
     attn[1, :6] = 0
     with torch.no_grad():
-        out = model(ids[:, :16], attention_mask=attn[:, :16], use_cache=True)
-        steps = [out.logits[:, -1]]
+        out = model(Batch(ids[:, :16], attention_mask=attn[:, :16]), use_cache=True)
+        steps = [model.logits(out.hidden[:, -1])]
         for t in range(16, 20):
-            out = model(
-                ids[:, t : t + 1], attention_mask=attn[:, : t + 1], past_key_values=out.past_key_values, use_cache=True
-            )
-            steps.append(out.logits[:, -1])
+            out = model(Batch(ids[:, t : t + 1], attention_mask=attn[:, : t + 1]), cache=out.kv_cache, use_cache=True)
+            steps.append(model.logits(out.hidden[:, -1]))
     cached = torch.stack(steps, 1)  # predictions after positions 15..19
     for row, start in ((0, 0), (1, 6)):
         ref = frozen_logits(path, ids[row : row + 1, start:])[0, 15 - start :]
@@ -185,7 +185,7 @@ def test_peers_text_only_at_init_equal_the_frozen_model(arch_dir, clip_dir, name
     model = load_method(name, path, clip_dir, get_method(name).config_cls(), dtype=torch.float32).eval()
     ids = ids_of(T=24)
     with torch.no_grad():
-        ours = model(ids).logits
+        ours = logits_of(model, input_ids=ids)
         if name == "lavin":  # LaVIN's own token (the modality embedding, "no image") in front, then the text
             tok = model.modality_embedding(torch.zeros(ids.shape[0], dtype=torch.long))[:, None]
             emb = model.llm.get_input_embeddings()(ids)

@@ -3,6 +3,7 @@
 import torch
 
 from pipeline.model import PILLConfig, load_pill
+from pipeline.model.batch import Batch
 
 
 def test_cached_decode_equals_full_forward_with_left_padding(tiny_gqa_dirs):
@@ -21,27 +22,21 @@ def test_cached_decode_equals_full_forward_with_left_padding(tiny_gqa_dirs):
     mm[1, 7:15] = True
     feats = torch.randn(2, 8, 64, generator=g)
     with torch.no_grad():
-        full = model(ids, attention_mask=attn, modality_mask=mm, image_features=feats, use_cache=True).logits
-        prefix = 16
-        out = model(
-            ids[:, :prefix],
-            attention_mask=attn[:, :prefix],
-            modality_mask=mm[:, :prefix],
-            image_features=feats,
-            use_cache=True,
+        full = model.output_logits(
+            model(Batch(ids, attention_mask=attn, modality_mask=mm, image_features=feats), use_cache=True)
         )
-        steps = [out.logits]
-        cache = out.past_key_values
+        prefix = 16
+        first = Batch(
+            ids[:, :prefix], attention_mask=attn[:, :prefix], modality_mask=mm[:, :prefix], image_features=feats
+        )
+        out = model(first, use_cache=True)
+        steps = [model.output_logits(out)]
+        cache = out.kv_cache
         for t in range(prefix, T):
-            out = model(
-                ids[:, t : t + 1],
-                attention_mask=attn[:, : t + 1],
-                modality_mask=mm[:, t : t + 1],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            steps.append(out.logits)
+            step = Batch(ids[:, t : t + 1], attention_mask=attn[:, : t + 1], modality_mask=mm[:, t : t + 1])
+            out = model(step, cache=cache, use_cache=True)
+            cache = out.kv_cache
+            steps.append(model.output_logits(out))
     stepped = torch.cat(steps, dim=1)
     real = attn.bool()
     torch.testing.assert_close(stepped[real], full[real], rtol=1e-4, atol=1e-5)

@@ -7,7 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from pipeline.model import PILLConfig, load_pill
+from pipeline.model.batch import Batch
 from pipeline.model.tiny import build_tiny_tokenizer
+from tests.helpers import logits_of
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def test_within_the_window_pill_is_the_frozen_mistral(tiny_mistral):
     model = load_pill(tiny_mistral, None, PILLConfig(stage=2, rank=4), dtype=torch.float32)
     ids = torch.randint(5, 400, (2, 16))
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_mistral), dtype=torch.float32)(ids).logits
-    torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(logits_of(model, input_ids=ids), ref, rtol=0, atol=2e-5)
 
 
 def test_beyond_the_window_is_refused(tiny_mistral):
@@ -50,9 +52,9 @@ def test_beyond_the_window_is_refused(tiny_mistral):
     model = load_pill(tiny_mistral, None, PILLConfig(stage=2, rank=4), dtype=torch.float32)
     ids = torch.randint(5, 400, (1, 24))
     with pytest.raises(ValueError, match="sliding_window=16"):
-        model(ids)
+        model(Batch(ids))
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_mistral), dtype=torch.float32)(ids).logits
     model.sliding_window = None  # what computing it anyway would give
-    ours = model(ids).logits
+    ours = logits_of(model, input_ids=ids)
     torch.testing.assert_close(ours[:, :16], ref[:, :16], rtol=0, atol=2e-5)
     assert (ours[:, 16:] - ref[:, 16:]).abs().max() > 1e-3

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from pipeline.model import PILLConfig, is_trainable, load_pill
+from pipeline.model.batch import Batch
 from pipeline.model.pill import PILL
+from pipeline.training.loss import answer_loss
+from tests.helpers import logits_of, loss_of
 
 K, W = 8, 64  # the tiny VPG: 8 query tokens of width 64
 
@@ -46,7 +49,7 @@ def test_text_only_init_equals_frozen_llm(tiny_dirs, stage):
     model = make(tiny_dirs, stage=stage)
     ids = torch.randint(5, 400, (2, 33), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ours = model(ids).logits
+        ours = logits_of(model, input_ids=ids)
         ref = model.llm(ids).logits
     torch.testing.assert_close(ours, ref, rtol=0, atol=2e-5)
 
@@ -58,7 +61,7 @@ def test_init_with_images_stage1_equals_llm_stage2_zero_gate(tiny_dirs):
     vis = m1.projection(b["image_features"]).reshape(-1, emb.shape[-1])
     emb = emb.masked_scatter(b["modality_mask"].unsqueeze(-1), vis)
     with torch.no_grad():
-        ours1 = m1(**{k: v for k, v in b.items() if k != "labels"}).logits
+        ours1 = logits_of(m1, **b)
         ref = m1.llm(inputs_embeds=emb).logits
         torch.testing.assert_close(ours1, ref, rtol=0, atol=2e-5)
 
@@ -66,7 +69,7 @@ def test_init_with_images_stage1_equals_llm_stage2_zero_gate(tiny_dirs):
         # with v_proj's output zeroed at visual positions.
         m1.set_stage(2)
         m1.cfg.stage = 2
-        ours2 = m1(**{k: v for k, v in b.items() if k != "labels"}).logits
+        ours2 = logits_of(m1, **b)
         keep = (~b["modality_mask"]).unsqueeze(-1).float()
         hooks = [
             layer.self_attn.v_proj.register_forward_hook(lambda mod, inp, out: out * keep)
@@ -88,9 +91,12 @@ def test_eager_and_sdpa_agree_in_output_and_every_gradient(tiny_dirs, tiny_gqa_d
         model = make(dirs, stage=stage, attn_backend=backend)
         randomize(model)
         b = batch_with_images(len(model.tokenizer))
-        out = model(**b)
-        out.loss.backward()
-        results[backend] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()})
+        out = model(Batch(**b))
+        answer_loss(model, Batch(**b), out).backward()
+        results[backend] = (
+            model.output_logits(out).detach(),
+            {n: p.grad.clone() for n, p in model.trainable_parameters()},
+        )
     (le, ge), (ls, gs) = results["eager"], results["sdpa"]
     assert_close_to_scale(ls, le)
     assert ge.keys() == gs.keys() and len(ge) > 0
@@ -109,7 +115,7 @@ def test_gradients_reach_exactly_the_stage_set(tiny_dirs, stage):
     model = make(tiny_dirs, stage=stage)
     randomize(model)
     b = batch_with_images(len(model.tokenizer))
-    model(**b).loss.backward()
+    loss_of(model, **b).backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     expected = {n for n, _ in model.named_parameters() if is_trainable(n, stage)}
     assert {n for n, _ in model.trainable_parameters()} == expected
@@ -129,7 +135,7 @@ def test_stage1_last_layer_routing_flag(tiny_dirs):
     for flag, expect_grad in ((True, True), (False, False)):
         model = make(tiny_dirs, stage=1, invert_last_layer_routing=flag)
         randomize(model)
-        model(**batch_with_images(len(model.tokenizer))).loss.backward()
+        loss_of(model, **batch_with_images(len(model.tokenizer))).backward()
         last = model.blocks[-1].adapter_v.u.weight.grad
         assert (last is not None and last.abs().sum() > 0) == expect_grad
 
@@ -142,8 +148,8 @@ def test_pixels_through_vpg_equal_precomputed_features(tiny_dirs):
     b.pop("image_features")
     with torch.no_grad():
         feats = model.vpg(pixels)
-        a = model(**b, pixel_values=pixels).logits
-        c = model(**b, image_features=feats).logits
+        a = logits_of(model, **b, pixel_values=pixels)
+        c = logits_of(model, **b, image_features=feats)
     assert feats.shape == (2, K, W)
     torch.testing.assert_close(a, c, rtol=0, atol=0)
     model.train()
@@ -158,9 +164,9 @@ def test_ablation_variants_run_and_keep_init_identity(tiny_dirs, variant):
     model = make(tiny_dirs, stage=2, **variant)
     ids = torch.randint(5, 400, (1, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, model.llm(ids).logits, rtol=0, atol=2e-5)
+        torch.testing.assert_close(logits_of(model, input_ids=ids), model.llm(ids).logits, rtol=0, atol=2e-5)
     randomize(model)
-    model(**batch_with_images(len(model.tokenizer))).loss.backward()
+    loss_of(model, **batch_with_images(len(model.tokenizer))).backward()
     names = {n.split(".")[2] for n, _ in model.trainable_parameters() if n.startswith("blocks.")}
     assert ("adapter_ffn" in names) == (variant.get("momae") is False)
     assert ("gate" in names) == variant.get("mag", True)
@@ -180,7 +186,7 @@ def test_save_and_reload_trainables_only_bit_exact(tiny_dirs, tmp_path):
         assert n == n2 and torch.equal(p, p2), n
     b = batch_with_images(len(model.tokenizer))
     with torch.no_grad():
-        assert torch.equal(model(**b).logits, other(**b).logits)
+        assert torch.equal(logits_of(model, **b), logits_of(other, **b))
     # A stage-1 export loads into a stage-2 model (stage 2 starts from stage 1) and sets only P and A_v.
     s1 = make(tiny_dirs, stage=1)
     randomize(s1, seed=9)
@@ -221,12 +227,12 @@ def test_a_batch_without_images_gives_gradients_to_the_same_parameters(tiny_dirs
     randomize(model)
     b = batch_with_images(len(model.tokenizer))
     with_img = dict(b)
-    model(**with_img).loss.backward()
+    loss_of(model, **with_img).backward()
     seen_with = {n for n, p in model.trainable_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     text_only = {k: v for k, v in b.items() if k not in ("image_features", "pixel_values")}
     text_only["modality_mask"] = torch.zeros_like(b["modality_mask"])
-    model(**text_only).loss.backward()
+    loss_of(model, **text_only).backward()
     seen_without = {n for n, p in model.trainable_parameters() if p.grad is not None}
     assert seen_without == seen_with, sorted(seen_with ^ seen_without)
     assert model.projection.weight.grad.abs().sum() == 0

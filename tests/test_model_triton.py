@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from pipeline.model import PILLConfig, load_pill
+from pipeline.model.batch import Batch
+from pipeline.training.loss import answer_loss
+from tests.helpers import loss_of
 from tests.test_model_pill import assert_close_to_scale, batch_with_images, randomize
 
 needs_triton = pytest.mark.skipif(
@@ -28,9 +31,9 @@ def test_triton_backends_match_eager(tiny_gqa_dirs, stage):
         torch.manual_seed(1)
         model = load_pill(tiny_gqa_dirs["llm"], None, cfg, dtype=torch.float32)
         randomize(model)
-        out = model(**batch_with_images(len(model.tokenizer)))
-        out.loss.backward()
-        results[attn] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()})
+        loss = loss_of(model, **batch_with_images(len(model.tokenizer)))
+        loss.backward()
+        results[attn] = (loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()})
     (le, ge), (lt, gt) = results["eager"], results["triton"]
     assert_close_to_scale(lt, le, "loss")
     assert ge.keys() == gt.keys()
@@ -53,7 +56,7 @@ def test_triton_packed_batch_matches_eager(tiny_dirs):
         mm[0, 2:10] = True
         cu = torch.tensor([0, 13, 30], dtype=torch.int32)
         pos = torch.cat([torch.arange(13), torch.arange(17)])[None]
-        out = model(
+        batch = Batch(
             ids,
             modality_mask=mm,
             labels=ids,
@@ -62,8 +65,9 @@ def test_triton_packed_batch_matches_eager(tiny_dirs):
             max_seqlen=17,
             position_ids=pos,
         )
-        out.loss.backward()
-        outs[backend] = (out.logits.detach(), model.projection.weight.grad.clone())
+        out = model(batch)
+        answer_loss(model, batch, out).backward()
+        outs[backend] = (model.output_logits(out).detach(), model.projection.weight.grad.clone())
     assert_close_to_scale(outs["triton"][0], outs["eager"][0], "logits")
     assert_close_to_scale(outs["triton"][1], outs["eager"][1], "projection grad")
 
@@ -81,7 +85,7 @@ def test_route_schedule_is_built_once_per_forward(tiny_dirs, monkeypatch, stage,
         stage=stage, rank=4, num_query_tokens=8, vpg_width=64, attn_backend="eager", adapter_backend="triton"
     )
     model = load_pill(tiny_dirs["llm"], None, cfg, dtype=torch.float32)
-    model(**{k: v for k, v in batch_with_images(len(model.tokenizer)).items() if k != "labels"})
+    model(Batch(**batch_with_images(len(model.tokenizer))))
     assert len(calls) == builds
 
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from pipeline.model import PILLConfig, load_pill
+from pipeline.model.batch import Batch
 from pipeline.training.activation_checkpointing import apply_activation_checkpointing
+from pipeline.training.loss import Loss, answer_loss
 
 
 def _model(tiny_dirs, stage: int = 2):
@@ -30,14 +32,14 @@ def _batch(seed: int, answer_len: int, T: int = 24):
     mm[0, 2:10] = True
     labels = torch.full_like(ids, -100)
     labels[0, T - answer_len :] = ids[0, T - answer_len :]
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "modality_mask": mm,
-        "labels": labels,
-        "image_features": torch.randn(1, 8, 64, generator=g),
-        "num_samples": 1,
-    }
+    return Batch(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        modality_mask=mm,
+        labels=labels,
+        image_features=torch.randn(1, 8, 64, generator=g),
+        num_samples=1,
+    )
 
 
 def _grads(model):
@@ -46,13 +48,13 @@ def _grads(model):
 
 def test_checkpointing_gives_the_same_loss_and_gradients(tiny_dirs):
     model = _model(tiny_dirs)
-    b = {k: v for k, v in _batch(0, 7).items() if k != "num_samples"}
-    plain = model(**b).loss
+    b = _batch(0, 7)
+    plain = answer_loss(model, b)
     plain.backward()
     ref = _grads(model)
     model.zero_grad()
     assert apply_activation_checkpointing(model, every_n_layers=1) == len(model.blocks)
-    ckpt = model(**b).loss
+    ckpt = answer_loss(model, b)
     ckpt.backward()
     torch.testing.assert_close(ckpt, plain, rtol=0, atol=0)
     for n, g in _grads(model).items():
@@ -73,27 +75,27 @@ def test_loss_weights_every_answer_token_of_the_global_batch_equally(tiny_dirs, 
     (DeepSpeed averages gradients over ranks: the mean of per-rank gradients computed with the same rule)."""
     import deepspeed
 
-    from pipeline.training.loop import NonFiniteGuard, TrainState, answer_tokens, train_step
+    from pipeline.training.loop import NonFiniteGuard, TrainState, train_step
 
     lengths = [1, 3, 9, 14]  # QCM-ALE answers vary a lot: a per-micro-batch mean would over-weight the short ones
     batches = [_batch(i, n) for i, n in enumerate(lengths)]
     base = _model(tiny_dirs)
-    n_total = sum(answer_tokens(b) for b in batches)
+    n_total = sum(b.answer_tokens() for b in batches)
     assert n_total == sum(lengths)
 
     # One big batch: the mean over all answer tokens.
     big = copy.deepcopy(base)
-    keys = ("input_ids", "attention_mask", "modality_mask", "labels")
-    cat = {k: torch.cat([b[k] for b in batches]) for k in keys}
-    cat["image_features"] = torch.cat([b["image_features"] for b in batches])
-    out = big(**cat)
-    out.loss.backward()
-    ref_grads, ref_loss = _grads(big), float(out.loss.detach())
+    keys = ("input_ids", "attention_mask", "modality_mask", "labels", "image_features")
+    cat = Batch(**{k: torch.cat([getattr(b, k) for b in batches]) for k in keys})
+    loss = answer_loss(big, cat)
+    loss.backward()
+    ref_grads, ref_loss = _grads(big), float(loss.detach())
 
-    # Four ranks x accumulation 1: each rank's gradient with num_items_in_batch = N / world; DeepSpeed averages.
+    # Four ranks x accumulation 1: each rank's loss normalised by the global count over 4 micro-batches (the
+    # trainer's Loss); DeepSpeed averages the ranks' gradients.
     ranks = [copy.deepcopy(base) for _ in batches]
     for m, b in zip(ranks, batches):
-        m(**{k: v for k, v in b.items() if k != "num_samples"}, num_items_in_batch=n_total / 4).loss.backward()
+        Loss()(m, m(b), b, [n_total], micro_batches=4).loss.backward()
     mean_grads = {n: sum(_grads(m)[n] for m in ranks) / 4 for n in ref_grads}
     for n, g in mean_grads.items():
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
@@ -116,7 +118,14 @@ def test_loss_weights_every_answer_token_of_the_global_batch_equally(tiny_dirs, 
         },
     )
     ctx = SimpleNamespace(device=torch.device("cpu"), world_size=1, rank=0)
-    st = SimpleNamespace(plan=SimpleNamespace(grad_accum=4), engine=engine, scheduler=sched, float_dtype=torch.float32)
+    st = SimpleNamespace(
+        plan=SimpleNamespace(grad_accum=4),
+        engine=engine,
+        model=model,
+        loss=Loss(),
+        scheduler=sched,
+        float_dtype=torch.float32,
+    )
     guard = NonFiniteGuard(
         SimpleNamespace(debug={}, optim=SimpleNamespace(max_nonfinite_in_a_row=3)),
         0,

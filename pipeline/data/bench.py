@@ -156,7 +156,7 @@ def measure(urls: list[str], task: str, workers: int, tok, K: int, max_length: i
         rank=0,
         world_size=1,
     )
-    return _rate(ld, lambda b: b["num_samples"])
+    return _rate(ld, lambda b: b.samples)
 
 
 def measure_webdataset(urls: list[str], tok, size: int = 224, batch_size: int = 16) -> dict:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.model.batch import Batch
+
 
 @dataclass
 class Prompt:
@@ -38,25 +40,25 @@ class Prompt:
             raise ValueError(f"prompt {self.key}: {len(self.input_ids)} ids but {len(self.modality_mask)} mask entries")
 
 
-def _image_kind(batch: dict) -> tuple[str, torch.Tensor | None]:
+def _image_kind(batch: Batch) -> tuple[str, torch.Tensor | None]:
     for kind in ("pixel_values", "image_features"):
-        if batch.get(kind) is not None:
-            return kind, batch[kind]
+        if getattr(batch, kind) is not None:
+            return kind, getattr(batch, kind)
     return "pixel_values", None
 
 
-def prompts_from_batch(batch: dict, num_query_tokens: int) -> list[Prompt]:
+def prompts_from_batch(batch: Batch, num_query_tokens: int) -> list[Prompt]:
     """Split a collated, right-padded, unpacked batch into per-sample prompts (answers cut off)."""
-    for name in ("input_ids", "labels", "modality_mask"):
-        if name not in batch:
-            raise KeyError(f"batch has no '{name}' (have: {sorted(batch)}); evaluation needs stage-2 batches")
-    if batch.get("cu_seqlens") is not None:
+    for name in ("labels", "modality_mask"):
+        if getattr(batch, name) is None:
+            raise ValueError(f"batch has no {name}; evaluation needs stage-2 batches")
+    if batch.cu_seqlens is not None:
         raise ValueError("evaluation needs unpacked batches (the loader was built with packing on)")
-    ids, labels, mm = batch["input_ids"].cpu(), batch["labels"].cpu(), batch["modality_mask"].cpu().bool()
-    attn = batch.get("attention_mask")
+    ids, labels, mm = batch.input_ids.cpu(), batch.labels.cpu(), batch.modality_mask.cpu().bool()
+    attn = batch.attention_mask
     attn = torch.ones_like(ids, dtype=torch.bool) if attn is None else attn.cpu().bool()
     kind, images = _image_kind(batch)
-    metas = batch.get("meta") or [{} for _ in range(ids.shape[0])]
+    metas = batch.meta or [{} for _ in range(ids.shape[0])]
     prompts, image_cursor = [], 0
     for b in range(ids.shape[0]):
         n_real = int(attn[b].sum())
@@ -89,7 +91,7 @@ def prompts_from_batch(batch: dict, num_query_tokens: int) -> list[Prompt]:
     return prompts
 
 
-def iter_prompts(batches: Iterable[dict], num_query_tokens: int, limit: int | None = None) -> Iterator[Prompt]:
+def iter_prompts(batches: Iterable[Batch], num_query_tokens: int, limit: int | None = None) -> Iterator[Prompt]:
     """Prompts of every batch in order, stopping after `limit` prompts."""
     n = 0
     for batch in batches:

@@ -23,6 +23,7 @@ from pipeline.data.prompt_cut import Prompt, iter_prompts
 from pipeline.eval.parsing import OPTION_LETTERS, parse_choice
 from pipeline.eval.sqa_scoring import MCRecord, categories_of, score_multiple_choice
 from pipeline.generate import GenerationConfig, batch_images, generate, model_device_dtype
+from pipeline.model.batch import Batch
 
 ANSWER_PREFIX = "The answer is "
 MODES = ("generate", "logits")
@@ -93,15 +94,17 @@ def predict_by_logits(model, prompts: Sequence[Prompt], batch_size: int = 8) -> 
                 torch.tensor(r_mm),
                 1,
             )
-        logits = model(
+        batch = Batch(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
             modality_mask=mm.to(device),
             **batch_images(chunk, device, dtype),
-        ).logits
-        last = attn.sum(1) - 1
+        )
+        out = model(batch)
+        last = attn.sum(1).to(device) - 1
+        logits = model.logits(out.hidden[torch.arange(len(rows), device=device), last], out.head_index)  # (B, V)
         for b, letters in enumerate(cands):
-            preds.append(int(logits[b, last[b], letters].argmax()))
+            preds.append(int(logits[b, letters].argmax()))
     return preds
 
 
