@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -134,6 +135,22 @@ def test_local_path_only_under_allowed_dir(server, local_dir, tmp_path):
     (tmp_path / "other.png").write_bytes(demo_png())
     refused = post(server, chat(user("What is it?", str(tmp_path / "other.png")), max_tokens=2))
     assert refused.status_code == 400 and "allowed directory" in refused.json()["error"]["message"]
+
+
+def test_client_leaving_a_stream_frees_its_slot(server):
+    """A client that reads one event and leaves: its concurrency slot is freed and its row stops decoding."""
+    before = server.health()
+    body = chat(user("Tell me everything."), max_tokens=400, stream=True)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())
+    deadline = time.monotonic() + 60
+    while server.health()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = server.health()
+    assert after["in_flight"] == 0
+    assert after["forward_passes"] - before["forward_passes"] < 400
 
 
 # ---- batching -------------------------------------------------------------------------------------------------

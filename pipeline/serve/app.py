@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from pipeline.serve.batcher import Batcher, Job
@@ -112,13 +113,16 @@ def create_app(state: ServerState) -> FastAPI:
         except BaseException:
             state.in_flight -= 1
             raise
+        release = _releaser(state, job)
         if chat.stream:
-            return StreamingResponse(_stream(state, job, events), media_type="text/event-stream")
+            # released when the stream ends and again (a no-op then) after the response: a client that leaves
+            # before the first chunk never starts the generator, whose `finally` would then never run
+            stream = _stream(state, job, events, release)
+            return StreamingResponse(stream, media_type="text/event-stream", background=BackgroundTask(release))
         try:
             return await _complete(state, job, events)
         finally:
-            job.cancelled = job.finish is None
-            state.in_flight -= 1
+            release()
 
     return app
 
@@ -160,7 +164,22 @@ async def _complete(state: ServerState, job: Job, events: asyncio.Queue) -> JSON
     return JSONResponse(body)
 
 
-async def _stream(state: ServerState, job: Job, events: asyncio.Queue) -> AsyncIterator[str]:
+def _releaser(state: ServerState, job: Job) -> Callable[[], None]:
+    """Frees the request's concurrency slot once, and stops its row if it has not finished (the client left)."""
+    done = []
+
+    def release() -> None:
+        if not done:
+            done.append(True)
+            job.cancelled = job.finish is None
+            state.in_flight -= 1
+
+    return release
+
+
+async def _stream(
+    state: ServerState, job: Job, events: asyncio.Queue, release: Callable[[], None]
+) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: a role chunk, content chunks, a finish chunk, the usage chunk when
     stream_options.include_usage, then `data: [DONE]`."""
     cid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -180,8 +199,7 @@ async def _stream(state: ServerState, job: Job, events: asyncio.Queue) -> AsyncI
             break
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled = job.finish is None
-        state.in_flight -= 1
+        release()
 
 
 def _envelope(state: ServerState, kind: str, choices: list, cid: str | None = None) -> dict:
