@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline.cli import run_cli
 from pipeline.data.chat_template import end_of_turn_ids
 from pipeline.data.config import PROMPT_FORMATS
 from pipeline.data.eval import chat_prompt, default_data_config, image_tensor, shard_prompts
@@ -320,4 +321,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))  # a bad argument: one line, exit 2

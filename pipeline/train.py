@@ -31,6 +31,15 @@ _EARLY_SIGNALS: list[int] = []
 for _sig in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(_sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
+if __name__ == "__main__" and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+    # The imports below and the model set-up take from seconds to a minute and a half before the first log line:
+    # say at once that the run has started (rank 0 only, on stderr: stdout stays the run's own output).
+    print(
+        f"pipeline/train.py: starting ({' '.join(sys.argv[1:]) or 'the embedded demo'}); loading torch and DeepSpeed",
+        file=sys.stderr,
+        flush=True,
+    )
+
 import torch  # noqa: E402
 
 from pipeline.data.prompts import prompt_format_problem  # noqa: E402

@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from pipeline.cli import run_cli
 from shards.common import json_bytes
 from shards.writer import Sample, WriterConfig, summary, write_shards
 
@@ -247,4 +248,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))  # a bad argument: one line, exit 2

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.cli import run_cli
 from pipeline.data.records import SkipCounter, iter_tar
 from pipeline.data.shardlists import expand_shards
 from pipeline.data.transforms import decode_image, default_mean_std, image_exts, normalise
@@ -216,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))  # a bad argument: one line, exit 2

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import run_cli
 from shards.common import file_size, json_bytes, load_json, read_image, require_dir, require_fields, require_file
 from shards.writer import Sample, SkipSample, add_writer_args, summary, write_shards, writer_config
 
@@ -126,4 +127,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))  # a bad argument: one line, exit 2

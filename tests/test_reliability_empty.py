@@ -3,6 +3,8 @@ any optimizer step, exit 2, naming the source, the skip reasons and what to chan
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.reliability import build_workdir, run, train_cmd, write_config
@@ -26,6 +28,8 @@ def test_stage_with_no_usable_sample_stops_before_any_step(workdir):
     assert "stages[0]" in msg and "task chat" in msg and "train-index.json" in msg, msg
     assert "missing_field" in msg or "bad_conversation" in msg, msg
     assert "stages[0].task" in msg, msg  # what to change
+    # the stage header names the backends the steps would run (it said "backends None" before the first forward)
+    assert re.search(r"backends \w+/\w+", p.stdout) and "backends None" not in p.stdout, p.stdout[-4000:]
     run_dir = workdir / "empty"
     assert not (run_dir / "export").exists()
     assert not (run_dir / "checkpoints" / "latest").exists()

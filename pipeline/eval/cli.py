@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pipeline.cli import run_cli
+
 TASKS = {"scienceqa": "pipeline.eval.scienceqa", "mme": "pipeline.eval.mme"}
 
 
@@ -16,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return importlib.import_module(TASKS[argv[0]]).main(argv[1:])
+    return run_cli(importlib.import_module(TASKS[argv[0]]).main, argv[1:])  # a bad argument: one line, exit 2
 
 
 if __name__ == "__main__":

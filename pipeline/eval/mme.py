@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.cli import run_cli
 from pipeline.data.eval import chat_prompt, image_tensor
 from pipeline.eval.mme_data import MMEQuestion, load_mme
 from pipeline.eval.mme_scoring import markdown_table, score_mme
@@ -117,4 +118,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))  # a bad argument: one line, exit 2

@@ -44,6 +44,8 @@ def score_mme(items: Iterable[tuple[MMEQuestion, str]]) -> dict:
     by_task: dict[str, list] = defaultdict(list)
     for q, text in items:
         by_task[q.subtask].append((q, text))
+    if not by_task:  # a score of 0 would read as a model that answers everything wrong
+        raise ValueError("no MME question was scored: the benchmark folder held none, or every one was skipped")
     subtasks = {task: score_subtask(rows) for task, rows in by_task.items()}
     result: dict = {"subtasks": subtasks}
     for name, tasks in (("perception", PERCEPTION), ("cognition", COGNITION)):

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.cli import run_cli
 from pipeline.data.eval import default_data_config, iter_shard_prompts
 from pipeline.data.records import SkipCounter
 from pipeline.eval.multiple_choice import MODES, evaluate_multiple_choice
@@ -98,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))  # a bad argument: one line, exit 2

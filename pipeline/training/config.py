@@ -208,10 +208,6 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     prepare: list[PrepareStep] = field(default_factory=list)
     """Steps run before training (configs/demo.yaml builds its shards with one)."""
-    debug: dict[str, Any] = field(default_factory=dict)
-    """Test hooks: nan_loss_at (list of micro-step indices whose loss is replaced by NaN; only on rank
-    nan_loss_rank if given),
-    sleep_per_step (seconds, to let a test kill a run mid-way)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -298,6 +294,9 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     return _from_dict(TrainConfig, d, "")
 
 
+LENGTH_KEYS = {"max_steps": "epochs", "epochs": "max_steps"}
+
+
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     """`stages.0.max_steps=5` or `stages.*.max_steps=5` (every stage)."""
     parts = key.split(".")
@@ -313,7 +312,10 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
             try:
                 cur = cur[int(p)]
             except (ValueError, IndexError):
-                raise ConfigError(f"--set {key}: no list item {p!r} (have {len(cur)})") from None
+                raise ConfigError(
+                    f"--set {key}: no list item {p!r}; items are numbered from 0 (this list has {len(cur)}: "
+                    f"{', '.join(map(str, range(len(cur)))) or 'none'})"
+                ) from None
         else:
             if p not in cur or cur[p] is None:
                 cur[p] = {}
@@ -323,6 +325,9 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
         cur[int(last)] = value
     else:
         cur[last] = value
+        if last in LENGTH_KEYS and value is not None and LENGTH_KEYS[last] in cur:
+            # One length per stage: --set stages.0.max_steps=N on an `epochs` preset replaces it (and vice versa).
+            cur[LENGTH_KEYS[last]] = None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

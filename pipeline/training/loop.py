@@ -36,10 +36,10 @@ from pipeline.training.activation_checkpointing import apply_activation_checkpoi
 from pipeline.training.checkpoint import CheckpointManager, export_adapter, gather_consolidated, set_rng_state
 from pipeline.training.config import StageConfig, TrainConfig
 from pipeline.training.data_glue import StageData
-from pipeline.training.dist import DistContext, Preempted, PreemptionFlag, all_agree_any, all_mean, all_sum
+from pipeline.training.dist import DistContext, Preempted, PreemptionFlag, all_agree_any, all_sum
 from pipeline.training.ds_config import fill_ds_config, peak_lr, plan_batch, uses_cpu_offload
 from pipeline.training.loss import Loss
-from pipeline.training.metrics import MetricsLogger
+from pipeline.training.metrics import MetricsLogger, StepSums
 from pipeline.training.optim import (
     base_lr,
     build_optimizer,
@@ -92,30 +92,6 @@ class TrainState:
     skipped_nonfinite: int = 0
     wall_seconds: float = 0.0
     last_loss: float = float("nan")
-
-
-class MetricsWindow:
-    """Throughput since the last log line, summed over ranks."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.samples = self.tokens = self.positions = 0
-        self.t0 = time.time()
-
-    def add(self, samples: float, tokens: float, positions: float) -> None:
-        self.samples += samples
-        self.tokens += tokens
-        self.positions += positions
-
-    def scalars(self) -> dict[str, float]:
-        dt = max(1e-9, time.time() - self.t0)
-        return {
-            "samples_per_s": self.samples / dt,
-            "tokens_per_s": self.tokens / dt,
-            "pad_frac": 1.0 - self.tokens / max(1, self.positions),
-        }
 
 
 # ---- set-up -------------------------------------------------------------------------------------------------------
@@ -202,11 +178,7 @@ def setup_stage(
         model.load_adapter(init_from)
     trainables = model.trainable_parameters()
     data = StageData(cfg, s, model.tokenizer, model.cfg.num_query_tokens, ctx, plan.micro_batch_size)
-    total_steps = (
-        s.max_steps
-        if s.max_steps is not None
-        else data.steps_for_epochs(s.epochs, plan.grad_accum)
-    )
+    total_steps = s.max_steps if s.max_steps is not None else data.steps_for_epochs(s.epochs, plan.grad_accum)
     lr = peak_lr(s, plan)
     warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total_steps)
     groups = param_groups(trainables, cfg.optim, get_method(cfg.model.method).row_of, check_lr_scale(cfg))
@@ -254,32 +226,13 @@ def param_count(params) -> int:
 # ---- one optimizer step -------------------------------------------------------------------------------------------
 
 
-@dataclass
-class StepStats:
-    loss_sum: float = 0.0
-    """Sum over this rank's micro-batches of (summed token loss / per-micro-batch share of the global count)."""
-    samples: int = 0
-    tokens: int = 0
-    positions: int = 0
-    lr: float = 0.0
-    gate_abs: torch.Tensor | None = None
-
-
 class NonFiniteGuard:
     """Counts micro-batches, and non-finite losses in a row; stops before the weights are corrupted."""
 
     def __init__(self, cfg: TrainConfig, idx: int, ctx: DistContext, state: TrainState, log: MetricsLogger):
         self.cfg, self.idx, self.ctx, self.state, self.log = cfg, idx, ctx, state, log
         self.in_a_row = 0
-        self.micro_total = 0
-        self.nan_at = set(cfg.debug.get("nan_loss_at", []))
         self.last_ckpt: Path | None = None
-
-    def loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The debug hook (tests): replace the loss of chosen micro-steps by NaN."""
-        hit = self.micro_total in self.nan_at and self.cfg.debug.get("nan_loss_rank", self.ctx.rank) == self.ctx.rank
-        self.micro_total += 1
-        return loss * float("nan") if hit else loss
 
     def skip(self, loss_value: float) -> bool:
         """Collective: True (on every rank) when any rank's loss is non-finite."""
@@ -301,34 +254,38 @@ class NonFiniteGuard:
         return True
 
 
-def train_step(st: Stage, batches: Iterator[Batch], ctx: DistContext, guard: NonFiniteGuard) -> StepStats:
-    """grad_accum micro-batches -> one optimizer step (DeepSpeed steps at the last engine.step())."""
+def train_step(st: Stage, batches: Iterator[Batch], ctx: DistContext, guard: NonFiniteGuard, sums: StepSums) -> float:
+    """grad_accum micro-batches -> one optimizer step (DeepSpeed steps at the last engine.step()); what the log
+    reports is added to `sums` (pipeline.training.metrics). Returns the lr this step used."""
     ga = st.plan.grad_accum
     group = [next(batches) for _ in range(ga)]
     # Every loss term's count over the global batch, from the host copies: one all-reduce per step, no device sync.
     global_counts = all_sum([sum(col) for col in zip(*(st.loss.counts(b) for b in group))], ctx.device)
     # the lr this step uses (the scheduler steps after it), before any optim.lr_scale factor
-    stats = StepStats(lr=base_lr(st.scheduler.optimizer, st.scheduler.get_last_lr()))
+    lr = base_lr(st.scheduler.optimizer, st.scheduler.get_last_lr())
     done = 0
     while done < ga:
         batch = group.pop(0) if group else next(batches)  # a skipped micro-batch is replaced by the next one
         on_device = batch.to(ctx.device, st.float_dtype)  # bf16: DeepSpeed casts the module, inputs follow
         out = st.engine(on_device)
         result = st.loss(st.model, out, on_device, global_counts, ctx.world_size * ga)
-        loss = guard.loss(result.loss)
-        loss_value = float(loss.detach().float())  # the one host sync of a micro-step
+        loss_value = float(result.loss.detach().float())  # the one host sync of a micro-step
         if guard.skip(loss_value):
             continue
-        st.engine.backward(loss)
+        st.engine.backward(result.loss)
         st.engine.step()
         done += 1
-        stats.loss_sum += loss_value
-        am = batch.attention_mask
-        stats.samples += batch.samples
-        stats.tokens += int(am.sum())
-        stats.positions += am.numel()
-        stats.gate_abs = out.gate_abs
-    return stats
+        sums.add("loss", loss_value)
+        if len(result.parts) > 1:
+            for name, part in result.parts.items():
+                sums.add(f"loss/{name}", part)
+        sums.add("samples", batch.samples)
+        sums.add("tokens", int(batch.attention_mask.sum()))
+        sums.add("positions", batch.attention_mask.numel())
+    if out.gate_abs is not None:
+        sums.add("gate_abs", out.gate_abs)  # the step's last micro-batch
+    sums.steps += 1
+    return lr
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
@@ -373,30 +330,28 @@ def run_stage(
 
     guard = NonFiniteGuard(cfg, idx, ctx, state, log)
     guard.last_ckpt = st.ckpts.latest()
-    window = MetricsWindow()
+    sums = StepSums()
     st.engine.train()
     t_stage = time.time() - state.wall_seconds
     batches = st.data.checked_batches(ctx.device, idx, st.s)  # no optimizer step on a stage with no usable sample
     while state.global_step < st.total_steps:
-        stats = train_step(st, batches, ctx, guard)
+        lr = train_step(st, batches, ctx, guard, sums)
         state.global_step += 1
         step = state.global_step
-        loss_sum, samples, tokens, positions = all_sum(
-            [stats.loss_sum, stats.samples, stats.tokens, stats.positions], ctx.device
-        )
-        state.last_loss = loss_sum / (ctx.world_size * st.plan.grad_accum)  # = global token mean
-        state.samples += int(samples)
-        state.tokens += int(tokens)
-        window.add(samples, tokens, positions)
-        if step % cfg.log.every_steps == 0 or step == st.total_steps:
-            _log_step(st, log, state, stats, window, ctx)
+        checkpoint_now = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < st.total_steps
+        # A checkpoint step is a log step too: the train state it saves is settled, and a resumed run logs the same
+        # rows as an uninterrupted one.
+        if step % cfg.log.every_steps == 0 or step == st.total_steps or checkpoint_now:
+            _log_step(st, log, state, lr, sums, ctx)
         else:
-            log.progress(step, state.last_loss, stats.lr, None)
+            log.progress(step, state.last_loss, lr, None)
         state.wall_seconds = time.time() - t_stage
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < st.total_steps:
+        if checkpoint_now:
             guard.last_ckpt = save()
             log.info(f"step {step}: checkpoint {guard.last_ckpt}")
         if all_agree_any(preempt.raised, ctx.device):
+            if sums.steps:
+                _log_step(st, log, state, lr, sums, ctx)
             guard.last_ckpt = save()
             log.info(
                 f"signal {preempt.signum}: checkpoint {guard.last_ckpt} written at step {step}; exiting 99 "
@@ -404,8 +359,6 @@ def run_stage(
             )
             log.close()
             raise Preempted(str(guard.last_ckpt))
-        if cfg.debug.get("sleep_per_step"):
-            time.sleep(float(cfg.debug["sleep_per_step"]))
     return _finish(st, ctx, log, state, save, guard.last_ckpt, stage_dir, t_stage, resumed)
 
 
@@ -431,7 +384,7 @@ def _log_start(st: Stage, ctx: DistContext, log: MetricsLogger, resumed_from: st
         f"{param_count(st.model.parameters()):,}; world {ctx.world_size}, micro-batch {p.micro_batch_size} x "
         f"accum {p.grad_accum} x {ctx.world_size} ranks = {p.global_batch_size}/step, {st.total_steps} steps, "
         f"peak lr {st.lr:.3e}, warmup {st.warmup}, ZeRO-{st.engine.zero_optimization_stage()}, "
-        f"{'bf16' if st.float_dtype == torch.bfloat16 else 'fp32'}, backends {getattr(st.model, 'backends', '')}"
+        f"{'bf16' if st.float_dtype == torch.bfloat16 else 'fp32'}, backends {_backends(st.model, ctx.device)}"
         f"{', activation checkpointing' if st.cfg.model.activation_checkpointing else ''}"
     )
     if lrs := describe_lrs(st.scheduler.optimizer):
@@ -440,26 +393,38 @@ def _log_start(st: Stage, ctx: DistContext, log: MetricsLogger, resumed_from: st
         log.info(f"resumed at step {state.global_step} from {resumed_from}")
 
 
-def _log_step(
-    st: Stage, log: MetricsLogger, state: TrainState, stats: StepStats, window: MetricsWindow, ctx: DistContext
-) -> None:
-    gates = None
-    if stats.gate_abs is not None:  # one device->host copy per logging step, then one small all-reduce
-        gates = all_mean(stats.gate_abs.float().tolist(), ctx.device)
+def _backends(model: Any, device: torch.device) -> str:
+    """attention/adapter backends as the first step will run them ("built-in" for a method without the choice)."""
+    resolve = getattr(model, "resolve_backends", None)
+    return "/".join(resolve(device)) if resolve is not None else "built-in"
+
+
+def _log_step(st: Stage, log: MetricsLogger, state: TrainState, lr: float, sums: StepSums, ctx: DistContext) -> None:
+    """One log line from every rank's sums since the last one (one all-reduce); settles the train state's totals."""
+    g = sums.reduce(ctx.device)
+    micro_batches = ctx.world_size * st.plan.grad_accum * sums.steps
+    state.last_loss = g["loss"] / micro_batches  # the global token mean of one step (the steps' mean over several)
+    state.samples += int(g["samples"])
+    state.tokens += int(g["tokens"])
+    dt = sums.seconds()
     grad_norm = st.engine.get_global_grad_norm()
     scalars = {
         "loss": state.last_loss,
-        "lr": stats.lr,
-        **lr_by_group(st.scheduler.optimizer, stats.lr),
+        **{k: v / micro_batches for k, v in g.items() if k.startswith("loss/")},
+        "lr": lr,
+        **lr_by_group(st.scheduler.optimizer, lr),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        **window.scalars(),
+        "samples_per_s": g["samples"] / dt,
+        "tokens_per_s": g["tokens"] / dt,
+        "pad_frac": 1.0 - g["tokens"] / max(1, g["positions"]),
         "samples": state.samples,
         "skipped_nonfinite": state.skipped_nonfinite,
         **st.data.skip_counters(ctx.device),
     }
+    gates = [v / (ctx.world_size * sums.steps) for v in g["gate_abs"]] if "gate_abs" in g else None
     log.log(state.global_step, scalars, gates)
-    log.progress(state.global_step, state.last_loss, stats.lr, scalars["samples_per_s"])
-    window.reset()
+    log.progress(state.global_step, state.last_loss, lr, scalars["samples_per_s"])
+    sums.reset()
 
 
 def _finish(
