@@ -1,7 +1,8 @@
 """PILL's peers as methods of this engine: LLaMA-Adapter, LaVIN, LLaMA-Excitor, IAA (docs/peers.md).
 
-Each is one file: a FrozenLLMMethod (pipeline.model.base) on a frozen Llama-family LLM with a frozen CLIP ViT
-front end (pipeline.model.clip), its config, and its `SPEC` (listed in pipeline.model.methods).
+Each is one file: a PeerMethod (common.py: the contract's forward, adapters_off as the frozen LLM, the shared
+layer loop) on a frozen Llama-family LLM with a frozen CLIP ViT front end (pipeline.model.clip), its config, and
+its `SPEC` (listed in pipeline.model.methods). docs/peers.md "Fidelity" says what each was compared against.
 """
 
 from pipeline.model.peers import excitor, iaa, lavin, llama_adapter
