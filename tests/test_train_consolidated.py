@@ -114,5 +114,4 @@ def test_a_crash_during_save_leaves_latest_on_the_previous_checkpoint(dist_world
     assert mgr.latest() == third
     assert not list((tmp_path / "checkpoints").glob("*.partial"))  # leftovers cleaned by the next save
     (tmp_path / "checkpoints" / "latest").write_text("step_00000009")
-    with pytest.raises(RuntimeError, match="incomplete or missing"):
-        mgr.latest()
+    assert mgr.latest() == third  # a dangling pointer falls back to the newest complete checkpoint (issue 28)
