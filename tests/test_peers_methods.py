@@ -147,3 +147,22 @@ def test_iaa_text_only_batch_still_backpropagates(tiny_dirs, clip_dir):  # noqa:
     for p in (model.projection.weight, model.mm_head.weight):
         assert p.grad is not None and p.grad.abs().sum() == 0
     torch.testing.assert_close(loss.detach(), model.llm(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama_adapter", "lavin", "excitor", "iaa"])
+def test_a_cache_continues_only_the_mode_that_wrote_it(name, tiny_dirs, clip_dir):  # noqa: F811
+    """A KV cache written under adapters_off() holds the frozen LLM's keys (no prompt state, no routes): continuing
+    it with the adapters on (or the other way round) is an error naming the mode, not a silently mixed decode."""
+    model = make(name, tiny_dirs, clip_dir).eval()
+    ids = text_ids()
+    with torch.no_grad():
+        with model.adapters_off():
+            off = model(Batch(input_ids=ids), use_cache=True).kv_cache
+        on = model(Batch(input_ids=ids), use_cache=True).kv_cache
+        step = Batch(input_ids=ids[:, :1], attention_mask=torch.ones(ids.shape[0], ids.shape[1] + 1))
+        with pytest.raises(ValueError, match="written with the adapters off"):
+            model(step, cache=off, use_cache=True)
+        with model.adapters_off(), pytest.raises(ValueError, match="written with the adapters on"):
+            model(step, cache=on, use_cache=True)
+        with model.adapters_off():  # the frozen decode continues its own cache
+            model(step, cache=off, use_cache=True)
