@@ -177,7 +177,7 @@ def test_script_env_contract_and_scancel_is_not_requeued(cluster, tmp_path):
         PILL_CPU="1",
         PILL_RUN_DIR=str(run_dir),
         PILL_PYTHON=sys.executable,
-        PILL_SET="stages.0.max_steps=7 debug.sleep_per_step=0.5",
+        PILL_SET="stages.0.max_steps=7 log.every_steps=3",
     )
     cluster.wait(job, 60, until=lambda j: (run_dir / "rank1.json").is_file() or j["JobState"] in FINAL)
     time.sleep(0.5)
@@ -200,7 +200,7 @@ def test_script_env_contract_and_scancel_is_not_requeued(cluster, tmp_path):
             "DS_ACCELERATOR": "cpu",
             "SLURM_JOB_ID": job,
         }, rec
-        assert rec["set"] == ["stages.0.max_steps=7", "debug.sleep_per_step=0.5"]
+        assert rec["set"] == ["stages.0.max_steps=7", "log.every_steps=3"]
         assert rec["config"] == "configs/stage2_scienceqa.yaml" and rec["ds"] == "ds_configs/zero2.json"
 
 
@@ -247,9 +247,26 @@ def test_a_dead_rank_ends_the_step_at_once(cluster, tmp_path):
 # ---- 2-3. the real trainer ---------------------------------------------------------------------------------------
 
 
-def _submit_real(cluster: Cluster, tmp_path: Path, steps: int, extra_set: str = "") -> tuple[str, Path]:
+def _hooked_python(tmp_path: Path, hooks: dict[str, str]) -> Path:
+    """A PILL_PYTHON for slurm/common.sh that starts pipeline/train.py through tests/train_hooks.py with the
+    PILL_TEST_* `hooks` set (the trainer itself has no test hooks); any other call is the plain interpreter."""
+    shim = tmp_path / "python"
+    exports = "".join(f"export {k}={v}\n" for k, v in hooks.items())
+    shim.write_text(
+        f"#!/bin/sh\n{exports}"
+        f'if [ "$1" = pipeline/train.py ]; then shift; exec {sys.executable} {REPO}/tests/train_hooks.py "$@"; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    shim.chmod(0o755)
+    return shim
+
+
+def _submit_real(
+    cluster: Cluster, tmp_path: Path, steps: int, extra_set: str = "", hooks: dict[str, str] | None = None
+) -> tuple[str, Path]:
     cfg = tiny_stage2_config(tmp_path / "tiny.yaml", steps)
     run_dir = tmp_path / "run"
+    python = {"PILL_PYTHON": str(_hooked_python(tmp_path, hooks))} if hooks else {}
     job = cluster.sbatch(
         REPO / "slurm" / "stage2.sh",
         *CPU_JOB,
@@ -259,6 +276,7 @@ def _submit_real(cluster: Cluster, tmp_path: Path, steps: int, extra_set: str = 
         PILL_CONFIG=str(cfg),
         PILL_RUN_DIR=str(run_dir),
         PILL_SET=extra_set,
+        **python,
     )
     return job, run_dir
 
@@ -306,8 +324,8 @@ def test_demo_script_as_a_new_user_submits_it(cluster, tmp_path):
 def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     t0 = time.time()
     steps = 10
-    # sleep_per_step (a trainer test hook) keeps the run going long enough to be signalled mid-way.
-    job, run_dir = _submit_real(cluster, tmp_path, steps=steps, extra_set="debug.sleep_per_step=1.0")
+    # A second per step (tests/train_hooks.py) keeps the run going long enough to be signalled mid-way.
+    job, run_dir = _submit_real(cluster, tmp_path, steps=steps, hooks={"PILL_TEST_SLEEP_PER_STEP": "1.0"})
     cluster.wait(job, 150, until=lambda j: len(_metric_steps(run_dir)) >= 3 or j["JobState"] in FINAL)
     assert cluster.job(job)["JobState"] == "RUNNING", "finished before it could be signalled"
     # What --signal=B:USR1@N delivers before the time limit: SIGUSR1 to the batch shell only.

@@ -81,8 +81,12 @@ def _config(workdir: Path, name: str, **over) -> Path:
     return path
 
 
-def _launch(config: Path, world: int = 2, extra: list[str] = ()) -> list[subprocess.Popen]:
+def _launch(
+    config: Path, world: int = 2, extra: list[str] = (), hooks: dict[str, str] | None = None
+) -> list[subprocess.Popen]:
+    """One process per rank; `hooks` (PILL_TEST_* variables) start them through tests/train_hooks.py."""
     port = str(_free_port())
+    entry = REPO / "tests" / "train_hooks.py" if hooks else REPO / "pipeline" / "train.py"
     procs = []
     for r in range(world):
         env = {
@@ -95,10 +99,11 @@ def _launch(config: Path, world: int = 2, extra: list[str] = ()) -> list[subproc
             "MASTER_PORT": port,
             "DS_ACCELERATOR": "cpu",
             "PILL_TINY_DIR": str(config.parent / "tiny"),
+            **(hooks or {}),
         }
         procs.append(
             subprocess.Popen(
-                [PY, str(REPO / "pipeline" / "train.py"), "--config", str(config), *extra],
+                [PY, str(entry), "--config", str(config), *extra],
                 env=env,
                 cwd=REPO,
                 stdout=subprocess.PIPE,
@@ -122,8 +127,10 @@ def _wait(procs: list[subprocess.Popen], timeout: float = 180) -> tuple[list[int
     return [p.returncode for p in procs], "\n".join(out)
 
 
-def _run(config: Path, world: int = 2, extra: list[str] = ()) -> tuple[list[int], str]:
-    return _wait(_launch(config, world, extra))
+def _run(
+    config: Path, world: int = 2, extra: list[str] = (), hooks: dict[str, str] | None = None
+) -> tuple[list[int], str]:
+    return _wait(_launch(config, world, extra, hooks))
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -204,8 +211,8 @@ def test_export_loads_without_deepspeed(workdir, reference):
 
 
 def test_sigkill_resume_reproduces_the_loss_curve(workdir, reference):
-    cfg = _config(workdir, "killed", debug={"sleep_per_step": 0.4})
-    procs = _launch(cfg)
+    cfg = _config(workdir, "killed")
+    procs = _launch(cfg, hooks={"PILL_TEST_SLEEP_PER_STEP": "0.4"})
     reached = _wait_for_step(workdir / "killed", 5, procs)
     for p in procs:
         p.send_signal(signal.SIGKILL)
@@ -220,8 +227,8 @@ def test_sigkill_resume_reproduces_the_loss_curve(workdir, reference):
 
 
 def test_sigterm_checkpoints_and_exits_99_then_resumes_at_another_world_size(workdir, reference):
-    cfg = _config(workdir, "term", debug={"sleep_per_step": 0.4})
-    procs = _launch(cfg)
+    cfg = _config(workdir, "term")
+    procs = _launch(cfg, hooks={"PILL_TEST_SLEEP_PER_STEP": "0.4"})
     _wait_for_step(workdir / "term", 3, procs)
     for p in procs:
         p.send_signal(signal.SIGTERM)  # what Slurm sends to every task before preemption
@@ -259,10 +266,9 @@ def test_nonfinite_loss_on_one_rank_is_skipped_by_all(workdir):
     cfg = _config(
         workdir,
         "nan",
-        debug={"nan_loss_at": [2, 3], "nan_loss_rank": 1},
         **{"stages.0.max_steps": 4, "checkpoint.every_steps": 0},
     )
-    rcs, out = _run(cfg)
+    rcs, out = _run(cfg, hooks={"PILL_TEST_NAN_AT": "2,3", "PILL_TEST_NAN_RANK": "1"})
     assert rcs == [0, 0], out
     rows = [json.loads(x) for x in (workdir / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and rows[-1]["skipped_nonfinite"] == 2
@@ -273,10 +279,9 @@ def test_too_many_nonfinite_losses_stop_the_run(workdir):
     cfg = _config(
         workdir,
         "nan_stop",
-        debug={"nan_loss_at": [1, 2, 3, 4]},
         **{"optim.max_nonfinite_in_a_row": 3, "checkpoint.every_steps": 0},
     )
-    rcs, out = _run(cfg, world=1)
+    rcs, out = _run(cfg, world=1, hooks={"PILL_TEST_NAN_AT": "1,2,3,4"})
     assert rcs == [3], out
     assert "3 non-finite losses in a row" in out
 

@@ -12,6 +12,7 @@ from pipeline.model import PILLConfig, load_pill
 from pipeline.model.batch import Batch
 from pipeline.training.activation_checkpointing import apply_activation_checkpointing
 from pipeline.training.loss import Loss, answer_loss
+from pipeline.training.metrics import StepSums
 
 
 def _model(tiny_dirs, stage: int = 2):
@@ -127,14 +128,17 @@ def test_loss_weights_every_answer_token_of_the_global_batch_equally(tiny_dirs, 
         float_dtype=torch.float32,
     )
     guard = NonFiniteGuard(
-        SimpleNamespace(debug={}, optim=SimpleNamespace(max_nonfinite_in_a_row=3)),
+        SimpleNamespace(optim=SimpleNamespace(max_nonfinite_in_a_row=3)),
         0,
         ctx,
         TrainState(),
         SimpleNamespace(info=print),
     )
-    stats = train_step(st, iter(batches), ctx, guard)
-    assert stats.loss_sum / 4 == pytest.approx(ref_loss, rel=1e-5)  # the logged loss: the same token mean
+    sums = StepSums()
+    train_step(st, iter(batches), ctx, guard, sums)
+    logged = sums.reduce(ctx.device)
+    assert sums.steps == 1 and logged["samples"] == 4
+    assert logged["loss"] / 4 == pytest.approx(ref_loss, rel=1e-5)  # the logged loss: the same token mean
     for n, p in model.trainable_parameters():
         torch.testing.assert_close(before[n] - p.detach(), ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
     engine.destroy()

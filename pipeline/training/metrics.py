@@ -1,8 +1,8 @@
 """What a user sees: rank-0 progress bar (on a terminal only), a text log line every N steps, TensorBoard
-scalars, metrics.jsonl.
+scalars, metrics.jsonl; and `StepSums`, the one record every logged training number is computed from.
 
 All sinks get the same dict of numbers per logging step, so scripts reading metrics.jsonl and people reading
-TensorBoard see identical values. Every method is a no-op on ranks other than global rank 0.
+TensorBoard see identical values. Every MetricsLogger method is a no-op on ranks other than global rank 0.
 """
 
 from __future__ import annotations
@@ -15,7 +15,53 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
+
+from pipeline.training.dist import all_sum
+
+
+class StepSums:
+    """This rank's named sums since the last log line (loss, samples, tokens, ... by name), all-reduced at once.
+
+    The trainer `add`s a number under a name (a float, or a tensor that stays on its device until the log step: no
+    host sync per step) and counts `steps`; at a log step `reduce` all-reduces every sum in ONE collective (names in
+    sorted order, the same on every rank: every rank adds the same names) and the logged numbers are computed from
+    its result. A new logged number is one `add` line and one line where the log step turns its sum into a value."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float | torch.Tensor] = {}
+        self.steps = 0
+        self.t0 = time.time()
+
+    def add(self, name: str, value: float | torch.Tensor) -> None:
+        if torch.is_tensor(value):
+            value = value.detach()
+        self.sums[name] = value + self.sums[name] if name in self.sums else value
+
+    def seconds(self) -> float:
+        return max(1e-9, time.time() - self.t0)
+
+    def reduce(self, device: torch.device) -> dict[str, float | list[float]]:
+        """Every sum over all ranks (collective): floats stay floats, tensors come back as lists of floats."""
+        names = sorted(self.sums)
+        flat: list[float] = []
+        sizes: list[int | None] = []
+        for n in names:
+            v = self.sums[n]
+            vals = v.float().flatten().tolist() if torch.is_tensor(v) else [float(v)]
+            sizes.append(len(vals) if torch.is_tensor(v) else None)
+            flat += vals
+        total = all_sum(flat, device) if flat else []
+        out: dict[str, float | list[float]] = {}
+        at = 0
+        for n, size in zip(names, sizes):
+            out[n] = total[at] if size is None else total[at : at + size]
+            at += 1 if size is None else size
+        return out
 
 
 def gate_bar_image(values: list[float], height: int = 96, bar_w: int = 8) -> np.ndarray:

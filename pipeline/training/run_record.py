@@ -27,7 +27,7 @@ from typing import Any
 from pipeline.training.config import ConfigError, TrainConfig
 
 IGNORED = re.compile(
-    r"^(name|output_dir|log\..*|eval\..*|prepare\..*|prepare|checkpoint\..*|debug\..*|debug|data\.num_workers"
+    r"^(name|output_dir|log\..*|eval\..*|prepare\..*|prepare|checkpoint\..*|data\.num_workers"
     r"|data\.log_skips|model\.options\.\w*_backend|model\.options\.\w*init_std|stages\.\d+\.eval_shards)$"
 )
 LENGTH = re.compile(r"^stages\.\d+\.(max_steps|epochs)$")
