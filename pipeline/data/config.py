@@ -137,6 +137,9 @@ class LoaderSpec:
     rank: int | None = None
     """None: $RANK (else 0). Passed explicitly so webdataset's single_node_only splitter never runs"""
     world_size: int | None = None
+    global_batch: int | None = None
+    """samples per optimizer step over all ranks (micro-batch x world x accumulation); a mix of sources holds per
+    global batch (pipeline.data.mix). None: batch_size x world_size"""
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, SourceConfig):
@@ -162,6 +165,16 @@ class LoaderSpec:
             self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} not in [0, world_size={self.world_size})")
+        per_micro = self.batch_size * self.world_size
+        if self.global_batch is None:
+            self.global_batch = per_micro
+        if self.global_batch < 1 or self.global_batch % per_micro:
+            raise ValueError(
+                f"global_batch {self.global_batch} is not a multiple of batch_size x world_size = {per_micro}"
+            )
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
 
     @property
     def workers_for_split(self) -> int:

@@ -37,6 +37,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.constants import IMAGE_MEAN, IMAGE_STD
 from pipeline.data.collate import Collator
 from pipeline.data.config import DataConfig, LoaderSpec, SourceConfig
+from pipeline.data.mix import (
+    MixSchedule,
+    MixSpec,
+    check_same_mix,
+    describe_sources,
+    slot_plan,
+    slot_range,
+    source_pieces,
+)
 from pipeline.data.records import SkipCounter, iter_tar, parse_json, read_piece
 from pipeline.data.shardlists import (
     Piece,
@@ -89,6 +98,12 @@ class PillDataset(IterableDataset):
         )
         self.epoch = 0
         self.start_batch = 0
+        self.mix = (
+            MixSchedule(MixSpec(tuple(s.weight for s in cfg.sources), cfg.global_batch, cfg.seed))
+            if len(cfg.sources) > 1
+            else None
+        )
+        self._plan: tuple | None = None  # (epoch, nw, ids, quota) of the mix, computed once per epoch
 
     def _counts(self, s: SourceConfig, urls: list[str]) -> list[int] | None:
         """Samples per shard of one source; None: unknown (resampled, or remote shards without an index)."""
@@ -124,13 +139,29 @@ class PillDataset(IterableDataset):
         if counts is None:
             a = assign_shards(urls, c.seed, self.epoch, c.rank, c.world_size, worker, nw, c.data.shuffle_shards, salt=i)
             return [Piece(u, stride=a.sample_stride, offset=a.sample_offset) for u in a.shards]
+        if self.mix is not None:  # several: this slot's run of source i's own sequence (pipeline.data.mix)
+            k = slot_range(self.mix, self.epoch_start, self.plan(nw)[1], c.rank, worker, i)
+            return source_pieces(urls, counts, c.seed, c.data.shuffle_shards, i, k)
         start, end, span = self._slot_range(worker, nw)
         order = epoch_order(urls, c.seed, self.epoch, c.data.shuffle_shards, salt=i)
-        # One source: the epoch's positions are the source's own (wrapping when samples_per_epoch exceeds it);
-        # several: each source maps the slot's share of the epoch onto a proportional share of its samples.
-        if len(self.urls) == 1:
-            return slot_pieces(urls, counts, order, start, end, sum(counts), epoch_end=span)
-        return slot_pieces(urls, counts, order, start, end, span)
+        # One source: the epoch's positions are the source's own (wrapping when samples_per_epoch exceeds it).
+        return slot_pieces(urls, counts, order, start, end, sum(counts), epoch_end=span)
+
+    @property
+    def epoch_start(self) -> int:
+        """Absolute position (over the stage's global sample sequence) where this epoch starts."""
+        return self.epoch * self.batches_per_rank * self.cfg.world_size * self.cfg.batch_size
+
+    def plan(self, nw: int) -> tuple:
+        """The mix's layout of this epoch: (ids (batches, world, batch_size), quota (world, nw, sources))."""
+        if self._plan is None or self._plan[:2] != (self.epoch, nw):
+            c = self.cfg
+            self._plan = (
+                self.epoch,
+                nw,
+                *slot_plan(self.mix, self.epoch_start, self.batches_per_rank, c.world_size, c.batch_size, nw),
+            )
+        return self._plan[2:]
 
     def _passes(self, i: int, worker: int, nw: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
         """Infinite record stream of source i for this slot: shuffled passes over its pieces."""
@@ -171,10 +202,10 @@ class PillDataset(IterableDataset):
         if len(streams) == 1:
             yield from streams[0]
             return
-        weights = [s.weight for s in self.cfg.sources]
-        rng = random.Random(f"mix/{self.cfg.seed}/{self.epoch}/{self.cfg.rank}/{worker}")
-        while True:
-            yield next(streams[rng.choices(range(len(streams)), weights)[0]])
+        # the schedule's source for each row of this slot's batches, in the order the slot yields them
+        ids = self.plan(nw)[0][worker::nw, self.cfg.rank].reshape(-1)
+        for i in ids.tolist():
+            yield next(streams[i])
 
     def stages(self, worker: int, nw: int, counter: SkipCounter) -> list:
         """The pipeline as one list of stages; each takes the previous iterator."""
@@ -304,6 +335,15 @@ class PillLoader:
     def samples_per_epoch(self) -> int:
         return self.dataset.samples_per_epoch
 
+    def source_progress(self, pending: int = 0) -> dict[str, tuple[int, float | None]]:
+        """Per source name: (samples read so far in the stage, over all ranks, and how many of the source's own
+        epochs that is; None when its size is unknown), `pending` of the batches handed out not counted (held back,
+        not trained on yet). One source: the loader's position."""
+        ds, c = self.dataset, self.cfg
+        pos = max(0, self.epoch * len(self) + self.batch - pending) * c.world_size * c.batch_size
+        read = ds.mix.before(pos).tolist() if ds.mix is not None else [pos]
+        return {s.name: (int(k), k / sum(n) if n else None) for s, k, n in zip(c.sources, read, ds.counts)}
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batch = epoch, 0
 
@@ -325,10 +365,13 @@ class PillLoader:
             "world_size": c.world_size,
             "rank": c.rank,
             "batches_per_epoch": len(self),
+            "sources": describe_sources(c.sources),
+            "global_batch": c.global_batch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         c = self.cfg
+        check_same_mix(state.get("sources"), describe_sources(c.sources), state.get("global_batch"), c.global_batch)
         for k, mine in (
             ("seed", c.seed),
             ("batch_size", c.batch_size),
@@ -382,6 +425,7 @@ def build_loader(
     samples_per_epoch: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    global_batch: int | None = None,
     start_epoch: int = 0,
     start_batch: int = 0,
     with_meta: bool = False,
@@ -389,7 +433,11 @@ def build_loader(
 ) -> PillLoader:
     """The trainer's entry point: `cfg` is the `data:` section, the rest is per stage / per rank.
 
-    rank / world_size None: $RANK / $WORLD_SIZE. `start_*` (or load_state_dict) resume mid-epoch. with_meta: batches
-    also carry `meta` (key, shard, task and json of each sample; for tests and debugging, not needed to train)."""
-    spec = LoaderSpec(cfg, sources, batch_size, num_query_tokens, seed, samples_per_epoch, rank, world_size)
+    rank / world_size None: $RANK / $WORLD_SIZE. global_batch: samples per optimizer step over all ranks (several
+    sources are mixed exactly per global batch; None: batch_size x world_size). `start_*` (or load_state_dict)
+    resume mid-epoch. with_meta: batches also carry `meta` (key, shard, task and json of each sample; for tests
+    and debugging, not needed to train)."""
+    spec = LoaderSpec(
+        cfg, sources, batch_size, num_query_tokens, seed, samples_per_epoch, rank, world_size, global_batch
+    )
     return PillLoader(spec, tokenizer, start_epoch=start_epoch, start_batch=start_batch, with_meta=with_meta, **kwargs)
