@@ -27,9 +27,9 @@ FIRST_BATCHES_CHECKED = 8
 """Batches per rank looked at before the first optimizer step (at most the rest of the epoch)."""
 
 ADVICE = {
-    "bad_features": "the shards' image_features do not fit this model (query tokens / width, or pixel shards read "
-    "as features): train on pixel shards with model.vpg_path set, or re-encode with `python -m shards.encode` and "
-    "this model's VPG",
+    "bad_features": "the shards' image_features do not fit this model: set model.options.num_query_tokens and "
+    "vpg_width to the K and W that `python -m shards.encode` wrote into the shards' index (or re-encode with this "
+    "model's VPG), or train on pixel shards with model.vpg_path set",
     "missing_image": "the task needs an image the shards do not carry: check stages[{i}].task and data.image_input",
     "undecodable_image": "the images cannot be decoded: check the shards and data.image_input",
     "unsupported_image": "the image members have a format PIL cannot read: re-encode them as jpg/png/webp",
