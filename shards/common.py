@@ -9,6 +9,8 @@ from typing import Any
 
 from PIL import Image
 
+from pipeline.data.config import DataConfig
+from pipeline.data.transforms import ImageTooLarge, check_image_pixels
 from shards.writer import SkipSample
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif"}
@@ -49,14 +51,23 @@ def json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True).encode()
 
 
-def read_image(path: Path, max_side: int | None = None, key: str = "") -> tuple[bytes, str]:
-    """Return (bytes, ext) of a decodable image; raise SkipSample('missing_image' | 'undecodable_image').
+def read_image(
+    path: Path, max_side: int | None = None, key: str = "", max_pixels: int | None = DataConfig.max_image_pixels
+) -> tuple[bytes, str]:
+    """Return (bytes, ext) of a decodable image; raise SkipSample('missing_image' | 'undecodable_image' |
+    'image_too_large').
 
     The original bytes are kept unless `max_side` asks for a downscale (saves shard space for 224 px training).
+    An image over `max_pixels` (the training default data.max_image_pixels) is refused from its header, before
+    decoding: a small PNG can decode to gigabytes.
     """
     if not path.is_file():
         raise SkipSample("missing_image", f"{key}: {path}")
     data = path.read_bytes()
+    try:
+        check_image_pixels(data, max_pixels, str(path))
+    except ImageTooLarge as e:
+        raise SkipSample("image_too_large", f"{key}: {e}") from None
     try:
         img = Image.open(io.BytesIO(data))
         fmt = (img.format or "").lower()

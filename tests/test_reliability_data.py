@@ -118,3 +118,14 @@ def test_one_epoch_of_steps_stays_inside_the_epoch(tmp_path, tok):
     data.loader = loader
     assert data.steps_for_epochs(1, 2) == 2  # 5 batches / accumulation 2: 2 whole steps, not 3
     assert data.steps_for_epochs(2, 2) == 5
+
+
+def test_builders_refuse_an_image_over_max_pixels_from_its_header(tmp_path):
+    from shards.common import read_image
+    from shards.writer import SkipSample
+
+    f = tmp_path / "big.png"
+    f.write_bytes(huge_png_header())
+    with pytest.raises(SkipSample) as e:
+        read_image(f, None, "k1")
+    assert e.value.reason == "image_too_large" and "big.png" in e.value.detail
