@@ -38,8 +38,8 @@ activations           what autograd saves for the backward, per layer (frozen li
                       Per-layer activation checkpointing (torchtitan-style: every `every`-th layer wrapped): a
                       wrapped layer keeps only its input (e n d); the backward recomputes one layer at a time, so
                       one full layer's set is added once.
-logits and loss       (e + 12) m V: the LM head at the m answer positions only (training: causal_lm_loss with
-                      return_logits=False), their fp32 copy saved as log-probs, and in the backward their fp32
+logits and loss       (e + 12) m V: the LM head at the m answer positions only (training: pipeline.training.
+                      loss.AnswerCrossEntropy), their fp32 copy saved as log-probs, and in the backward their fp32
                       gradient and the logits' gradient; m = all n tokens at most. With full_logits (the
                       (B, T, V) logits returned as well) add e n V.
 backward transients   e (2 n d + 2 n F): gradients in flight through one layer (residual, MLP intermediates).

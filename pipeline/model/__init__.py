@@ -11,7 +11,6 @@ from pipeline.model.config import PILLConfig
 from pipeline.model.frozen import check_llm, default_dtype, load_clip, load_llm, load_vpg, resolve_source
 from pipeline.model.methods import METHODS, get_method, load_export, load_method, method_names, register
 from pipeline.model.pill import PILL, is_trainable, load_pill
-from pipeline.model.seq import causal_lm_loss
 from pipeline.model.vpg import VPG
 
 __all__ = [
@@ -35,7 +34,6 @@ __all__ = [
     "load_method",
     "load_export",
     "read_export_meta",
-    "causal_lm_loss",
     "check_llm",
     "default_dtype",
     "resolve_source",

@@ -105,8 +105,18 @@ class MethodSpec:
     layer_memory_model: bool = False
     """pipeline.memory's activation model covers this method's layers (pipeline.params --memory)."""
 
-    def load(self, llm_path: Any, vision_path: Any, cfg: Any = None, **kwargs: Any) -> FrozenLLMMethod:
-        return self.loader(llm_path, vision_path, cfg if cfg is not None else self.config_cls(), **kwargs)
+    def load(
+        self,
+        llm_path: Any,
+        vision_path: Any,
+        cfg: Any = None,
+        *,
+        dtype: torch.dtype | None = None,
+        adapter_path: str | Path | None = None,
+        device: torch.device | str | None = None,
+    ) -> FrozenLLMMethod:
+        cfg = cfg if cfg is not None else self.config_cls()
+        return self.loader(llm_path, vision_path, cfg, dtype=dtype, adapter_path=adapter_path, device=device)
 
     def row_of(self, name: str) -> str:
         return self.group_of(name) if self.group_of is not None else default_group_of(name)
@@ -152,7 +162,7 @@ class FrozenLLMMethod(nn.Module):
       `cfg.take_front_end_shape(vpg)`;
     - `is_trainable(name, stage)`: the one predicate behind requires_grad and the export;
     - `forward(batch: Batch, *, cache=None, use_cache=False) -> MethodOutput`: the final-normed hidden states
-      (B, T, D); no **kwargs, so a misspelt control is a TypeError (and Batch's fields are fixed);
+      (B, T, D); no keyword catch-all, so a misspelt control is a TypeError (and Batch's fields are fixed);
     - `logits(hidden, head_index=None)`: the head that turns hidden states into logits (this default: the LLM's
       lm_head; a method with heads of its own, IAA, overrides it); training (pipeline.training.loss),
       generation and evaluation all go through it;

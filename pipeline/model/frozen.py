@@ -98,12 +98,14 @@ def load_llm(path: str | Path, dtype: torch.dtype | None = None, device: torch.d
         raise FileNotFoundError(f"LLM directory {path} has no config.json")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     check_llm(config, source=str(path / "config.json"))
-    kwargs: dict[str, Any] = {"dtype": dtype or default_dtype(), "local_files_only": True}
     zero3 = is_deepspeed_zero3_enabled()
     direct = device is not None and not zero3 and importlib.util.find_spec("accelerate") is not None
-    if direct:  # straight from the safetensors files onto the device
-        kwargs["device_map"] = {"": torch.device(device)}
-    llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    llm = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        dtype=dtype or default_dtype(),
+        local_files_only=True,
+        device_map={"": torch.device(device)} if direct else None,  # direct: from the files onto the device
+    )
     if device is not None and not direct and not zero3:
         llm.to(device)  # one host copy in the target dtype, then moved
     llm.requires_grad_(False)

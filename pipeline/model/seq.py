@@ -1,6 +1,7 @@
 """The sequence bookkeeping every method's forward shares (PILL and the peers): masks and RoPE positions
-(`SeqContext`), visual tokens scattered into the sequence, the frozen layer's own pieces, the LM output on answer
-rows, and `LayerStep` (a layer call that activation checkpointing can wrap from outside).
+(`SeqContext`), visual tokens scattered into the sequence, the frozen layer's own pieces, and `LayerStep` (a layer
+call that activation checkpointing can wrap from outside). The LM head and the loss are not here: a method returns
+hidden states (pipeline.model.base.MethodOutput); the trainer's loss is pipeline.training.loss.
 
 The frozen layer's computations are written once here, calling its submodules (`q_proj(x)`, never
 `F.linear(x, q_proj.weight)`) so DeepSpeed ZeRO-3 hooks fire, with attention through pipeline.model.attention's
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -200,37 +200,3 @@ def front_end_features(
             return None
         feats = model.projection.weight.new_zeros(0, *empty_shape)
     return feats
-
-
-# ---- output ---------------------------------------------------------------------------------------------------------
-def lm_output(
-    h: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor | None, return_logits: bool, num_items_in_batch: Any
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(logits or None, loss or None, n_loss_tokens or None) from the final-normed hidden states h (B, T, D)."""
-    logits = lm_head(h) if return_logits or labels is None else None
-    if labels is None:
-        return logits, None, None
-    loss, n = causal_lm_loss(logits, labels, hidden=h, lm_head=lm_head, num_items_in_batch=num_items_in_batch)
-    return logits, loss, n
-
-
-def causal_lm_loss(
-    logits: torch.Tensor | None,
-    labels: torch.Tensor,
-    *,
-    hidden: torch.Tensor | None = None,
-    lm_head: nn.Module | None = None,
-    num_items_in_batch: torch.Tensor | int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy over positions whose label is not -100, and the number of those positions.
-
-    Only the answer rows are upcast to fp32 (never the whole (B, T, V) logits); with `logits=None` the LM head
-    runs on the answer rows of `hidden` alone. The loss is the token sum over `num_items_in_batch` when given
-    (the global batch's answer tokens), else this batch's mean (0 when it has no answer token)."""
-    targets = labels[:, 1:]
-    keep = targets != -100  # (B, T-1)
-    rows = logits[:, :-1][keep] if logits is not None else lm_head(hidden[:, :-1][keep])  # (n, V)
-    total = F.cross_entropy(rows.float(), targets[keep], reduction="sum")
-    n = keep.sum()
-    denom = n.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    return total / denom, n
