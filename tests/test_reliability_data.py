@@ -129,3 +129,15 @@ def test_builders_refuse_an_image_over_max_pixels_from_its_header(tmp_path):
     with pytest.raises(SkipSample) as e:
         read_image(f, None, "k1")
     assert e.value.reason == "image_too_large" and "big.png" in e.value.detail
+
+
+def test_damaged_tar_count_message_says_what_is_trained(tmp_path, caplog):
+    from pipeline.data.shardlists import scan_tar_count
+
+    (url,) = write_sqa_shards(tmp_path, 1, 6)
+    data = Path(url).read_bytes()
+    Path(url).write_bytes(data[: len(data) // 3])  # cut mid-file (the end of a tar is mostly padding)
+    with caplog.at_level("WARNING"):
+        n = scan_tar_count(url)
+    assert 0 < n < 6
+    assert f"counting the {n} sample(s) before the damage" in caplog.text and "as 0" not in caplog.text

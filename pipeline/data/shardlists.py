@@ -134,8 +134,15 @@ def scan_tar_count(url: str) -> int:
                         keys[key] = isinstance(json.loads(m.read()), dict)
                     except ValueError:
                         keys[key] = False
-    except (OSError, TarError):
-        log.warning("cannot scan %s for its sample count; counting it as 0", url)
+    except (OSError, TarError) as e:
+        # The reader trains on the records complete before the damage: count those, and say so.
+        log.warning(
+            "%s is damaged or unreadable (%s: %s); counting the %d sample(s) before the damage, which are trained",
+            url,
+            type(e).__name__,
+            e,
+            sum(keys.values()),
+        )
     return sum(keys.values())
 
 
