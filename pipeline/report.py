@@ -8,6 +8,8 @@ RUN_DIR/config.json, RUN_DIR/stage*/result.json, RUN_DIR/summary.txt and RUN_DIR
 pipeline.eval, one dict or ``{name: scores}``). Writes into --out (default RUN_DIR):
 - ``loss.png``: training loss (and lr) per step, one panel per stage;
 - ``gates.png``: the paper's Figure 4, mean |tanh gate| per layer at the last logged step, plus its course;
+- ``retention.png`` (runs with eval.retention_every): per stage, the loss beside text retention against the step
+  (``retention/identical`` % of greedy answers equal to the frozen LLM's, ``retention/mean_kl`` nats/token);
 - ``report.md``: config, data counts, throughput, evaluation tables.
 """
 
@@ -112,6 +114,35 @@ def plot_loss(records: list[dict], out: Path) -> Path | None:
     return path
 
 
+def plot_retention(records: list[dict], out: Path) -> Path | None:
+    """Per stage, the loss (left) beside retention/identical and retention/mean_kl (right) against the step; None
+    when no record carries retention figures."""
+    same = _by_stage(records, "retention/identical")
+    if not same:
+        return None
+    kl, loss = _by_stage(records, "retention/mean_kl"), _by_stage(records, "loss")
+    stages = sorted(same, key=str)
+    fig, axes = plt.subplots(len(stages), 2, figsize=(11, 3.6 * len(stages)), squeeze=False)
+    for (ax_loss, ax_ret), stage in zip(axes, stages):
+        title = "" if stage == "all" else f"stage {stage}: "
+        if stage in loss:
+            ax_loss.plot(*zip(*loss[stage]), color="tab:blue", lw=1.2)
+        ax_loss.set(xlabel="step", ylabel="loss", title=f"{title}training loss")
+        ax_ret.plot(*zip(*same[stage]), "o-", color="tab:green", lw=1.2, ms=3)
+        ax_ret.set(xlabel="step", ylabel="identical answers (%)", ylim=(-5, 105), title=f"{title}text retention")
+        if stage in kl:
+            twin = ax_ret.twinx()
+            twin.plot(*zip(*kl[stage]), "s--", color="tab:red", lw=1, ms=3)
+            twin.set_ylabel("mean KL (nats/token)", color="tab:red")
+        for ax in (ax_loss, ax_ret):
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "retention.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def gate_table(records: list[dict]) -> tuple[list[int], list[tuple[float, list[float]]]]:
     """(layers, [(step, [value per layer])]) over the records that carry every layer's gate."""
     layers = sorted({int(m.group(1)) for rec in records for k in rec if (m := GATE_KEY.match(k))})
@@ -209,6 +240,11 @@ def summary_markdown(run_dir: Path, records: list[dict], evals: dict | None, ima
                 lines.append(f"- {label}{key} seen (last record): {rec[key]}")
         for key, value in _throughput([r for r in records if r.get("stage", "all") == stage]).items():
             lines.append(f"- {label}{key} (mean over the second half): {value:.2f}")
+    for stage, series in sorted(_by_stage(records, "retention/identical").items(), key=lambda kv: str(kv[0])):
+        kl = dict(_by_stage(records, "retention/mean_kl").get(stage, []))
+        label = "" if stage == "all" else f"stage {stage} "
+        course = ", ".join(f"step {s:g}: {v:.0f}% / {kl.get(s, float('nan')):.4g}" for s, v in series)
+        lines.append(f"- {label}text retention (identical % / mean KL nats per token): {course}")
     layers, rows = gate_table(records)
     if rows:
         values = ", ".join(f"{v:.3f}" for v in rows[-1][1])
@@ -220,7 +256,8 @@ def summary_markdown(run_dir: Path, records: list[dict], evals: dict | None, ima
 
 
 def make_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Path]:
-    """Write loss.png, gates.png (when gates were logged) and report.md; returns what was written."""
+    """Write loss.png, gates.png and retention.png (when gates / retention were logged) and report.md; returns
+    what was written."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
@@ -231,7 +268,7 @@ def make_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str,
     if (run_dir / "eval.json").is_file():
         evals = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
     written = {}
-    for name, fn in (("loss", plot_loss), ("gates", plot_gates)):
+    for name, fn in (("loss", plot_loss), ("gates", plot_gates), ("retention", plot_retention)):
         path = fn(records, out)
         if path is not None:
             written[name] = path

@@ -190,6 +190,38 @@ class EvalConfig:
     model.llm_path is "tiny" (a random LLM has no text ability to keep)."""
     text_retention_prompts: int | None = None
     """Use only the first N prompts (None: all)."""
+    retention_every: int = 0
+    """During training, every N optimizer steps (and at step 0 of a fresh stage), measure text retention on the
+    first `retention_prompts` shipped text prompts against the model under adapters_off() (identical greedy
+    answers %, mean KL nats/token), logged as retention/identical and retention/mean_kl; every rank runs the same
+    probe (ZeRO-3 gathers need them all). 0 = off."""
+    retention_prompts: int = 8
+    """How many of pipeline/eval/text_prompts.jsonl the probe uses (the first K, the same at every probe)."""
+    retention_max_new_tokens: int = 16
+    """Greedy tokens per prompt the probe compares."""
+
+
+@dataclass
+class TextKLConfig:
+    weight: float = 0.0
+    """Weight of KL(frozen || trained) of the next-token distributions beside the answer cross-entropy (0 = off).
+    The teacher is the same model under `adapters_off()` (no grad; one extra forward per micro-batch), so the
+    method must support it (pipeline.training.loss.TextKL)."""
+    where: Literal["text_rows", "all_text"] = "text_rows"
+    """text_rows: every position of the rows without an image (text-only replay/chat rows); all_text: every text
+    position of every row (not the visual tokens, nor the position predicting one)."""
+
+    def __post_init__(self) -> None:
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"loss.text_kl.weight: a number >= 0 (0 = off), got {w!r}")
+
+
+@dataclass
+class LossConfig:
+    """Terms added to the answer cross-entropy (pipeline.training.loss), each logged as loss/<name>."""
+
+    text_kl: TextKLConfig = field(default_factory=TextKLConfig)
 
 
 @dataclass
@@ -203,6 +235,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -465,6 +498,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.betas must be in [0, 1), got {cfg.optim.betas}")
     if cfg.optim.max_nonfinite_in_a_row < 1:
         raise ConfigError("optim.max_nonfinite_in_a_row must be >= 1")
+    for key in ("retention_every", "retention_prompts", "retention_max_new_tokens"):
+        floor = 0 if key == "retention_every" else 1
+        if getattr(cfg.eval, key) < floor:
+            raise ConfigError(f"eval.{key} must be >= {floor}, got {getattr(cfg.eval, key)}")
 
 
 def _validate_method(cfg: TrainConfig) -> None:
@@ -476,3 +513,8 @@ def _validate_method(cfg: TrainConfig) -> None:
             raise ConfigError(f"stages[{i}].stage={s.stage}: method {m.method} trains in stage(s) {spec.stages}")
     if m.checkpoint_every_n_layers < 1:
         raise ConfigError(f"model.checkpoint_every_n_layers must be >= 1, got {m.checkpoint_every_n_layers}")
+    if cfg.loss.text_kl.weight > 0 and not spec.model_cls.supports_adapters_off:
+        raise ConfigError(
+            f"loss.text_kl.weight={cfg.loss.text_kl.weight}: method {m.method} has no adapters_off() switch "
+            "(supports_adapters_off), so there is no frozen teacher for the KL; set loss.text_kl.weight=0"
+        )

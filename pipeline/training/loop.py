@@ -38,7 +38,7 @@ from pipeline.training.config import StageConfig, TrainConfig
 from pipeline.training.data_glue import StageData
 from pipeline.training.dist import DistContext, Preempted, PreemptionFlag, all_agree_any, all_sum
 from pipeline.training.ds_config import fill_ds_config, peak_lr, plan_batch, uses_cpu_offload
-from pipeline.training.loss import Loss
+from pipeline.training.loss import Loss, training_loss
 from pipeline.training.metrics import MetricsLogger, StepSums
 from pipeline.training.optim import (
     base_lr,
@@ -49,6 +49,7 @@ from pipeline.training.optim import (
     lr_by_group,
     param_groups,
 )
+from pipeline.training.retention_probe import RetentionProbe
 
 
 @dataclass
@@ -201,6 +202,7 @@ def setup_stage(
         trainables,
         CheckpointManager(stage_dir / "checkpoints", cfg.checkpoint.keep_last),
         keep_alive,
+        training_loss(cfg.loss.text_kl.weight, cfg.loss.text_kl.where),
     )
 
 
@@ -334,15 +336,17 @@ def run_stage(
     st.engine.train()
     t_stage = time.time() - state.wall_seconds
     batches = st.data.checked_batches(ctx.device, idx, st.s)  # no optimizer step on a stage with no usable sample
+    probe = _retention_probe(st, log, state, sums)
     while state.global_step < st.total_steps:
         lr = train_step(st, batches, ctx, guard, sums)
         state.global_step += 1
         step = state.global_step
         checkpoint_now = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < st.total_steps
+        retention = _probe_now(probe, st, step, sums)
         # A checkpoint step is a log step too: the train state it saves is settled, and a resumed run logs the same
-        # rows as an uninterrupted one.
-        if step % cfg.log.every_steps == 0 or step == st.total_steps or checkpoint_now:
-            _log_step(st, log, state, lr, sums, ctx)
+        # rows as an uninterrupted one. A retention step is one so that its row carries the loss beside it.
+        if step % cfg.log.every_steps == 0 or step == st.total_steps or checkpoint_now or retention:
+            _log_step(st, log, state, lr, sums, ctx, retention)
         else:
             log.progress(step, state.last_loss, lr, None)
         state.wall_seconds = time.time() - t_stage
@@ -399,8 +403,39 @@ def _backends(model: Any, device: torch.device) -> str:
     return "/".join(resolve(device)) if resolve is not None else "built-in"
 
 
-def _log_step(st: Stage, log: MetricsLogger, state: TrainState, lr: float, sums: StepSums, ctx: DistContext) -> None:
-    """One log line from every rank's sums since the last one (one all-reduce); settles the train state's totals."""
+def _retention_probe(st: Stage, log: MetricsLogger, state: TrainState, sums: StepSums) -> RetentionProbe | None:
+    """eval.retention_every's probe (pipeline.training.retention_probe), and its step-0 row on a fresh stage."""
+    e = st.cfg.eval
+    if not e.retention_every:
+        return None
+    probe = RetentionProbe(st.model, e.retention_prompts, e.retention_max_new_tokens, st.cfg.data.prompt_format)
+    if state.global_step == 0:
+        log.log(0, probe.measure(st.model))
+        sums.t0 = time.time()  # the probe's time is not training time
+    return probe
+
+
+def _probe_now(probe: RetentionProbe | None, st: Stage, step: int, sums: StepSums) -> dict[str, float]:
+    """The probe's figures at a retention step (every rank runs it: ZeRO-3 gathers), else {}."""
+    if probe is None or step % st.cfg.eval.retention_every:
+        return {}
+    t0 = time.time()
+    figures = probe.measure(st.model)
+    sums.t0 += time.time() - t0  # samples/s counts training time only
+    return figures
+
+
+def _log_step(
+    st: Stage,
+    log: MetricsLogger,
+    state: TrainState,
+    lr: float,
+    sums: StepSums,
+    ctx: DistContext,
+    extra: dict[str, float] | None = None,
+) -> None:
+    """One log line from every rank's sums since the last one (one all-reduce); settles the train state's totals.
+    `extra`: figures every rank already has (the retention probe's), logged as they are."""
     g = sums.reduce(ctx.device)
     micro_batches = ctx.world_size * st.plan.grad_accum * sums.steps
     state.last_loss = g["loss"] / micro_batches  # the global token mean of one step (the steps' mean over several)
@@ -410,7 +445,8 @@ def _log_step(st: Stage, log: MetricsLogger, state: TrainState, lr: float, sums:
     grad_norm = st.engine.get_global_grad_norm()
     scalars = {
         "loss": state.last_loss,
-        **{k: v / micro_batches for k, v in g.items() if k.startswith("loss/")},
+        # a term's part is added as a 0-d tensor (no host sync per micro-step): StepSums returns it as a 1-list
+        **{k: (sum(v) if isinstance(v, list) else v) / micro_batches for k, v in g.items() if k.startswith("loss/")},
         "lr": lr,
         **lr_by_group(st.scheduler.optimizer, lr),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -420,6 +456,7 @@ def _log_step(st: Stage, log: MetricsLogger, state: TrainState, lr: float, sums:
         "samples": state.samples,
         "skipped_nonfinite": state.skipped_nonfinite,
         **st.data.skip_counters(ctx.device),
+        **(extra or {}),
     }
     gates = [v / (ctx.world_size * sums.steps) for v in g["gate_abs"]] if "gate_abs" in g else None
     log.log(state.global_step, scalars, gates)

@@ -56,6 +56,85 @@ class AnswerCrossEntropy:
         return F.cross_entropy(rows.float(), targets[keep], reduction="sum")
 
 
+def text_positions(batch: Batch, where: str) -> torch.Tensor:
+    """(B, T-1) bool: the positions t whose next-token distribution (predicting t+1) `TextKL` compares.
+
+    Both t and t+1 real (attention mask) text tokens (neither a visual placeholder) of one document (packed
+    batches: not across a cu_seqlens boundary); with where="text_rows" only rows (packed: documents) without a
+    visual token; none in the collator's dummy row (num_samples == 0)."""
+    ids = batch.input_ids
+    B, T = ids.shape
+    real = torch.ones_like(ids, dtype=torch.bool) if batch.attention_mask is None else batch.attention_mask.bool()
+    vis = torch.zeros_like(real) if batch.modality_mask is None else batch.modality_mask.bool()
+    text = real & ~vis  # (B, T)
+    keep = text[:, :-1] & text[:, 1:]
+    if batch.cu_seqlens is not None:  # packed (B == 1): a document per cu_seqlens span
+        doc = torch.bucketize(torch.arange(T, device=ids.device), batch.cu_seqlens[1:].to(ids.device), right=True)
+        keep &= (doc[:-1] == doc[1:])[None]
+        if where == "text_rows":
+            has_image = torch.zeros(int(doc.max()) + 1, dtype=torch.bool, device=ids.device)
+            has_image.index_put_((doc[vis[0]],), torch.ones((), dtype=torch.bool, device=ids.device))
+            keep &= ~has_image[doc[:-1]][None]
+    elif where == "text_rows":
+        keep &= ~vis.any(1, keepdim=True)
+    if batch.num_samples == 0:
+        keep &= False
+    return keep
+
+
+@dataclass(frozen=True)
+class TextKL:
+    """KL(frozen || trained) of the next-token distributions at text positions (`text_positions`), summed over
+    them: the frozen LLM's own text behaviour as a guard while the adapters learn the images.
+
+    The teacher is the same model under `adapters_off()` (the frozen LLM through the method's own code; its
+    head_index None = the LLM's head), run under no_grad on the token ids alone, so it adds one forward of the
+    frozen path and no activation to the backward. Every micro-batch runs that forward, also when it covers no
+    position (then on its first row only): under ZeRO-3 each layer's forward gathers its weights collectively,
+    so every rank must run the same layers the same number of times. The student's positions use each row's head
+    (IAA: its mm_head on image rows with where="all_text")."""
+
+    name: str = "text_kl"
+    weight: float = 1.0
+    where: str = "text_rows"
+
+    def __post_init__(self) -> None:
+        if self.where not in ("text_rows", "all_text"):
+            raise ValueError(f"TextKL.where must be text_rows or all_text, got {self.where!r}")
+
+    def count(self, batch: Batch) -> int:
+        return int(text_positions(batch, self.where).sum())
+
+    def total(self, model: FrozenLLMMethod, out: MethodOutput, batch: Batch) -> torch.Tensor:
+        keep = text_positions(batch, self.where)  # (B, T-1)
+        rows = keep.any(1).nonzero().flatten() if batch.cu_seqlens is None else torch.arange(batch.rows)
+        if rows.numel() == 0:
+            rows = rows.new_zeros(1)
+        with torch.no_grad(), model.adapters_off():
+            teacher = model(_token_rows(batch, rows))
+            logp_frozen = F.log_softmax(model.logits(teacher.hidden[:, :-1][keep[rows]]).float(), -1)  # (n, V)
+        heads = row_heads(out, keep.shape)
+        student = model.logits(out.hidden[:, :-1][keep], None if heads is None else heads[keep])  # (n, V)
+        logp = F.log_softmax(student.float(), -1)
+        return F.kl_div(logp, logp_frozen, log_target=True, reduction="sum")
+
+
+def _token_rows(batch: Batch, rows: torch.Tensor) -> Batch:
+    """Rows `rows` of `batch` as the frozen LLM reads them: token ids, mask and positions (no image field; under
+    adapters_off the placeholders are plain tokens)."""
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[rows.to(t.device)]
+
+    return Batch(
+        input_ids=pick(batch.input_ids),
+        attention_mask=pick(batch.attention_mask),
+        position_ids=pick(batch.position_ids),
+        cu_seqlens=batch.cu_seqlens,
+        max_seqlen=batch.max_seqlen,
+    )
+
+
 @dataclass
 class LossResult:
     loss: torch.Tensor
@@ -100,6 +179,15 @@ class Loss:
             weighted = value if term.weight == 1.0 else term.weight * value
             loss = weighted if loss is None else loss + weighted
         return LossResult(loss, parts)
+
+
+def training_loss(text_kl_weight: float = 0.0, text_kl_where: str = "text_rows") -> Loss:
+    """The trainer's loss from the config's `loss` section: the answer cross-entropy, plus TextKL when its weight
+    is > 0 (pipeline.training.config.LossConfig)."""
+    terms: tuple[LossTerm, ...] = (AnswerCrossEntropy(),)
+    if text_kl_weight > 0:
+        terms += (TextKL(weight=text_kl_weight, where=text_kl_where),)
+    return Loss(terms)
 
 
 def answer_loss(model: FrozenLLMMethod, batch: Batch, out: MethodOutput | None = None) -> torch.Tensor:
