@@ -63,7 +63,7 @@ def test_set_overrides_dotted_and_star(tmp_path):
     "overrides, field",
     [
         (["stages.0.max_stepz=3"], "max_stepz"),
-        (["stages.0.epochs=2"], "epochs / max_steps"),
+        (["stages.0.max_steps=null"], "epochs / max_steps"),  # neither (setting one replaces the other)
         (["stages.0.micro_batch_size=0"], "micro_batch_size"),
         (["stages.0.train_shards=[]"], "train_shards"),
         (["precision=fp16"], "precision"),
