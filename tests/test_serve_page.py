@@ -90,6 +90,7 @@ def test_chat_page_streams_the_answer(server, driver, tmp_path):
     driver.save_screenshot(str(tmp_path / "chat.png"))
     assert isinstance(done, list), f"the page reported: {done}"
     answer = done[0].get_attribute("textContent")
+    assert int(done[0].get_attribute("data-chunks")) >= 2  # shown piece by piece as the events came
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     expected = client.chat.completions.create(model=MODEL_NAME, messages=user(question, data_url(image.read_bytes())))

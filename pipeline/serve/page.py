@@ -84,6 +84,7 @@ async function ask(question) {
   const out = addTurn("assistant", "");
   out.id = "answer-" + messages.length;
   out.dataset.done = "false";
+  out.dataset.chunks = "0";  // content events shown so far: the answer streams in, it does not arrive whole
   const headers = {"Content-Type": "application/json"};
   const key = document.getElementById("key").value;
   if (key) headers["Authorization"] = "Bearer " + key;
@@ -111,7 +112,11 @@ async function ask(question) {
       const event = JSON.parse(data);
       if (event.error) throw new Error(event.error.message);
       const delta = (event.choices[0] || {}).delta || {};
-      if (delta.content) { answer += delta.content; out.textContent = answer; }
+      if (delta.content) {
+        answer += delta.content;
+        out.textContent = answer;
+        out.dataset.chunks = String(Number(out.dataset.chunks) + 1);
+      }
     }
   }
   messages.push({role: "assistant", content: answer});
