@@ -32,8 +32,9 @@ MODEL_NAME = "pill"
 
 @register_model(MODEL_NAME)
 class PILLTextLM(HFLM):
-    """`--model_args llm=...,adapter=...[,attn_backend=sdpa][,device=cpu][,dtype=float32]`: any method's export
-    (adapter omitted: the frozen LLM through the method's code)."""
+    """`--model_args llm=...,adapter=...[,attn_backend=sdpa][,dtype=float32]`: any method's export (adapter
+    omitted: the frozen LLM through the method's code). The device comes from lm-eval's own `--device` (as for
+    `--model hf`; also naming it in model_args makes lm-eval pass it twice)."""
 
     def __init__(
         self,
