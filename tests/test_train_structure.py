@@ -117,10 +117,11 @@ def test_auto_backends_on_cpu_keep_the_pytorch_paths(tiny_dirs, caplog):
     import torch
 
     from pipeline.model import PILLConfig, load_pill
+    from pipeline.model.batch import Batch
 
     model = load_pill(tiny_dirs["llm"], None, PILLConfig(stage=2, rank=4), dtype=torch.float32)
     with caplog.at_level(logging.INFO, logger="pipeline.model.backends"):
-        model(torch.tensor([[1, 5, 9]]))
+        model(Batch(torch.tensor([[1, 5, 9]])))
     assert model.backends == ("sdpa", "eager")
     assert "attn_backend auto -> sdpa" in caplog.text and "adapter_backend auto -> eager" in caplog.text
 
