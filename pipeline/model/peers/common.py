@@ -15,15 +15,16 @@ Legend: B batch, T new tokens, D width.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.model.base import FrozenLLMMethod, MethodOutput
+from pipeline.model.base import FrozenLLMMethod, MethodOutput, MethodSpec
 from pipeline.model.batch import Batch
 from pipeline.model.clip import check_layers, evenly_spaced_layers
-from pipeline.model.frozen import check_llm
+from pipeline.model.frozen import build_method, check_llm, meta_builder
 from pipeline.model.seq import PeerCache, SeqContext, frozen_layer, resolve_attn_backend
 
 VIT_L_LAYERS, VIT_L_WIDTH, VIT_L_PATCHES = 24, 1024, 256  # CLIP ViT-L/14 at 224 px: shapes without a front end
@@ -101,6 +102,23 @@ class PeerMethod(FrozenLLMMethod):
         g = torch.zeros(len(self.llm.model.layers), device=per_adapted.device)
         g[first_adapted:] = per_adapted.detach()
         return g
+
+
+def clip_peer_spec(
+    model_cls: type[PeerMethod], config_cls: type, published: str, stages: tuple[int, ...]
+) -> MethodSpec:
+    """A peer's entry in pipeline.model.methods: every peer reads the CLIP front end, so its name, loader and meta
+    builder all follow from the class."""
+    return MethodSpec(
+        model_cls.method,
+        model_cls,
+        config_cls,
+        partial(build_method, model_cls, "clip"),
+        meta_builder(model_cls, "clip"),
+        front_end="clip",
+        published=published,
+        stages=stages,
+    )
 
 
 def modality(batch: Batch) -> torch.Tensor:

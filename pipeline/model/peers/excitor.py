@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import torch
@@ -48,10 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, ATTN_BACKEND_CHOICES, AttnMask, dense_mask
-from pipeline.model.base import MethodConfig, MethodOutput, MethodSpec, literal_values
+from pipeline.model.base import MethodConfig, MethodOutput, literal_values
 from pipeline.model.batch import Batch
-from pipeline.model.frozen import build_method, meta_builder
-from pipeline.model.peers.common import VIT_L_WIDTH, PeerMethod, modality, seq_context
+from pipeline.model.peers.common import VIT_L_WIDTH, PeerMethod, clip_peer_spec, modality, seq_context
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -228,13 +226,9 @@ class Excitor(PeerMethod):
         return torch.einsum("btk,bkd->btd", torch.softmax(logits, dim=-1).to(vals.dtype), vals)
 
 
-SPEC = MethodSpec(
-    "excitor",
+SPEC = clip_peer_spec(
     Excitor,
     ExcitorConfig,
-    partial(build_method, Excitor, "clip"),
-    meta_builder(Excitor, "clip"),
-    front_end="clip",
     published="paper: about 7.6M text-only (7,618,590: multimodal=false); the multimodal W_k/W_v are a reconstruction",
     stages=(2,),
 )

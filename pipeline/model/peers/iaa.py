@@ -34,16 +34,14 @@ Legend: B batch, T tokens, D width, N images, K visual tokens per image, W CLIP 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
 
 from pipeline.model.attention import AttnBackend
-from pipeline.model.base import MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.base import MethodConfig, MethodOutput
 from pipeline.model.batch import Batch
-from pipeline.model.frozen import build_method, meta_builder
-from pipeline.model.peers.common import VIT_L_PATCHES, VIT_L_WIDTH, PeerMethod, modality, seq_context
+from pipeline.model.peers.common import VIT_L_PATCHES, VIT_L_WIDTH, PeerMethod, clip_peer_spec, modality, seq_context
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -226,13 +224,9 @@ def _copy(src: nn.Module, make) -> nn.Module:
     return dst.float()
 
 
-SPEC = MethodSpec(
-    "iaa",
+SPEC = clip_peer_spec(
     IAA,
     IAAConfig,
-    partial(build_method, IAA, "clip"),
-    meta_builder(IAA, "clip"),
-    front_end="clip",
     published="paper: about 4.1B at Llama-3-8B for IAA-14 (--llm-preset llama3-8b), about 2.8B for IAA-8",
     stages=(1, 2),
 )

@@ -44,16 +44,14 @@ Legend: B batch, T tokens, D width, N images, W CLIP width, r rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnBackend
-from pipeline.model.base import MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.base import MethodConfig, MethodOutput
 from pipeline.model.batch import Batch
-from pipeline.model.frozen import build_method, meta_builder
-from pipeline.model.peers.common import VIT_L_LAYERS, PeerMethod, modality, seq_context, take_cls_shape
+from pipeline.model.peers.common import VIT_L_LAYERS, PeerMethod, clip_peer_spec, modality, seq_context, take_cls_shape
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -256,13 +254,9 @@ class LaVIN(PeerMethod):
         return h + base.mlp(f), tok, (k, v), routes
 
 
-SPEC = MethodSpec(
-    "lavin",
+SPEC = clip_peer_spec(
     LaVIN,
     LaVINConfig,
-    partial(build_method, LaVIN, "clip"),
-    meta_builder(LaVIN, "clip"),
-    front_end="clip",
     published="paper: 3.78M at 7B (exact)",
     stages=(2,),
 )

@@ -31,17 +31,15 @@ Legend: B batch, T tokens, D width, H heads, Hkv kv heads, Dh head width, K prom
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.attention import ATTENTION_BACKENDS, AttnBackend
-from pipeline.model.base import MethodConfig, MethodOutput, MethodSpec
+from pipeline.model.base import MethodConfig, MethodOutput
 from pipeline.model.batch import Batch
-from pipeline.model.frozen import build_method, meta_builder
-from pipeline.model.peers.common import PeerMethod, modality, seq_context, take_cls_shape
+from pipeline.model.peers.common import PeerMethod, clip_peer_spec, modality, seq_context, take_cls_shape
 from pipeline.model.seq import (
     LayerStep,
     PeerCache,
@@ -166,13 +164,9 @@ class LlamaAdapter(PeerMethod):
         return torch.tanh(self.gates[j]).to(out.dtype)[None, None, :, None] * out
 
 
-SPEC = MethodSpec(
-    "llama_adapter",
+SPEC = clip_peer_spec(
     LlamaAdapter,
     LlamaAdapterConfig,
-    partial(build_method, LlamaAdapter, "clip"),
-    meta_builder(LlamaAdapter, "clip"),
-    front_end="clip",
     published="paper: 1.2M text-only (1,229,760 exact: multimodal=false), 1.8M with the image MLP (its shape "
     "is not published: reconstruction)",
     stages=(2,),
