@@ -247,12 +247,7 @@ def bench_attention(
                     "provider": name,
                     "visual_fraction": frac,
                 }
-                if err:
-                    row["skipped"] = err
-                else:
-                    times[name] = ms
-                    row.update(ms=ms, tflops=flops / ms / 1e9, peak_mib=peak)
-                rows.append(row)
+                rows.append(_provider_row(row, (ms, peak, err), times, "tflops", flops / 1e9))
             _add_ratios(rows, times)
         del q, k, v, g
         if torch.cuda.is_available():
@@ -291,17 +286,24 @@ def bench_adapter(shapes, modes, fracs, dtype=torch.bfloat16, device="cuda", d=4
                         "provider": name,
                         "visual_fraction": frac,
                     }
-                    if err:
-                        row["skipped"] = err
-                    else:
-                        times[name] = ms
-                        row.update(ms=ms, gbps=nbytes / ms / 1e6, peak_mib=peak)
-                    rows.append(row)
+                    rows.append(_provider_row(row, (ms, peak, err), times, "gbps", nbytes / 1e6))
                 _add_ratios(rows, times)
             del x, route, ws
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return rows
+
+
+def _provider_row(row: dict, measured: tuple, times: dict, rate_key: str, work: float) -> dict:
+    """Finish one provider's row from `_measure`'s (ms, peak, reason): why it was skipped, or its time, its rate
+    (`work` per ms under `rate_key`) and peak memory; a timed provider joins `times` for `_add_ratios`."""
+    ms, peak, err = measured
+    if err:
+        row["skipped"] = err
+    else:
+        times[row["provider"]] = ms
+        row.update({"ms": ms, rate_key: work / ms, "peak_mib": peak})
+    return row
 
 
 def _add_ratios(rows, times):
