@@ -184,6 +184,14 @@ def check_paths(cfg: TrainConfig) -> None:
                     check_exists(expand_shards(spec), f"stages[{i}].{field_name}")
                 except FileNotFoundError as e:
                     raise ConfigError(f"stages[{i}].{field_name}: {e}") from e
+        for j, src in enumerate(s.sources):
+            for spec in src.shards:
+                if any(Path(spec).resolve().is_relative_to(d) for d in prepared):
+                    continue
+                try:
+                    check_exists(expand_shards(spec), f"stages.{i}.sources.{j}.shards")
+                except (FileNotFoundError, ValueError) as e:
+                    raise ConfigError(f"stages.{i}.sources.{j}.shards: {e}") from e
 
 
 def stage_dirs(cfg: TrainConfig) -> list[Path]:

@@ -195,6 +195,13 @@ def front_end_features(
                 f"give model.vpg_path (a CLIP dir or 'tiny') or train on precomputed {kind} features"
             )
         feats = compute(pixel_values)
+    elif same_graph_on_every_rank() and model.vpg is not None and hasattr(next(model.vpg.parameters()), "ds_id"):
+        # ZeRO-3 partitions the frozen front end too and each of its forwards gathers the weights collectively: a
+        # micro-batch that does not run it (no image: text-only rows) runs it on one blank image, output unused, as
+        # often as the ranks with images (measured without: gloo "Received data size doesn't match expected size")
+        s = model.vpg.image_size
+        with torch.no_grad():
+            compute(next(model.vpg.parameters()).new_zeros(1, 3, s, s))
     if feats is None or feats.numel() == 0:
         if not same_graph_on_every_rank():
             return None

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.data import DataConfig
+from pipeline.data.config import TASKS
 from pipeline.model import get_method
 from pipeline.model.base import MethodConfig
 
@@ -86,6 +87,20 @@ class PrepareStep:
 
 
 @dataclass
+class StageSource:
+    """One source of a mixed stage (`stages.N.sources.M`): its own shards, weight and prompt task."""
+
+    name: str = ""
+    """Unique within the stage; the key of its metrics (source_loss/<name>, ...). Empty: source<M>."""
+    shards: list[str] = field(default_factory=list)
+    """WebDataset URLs / brace patterns / a directory / a builder's *-index.json (as train_shards)."""
+    weight: float = 1.0
+    """Share of every global batch: weight / sum of the stage's weights (pipeline.data.mix)."""
+    task: str | None = None
+    """Prompt template of this source (caption, scienceqa, chat, auto); None: the stage's task."""
+
+
+@dataclass
 class StageConfig:
     stage: int = 2
     """1 = modality alignment (captions), 2 = instruction fine-tuning (docs/model.md "Two-stage training")."""
@@ -96,6 +111,9 @@ class StageConfig:
     """WebDataset URLs (brace patterns allowed), one entry per source."""
     train_weights: list[float] | None = None
     """Sampling weight per entry of train_shards (None = equal)."""
+    sources: list[StageSource] = field(default_factory=list)
+    """A mixed stage: one entry per source (name, shards, weight, task) instead of train_shards/train_weights; each
+    global batch holds each source by its weight's share (docs/data.md "Mixed sources")."""
     eval_shards: list[str] = field(default_factory=list)
     """Held-out shards for the multiple-choice evaluation after the stage (empty = none)."""
     samples_per_epoch: int | None = None
@@ -472,7 +490,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{at}.micro_batch_size must be >= 1, got {s.micro_batch_size}")
         if s.grad_accum < 1:
             raise ConfigError(f"{at}.grad_accum must be >= 1, got {s.grad_accum}")
-        if not s.train_shards:
+        if s.sources:
+            _validate_sources(i, s)
+        elif not s.train_shards:
             raise ConfigError(f"{at}.train_shards is empty: give WebDataset URLs (e.g. data/cc595k-{{000..099}}.tar)")
         if s.train_weights is not None and len(s.train_weights) != len(s.train_shards):
             raise ConfigError(
@@ -502,6 +522,37 @@ def validate(cfg: TrainConfig) -> None:
         floor = 0 if key == "retention_every" else 1
         if getattr(cfg.eval, key) < floor:
             raise ConfigError(f"eval.{key} must be >= {floor}, got {getattr(cfg.eval, key)}")
+
+
+def _validate_sources(i: int, s: StageConfig) -> None:
+    """A mixed stage's `sources:` list (errors name stages.N.sources.M.<field>)."""
+    if s.train_shards or s.train_weights:
+        raise ConfigError(f"stages.{i}: give either sources or train_shards/train_weights, not both")
+    for j, src in enumerate(s.sources):
+        at = f"stages.{i}.sources.{j}"
+        src.name = src.name or f"source{j}"
+        if not src.shards:
+            raise ConfigError(f"{at}.shards is empty: give WebDataset URLs, a directory or a *-index.json")
+        if not (isinstance(src.weight, (int, float)) and math.isfinite(src.weight) and src.weight > 0):
+            raise ConfigError(f"{at}.weight must be a number > 0, got {src.weight!r}")
+        if src.task is not None and src.task not in TASKS:
+            raise ConfigError(f"{at}.task must be one of {'|'.join(TASKS)}, got {src.task!r}")
+    names = [src.name for src in s.sources]
+    for j, name in enumerate(names):
+        if names.index(name) != j:
+            raise ConfigError(f"stages.{i}.sources.{j}.name: {name!r} is already source {names.index(name)}'s name")
+
+
+def stage_sources(s: StageConfig) -> list[StageSource]:
+    """The stage's sources, also for the single-source form (train_shards [+ train_weights]): one per entry."""
+    if s.sources:
+        return [StageSource(x.name, list(x.shards), x.weight, x.task or s.task) for x in s.sources]
+    weights = s.train_weights or [1.0] * len(s.train_shards)
+    named = len(s.train_shards) > 1
+    return [
+        StageSource(f"source{j}" if named else str(u), [u], float(w), s.task)
+        for j, (u, w) in enumerate(zip(s.train_shards, weights))
+    ]
 
 
 def _validate_method(cfg: TrainConfig) -> None:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from pipeline.data import SKIP_REASONS, SourceConfig, build_loader
-from pipeline.training.config import ConfigError, StageConfig, TrainConfig
+from pipeline.data.mix import MixChangedError
+from pipeline.training.config import ConfigError, StageConfig, TrainConfig, stage_sources
 from pipeline.training.dist import DistContext, all_sum
 
 FIRST_BATCHES_CHECKED = 8
@@ -56,9 +57,17 @@ class StageData:
         num_query_tokens: int,
         ctx: DistContext,
         micro_batch_size: int,
+        global_batch_size: int | None = None,
     ):
-        weights = s.train_weights or [1.0] * len(s.train_shards)
-        sources = [SourceConfig(shards=u, task=s.task, weight=w) for u, w in zip(s.train_shards, weights)]
+        """global_batch_size: samples per optimizer step over all ranks; a mixed stage holds its mix per global
+        batch (pipeline.data.mix)."""
+        sources = [
+            SourceConfig(
+                shards=x.shards[0] if len(x.shards) == 1 else x.shards, task=x.task, weight=x.weight, name=x.name
+            )
+            for x in stage_sources(s)
+        ]
+        self.source_names = [src.name for src in sources]
         self.loader = build_loader(
             cfg.data,
             tokenizer,
@@ -69,6 +78,7 @@ class StageData:
             samples_per_epoch=s.samples_per_epoch,
             rank=ctx.rank,
             world_size=ctx.world_size,
+            global_batch=global_batch_size,
         )
         self.batch_size = micro_batch_size
         self.world_size = ctx.world_size
@@ -111,7 +121,8 @@ class StageData:
         advice = [ADVICE[r].format(i=idx, task=s.task) for r in top if r in ADVICE][:2]
         return (
             f"stages[{idx}] (stage {s.stage}, task {s.task}): no usable sample in the first {n} batch(es) of any "
-            f"of the {self.world_size} rank(s) from {s.train_shards}; skipped by reason: "
+            f"of the {self.world_size} rank(s) from {s.train_shards or [x.shards for x in s.sources]}; skipped by "
+            "reason: "
             f"{', '.join(f'{r} {reasons[r]}' for r in top) or 'none counted'}. Nothing was trained"
             + (f". Fix: {'; '.join(advice)}" if advice else "")
         )
@@ -130,16 +141,27 @@ class StageData:
             "batch": st["batch"],
             "world_size": self.world_size,
             "batch_size": self.batch_size,
+            "sources": st["sources"],
+            "global_batch": st["global_batch"],
         }
 
     def load_state_dict(self, global_state: dict[str, Any], rank_state: dict[str, Any] | None, samples: int) -> None:
-        if rank_state is not None:
-            self.loader.load_state_dict(rank_state)
-            return
-        # Different world size: keep the epoch and the fraction of it already seen.
-        seen = global_state["batch"] * global_state["world_size"] * global_state["batch_size"]
-        batch = seen // (self.world_size * self.batch_size)
-        self.loader.load_state_dict({"epoch": global_state["epoch"], "batch": batch})
+        try:
+            if rank_state is not None:
+                self.loader.load_state_dict(rank_state)
+                return
+            # Different world size: keep the epoch and the fraction of it already seen.
+            seen = global_state["batch"] * global_state["world_size"] * global_state["batch_size"]
+            batch = seen // (self.world_size * self.batch_size)
+            mix = {k: global_state[k] for k in ("sources", "global_batch") if k in global_state}
+            self.loader.load_state_dict({"epoch": global_state["epoch"], "batch": batch, **mix})
+        except MixChangedError as e:
+            raise ConfigError(f"resume: {e}") from None
+
+    def source_progress(self) -> dict[str, tuple[int, float | None]]:
+        """Per source: samples read over all ranks and the source's own epochs (pipeline.data.mix), at the
+        position a checkpoint would record."""
+        return self.loader.source_progress(self._pending)
 
     # ---- counters -----------------------------------------------------------------------------------------------
     def skip_counters(self, device: torch.device) -> dict[str, int]:

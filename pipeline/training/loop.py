@@ -50,6 +50,7 @@ from pipeline.training.optim import (
     param_groups,
 )
 from pipeline.training.retention_probe import RetentionProbe
+from pipeline.training.sources import source_counts, source_scalars
 
 
 @dataclass
@@ -178,7 +179,9 @@ def setup_stage(
     if init_from:
         model.load_adapter(init_from)
     trainables = model.trainable_parameters()
-    data = StageData(cfg, s, model.tokenizer, model.cfg.num_query_tokens, ctx, plan.micro_batch_size)
+    data = StageData(
+        cfg, s, model.tokenizer, model.cfg.num_query_tokens, ctx, plan.micro_batch_size, plan.global_batch_size
+    )
     total_steps = s.max_steps if s.max_steps is not None else data.steps_for_epochs(s.epochs, plan.grad_accum)
     lr = peak_lr(s, plan)
     warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total_steps)
@@ -284,6 +287,9 @@ def train_step(st: Stage, batches: Iterator[Batch], ctx: DistContext, guard: Non
         sums.add("samples", batch.samples)
         sums.add("tokens", int(batch.attention_mask.sum()))
         sums.add("positions", batch.attention_mask.numel())
+        if st.data.n_sources > 1:  # a mixed stage: samples, answer tokens and answer CE per source
+            sums.add("source_counts", source_counts(batch, st.data.n_sources))
+            sums.add("source_ce", result.by_source)
     if out.gate_abs is not None:
         sums.add("gate_abs", out.gate_abs)  # the step's last micro-batch
     sums.steps += 1
@@ -311,6 +317,7 @@ def run_stage(
     signal, NonFiniteLossError when the guard gives up. The returned result names the export directory.
     """
     st = setup_stage(cfg, idx, raw_ds, ctx, stage_dir, init_from)
+    st.loss.n_sources = st.data.n_sources  # a mixed stage: the answer CE per source too (LossResult.by_source)
     state, resumed = _restore(st, resume)
     if ctx.is_main:  # rows logged after the resumed step (or by an attempt that never checkpointed) are stale
         _truncate_metrics(stage_dir / "metrics.jsonl", state.global_step)
@@ -456,12 +463,18 @@ def _log_step(
         "samples": state.samples,
         "skipped_nonfinite": state.skipped_nonfinite,
         **st.data.skip_counters(ctx.device),
+        **source_scalars(_source_sums(g), st.data.source_names, st.data.source_progress()),
         **(extra or {}),
     }
     gates = [v / (ctx.world_size * sums.steps) for v in g["gate_abs"]] if "gate_abs" in g else None
     log.log(state.global_step, scalars, gates)
     log.progress(state.global_step, state.last_loss, lr, scalars["samples_per_s"])
     sums.reset()
+
+
+def _source_sums(g: dict[str, Any]) -> list[float] | None:
+    """The all-reduced per-source sums of a mixed stage (source_counts then source_ce), None for one source."""
+    return g["source_counts"] + g["source_ce"] if "source_counts" in g else None
 
 
 def _finish(

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from pipeline.model.base import FrozenLLMMethod, MethodOutput, row_heads
 from pipeline.model.batch import IGNORE_INDEX, Batch
+from pipeline.training.sources import answer_sources
 
 
 class LossTerm(Protocol):
@@ -54,6 +55,19 @@ class AnswerCrossEntropy:
         heads = row_heads(out, keep.shape)
         rows = model.logits(out.hidden[:, :-1][keep], None if heads is None else heads[keep])  # (n, V)
         return F.cross_entropy(rows.float(), targets[keep], reduction="sum")
+
+    def total_by_source(
+        self, model: FrozenLLMMethod, out: MethodOutput, batch: Batch, n_sources: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`total` and its (n_sources,) breakdown by the rows' `batch.source` (detached): the per-source loss
+        of a mixed stage from the same head call, no second one."""
+        targets = batch.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        heads = row_heads(out, keep.shape)
+        rows = model.logits(out.hidden[:, :-1][keep], None if heads is None else heads[keep])
+        per_token = F.cross_entropy(rows.float(), targets[keep], reduction="none")
+        by_source = per_token.new_zeros(n_sources).index_add_(0, answer_sources(batch, keep), per_token.detach())
+        return per_token.sum(), by_source
 
 
 def text_positions(batch: Batch, where: str) -> torch.Tensor:
@@ -141,6 +155,9 @@ class LossResult:
     """What backward takes: sum over terms of weight x sum / (global count / micro_batches)."""
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     """Each term's normalised value (detached), by name."""
+    by_source: torch.Tensor | None = None
+    """Mixed stages (Loss.n_sources > 1): the summed answer CE per source of this micro-batch (detached, not
+    normalised: the trainer divides by each source's answer tokens; pipeline.training.sources)."""
 
 
 class Loss:
@@ -150,6 +167,8 @@ class Loss:
         if not terms or len({t.name for t in terms}) != len(terms):
             raise ValueError(f"Loss needs at least one term and distinct names, got {[t.name for t in terms]}")
         self.terms = terms
+        self.n_sources = 0
+        """> 1 (a mixed stage, set by the trainer): LossResult.by_source carries the answer CE per source"""
 
     @property
     def names(self) -> list[str]:
@@ -172,13 +191,17 @@ class Loss:
         `global_counts[i]`: term i's count summed over the whole global batch. A term's sum is divided by
         global_count / micro_batches: DeepSpeed's 1/accumulation and its mean over ranks multiply by exactly
         1/micro_batches, so the optimizer step sees sum over the global batch / global count."""
-        loss, parts = None, {}
+        loss, parts, by_source = None, {}, None
         for term, n in zip(self.terms, global_counts, strict=True):
-            value = term.total(model, out, batch) / (max(1.0, n) / micro_batches)
+            if self.n_sources > 1 and isinstance(term, AnswerCrossEntropy) and batch.source is not None:
+                summed, by_source = term.total_by_source(model, out, batch, self.n_sources)
+            else:
+                summed = term.total(model, out, batch)
+            value = summed / (max(1.0, n) / micro_batches)
             parts[term.name] = value.detach()
             weighted = value if term.weight == 1.0 else term.weight * value
             loss = weighted if loss is None else loss + weighted
-        return LossResult(loss, parts)
+        return LossResult(loss, parts, by_source)
 
 
 def training_loss(text_kl_weight: float = 0.0, text_kl_where: str = "text_rows") -> Loss:
