@@ -49,13 +49,13 @@ def test_retention_settings_are_validated():
         load_config("configs/demo.yaml", ["loss.text_kl.where=images"])
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_ranks_log_retention_and_text_kl_on_the_tiny_demo(workdir, zero):  # noqa: F811
+def _train(root, zero: int) -> list[dict]:
+    """The tiny demo's stage 2 on 2 ranks, 4 steps, KL guard on every text position, retention every 2 steps."""
     name = f"retention_z{zero}"
+    if (root / name / "result.json").is_file():  # the other parametrisation already trained it
+        return read_metrics(root / name / "metrics.jsonl")
     cfg = _config(
-        workdir,
+        root,
         name,
         precision="fp32",
         **{
@@ -70,7 +70,15 @@ def test_two_ranks_log_retention_and_text_kl_on_the_tiny_demo(workdir, zero):  #
     extra = ["--ds_config", str(REPO / "ds_configs" / "zero3.json")] if zero == 3 else []
     rcs, out = _run(cfg, extra=extra)
     assert rcs == [0, 0], out[-4000:]
-    rows = read_metrics(workdir / name / "metrics.jsonl")
+    assert f"ZeRO-{zero}" in (root / name / "train.log").read_text()
+    return read_metrics(root / name / "metrics.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_ranks_log_retention_and_text_kl_on_the_tiny_demo(workdir, zero):  # noqa: F811
+    rows = _train(workdir, zero)
     # step 0 (a fresh stage), every 2nd step, and the log steps (3, and the last)
     assert [r["step"] for r in rows] == [0, 2, 3, 4]
     probed = {r["step"]: r for r in rows if "retention/identical" in r}
@@ -82,5 +90,9 @@ def test_two_ranks_log_retention_and_text_kl_on_the_tiny_demo(workdir, zero):  #
         assert r["loss/text_kl"] >= 0 and math.isfinite(r["loss/answer_ce"])
         assert r["loss"] == pytest.approx(r["loss/answer_ce"] + 0.5 * r["loss/text_kl"], rel=1e-4)
     assert rows[-1]["loss/text_kl"] > 0  # the adapters moved the text positions after the image
-    assert f"ZeRO-{zero}" in (workdir / name / "train.log").read_text()
-    assert "retention" in make_report(workdir / name)
+    assert "retention" in make_report(workdir / f"retention_z{zero}")
+    if zero == 3:  # the teacher forward left ZeRO-3's gathers and gradient hooks alone: the same training as ZeRO-2
+        for r2, r3 in zip(_train(workdir, 2), rows):
+            for key in ("loss", "loss/text_kl", "retention/mean_kl"):
+                if key in r2:
+                    assert r3[key] == pytest.approx(r2[key], rel=2e-2, abs=1e-4), (r2["step"], key, r2[key], r3[key])

@@ -77,7 +77,7 @@ def text_positions(batch: Batch, where: str) -> torch.Tensor:
     batches: not across a cu_seqlens boundary); with where="text_rows" only rows (packed: documents) without a
     visual token; none in the collator's dummy row (num_samples == 0)."""
     ids = batch.input_ids
-    B, T = ids.shape
+    T = ids.shape[1]
     real = torch.ones_like(ids, dtype=torch.bool) if batch.attention_mask is None else batch.attention_mask.bool()
     vis = torch.zeros_like(real) if batch.modality_mask is None else batch.modality_mask.bool()
     text = real & ~vis  # (B, T)
