@@ -37,17 +37,14 @@ from pipeline.model.batch import Batch
 
 
 @dataclass
-class GenerationConfig:
-    """Decoding settings. temperature == 0 means greedy (argmax); top_p only applies when sampling."""
+class Decoding:
+    """Decoding settings, validated. temperature == 0 means greedy (argmax); top_p only applies when sampling."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    """Seed of the sampling generator (sampled decoding is reproducible for a given batch composition)."""
-    use_cache: bool = True
-    """False = recompute the whole sequence at every step, one prompt at a time (slow reference)."""
-    stop_at_eos: bool = True
+    """Seed of the sampling (sampled decoding is reproducible for a given batch composition)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -56,6 +53,15 @@ class GenerationConfig:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationConfig(Decoding):
+    """`generate`'s settings: the decoding, and how this engine's own loop runs it."""
+
+    use_cache: bool = True
+    """False = recompute the whole sequence at every step, one prompt at a time (slow reference)."""
+    stop_at_eos: bool = True
 
 
 def select_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:

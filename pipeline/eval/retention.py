@@ -40,6 +40,7 @@ from pipeline.data.eval import chat_prompt
 from pipeline.data.prompt_cut import Prompt
 from pipeline.data.prompts import IMAGE
 from pipeline.generate import (
+    Decoding,
     GenerationConfig,
     add_model_args,
     check_model_args,
@@ -114,22 +115,12 @@ def _left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 
 @dataclass
-class Sampling:
-    """How `llm_answers` decodes: temperature 0 = greedy (transformers' generate with do_sample=False)."""
+class Sampling(Decoding):
+    """How `llm_answers` decodes, through transformers' generate: temperature 0 = greedy (do_sample=False); the
+    seed seeds torch once before the first batch, so a sampled run is reproducible for the same prompts and batch
+    size."""
 
     max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    """Seeds torch once before the first batch: a sampled run is reproducible for the same prompts and batch size."""
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def generate_kwargs(self) -> dict:
         if self.temperature == 0:
