@@ -6,7 +6,9 @@ trainer here, so production code carries none. Configured by environment variabl
 
 - PILL_TEST_NAN_AT=2,3 : the loss of these micro-steps (counted from 0 in each process) becomes NaN;
 - PILL_TEST_NAN_RANK=1 : ... on this global rank only (default: every rank);
-- PILL_TEST_SLEEP_PER_STEP=0.4 : seconds to sleep after each optimizer step.
+- PILL_TEST_SLEEP_PER_STEP=0.4 : seconds to sleep after each optimizer step;
+- PILL_TEST_CRASH_BEFORE_STEP=7 : the process dies (exit 3, no clean-up, like a node failure) as optimizer step 7
+  starts, after step 6's checkpoint (if the cadence writes one).
 """
 
 from __future__ import annotations
@@ -51,12 +53,28 @@ def install_sleep_per_step(seconds: float) -> None:
     loop.train_step = slow_step
 
 
+def install_crash_before_step(step: int) -> None:
+    """os._exit(3) when train_step is called for optimizer step `step` (counted from 1 in this process)."""
+    real = loop.train_step
+    calls = [0]
+
+    def crashing_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+            os._exit(3)
+        return real(*args, **kwargs)
+
+    loop.train_step = crashing_step
+
+
 def install_from_env() -> None:
     if os.environ.get("PILL_TEST_NAN_AT"):
         rank = os.environ.get("PILL_TEST_NAN_RANK")
         install_nan_losses({int(x) for x in os.environ["PILL_TEST_NAN_AT"].split(",")}, int(rank) if rank else None)
     if os.environ.get("PILL_TEST_SLEEP_PER_STEP"):
         install_sleep_per_step(float(os.environ["PILL_TEST_SLEEP_PER_STEP"]))
+    if os.environ.get("PILL_TEST_CRASH_BEFORE_STEP"):
+        install_crash_before_step(int(os.environ["PILL_TEST_CRASH_BEFORE_STEP"]))
 
 
 if __name__ == "__main__":
