@@ -1,4 +1,4 @@
-"""Throughput and latency of a running server: `python -m pipeline.serve.bench --url http://127.0.0.1:8000`.
+"""Throughput and latency of a running server: `python scripts/serve_bench.py --url http://127.0.0.1:8000`.
 
 Sends --requests chat requests (the demo picture + a question, greedy, --max-tokens each) with --concurrency of
 them in flight at a time, and prints requests/s, tokens/s and the latency percentiles. --concurrency 1 is
