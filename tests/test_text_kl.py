@@ -20,6 +20,19 @@ from pipeline.training.config import ConfigError, LossConfig, ModelConfig, Stage
 from pipeline.training.loss import AnswerCrossEntropy, Loss, TextKL, text_positions, training_loss
 from tests.test_peers_models import clip_dir, randomize  # noqa: F401  (fixture)
 
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory):
+    """tests/test_mixed_ranks.py's data: demo ScienceQA shards and text-only chat shards."""
+    from shards.demo import DemoConfig, build_demo
+    from tests.test_data_mix import write_chat_shards
+
+    root = tmp_path_factory.mktemp("kl_mixed")
+    build_demo(DemoConfig(n_train=32, n_val=8, seed=0), root / "data", max_samples=16)
+    write_chat_shards(root / "chat", 2, 6)
+    return root
+
+
 K = 4  # visual tokens per image (PILL's num_query_tokens here)
 T, PAD = 30, 5  # row 1 (text only) has its last PAD positions padded
 
@@ -196,3 +209,35 @@ def test_a_short_run_with_the_kl_term_stays_closer_to_the_frozen_llm(tiny_dirs):
     without, with_kl = short_run(tiny_dirs, 0.0), short_run(tiny_dirs, 2.0)
     assert without > 1e-3, f"the run without the guard should move the text distributions (KL {without:.3g})"
     assert with_kl < 0.5 * without, f"KL to the frozen LLM: {with_kl:.4g} with the guard, {without:.4g} without"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("method,zero", [("pill", 3), ("iaa", 2)])
+def test_text_rows_kl_where_one_rank_holds_only_chat_and_the_other_only_images(mixed_dir, method, zero):
+    """tests/test_mixed_ranks.py's mixed stage (rank 0: chat rows only, rank 1: image rows only) with the KL guard on
+    the text-only rows: rank 1 covers no position and still runs the teacher, so ZeRO-3's gathers stay in step; the
+    logged loss/text_kl is rank 0's KL over the global count of covered positions."""
+    import json
+
+    import yaml
+
+    from tests.test_mixed_ranks import _config as mixed_config
+    from tests.test_train_ds import REPO, _run
+
+    path = mixed_config(mixed_dir, method, zero)
+    cfg = yaml.safe_load(path.read_text())
+    cfg.update(name=f"kl_{method}_z{zero}", output_dir=str(mixed_dir / f"kl_{method}_z{zero}"))
+    cfg["loss"] = {"text_kl": {"weight": 0.5, "where": "text_rows"}}
+    path.write_text(yaml.safe_dump(cfg))
+    rcs, out = _run(path, extra=["--ds_config", str(REPO / "ds_configs" / f"zero{zero}.json")])
+    assert rcs == [0, 0], out[-4000:]
+    rows = [json.loads(x) for x in (mixed_dir / f"kl_{method}_z{zero}" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["loss/text_kl"] < 1e-6  # step 1 ran on the initial weights: text rows are the frozen LLM
+    if method == "iaa":  # IAA routes a text-only row through the frozen LLM by design: nothing to guard
+        assert rows[1]["loss/text_kl"] == 0.0
+    else:
+        assert rows[1]["loss/text_kl"] > 0  # after one step the adapters moved the text rows
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["loss/answer_ce"] + 0.5 * r["loss/text_kl"], rel=1e-4)
