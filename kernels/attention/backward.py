@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..launch import launch, on_gpu
-from .common import LOG2E, _block_d, _causal_block, _dot_flags, _key_bounds, _kv_descriptor, _load_kv, _seq_info
+from .common import LOG2E, _block_d, _causal_block, _dot_flags, _key_bounds, _kv_descriptor, _load_kv_pair, _seq_info
 from .tiles import _configs, _dkdv_config, _dq_tile, _use_tma
 
 
@@ -42,6 +42,28 @@ def _bwd_delta_kernel(
     o = tl.load(O + rows * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + h * stride_dh + offs_t, tl.sum(o * do, 1), mask=t_ok)
+
+
+@triton.jit
+def _load_q_rows(
+    Q, DO, LSE, DELTA, q_start, q_len, h, offs_m, offs_d,
+    stride_qt, stride_qh, stride_dot, stride_doh, stride_lh,
+    HEAD_DIM: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """Query rows offs_m of head h as both backward kernels read them: the Q and dO tiles (fp32 when the dots
+    are), the rows' LSE and delta, and the row offsets / tile mask that the dQ store reuses. Rows past q_len load
+    zeros: their dO and delta are 0, so they add nothing even unmasked."""
+    m_valid = offs_m < q_len
+    row = (q_start + offs_m).to(tl.int64)
+    q_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + row[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + row[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + h * stride_lh + row, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + h * stride_lh + row, mask=m_valid, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    return q, do, lse, delta, row, q_mask
 
 
 @triton.jit
@@ -68,17 +90,10 @@ def _bwd_dkdv_inner(
         h = h_kv * GROUP + it // n_blocks
         start_m = lo + (it % n_blocks) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < q_len
-        row = (q_start + offs_m).to(tl.int64)
-        # rows past q_len load zeros: their dO and delta are 0, so they add nothing even unmasked
-        q_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(Q + row[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + row[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE + h * stride_lh + row, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + h * stride_lh + row, mask=m_valid, other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q, do, lse, delta, row, q_mask = _load_q_rows(
+            Q, DO, LSE, DELTA, q_start, q_len, h, offs_m, offs_d,
+            stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, HEAD_DIM, DOT_F32,
+        )  # fmt: skip
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(qk_t - lse[None, :])
         if MASKED and CAUSAL:
@@ -181,11 +196,10 @@ def _bwd_dq_inner(
     k_base / v_base: tensor descriptors when TMA, else pointers (as in the forward)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_kv(k_base, start_n, offs_n, offs_d, stride_kt, k_len, HEAD_DIM, BLOCK_D, MASKED, TMA)
-        v = _load_kv(v_base, start_n, offs_n, offs_d, stride_vt, k_len, HEAD_DIM, BLOCK_D, MASKED, TMA)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_pair(
+            k_base, v_base, start_n, offs_n, offs_d, stride_kt, stride_vt, k_len,
+            HEAD_DIM, BLOCK_D, MASKED, TMA, DOT_F32,
+        )  # fmt: skip
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(qk - lse[:, None])
         if MASKED:
@@ -229,16 +243,10 @@ def _gated_attn_bwd_dq_kernel(
     h_kv = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < q_len
-    row = (q_start + offs_m).to(tl.int64)
-    q_mask = m_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + row[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + row[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + h * stride_lh + row, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + h * stride_lh + row, mask=m_valid, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q, do, lse, delta, row, q_mask = _load_q_rows(
+        Q, DO, LSE, DELTA, q_start, q_len, h, offs_m, offs_d,
+        stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, HEAD_DIM, DOT_F32,
+    )  # fmt: skip
     k_base = K + k_start * stride_kt + h_kv * stride_kh
     v_base = V + k_start * stride_vt + h_kv * stride_vh
     if TMA:

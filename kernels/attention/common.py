@@ -78,6 +78,32 @@ def _load_kv(
 
 
 @triton.jit
+def _load_kv_pair(
+    k_src, v_src, start_n, offs_n, offs_d, stride_kt, stride_vt, n_lim,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, TMA: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """Key block start_n's K and V tiles (`_load_kv`), in fp32 when the dots run in fp32."""
+    k = _load_kv(k_src, start_n, offs_n, offs_d, stride_kt, n_lim, HEAD_DIM, BLOCK_D, MASK_ROWS, TMA)
+    v = _load_kv(v_src, start_n, offs_n, offs_d, stride_vt, n_lim, HEAD_DIM, BLOCK_D, MASK_ROWS, TMA)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _load_q(Q, q_start, q_len, h, offs_m, offs_d, stride_qt, stride_qh, HEAD_DIM: tl.constexpr, DOT_F32: tl.constexpr):
+    """Head h's query tile, rows offs_m of the sequence (zeros past q_len; fp32 when the dots are), with the
+    row offsets and mask that the output's store reuses."""
+    row = (q_start + offs_m)[:, None].to(tl.int64)
+    q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + row * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    return q, row, q_mask
+
+
+@triton.jit
 def _causal_block(CAUSAL: tl.constexpr):
     """Block index along the query axis (grid axis 2, the slowest: the hardware starts programs in grid order).
     Causal rows are started longest first (the last query block sees the most keys), so the short blocks fill

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..launch import launch, on_gpu
-from .common import LOG2E, _block_d, _dot_flags, _key_bounds, _seq_info
+from .common import LOG2E, _block_d, _dot_flags, _key_bounds, _load_q, _seq_info
 from .forward import _fwd_inner
 from .tiles import _sm_count
 
@@ -36,11 +36,7 @@ def _gated_attn_decode_kernel(
     h_kv = h // GROUP
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row = (q_start + offs_m)[:, None].to(tl.int64)
-    q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + row * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    q, row, q_mask = _load_q(Q, q_start, q_len, h, offs_m, offs_d, stride_qt, stride_qh, HEAD_DIM, DOT_F32)
     k_base = K + k_start * stride_kt + h_kv * stride_kh
     v_base = V + k_start * stride_vt + h_kv * stride_vh
     g_base = G + h * stride_gh + k_start

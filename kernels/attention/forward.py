@@ -17,7 +17,17 @@ import triton
 import triton.language as tl
 
 from ..launch import launch
-from .common import LOG2E, _block_d, _causal_block, _dot_flags, _key_bounds, _kv_descriptor, _load_kv, _seq_info
+from .common import (
+    LOG2E,
+    _block_d,
+    _causal_block,
+    _dot_flags,
+    _key_bounds,
+    _kv_descriptor,
+    _load_kv_pair,
+    _load_q,
+    _seq_info,
+)
 from .tiles import _configs, _fwd_tile, _use_tma
 
 
@@ -66,11 +76,10 @@ def _fwd_inner(
     TMA, else pointers to the sequence's first row of the KV head."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_kv(k_base, start_n, offs_n, offs_d, stride_kt, k_len, HEAD_DIM, BLOCK_D, MASKED, TMA)
-        v = _load_kv(v_base, start_n, offs_n, offs_d, stride_vt, k_len, HEAD_DIM, BLOCK_D, MASKED, TMA)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_pair(
+            k_base, v_base, start_n, offs_n, offs_d, stride_kt, stride_vt, k_len,
+            HEAD_DIM, BLOCK_D, MASKED, TMA, DOT_F32,
+        )  # fmt: skip
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         p, alpha, m_i, l_i = _softmax_step(
             qk, m_i, l_i, offs_m, offs_n, g_base, k_len, diag, qk_scale, MASKED, CAUSAL, HAS_GATE
@@ -128,11 +137,7 @@ def _gated_attn_fwd_kernel(
     h_kv = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row = (q_start + offs_m)[:, None].to(tl.int64)
-    q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + row * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    q, row, q_mask = _load_q(Q, q_start, q_len, h, offs_m, offs_d, stride_qt, stride_qh, HEAD_DIM, DOT_F32)
     k_base = K + k_start * stride_kt + h_kv * stride_kh
     v_base = V + k_start * stride_vt + h_kv * stride_vh
     if TMA:
