@@ -178,3 +178,28 @@ def test_text_only_rows_on_one_rank_train_without_a_hang(workdir, method, zero):
             assert math.isfinite(r[f"source_loss/{name}"]) and r[f"source_loss/{name}"] > 0, r
     last = rows[-1]
     assert last["source_read/chat"] == STEPS * MB and last["source_epoch/chat"] == pytest.approx(STEPS * MB / 12)
+
+
+@pytest.mark.slow
+def test_resuming_a_mixed_stage_with_another_mix_is_a_config_error(workdir, tmp_path):
+    """The pill ZeRO-2 run's checkpoint, as if stopped before the stage's end (no result.json), resumed with the chat
+    source's weight changed (accepted by --resume-changed): exit 2 naming the change, nothing trained."""
+    import shutil
+
+    run = workdir / "pill_z2"
+    if not (run / "checkpoints" / "latest").exists():
+        pytest.skip("needs the pill ZeRO-2 run of test_text_only_rows_on_one_rank_train_without_a_hang")
+    copy = tmp_path / "stopped"
+    shutil.copytree(run, copy)
+    (copy / "result.json").unlink()
+    cfg = yaml.safe_load(_config(workdir, "pill", 2).read_text())
+    cfg["output_dir"] = str(copy)
+    cfg["stages"][0]["sources"][1]["weight"] = 2.0
+    cfg["stages"][0]["max_steps"] = STEPS + 1
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "tiny").symlink_to(workdir / "tiny", target_is_directory=True)
+    rcs, out = _run(path, world=1, extra=["--resume-changed"])
+    assert rcs == [2], out[-3000:]
+    assert "config error: resume: the checkpoint's data position belongs to another mix" in out, out[-3000:]
+    assert "source chat: weight 1.0 -> 2.0" in out
