@@ -107,11 +107,7 @@ def plot_loss(records: list[dict], out: Path) -> Path | None:
             twin.plot(*zip(*lr[stage]), color="tab:orange", lw=0.8, alpha=0.7)
             twin.set_ylabel("lr", color="tab:orange")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "loss.png")
 
 
 def plot_retention(records: list[dict], out: Path) -> Path | None:
@@ -136,8 +132,12 @@ def plot_retention(records: list[dict], out: Path) -> Path | None:
             twin.set_ylabel("mean KL (nats/token)", color="tab:red")
         for ax in (ax_loss, ax_ret):
             ax.grid(alpha=0.3)
+    return _save(fig, out / "retention.png")
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay the figure out, write it at 120 dpi and close it (pyplot keeps every open figure alive)."""
     fig.tight_layout()
-    path = out / "retention.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -175,11 +175,7 @@ def plot_gates(records: list[dict], out: Path) -> Path | None:
     ax_line.set_title("course per layer (dark = first, yellow = last)")
     for ax in (ax_bar, ax_line):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "gates.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "gates.png")
 
 
 def _throughput(records: list[dict]) -> dict[str, float]:
