@@ -122,6 +122,15 @@ def iter_tar(url: str, counter: SkipCounter, count: bool = True, lazy: bool = Fa
     lazy = lazy and not is_remote(url)
     cur: dict[str, Any] | None = None
     started = closed = False
+
+    def hand_over(rec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        nonlocal closed  # a consumer that stops early closes us at this yield
+        try:
+            yield rec
+        except GeneratorExit:
+            closed = True
+            raise
+
     try:
         with stream:
             for m in iter_members(stream, seekable=not is_remote(url)):
@@ -131,21 +140,13 @@ def iter_tar(url: str, counter: SkipCounter, count: bool = True, lazy: bool = Fa
                     continue
                 if cur is not None and cur["__key__"] != key:  # before reading: a read error keeps cur
                     out, cur = cur, None
-                    try:
-                        yield out
-                    except GeneratorExit:
-                        closed = True
-                        raise
+                    yield from hand_over(out)
                 if cur is None:
                     cur = {"__key__": key, "__shard__": url, **({"__tar__": stream} if lazy else {})}
                 cur[ext] = m if lazy and ext != "json" else m.read()
             if cur is not None:
                 out, cur = cur, None
-                try:
-                    yield out
-                except GeneratorExit:
-                    closed = True
-                    raise
+                yield from hand_over(out)
     except (TarError, EOFError, OSError, ValueError) as e:
         if closed:  # the consumer stopped early; closing a pipe then is not a data error
             return
