@@ -126,6 +126,7 @@ def test_loss_weights_every_answer_token_of_the_global_batch_equally(tiny_dirs, 
         loss=Loss(),
         scheduler=sched,
         float_dtype=torch.float32,
+        data=SimpleNamespace(n_sources=1),  # one source: no per-source sums
     )
     guard = NonFiniteGuard(
         SimpleNamespace(optim=SimpleNamespace(max_nonfinite_in_a_row=3)),
