@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..launch import launch, on_gpu
-from .common import LOG2E, _block_d, _causal_block, _dot_flags, _key_bounds, _kv_descriptor, _load_kv_pair, _seq_info
+from .common import LOG2E, _block_d, _causal_block, _dot_flags, _key_bounds, _kv_sources, _load_kv_block, _seq_info
 from .tiles import _configs, _dkdv_config, _dq_tile, _use_tma
 
 
@@ -195,10 +195,8 @@ def _bwd_dq_inner(
     dg_j = sum_i P_ij (dO_i . v_j): the column sums of P * (dO V^T) (UNgated), both already in registers.
     k_base / v_base: tensor descriptors when TMA, else pointers (as in the forward)."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _load_kv_pair(
-            k_base, v_base, start_n, offs_n, offs_d, stride_kt, stride_vt, k_len,
-            HEAD_DIM, BLOCK_D, MASKED, TMA, DOT_F32,
+        offs_n, k, v = _load_kv_block(
+            k_base, v_base, start_n, offs_d, stride_kt, stride_vt, k_len, HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, TMA, DOT_F32
         )  # fmt: skip
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(qk - lse[:, None])
@@ -247,11 +245,9 @@ def _gated_attn_bwd_dq_kernel(
         Q, DO, LSE, DELTA, q_start, q_len, h, offs_m, offs_d,
         stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, HEAD_DIM, DOT_F32,
     )  # fmt: skip
-    k_base = K + k_start * stride_kt + h_kv * stride_kh
-    v_base = V + k_start * stride_vt + h_kv * stride_vh
-    if TMA:
-        k_base = _kv_descriptor(k_base, k_len, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D)
-        v_base = _kv_descriptor(v_base, k_len, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D)
+    k_base, v_base = _kv_sources(
+        K, V, k_start, k_len, h_kv, stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_N, BLOCK_D, TMA
+    )
     g_base = G + h * stride_gh + k_start
     dg_base = DGP + m_block.to(tl.int64) * stride_gp + h * stride_gh + k_start
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

@@ -65,6 +65,21 @@ def _kv_descriptor(base, k_len, stride, HEAD_DIM: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _kv_sources(
+    K, V, k_start, k_len, h_kv, stride_kt, stride_kh, stride_vt, stride_vh,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """Where `_load_kv` reads one sequence's K and V rows of KV head h_kv: TMA descriptors, or pointers to the
+    sequence's first row."""
+    k_base = K + k_start * stride_kt + h_kv * stride_kh
+    v_base = V + k_start * stride_vt + h_kv * stride_vh
+    if TMA:
+        k_base = _kv_descriptor(k_base, k_len, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_base = _kv_descriptor(v_base, k_len, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D)
+    return k_base, v_base
+
+
+@triton.jit
 def _load_kv(
     src, start_n, offs_n, offs_d, stride, n_lim,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, TMA: tl.constexpr,
@@ -78,17 +93,19 @@ def _load_kv(
 
 
 @triton.jit
-def _load_kv_pair(
-    k_src, v_src, start_n, offs_n, offs_d, stride_kt, stride_vt, n_lim,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, TMA: tl.constexpr, DOT_F32: tl.constexpr,
+def _load_kv_block(
+    k_src, v_src, start_n, offs_d, stride_kt, stride_vt, n_lim,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr,
+    TMA: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
-    """Key block start_n's K and V tiles (`_load_kv`), in fp32 when the dots run in fp32."""
+    """Key block start_n: its row offsets, and its K and V tiles (`_load_kv`) in fp32 when the dots run in fp32."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_kv(k_src, start_n, offs_n, offs_d, stride_kt, n_lim, HEAD_DIM, BLOCK_D, MASK_ROWS, TMA)
     v = _load_kv(v_src, start_n, offs_n, offs_d, stride_vt, n_lim, HEAD_DIM, BLOCK_D, MASK_ROWS, TMA)
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    return k, v
+    return offs_n, k, v
 
 
 @triton.jit

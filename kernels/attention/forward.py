@@ -23,8 +23,8 @@ from .common import (
     _causal_block,
     _dot_flags,
     _key_bounds,
-    _kv_descriptor,
-    _load_kv_pair,
+    _kv_sources,
+    _load_kv_block,
     _load_q,
     _seq_info,
 )
@@ -75,10 +75,8 @@ def _fwd_inner(
     """Key blocks [lo, hi) in order: S = Q K^T, softmax, O += P V. k_base / v_base: tensor descriptors when
     TMA, else pointers to the sequence's first row of the KV head."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _load_kv_pair(
-            k_base, v_base, start_n, offs_n, offs_d, stride_kt, stride_vt, k_len,
-            HEAD_DIM, BLOCK_D, MASKED, TMA, DOT_F32,
+        offs_n, k, v = _load_kv_block(
+            k_base, v_base, start_n, offs_d, stride_kt, stride_vt, k_len, HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, TMA, DOT_F32
         )  # fmt: skip
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         p, alpha, m_i, l_i = _softmax_step(
@@ -138,11 +136,9 @@ def _gated_attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q, row, q_mask = _load_q(Q, q_start, q_len, h, offs_m, offs_d, stride_qt, stride_qh, HEAD_DIM, DOT_F32)
-    k_base = K + k_start * stride_kt + h_kv * stride_kh
-    v_base = V + k_start * stride_vt + h_kv * stride_vh
-    if TMA:
-        k_base = _kv_descriptor(k_base, k_len, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D)
-        v_base = _kv_descriptor(v_base, k_len, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D)
+    k_base, v_base = _kv_sources(
+        K, V, k_start, k_len, h_kv, stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_N, BLOCK_D, TMA
+    )
     g_base = G + h * stride_gh + k_start
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
