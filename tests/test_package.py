@@ -179,6 +179,9 @@ def test_console_scripts_are_installed():
         "pill-eval": "pipeline.eval.cli:main",
         "pill-generate": "pipeline.generate:main",
         "pill-params": "pipeline.params:main",
+        "pill-serve": "pipeline.serve.cli:main",
+        "pill-text-bench": "pipeline.eval.text_bench:main",
+        "pill-lm-eval": "pipeline.eval.lm_eval_plugin:main",
     }
     from pipeline.eval.cli import main
 
