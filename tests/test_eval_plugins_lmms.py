@@ -16,10 +16,15 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the Makefil
 
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
+from PIL import ImageFile  # noqa: E402
 
 from pipeline.eval import scienceqa  # noqa: E402
 from shards.demo import DemoConfig, build_demo  # noqa: E402
 from tests.test_serve_support import build_export  # noqa: E402
+
+# lmms_eval.api.task sets Pillow's process-wide LOAD_TRUNCATED_IMAGES at import, and pytest imports this module while
+# collecting: without the reset every later test decodes truncated images silently (test_data_jpeg saw it).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 pytestmark = pytest.mark.slow
 TASK = "pill_demo_sqa"

@@ -83,9 +83,9 @@ def test_encode_demo_and_train_on_features(tmp_path):
     )
     assert len(batches) == 8 // 4
     for b in batches:
-        n_img = int(b["modality_mask"].sum()) // K  # one per sample, two for "two"
-        assert "pixel_values" not in b and b["image_features"].shape == (n_img, K, W)
-        assert b["num_samples"] <= n_img <= b["num_samples"] + 1
+        n_img = int(b.modality_mask.sum()) // K  # one per sample, two for "two"
+        assert b.pixel_values is None and b.image_features.shape == (n_img, K, W)
+        assert b.samples <= n_img <= b.samples + 1
 
 
 def _png():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from pipeline.constants import IMAGE_MEAN, IMAGE_STD
 from pipeline.data.eval import chat_prompt, default_data_config
@@ -33,6 +33,10 @@ from pipeline.data.transforms import decode_image, normalise
 from pipeline.eval.parsing import parse_choice
 from pipeline.generate import GenerationConfig, generate, load_trained, model_device_dtype
 from pipeline.model.batch import Batch
+
+# lmms-eval's task module turns on Pillow's process-wide LOAD_TRUNCATED_IMAGES when imported; our decoding counts a
+# truncated image as a bad sample (pipeline.data.transforms), so importing the plug-in must not change that.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 MANIFEST = ModelManifest(model_id="pill", simple_class_path="pipeline.eval.lmms_plugin.PILLLMMs")
 """What the `lmms_eval.models` entry point names: lmms-eval imports the class only when `--model pill` asks."""
