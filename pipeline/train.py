@@ -63,6 +63,7 @@ from pipeline.training.ds_config import fill_ds_config, load_ds_config, plan_bat
 from pipeline.training.evaluate import evaluate_export  # noqa: E402
 from pipeline.training.loop import NonFiniteLossError, StageResult, run_stage  # noqa: E402
 from pipeline.training.optim import check_lr_scale  # noqa: E402
+from pipeline.training.precision import agree_across_ranks, resolve_precision  # noqa: E402
 from pipeline.training.presets import resolve_preset, run_prepare_steps  # noqa: E402
 from pipeline.training.run_record import check_rerun, write_record  # noqa: E402
 
@@ -125,6 +126,20 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if args.print_config:
         print(describe_config(cfg, sources))
     return cfg
+
+
+def resolve_auto_precision(cfg: TrainConfig, rank: int) -> None:
+    """`precision: auto` -> bf16 | fp32 for this machine, before anything reads it; rank 0 logs the choice and why.
+    The probe's width is the LLM's hidden size when its config.json is at hand (it matters only on CPUs with native
+    bf16, where a short matmul is measured)."""
+    if cfg.precision != "auto":
+        return
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    llm_config = Path(str(cfg.model.llm_path)) / "config.json"
+    width = json.loads(llm_config.read_text()).get("hidden_size", 1024) if llm_config.is_file() else 1024
+    cfg.precision, why = resolve_precision(device, width)
+    if rank == 0:
+        print(f"precision auto -> {cfg.precision} ({why})", flush=True)
 
 
 def validate_before_launch(cfg: TrainConfig, raw_ds: dict, world_size: int) -> None:
@@ -224,6 +239,7 @@ def configure(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict | None]
         if args.print_config:
             return 0
         raw_ds = load_ds_config(resolve_preset(args.ds_config or "zero2", "ds_configs", ".json"))
+        resolve_auto_precision(cfg, rank)  # before the checks and the rerun comparison read it
         validate_before_launch(cfg, raw_ds, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))))
         history = check_rerun(cfg, stage_dirs(cfg), args.resume_changed)  # before any process starts
     except ConfigError as e:
@@ -273,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         return configured
     cfg, raw_ds, history = configured
     ctx = init_distributed(args.local_rank)
+    agreed = agree_across_ranks(cfg.precision, ctx.device)  # `auto` measured on each rank: one answer for all
+    if agreed != cfg.precision and ctx.is_main:
+        print(f"precision {cfg.precision} -> {agreed}: another rank resolved fp32", flush=True)
+    cfg.precision = agreed
     preempt = PreemptionFlag().install()
     preempt.watch_launcher()  # `deepspeed` does not forward SIGTERM: its end is this rank's stop request
     if _EARLY_SIGNALS:

@@ -17,11 +17,26 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A finished 2-step single-stage run (checkpoint at step 2, result.json)."""
+    """A finished 2-step single-stage run (checkpoint at step 2, result.json), with `precision: auto` (its output in
+    base.log): the reruns below give fp32 explicitly and must match what auto recorded."""
     workdir = build_workdir(tmp_path_factory.mktemp("rel_resume"))
-    p = run(train_cmd(write_config(workdir, "base", **{"stages.0.max_steps": 2})), workdir)
+    p = run(train_cmd(write_config(workdir, "base", **{"stages.0.max_steps": 2, "precision": "auto"})), workdir)
     assert p.returncode == 0, p.stdout[-4000:]
+    (workdir / "base.log").write_text(p.stdout)
     return workdir
+
+
+def test_precision_auto_trains_and_the_record_holds_what_it_resolved_to(base):
+    """Issue 27 item 6: `auto` is resolved before launch, logged once, trained with, and config.json records the
+    resolved value (tests/test_precision.py: a resume that would resolve otherwise is a named change)."""
+    from pipeline.training.precision import resolve_precision
+
+    want, why = resolve_precision("cpu")  # this machine's answer (fp32 on a CPU without native bf16)
+    log = (base / "base.log").read_text()
+    assert log.count("precision auto -> ") == 1 and f"precision auto -> {want} ({why.split(', measured')[0]}" in log
+    assert json.loads((base / "base" / "config.json").read_text())["precision"] == want
+    assert f"ZeRO-2, {want}, backends" in log  # the stage's start line: what the engine trains in
+    assert sorted(losses(base / "base")) == [1, 2]
 
 
 def _copy(base, name, finished=True):

@@ -247,8 +247,11 @@ class TrainConfig:
     name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 0
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16 (DeepSpeed bf16: frozen weights bf16, fp32 master copy of trainables) or fp32."""
+    precision: Literal["bf16", "fp32", "auto"] = "bf16"
+    """bf16 (DeepSpeed bf16: frozen weights bf16, fp32 master copy of trainables) or fp32; auto = bf16 on CUDA with
+    bf16 and on CPUs whose torch runs bf16 natively and measurably not slower, else fp32, resolved once before
+    launch (pipeline.training.precision; the choice and why are logged, and the run dir's config.json records the
+    resolved value)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
