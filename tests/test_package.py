@@ -1,6 +1,7 @@
 """The installed distribution beside its peers: Hugging Face's `kernels` package, a non-editable install."""
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from torch.utils.cpp_extension import get_default_build_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +49,10 @@ def _stub_hub_kernels(prefix: Path, version: str = "0.18.5") -> Path:
 
 
 def _run(code: str, cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    # HOME is the scratch dir (no user config leaks in), but DeepSpeed's CPU shared-memory op keeps its build cache:
+    # a fresh HOME would compile it again (30-150 s of C++), which tests nothing of ours.
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1", "HOME": str(cwd)}
+    env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     return subprocess.run(
@@ -140,23 +145,17 @@ def test_wheel_install_runs_the_default(tmp_path):
         capture_output=True,
         timeout=600,
     )
-    res = _run(
-        """
-        import pipeline
-        assert "target" in pipeline.__file__, pipeline.__file__
-        from pipeline.params import main
-        assert main(["--llm-preset", "tiny", "--stage", "2"]) == 0
-        """,
-        work,
-        target,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "trainable=" in res.stdout
+    # One interpreter for both steps: each start imports torch, DeepSpeed and transformers again (~5 s).
     res = _run(
         """
         import sys
+        import pipeline
+        assert "target" in pipeline.__file__, pipeline.__file__
+        from pipeline.params import main as params
+        assert params(["--llm-preset", "tiny", "--stage", "2"]) == 0
+        print("params-done", flush=True)
         from pipeline.train import main
-        sys.exit(main(["--set", "stages.*.max_steps=2", "--set", "eval.enabled=false", "--set", "log.tensorboard=false",
+        sys.exit(main(["--set", "stages.*.max_steps=1", "--set", "eval.enabled=false", "--set", "log.tensorboard=false",
                        "--set", "prepare.0.args=[--out, .cache/demo_shards, --n-train, '48', --n-val, '8', "
                        "--max-samples, '24', --qtypes, color, --fixed-options, --no-progress]",
                        "--output-dir", "run"]))
@@ -165,6 +164,8 @@ def test_wheel_install_runs_the_default(tmp_path):
         target,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    params_out = res.stdout.split("params-done")[0]
+    assert "params-done" in res.stdout and "trainable=" in params_out, res.stdout[-2000:]
     assert (work / "run" / "stage2" / "export" / "adapter_model.safetensors").is_file()
 
 
