@@ -3,7 +3,8 @@
 Global rank 0 rebuilds the frozen LLM/VPG, loads <stage dir>/export (adapter_model.safetensors) and runs
 pipeline.eval's multiple-choice evaluator twice: with the images and with every image removed (the prompt
 re-rendered as "Image:N/A."). The gap between the two says the model uses the image. Going through the export
-(not the engine's module) also proves the export is complete and loadable on its own. The other ranks wait.
+(not the engine's module) also proves the export is complete and loadable on its own. The other ranks wait, and
+raise too when rank 0's evaluation raised.
 
 Then, unless the LLM is the random `tiny` one (eval.text_retention), text retention (pipeline.eval.retention) of
 every stage's export against the frozen LLM: after stage 1 and after stage 2, so what each stage costs the LLM's
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from pipeline.data.eval import default_data_config, shard_prompts
 from pipeline.eval import retention
@@ -26,17 +26,24 @@ from pipeline.eval.sqa_scoring import markdown_table
 from pipeline.model import load_export
 from pipeline.model.frozen import TINY
 from pipeline.training.config import TrainConfig
-from pipeline.training.dist import DistContext
+from pipeline.training.dist import DistContext, all_agree_any
 
 
 def evaluate_export(
     cfg: TrainConfig, export_dir: str | Path, ctx: DistContext, llm_path: str, vpg_path: str | None
 ) -> dict[str, Any] | None:
-    result = None
+    result, error = None, None
     if ctx.is_main:
-        result = _evaluate(cfg, Path(export_dir), llm_path, vpg_path)
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            result = _evaluate(cfg, Path(export_dir), llm_path, vpg_path)
+        except Exception as e:  # re-raised below, once every rank knows
+            error = e
+    # The collective is the barrier and carries rank 0's outcome: with a bare barrier a failed rank 0 would leave
+    # the others waiting there (NCCL never tells them; gloo only when rank 0's process is gone).
+    if all_agree_any(error is not None, ctx.device):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"the held-out evaluation of {export_dir} failed on global rank 0 (its log has the error)")
     return result
 
 
