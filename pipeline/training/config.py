@@ -160,15 +160,16 @@ class OptimConfig:
     """Per-module learning rates: {group: factor} multiplies the stage's lr for the trainable parameters of that
     group (a row of `python -m pipeline.params` for the method; key: the row, the part before " (", or its first
     word, e.g. A_t, A_attn, W_g, projection). `--set optim.lr_scale.A_t=0.1`. A key that names no group of the method
-    is an error listing its groups (pipeline.training.optim). Empty: one lr for every module."""
+    is an error listing its groups (pipeline.training.optim). 0 freezes the group for the stage (AdamW at lr 0 moves
+    nothing, weight decay included). Empty: one lr for every module."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.lr_scale, dict):
             raise ConfigError(f"optim.lr_scale: a mapping {{group: factor}}, got {type(self.lr_scale).__name__}")
         for k, v in self.lr_scale.items():
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
             if not ok:
-                raise ConfigError(f"optim.lr_scale.{k}: a factor > 0, got {v!r}")
+                raise ConfigError(f"optim.lr_scale.{k}: a factor >= 0, got {v!r}")
 
 
 @dataclass
