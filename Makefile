@@ -37,7 +37,7 @@ $(STAMP): setup.py Makefile $(CONSTRAINTS)
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(VENV)/bin/deepspeed --num_gpus $(NUM_PROCS) pipeline/train.py --ds_config ds_configs/zero2.json $(TRAIN_ARGS)
+	$(PY) -m pipeline.launch --num_gpus $(NUM_PROCS) pipeline/train.py --ds_config ds_configs/zero2.json $(TRAIN_ARGS)
 
 # Lint first (seconds): ruff.toml's rules and its 120-column format, then the suite.
 test: $(STAMP)

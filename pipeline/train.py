@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus N pipeline/train.py --ds_config ds_configs/zero2.json [--config FILE.yaml|PRESET]
         [--set key=value ...] [--output-dir DIR] [--resume auto|never|PATH]
+    python -m pipeline.launch --num_gpus N pipeline/train.py ...   (the same, and SIGTERM to it -> exit 99)
     pill-train ...      (the console script; a world of one unless started by a launcher)
 
 Also runs under `torchrun` and `srun` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT) and as a plain
@@ -11,7 +12,8 @@ tiny PILL trains stage 1 then stage 2, then the held-out multiple-choice evaluat
 printed and written to <output_dir>/eval.json. `--config NAME` without a path picks a shipped preset.
 
 Exit codes: 0 done, 2 configuration error (before any process spends time), 3 non-finite losses,
-99 preempted by SIGTERM/SIGUSR1 after writing a checkpoint (rerun the same command to resume).
+99 preempted by SIGTERM/SIGUSR1 after writing a checkpoint (rerun the same command to resume). The `deepspeed`
+command itself dies of SIGTERM with 143 (its ranks still checkpoint); pipeline.launch returns the ranks' 99.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("pill_kernels.attention.op",),
     ("pill_kernels.attention", "pill_kernels.routed_adapter"),
     ("pill_kernels.ops",),
-    ("pipeline.constants", "pipeline.cli", "pill_kernels"),
+    ("pipeline.constants", "pipeline.cli", "pipeline.launch", "pill_kernels"),
     # the model package, bottom up: frozen-part building blocks, the shared skeleton, the loaders, the methods,
     # the method table, the package's public names
     (

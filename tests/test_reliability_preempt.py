@@ -1,9 +1,19 @@
 """Preemption that always checkpoints (issue 28, item 2), whichever way SIGTERM arrives.
 
-`kill -TERM -- -PGID` and `timeout` signal every process of the job, DataLoader workers included (they must not
-die of it: the main process decides); a SIGTERM to the `deepspeed` command kills only that command, whose ranks
-must notice and stop. Each path ends with a complete checkpoint at the last logged step and exit 99 (the rank's);
-the process-group path then resumes to the uninterrupted run's exact loss curve.
+Every run here has 2 ranks of two kinds: rank 0 reads its data in the main process (num_workers 0), rank 1 through
+2 DataLoader workers (tests/train_hooks.py PILL_TEST_WORKERS_BY_RANK), so each delivery path is shown for both in
+one run. A path's run stops with a complete checkpoint at its last logged step and exit 99; the next run of the
+chain resumes from it (and is itself stopped by the next path); the last one finishes, and the whole loss curve
+equals an uninterrupted run's. The ranks sleep a little after each step (PILL_TEST_SLEEP_PER_STEP) so that the
+signal lands mid-run; the curve does not depend on it.
+
+- ranks started as a job (one process group, as srun or a batch script starts them): `kill -TERM -- -PGID` and
+  `timeout` reach the ranks and their DataLoader workers (which must not die of it: the main process decides);
+- `python -m pipeline.launch` (DeepSpeed's launcher in a process group of its own): `kill -TERM <launcher>`,
+  `kill -TERM -- -<its PGID>` and `timeout` reach only it; it forwards SIGTERM to the ranks and returns their 99;
+- the plain `deepspeed` command, SIGTERMed alone: it dies (143, DeepSpeed's), the ranks notice and checkpoint.
+
+`scancel --signal=TERM` on a real Slurm is tests/test_slurm_cluster.py's.
 """
 
 from __future__ import annotations
@@ -11,27 +21,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.reliability import (
-    PY,
-    build_workdir,
-    finish,
-    free_port,
-    losses,
-    run,
-    start,
-    train_cmd,
-    wait_for_step,
-    write_config,
-)
+from tests.reliability import PY, REPO, build_workdir, env, free_port, losses, wait_for_step, write_config
 
 pytestmark = pytest.mark.slow
 
-STEPS = 400  # far more than the few steps before the signal: it always lands mid-run
+STEPS = 400  # of a run that is to be signalled: far more than the few steps before the signal
+TOTAL = 12  # of the last run of a chain and of the uninterrupted reference
+HOOKS = str(REPO / "tests" / "train_hooks.py")
+SLOW = {"PILL_TEST_SLEEP_PER_STEP": "0.3"}
 
 
 @pytest.fixture(scope="module")
@@ -39,76 +42,193 @@ def workdir(tmp_path_factory):
     return build_workdir(tmp_path_factory.mktemp("rel_preempt"))
 
 
-def _config(workdir, name, workers, steps=STEPS):
+def _env(workdir: Path, **extra: str) -> dict[str, str]:
+    # One intra-op thread per rank in every run, however started: the loss curves are compared bit for bit.
+    return env(workdir, PILL_TEST_WORKERS_BY_RANK="0,2", OMP_NUM_THREADS="1", **extra)
+
+
+def _config(workdir: Path, name: str, steps: int) -> Path:
     return write_config(
         workdir,
         name,
         **{
             "stages.0.max_steps": steps,
-            "data.num_workers": workers,
-            "checkpoint.every_steps": 0,  # the only checkpoint is the preemption's
-            # a constant lr: the schedule does not depend on max_steps, so a shorter reference run is comparable
+            "checkpoint.every_steps": 0,  # the only checkpoints are the preemptions'
+            # a constant lr: the schedule does not depend on max_steps, so the chain's last, shorter run and the
+            # reference follow the same curve as the signalled runs
             "stages.0.warmup_steps": 0,
             "stages.0.min_lr_ratio": 1.0,
         },
     )
 
 
-def _assert_checkpointed(run_dir, out, total=STEPS):
-    """latest names a complete checkpoint at the last logged step, written by the stop request."""
+def _start_ranks(workdir: Path, cfg: Path, name: str, wrap: list[str] = (), one_group: bool = True, **extra: str):
+    """Rank 0 and rank 1 of a 2-rank job, RANK/WORLD_SIZE/MASTER_* set as srun or a batch script sets them: in one
+    new process group (one_group), or each in its own (under `wrap`, e.g. timeout, which makes its own group)."""
+    port, procs = str(free_port()), []
+    for rank in (0, 1):
+        e = _env(workdir, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", **extra)
+        e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        # setpgid can only join a group of the same session: a new group here, not a new session
+        group = {"process_group": procs[0].pid if one_group and procs else 0}
+        log = open(workdir / f"{name}.rank{rank}.log", "w")  # noqa: SIM115 (closed with the process)
+        cmd = [*wrap, PY, HOOKS, "--config", str(cfg)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, **group))
+    return procs
+
+
+def _wait_ranks(run_dir: Path, step: int, procs, name: str) -> None:
+    try:
+        wait_for_step(run_dir, step, _Any(procs))
+    except AssertionError as e:
+        out = "".join(f.read_text()[-3000:] for f in sorted(run_dir.parent.glob(f"{name}.rank*.log")))
+        raise AssertionError(f"{e}\n{out}") from None
+
+
+class _Any:
+    """wait_for_step's view of a job: it has ended when any rank has."""
+
+    def __init__(self, procs) -> None:
+        self.procs = procs
+        self.returncode = None
+        self.stdout = self
+
+    def poll(self):
+        self.returncode = next((p.returncode for p in self.procs if p.poll() is not None), None)
+        return self.returncode
+
+    def kill(self) -> None:
+        for p in self.procs:
+            p.kill()
+
+    def read(self) -> str:
+        return ""
+
+
+def _finish_ranks(workdir: Path, name: str, procs, timeout: float = 300) -> tuple[list[int], str]:
+    rcs = []
+    for p in procs:
+        try:
+            rcs.append(p.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"{name}: a rank did not end in {timeout}s") from None
+    return rcs, "".join((workdir / f"{name}.rank{r}.log").read_text() for r in (0, 1))
+
+
+def _start_launcher(workdir: Path, cfg: Path, wrap=(), launcher=(PY, "-m", "pipeline.launch"), slow: bool = True):
+    cmd = [*wrap, *launcher, "--num_gpus", "2", "--master_port", str(free_port()), HOOKS, "--config", str(cfg)]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(workdir, **(SLOW if slow else {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _assert_checkpointed(run_dir: Path, out: str, after: int) -> int:
+    """latest names a complete checkpoint at the last logged step, written by the stop request; the run had
+    resumed from `after` (0: a fresh run). Returns the checkpoint's step."""
     assert "exiting 99" in out, out[-6000:]
-    assert "killed by signal" not in out, out[-6000:]
+    assert "killed by signal" not in out and "Traceback" not in out, out[-6000:]
+    if after:
+        assert f"resumed at step {after} " in out, out[-6000:]
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     meta = json.loads((run_dir / "checkpoints" / tag / "meta.json").read_text())
-    assert meta["step"] == max(losses(run_dir)) < total, (meta, out[-3000:])
+    assert after < meta["step"] == max(losses(run_dir)) < TOTAL, (after, meta, out[-3000:])
     return meta["step"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_to_the_process_group_checkpoints_and_exits_99(workdir, workers):
-    name = f"pgid{workers}"
-    p = start(train_cmd(_config(workdir, name, workers)), workdir)
-    wait_for_step(workdir / name, 2, p)
-    os.killpg(p.pid, signal.SIGTERM)  # kill -TERM -- -PGID: the rank and its DataLoader workers
-    rc, out = finish(p)
-    assert rc == 99, out[-6000:]
-    step = _assert_checkpointed(workdir / name, out)
-    if workers == 2:
-        # The exact resume: the same curve as a run that was never interrupted (its first steps suffice).
-        steps = step + 2
-        resumed = run(train_cmd(_config(workdir, name, workers, steps=steps)), workdir)
-        assert resumed.returncode == 0 and f"resumed at step {step}" in resumed.stdout, resumed.stdout[-4000:]
-        ref = run(train_cmd(_config(workdir, f"{name}_ref", workers, steps=steps)), workdir)
-        assert ref.returncode == 0, ref.stdout[-4000:]
-        assert losses(workdir / name) == losses(workdir / f"{name}_ref")
+@pytest.fixture(scope="module")
+def reference(workdir) -> dict[int, float]:
+    """The loss curve of an uninterrupted 2-rank run of TOTAL steps."""
+    procs = _start_ranks(workdir, _config(workdir, "ref", TOTAL), "ref")
+    rcs, out = _finish_ranks(workdir, "ref", procs)
+    assert rcs == [0, 0], out[-6000:]
+    curve = losses(workdir / "ref")
+    assert sorted(curve) == list(range(1, TOTAL + 1))
+    return curve
 
 
-def test_timeout_with_workers_checkpoints_and_exits_99(workdir):
-    # timeout(1) signals its whole process group when the time is up, like `kill -- -PGID`.
-    cfg = _config(workdir, "timeout", 2, steps=100_000)
-    cmd = ["timeout", "--preserve-status", "-s", "TERM", "60", *train_cmd(cfg)]
-    rc, out = finish(start(cmd, workdir), timeout=400)
-    assert rc == 99, out[-6000:]
-    _assert_checkpointed(workdir / "timeout", out, total=100_000)
+def test_job_group_and_timeout_reach_workers_checkpoint_99_and_resume_exactly(workdir, reference):
+    name = "job"
+    run_dir, slow_cfg = workdir / name, _config(workdir, name, STEPS)
+    # kill -TERM -- -PGID: both ranks and rank 1's DataLoader workers.
+    procs = _start_ranks(workdir, slow_cfg, f"{name}1", **SLOW)
+    _wait_ranks(run_dir, 1, procs, f"{name}1")
+    assert any(psutil.Process(procs[1].pid).children()), "rank 1 has no DataLoader workers"
+    os.killpg(procs[0].pid, signal.SIGTERM)
+    rcs, out = _finish_ranks(workdir, f"{name}1", procs)
+    assert rcs == [99, 99], out[-6000:]
+    step = _assert_checkpointed(run_dir, out, 0)
+    # timeout(1) per rank (as `srun timeout ...`): SIGALRM is its timer running out; it sends SIGTERM to the rank
+    # and to its process group, the workers included. --preserve-status: the rank's exit code, not 124.
+    timeout = ["timeout", "--preserve-status", "-s", "TERM", "600"]
+    procs = _start_ranks(workdir, slow_cfg, f"{name}2", wrap=timeout, one_group=False, **SLOW)
+    _wait_ranks(run_dir, step + 1, procs, f"{name}2")
+    for p in procs:
+        p.send_signal(signal.SIGALRM)
+    rcs, out = _finish_ranks(workdir, f"{name}2", procs)
+    assert rcs == [99, 99], out[-6000:]
+    step = _assert_checkpointed(run_dir, out, step)
+    rcs, out = _finish_ranks(workdir, f"{name}3", _start_ranks(workdir, _config(workdir, name, TOTAL), f"{name}3"))
+    assert rcs == [0, 0] and f"resumed at step {step} " in out, out[-6000:]
+    assert losses(run_dir) == reference
 
 
-@pytest.mark.parametrize("target", ["launcher", "group"])
-def test_sigterm_to_the_deepspeed_launcher_stops_the_ranks_with_a_checkpoint(workdir, target):
-    name = f"ds_{target}"
-    cfg = _config(workdir, name, 2)
-    deepspeed = [str(Path(PY).parent / "deepspeed")]  # the console script, as a user types it
-    p = start(
-        [*deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "pipeline/train.py", "--config", str(cfg)],
-        workdir,
-    )
-    wait_for_step(workdir / name, 2, p)
+def _finish_launcher(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    """(exit code, output) once the launcher and every process under it have ended (the ranks keep the output
+    pipe open until they exit); on a timeout or an error the whole tree is killed: pipeline.launch runs DeepSpeed's
+    launcher in a process group of its own, which a kill of the test's group would not reach."""
     tree = psutil.Process(p.pid).children(recursive=True)
-    if target == "launcher":
-        p.send_signal(signal.SIGTERM)  # only the `deepspeed` command: it dies without forwarding it
-    else:
-        os.killpg(p.pid, signal.SIGTERM)
-    _, out = finish(p)  # the ranks keep the output pipe open until they have exited
-    _, alive = psutil.wait_procs(tree, timeout=120)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the launcher run did not end in {timeout}s") from None
+    finally:
+        if p.poll() is None:
+            for q in [psutil.Process(p.pid), *tree]:
+                try:
+                    q.kill()
+                except psutil.Error:
+                    pass
+    _, alive = psutil.wait_procs(tree, timeout=60)
     assert not alive, [a.cmdline() for a in alive]
-    assert out.count("exiting 99") >= 1, out[-6000:]
-    _assert_checkpointed(workdir / name, out)
+    return p.returncode, out
+
+
+def _signalled_launcher(workdir: Path, cfg: Path, after: int, send, wrap=(), launcher=None) -> tuple[int, int]:
+    """Starts a launcher run, calls send(proc) once it has logged a step past `after`; (exit code, checkpoint)."""
+    p = _start_launcher(workdir, cfg, wrap, launcher) if launcher else _start_launcher(workdir, cfg, wrap)
+    try:
+        wait_for_step(workdir / "launch", after + 1, p)
+    except AssertionError:
+        _finish_launcher(p, timeout=0.1)
+        raise
+    send(p)
+    rc, out = _finish_launcher(p)
+    return rc, _assert_checkpointed(workdir / "launch", out, after)
+
+
+def test_launcher_signals_checkpoint_exit_99_and_resume_exactly(workdir, reference):
+    cfg = _config(workdir, "launch", STEPS)
+    # The plain `deepspeed` command dies of SIGTERM at once (143: DeepSpeed's runner has no handler on one node);
+    # its ranks notice the end of their launcher and stop with a checkpoint all the same.
+    deepspeed = [str(Path(PY).parent / "deepspeed")]
+    rc, step = _signalled_launcher(workdir, cfg, 0, lambda p: p.send_signal(signal.SIGTERM), launcher=deepspeed)
+    assert rc == -signal.SIGTERM  # a shell shows 143
+    # pipeline.launch: kill -TERM <launcher>, kill -TERM -- -<its PGID>, timeout (SIGALRM = its time is up).
+    rc, step = _signalled_launcher(workdir, cfg, step, lambda p: p.send_signal(signal.SIGTERM))
+    assert rc == 99
+    rc, step = _signalled_launcher(workdir, cfg, step, lambda p: os.killpg(p.pid, signal.SIGTERM))
+    assert rc == 99
+    timeout = ["timeout", "--preserve-status", "-s", "TERM", "600"]
+    rc, step = _signalled_launcher(workdir, cfg, step, lambda p: p.send_signal(signal.SIGALRM), wrap=timeout)
+    assert rc == 99
+    rc, out = _finish_launcher(_start_launcher(workdir, _config(workdir, "launch", TOTAL), slow=False))
+    assert rc == 0 and f"resumed at step {step} " in out, out[-6000:]
+    assert losses(workdir / "launch") == reference

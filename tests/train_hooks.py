@@ -8,7 +8,9 @@ trainer here, so production code carries none. Configured by environment variabl
 - PILL_TEST_NAN_RANK=1 : ... on this global rank only (default: every rank);
 - PILL_TEST_SLEEP_PER_STEP=0.4 : seconds to sleep after each optimizer step;
 - PILL_TEST_CRASH_BEFORE_STEP=7 : the process dies (exit 3, no clean-up, like a node failure) as optimizer step 7
-  starts, after step 6's checkpoint (if the cadence writes one).
+  starts, after step 6's checkpoint (if the cadence writes one);
+- PILL_TEST_WORKERS_BY_RANK=0,2 : data.num_workers per global rank (rank 0: 0, rank 1: 2), so one 2-rank run has a
+  rank without DataLoader workers and a rank with them (preemption tests: both kinds under one signal).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the repo root (pipeline, tests) must be importable
     sys.path.insert(0, str(REPO))
 
-from pipeline.training import loop  # noqa: E402
+import pipeline.train  # noqa: E402, F401  (first: it installs the early SIGTERM/SIGUSR1 handlers)
+from pipeline.training import data_glue, loop  # noqa: E402
 from pipeline.training.loss import Loss  # noqa: E402
 
 
@@ -67,6 +70,17 @@ def install_crash_before_step(step: int) -> None:
     loop.train_step = crashing_step
 
 
+def install_workers_by_rank(counts: list[int]) -> None:
+    """The trainer's loader gets data.num_workers = counts[RANK] (data_glue looks build_loader up in its module)."""
+    real = data_glue.build_loader
+    workers = counts[int(os.environ.get("RANK", "0"))]
+
+    def build_loader(cfg, *args, **kwargs):
+        return real(dataclasses.replace(cfg, num_workers=workers), *args, **kwargs)
+
+    data_glue.build_loader = build_loader
+
+
 def install_from_env() -> None:
     if os.environ.get("PILL_TEST_NAN_AT"):
         rank = os.environ.get("PILL_TEST_NAN_RANK")
@@ -75,6 +89,8 @@ def install_from_env() -> None:
         install_sleep_per_step(float(os.environ["PILL_TEST_SLEEP_PER_STEP"]))
     if os.environ.get("PILL_TEST_CRASH_BEFORE_STEP"):
         install_crash_before_step(int(os.environ["PILL_TEST_CRASH_BEFORE_STEP"]))
+    if os.environ.get("PILL_TEST_WORKERS_BY_RANK"):
+        install_workers_by_rank([int(x) for x in os.environ["PILL_TEST_WORKERS_BY_RANK"].split(",")])
 
 
 if __name__ == "__main__":
