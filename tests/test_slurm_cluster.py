@@ -6,9 +6,12 @@ tiny demo model on CPU (PILL_CPU=1, gloo) as 2 tasks, which is what the 2-core C
   1. a stub train.py checks the script plumbing in seconds: the per-task env contract, PILL_SET, and that a
      plain `scancel` (SIGTERM) makes the tasks checkpoint but is not turned into a requeue;
   2. the real trainer runs to completion: job log, metrics.jsonl, checkpoint, export;
-  3. the real trainer gets SIGUSR1 mid-run the way `--signal=B:USR1@N` delivers it (`scancel --signal=USR1
-     --batch`): the tasks checkpoint and exit 99, the script requeues the job, the requeued job resumes from the
-     checkpoint in the same run dir and finishes; metrics.jsonl holds each step exactly once.
+  3. the real trainer is stopped twice mid-run, rank 0 without DataLoader workers and rank 1 with 2: first by
+     `scancel --signal=TERM` (SIGTERM to every process of the tasks, the workers included), then, once requeued,
+     by SIGUSR1 the way `--signal=B:USR1@N` delivers it (`scancel --signal=USR1 --batch`, the batch shell
+     forwards it): each time the tasks checkpoint and exit 99, the script requeues the job, the requeued job
+     resumes from the checkpoint in the same run dir; it finishes with the loss curve of the run of 2. that was
+     never interrupted (same config and ranks), each step once in metrics.jsonl.
 
 Needs root and either Slurm + munge installed or apt-get to install them; skipped otherwise. ~3 min on 2 cores.
 """
@@ -288,16 +291,34 @@ def _metric_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_stage2_runs_to_completion(cluster, tmp_path):
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+STEPS = 10
+# Rank 0 reads its data in the main process, rank 1 through 2 DataLoader workers (tests/train_hooks.py): a signal to
+# every process of the tasks reaches both kinds.
+WORKERS = {"PILL_TEST_WORKERS_BY_RANK": "0,2"}
+
+
+@pytest.fixture(scope="module")
+def completed(cluster, tmp_path_factory) -> tuple[dict[str, str], str, Path]:
+    """stage2.sh run to the end, never interrupted: (its job record, its log, its run dir)."""
+    tmp_path = tmp_path_factory.mktemp("stage2")
     t0 = time.time()
-    job, run_dir = _submit_real(cluster, tmp_path, steps=4)
+    job, run_dir = _submit_real(cluster, tmp_path, steps=STEPS, hooks=WORKERS)
     j = cluster.wait(job, 150)
-    log = Path(j["StdOut"]).read_text()
-    assert j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0", (j, log[-4000:])
     print(f"stage2 job {job}: {time.time() - t0:.1f}s")
+    return j, Path(j["StdOut"]).read_text(), run_dir
+
+
+def test_stage2_runs_to_completion(completed):
+    j, log, run_dir = completed
+    assert j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0", (j, log[-4000:])
     assert "2 tasks on 1 node(s)" in log and "CPU/gloo" in log and "training finished" in log, log[-4000:]
     assert "world 2" in (run_dir / "train.log").read_text()
-    assert _metric_steps(run_dir) == [1, 2, 3, 4]
+    assert _metric_steps(run_dir) == list(range(1, STEPS + 1))
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert (run_dir / "checkpoints" / latest).is_dir()
     assert (run_dir / "export" / "adapter_model.safetensors").is_file()
@@ -321,27 +342,47 @@ def test_demo_script_as_a_new_user_submits_it(cluster, tmp_path):
         assert (run_dir / stage / "export" / "adapter_model.safetensors").is_file(), sorted(run_dir.rglob("*"))[:20]
 
 
-def test_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
-    t0 = time.time()
-    steps = 10
-    # A second per step (tests/train_hooks.py) keeps the run going long enough to be signalled mid-way.
-    job, run_dir = _submit_real(cluster, tmp_path, steps=steps, hooks={"PILL_TEST_SLEEP_PER_STEP": "1.0"})
-    cluster.wait(job, 150, until=lambda j: len(_metric_steps(run_dir)) >= 3 or j["JobState"] in FINAL)
+def _stop_and_requeue(cluster: Cluster, job: str, run_dir: Path, restarts: int, after: int, *scancel: str) -> int:
+    """Once the job's run `restarts` has logged a step past `after`, `scancel *scancel job`; waits for the requeued
+    job to start again and returns the step the stopped run checkpointed."""
+    cluster.wait(
+        job,
+        150,
+        until=lambda j: (int(j["Restarts"]) == restarts and max(_metric_steps(run_dir) or [0]) > after)
+        or j["JobState"] in FINAL,
+    )
     assert cluster.job(job)["JobState"] == "RUNNING", "finished before it could be signalled"
+    cluster.run("scancel", *scancel, job)
+    cluster.wait(job, 150, until=lambda j: int(j["Restarts"]) > restarts or j["JobState"] in FINAL - {"PREEMPTED"})
+    found = re.findall(r"signal \d+: checkpoint \S+ written at step (\d+)", (run_dir / "train.log").read_text())
+    assert len(found) == restarts + 1, (run_dir / "train.log").read_text()[-3000:]
+    return int(found[-1])
+
+
+def test_signal_checkpoints_requeues_and_resumes(cluster, completed, tmp_path):
+    t0 = time.time()
+    # A second per step (tests/train_hooks.py) keeps the run going long enough to be signalled mid-way.
+    hooks = {"PILL_TEST_SLEEP_PER_STEP": "1.0", **WORKERS}
+    job, run_dir = _submit_real(cluster, tmp_path, steps=STEPS, hooks=hooks)
+    # scancel --signal=TERM: SIGTERM to every process of the job's steps (ranks and DataLoader workers), not to the
+    # batch shell; the tasks exit 99, which the script answers with a requeue.
+    ck1 = _stop_and_requeue(cluster, job, run_dir, 0, 2, "--signal=TERM")
     # What --signal=B:USR1@N delivers before the time limit: SIGUSR1 to the batch shell only.
-    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    ck2 = _stop_and_requeue(cluster, job, run_dir, 1, ck1 + 1, "--signal=USR1", "--batch")
     j = cluster.wait(job, 200, until=lambda j: j["JobState"] in FINAL and j["JobState"] != "PREEMPTED")
     log = Path(j["StdOut"]).read_text()
-    print(f"preempt/requeue/resume job {job}: {time.time() - t0:.1f}s")
+    print(f"preempt/requeue/resume x2 job {job}: {time.time() - t0:.1f}s")
     assert j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0", (j, log[-4000:])
-    assert int(j["Restarts"]) == 1, j
-    assert "got SIGUSR1" in log and "requeueing job" in log and "restart 1" in log, log[-4000:]
+    assert int(j["Restarts"]) == 2, j
+    assert log.count("requeueing job") == 2 and "got SIGUSR1" in log and "restart 2" in log, log[-4000:]
+    assert "got SIGTERM" not in log, log[-4000:]  # scancel --signal=TERM went to the tasks, not the batch shell
     train_log = (run_dir / "train.log").read_text()
-    m = re.search(r"signal \d+: checkpoint \S+ written at step (\d+)", train_log)
-    assert m, train_log[-3000:]
-    ck = int(m.group(1))
-    assert 1 <= ck < steps, ck
-    assert re.search(rf"resumed at step {ck} from ", train_log), train_log[-3000:]
-    # One loss curve: every step once, the resumed run continuing right after the checkpointed step.
-    assert _metric_steps(run_dir) == list(range(1, steps + 1))
+    assert "killed by signal" not in train_log, train_log[-3000:]
+    assert 1 <= ck1 < ck2 < STEPS, (ck1, ck2)
+    for ck in (ck1, ck2):
+        assert re.search(rf"resumed at step {ck} from ", train_log), train_log[-3000:]
+    # One loss curve: every step once, the resumed runs continuing right after each checkpointed step, exactly as
+    # the run that was never stopped.
+    assert _metric_steps(run_dir) == list(range(1, STEPS + 1))
+    assert _losses(run_dir) == _losses(completed[2])
     assert (run_dir / "export" / "adapter_model.safetensors").is_file()
