@@ -20,6 +20,8 @@ import pytest
 import torch
 import yaml
 
+from tests.reliability import write_config
+
 pytestmark = pytest.mark.slow  # multi-process DeepSpeed runs: `pytest -m "not slow"` skips them
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,40 +47,18 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
+# The reliability tests' one-stage run (tests.reliability.write_config), here in bf16 with gradient accumulation.
+_DS_RUN = {
+    "precision": "bf16",
+    "stages.0.max_steps": 8,
+    "stages.0.grad_accum": 2,
+    "stages.0.warmup_steps": 2,
+    "log.tensorboard": True,
+}
+
+
 def _config(workdir: Path, name: str, **over) -> Path:
-    cfg = {
-        "name": name,
-        "output_dir": str(workdir / name),
-        "seed": 0,
-        "precision": "bf16",
-        "model": {"llm_path": "tiny", "vpg_path": "tiny", "options": {"rank": 8}},
-        "data": {"max_length": 160, "num_workers": 0, "shuffle_buffer": 16, "sqa_format": "QCM-A"},
-        "stages": [
-            {
-                "stage": 2,
-                "task": "scienceqa",
-                "train_shards": [str(workdir / "data" / "train-index.json")],
-                "max_steps": 8,
-                "micro_batch_size": 2,
-                "grad_accum": 2,
-                "lr": 1e-2,
-                "warmup_steps": 2,
-            }
-        ],
-        "checkpoint": {"every_steps": 2, "keep_last": 2},
-        "log": {"every_steps": 1, "progress_bar": False, "tensorboard": True},
-        "eval": {"enabled": False},
-        "optim": {},
-    }
-    for k, v in over.items():
-        cur = cfg
-        *path, last = k.split(".")
-        for p in path:
-            cur = cur[int(p)] if isinstance(cur, list) else cur[p]
-        cur[last] = v
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(workdir, name, **{**_DS_RUN, **over})
 
 
 def _launch(
@@ -261,29 +241,19 @@ def test_sigterm_checkpoints_and_exits_99_then_resumes_at_another_world_size(wor
     assert all(abs(losses[s] - reference[s]) < 0.5 for s in range(step + 1, 9))  # different data split, same model
 
 
-def test_nonfinite_loss_on_one_rank_is_skipped_by_all(workdir):
-    # micro-batches 2 and 3 (grad_accum=2: the second half of step 2 and the first of step 3) on rank 1 only
-    cfg = _config(
-        workdir,
-        "nan",
-        **{"stages.0.max_steps": 4, "checkpoint.every_steps": 0},
-    )
-    rcs, out = _run(cfg, hooks={"PILL_TEST_NAN_AT": "2,3", "PILL_TEST_NAN_RANK": "1"})
-    assert rcs == [0, 0], out
-    rows = [json.loads(x) for x in (workdir / "nan" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 4 and rows[-1]["skipped_nonfinite"] == 2
-    assert all(isinstance(r["loss"], float) for r in rows)
-
-
-def test_too_many_nonfinite_losses_stop_the_run(workdir):
-    cfg = _config(
-        workdir,
-        "nan_stop",
-        **{"optim.max_nonfinite_in_a_row": 3, "checkpoint.every_steps": 0},
-    )
-    rcs, out = _run(cfg, world=1, hooks={"PILL_TEST_NAN_AT": "1,2,3,4"})
-    assert rcs == [3], out
+def test_nonfinite_losses_on_one_rank_are_skipped_by_all_and_too_many_in_a_row_stop_the_run(workdir):
+    """One run shows both: two non-finite micro-batches on rank 1 are skipped by both ranks and training goes on;
+    three in a row later stop every rank with exit 3 (one launch instead of two: each costs ~10 s of start-up)."""
+    # micro-batches 2 and 3 (grad_accum=2: the second half of step 2 and the first of step 3) on rank 1 only; then
+    # 10, 11, 12: the third in a row ends the run
+    cfg = _config(workdir, "nan", **{"optim.max_nonfinite_in_a_row": 3, "checkpoint.every_steps": 0})
+    rcs, out = _run(cfg, hooks={"PILL_TEST_NAN_AT": "2,3,10,11,12", "PILL_TEST_NAN_RANK": "1"})
+    assert rcs == [3, 3], out
     assert "3 non-finite losses in a row" in out
+    rows = [json.loads(x) for x in (workdir / "nan" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in rows}
+    assert by_step[4]["skipped_nonfinite"] == 2 and max(by_step) < 8, rows
+    assert all(isinstance(r["loss"], float) for r in rows)
 
 
 def test_deepspeed_launcher_two_stages_with_eval(workdir):
