@@ -4,7 +4,9 @@ The run with `precision: auto` is tests/test_reliability_resume_config.py's base
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import pipeline.train as train
 from pipeline.training import precision
 from pipeline.training.config import ConfigError, load_config
 from pipeline.training.run_record import as_json, check_rerun
+from tests.reliability import build_workdir, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,3 +107,31 @@ def test_a_resume_where_auto_would_resolve_otherwise_is_a_named_change(monkeypat
     with pytest.raises(ConfigError, match="precision: 'fp32' -> 'bf16'"):
         check_rerun(other, dirs, allow_changed=False)
     assert check_rerun(other, dirs, allow_changed=True)["changes"]["precision"] == {"old": "fp32", "new": "bf16"}
+
+
+@pytest.mark.slow
+def test_the_probe_trains_the_same_batches_in_each_precision(tmp_path, monkeypatch, dist_world_of_one):
+    """scripts/precision_probe.py on the tiny PILL and a small demo set (2 steps per variant): every variant runs the
+    trainer's step on the same micro-batches; at step 0 (the same weights) each bf16 variant's loss is within a few
+    bf16 roundings of the fp32 loss, as the fp32 weights' own bf16 forward is."""
+    spec = importlib.util.spec_from_file_location("precision_probe", REPO / "scripts" / "precision_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    workdir = build_workdir(tmp_path)
+    monkeypatch.setenv("PILL_TINY_DIR", str(workdir / "tiny"))
+    threads, cfg = torch.get_num_threads(), write_config(workdir, "probe")
+    try:
+        rc = probe.main(["--config", str(cfg), "--steps", "2", "--json", str(tmp_path / "p")])
+    finally:
+        torch.set_num_threads(threads)  # the probe sets its own count; later tests keep theirs
+    assert rc == 0
+    r = json.loads((tmp_path / "p").read_text())
+    want, why = precision.resolve_precision("cpu", 576)
+    assert r["auto"] == {"precision": want, "why": why}
+    fp32 = r["variants"]["fp32"]
+    assert len(fp32["loss"]) == 2 and fp32["samples_per_s"] > 0
+    for name in ("autocast", "deepspeed_bf16"):
+        v = r["variants"][name]
+        assert v["samples_per_s"] > 0 and len(v["loss"]) == 2 and all(math.isfinite(x) for x in v["loss"])
+        noise = max(v["bf16_noise_rel_diff"][0], 2**-8)
+        assert v["loss_rel_diff_vs_fp32"][0] <= 4 * noise, (name, v, fp32)

@@ -4,8 +4,8 @@ CUDA: bf16 when `torch.cuda.is_bf16_supported()` (Ampere and later); otherwise f
 loss scaling. CPU: bf16 only when torch's oneDNN reports native bf16 (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`:
 avx512_bf16 / AMX and a build that uses them) AND a short measured probe (a Linear-shaped matmul at the model's
 width, fp32 vs bf16, well under a second) shows bf16 is not slower. The flags of /proc/cpuinfo alone are not enough:
-on a CPU without a native kernel torch still runs bf16, only 20-70x slower (measured on an AVX2-only Zen 3 CPU,
-docs in the README's "Precision on CPU"), so a wrong pick would cost a run hours.
+on a CPU without a native kernel torch still runs bf16, only 2-70x slower by shape (measured on an AVX2-only Zen 3
+CPU: README "Precision", scripts/precision_probe.py), so a wrong pick would cost a run hours.
 
 The decision is made once per rank before launch; `agree_across_ranks` then makes every rank take fp32 if any rank
 measured otherwise (a measured ratio near 1 could differ between ranks), so all ranks train the same precision. The
@@ -51,7 +51,7 @@ def measure_cpu_bf16_speed(width: int, rows: int = 256, reps: int = 5) -> float:
     """bf16 speed / fp32 speed of a Linear(width -> 3 x width) forward on `rows` tokens (best of `reps`): > 1 means
     bf16 is faster. The shape must be a training one: on an AVX2-only CPU a 32 x 256 x 768 product measured bf16 at
     0.8-1.9x the fp32 speed, 256 x 576 x 1728 at 0.15-0.3x. The width is capped at 1024 so that a 7B model's probe
-    stays as short as a small one's (< 1 s even where bf16 is emulated)."""
+    stays as short as a small one's (about a second even where bf16 is emulated)."""
     k = max(16, min(int(width), 1024))
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(3 * k, k, generator=gen)
