@@ -15,6 +15,7 @@ import torch
 import pipeline.train as train
 from pipeline.training import precision
 from pipeline.training.config import ConfigError, load_config
+from pipeline.training.ds_config import fill_ds_config, load_ds_config, plan_batch
 from pipeline.training.run_record import as_json, check_rerun
 from tests.reliability import build_workdir, write_config
 
@@ -80,6 +81,10 @@ def test_the_demo_presets_ask_for_auto_and_explicit_values_stay():
     assert cfg.precision == "bf16"  # only "auto" is resolved
     with pytest.raises(ConfigError, match="precision: must be one of bf16|fp32|auto"):
         load_config(REPO / "configs" / "demo.yaml", ["precision=fp16"])
+    unresolved = load_config(REPO / "configs" / "demo.yaml")  # never silently trained as fp32 (or bf16)
+    s = unresolved.stages[-1]
+    with pytest.raises(ConfigError, match="precision='auto' reached the DeepSpeed config unresolved"):
+        fill_ds_config(load_ds_config(REPO / "ds_configs" / "zero2.json"), unresolved, s, plan_batch(s, 1), "cpu")
 
 
 def test_a_resume_where_auto_would_resolve_otherwise_is_a_named_change(monkeypatch, tmp_path, capsys):

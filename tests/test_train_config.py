@@ -26,7 +26,10 @@ def _stage(**kw) -> StageConfig:
 
 @pytest.mark.parametrize("name", ["demo", "stage1_cc595k", "stage2_scienceqa", "stage2_llava665k"])
 def test_shipped_presets_load_and_fill_every_ds_config(name):
+    from pipeline.train import resolve_auto_precision
+
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    resolve_auto_precision(cfg, rank=1)  # as pipeline/train.py does before launch (`precision: auto` in the demo)
     for ds in ("zero1", "zero2", "zero3", "zero2_offload"):
         raw = load_ds_config(REPO / "ds_configs" / f"{ds}.json")
         for s in cfg.stages:

@@ -113,6 +113,11 @@ def fill_ds_config(
     _fill(d, "gradient_accumulation_steps", plan.grad_accum, "")
     _fill(d, "train_batch_size", plan.global_batch_size, "")
     _fill(d, "gradient_clipping", float(cfg.optim.grad_clip), "")
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ConfigError(
+            f"precision={cfg.precision!r} reached the DeepSpeed config unresolved: pipeline/train.py resolves auto "
+            "before launch (pipeline.training.precision.resolve_precision); code that builds a stage itself must too"
+        )
     bf16 = d.setdefault("bf16", {})
     want_bf16 = cfg.precision == "bf16"
     if bf16.get("enabled", "auto") == "auto":
