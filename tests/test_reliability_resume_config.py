@@ -5,12 +5,14 @@ definition exits 2 instead of a silent no-op."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 
 import pytest
 
-from tests.reliability import build_workdir, losses, run, train_cmd, write_config
+from tests.reliability import build_workdir, env, losses, run, train_cmd, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +49,24 @@ def _copy(base, name, finished=True):
     return dst
 
 
-def _config_error(p) -> str:
-    lines = [x for x in p.stdout.splitlines() if x.startswith("config error:")]
-    assert p.returncode == 2 and len(lines) == 1, p.stdout[-4000:]
+def _config_error(base, cfg, *extra: str) -> str:
+    """pipeline/train.py's main in this process: a rerun is refused in its configure step, before DeepSpeed or a
+    model is touched, so a child process would spend its ~6 s start-up importing only to exit 2."""
+    from pipeline.train import main
+
+    mp = pytest.MonkeyPatch()
+    for k, v in env(base).items():
+        mp.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        mp.delenv(k, raising=False)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+            rc = main(["--config", str(cfg), *extra])
+    finally:
+        mp.undo()
+    lines = [x for x in err.getvalue().splitlines() if x.startswith("config error:")]
+    assert rc == 2 and len(lines) == 1, err.getvalue()[-4000:]
     return lines[0]
 
 
@@ -57,7 +74,7 @@ def test_shape_change_exits_2_naming_the_field_even_with_resume_changed(base):
     run_dir = _copy(base, "shape", finished=False)
     record = (run_dir / "config.json").read_text()
     cfg = write_config(base, "shape", **{"stages.0.max_steps": 4, "model.options.rank": 4})
-    msg = _config_error(run(train_cmd(cfg, "--resume-changed"), base))
+    msg = _config_error(base, cfg, "--resume-changed")
     assert "model.options.rank" in msg and "8 -> 4" in msg, msg
     assert (run_dir / "config.json").read_text() == record  # a refused rerun leaves the record alone
 
@@ -67,7 +84,7 @@ def test_semantic_change_exits_2_unless_resume_changed_which_records_it(base):
     record = (run_dir / "config.json").read_text()
     over = {"stages.0.max_steps": 4, "model.options.invert_last_layer_routing": False, "stages.0.lr": 5e-3}
     cfg = write_config(base, "semantic", **over)
-    msg = _config_error(run(train_cmd(cfg), base))
+    msg = _config_error(base, cfg)
     assert "model.options.invert_last_layer_routing" in msg and "stages.0.lr" in msg and "--resume-changed" in msg
     assert (run_dir / "config.json").read_text() == record
 
@@ -86,6 +103,6 @@ def test_semantic_change_exits_2_unless_resume_changed_which_records_it(base):
 def test_finished_stage_rerun_with_a_changed_definition_exits_2(base):
     run_dir = _copy(base, "finished")
     cfg = write_config(base, "finished", **{"stages.0.max_steps": 2, "stages.0.task": "auto"})
-    msg = _config_error(run(train_cmd(cfg, "--resume-changed"), base))
+    msg = _config_error(base, cfg, "--resume-changed")
     assert "stages.0.task" in msg and "finished" in msg, msg
     assert not (run_dir / "config_history.jsonl").exists()
