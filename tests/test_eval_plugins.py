@@ -81,10 +81,16 @@ def _run(model: str, model_args: dict, tasks) -> dict:
     )  # fmt: skip
 
 
-def test_frozen_llm_through_plugin_equals_hf(tiny_dirs, tasks):
+@pytest.fixture(scope="module")
+def frozen_through_plugin(tiny_dirs, tasks) -> dict:
+    """The frozen LLM through the plug-in on every task: compared with `hf` below and with text_bench's row."""
     llm = str(tiny_dirs["llm"])
-    ours = _run("pill", {"llm": llm, "attn_backend": "sdpa", "device": "cpu", "dtype": "float32"}, tasks)
-    ref = _run("hf", {"pretrained": llm, "device": "cpu", "dtype": "float32"}, tasks)
+    return _run("pill", {"llm": llm, "attn_backend": "sdpa", "device": "cpu", "dtype": "float32"}, tasks)
+
+
+def test_frozen_llm_through_plugin_equals_hf(tiny_dirs, tasks, frozen_through_plugin):
+    ours = frozen_through_plugin
+    ref = _run("hf", {"pretrained": str(tiny_dirs["llm"]), "device": "cpu", "dtype": "float32"}, tasks)
     for task in TASKS:
         mine, theirs = ours["results"][task], ref["results"][task]
         metrics = [k for k in theirs if "," in k and "stderr" not in k]
@@ -107,7 +113,7 @@ def _pair(resp) -> tuple:
     return (float(resp[0]), resp[1]) if isinstance(resp, (list, tuple)) else (float(resp), None)
 
 
-def test_text_bench_before_after_table(tiny_dirs, tasks, tmp_path):
+def test_text_bench_before_after_table(tiny_dirs, tasks, frozen_through_plugin, tmp_path):
     """The frozen row is the plug-in without adapter; the trained row (a stage-2 export with random non-zero
     experts) differs on the text path; the table and JSON are written."""
     export = build_export(tiny_dirs, tmp_path / "export")
@@ -119,8 +125,7 @@ def test_text_bench_before_after_table(tiny_dirs, tasks, tmp_path):
     table = json.loads((tmp_path / "t.json").read_text())
     by_key = {(r["task"], r["metric"]): r for r in table}
     assert {("pill_local_mc", "acc"), ("pill_local_rolling", "word_perplexity")} <= set(by_key)
-    frozen = _run("pill", {"llm": str(tiny_dirs["llm"]), "attn_backend": "sdpa", "device": "cpu",
-                           "dtype": "float32"}, tasks)["results"]  # fmt: skip
+    frozen = frozen_through_plugin["results"]
     for (task, metric), r in by_key.items():
         assert math.isclose(r["frozen"], frozen[task][f"{metric},none"], rel_tol=1e-6)
         assert math.isclose(r["change"], r["trained"] - r["frozen"], abs_tol=1e-9)
