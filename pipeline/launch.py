@@ -120,7 +120,9 @@ class Forwarder:
             if p.pid in self.done:
                 continue
             try:
-                ready = catches(p.pid, self.pending) or time.time() - p.create_time() > NO_HANDLER_S
+                # Between fork and exec a rank still has launch.py's handlers (a signal then would be lost).
+                started = "deepspeed.launcher.launch" not in " ".join(p.cmdline())
+                ready = started and (catches(p.pid, self.pending) or time.time() - p.create_time() > NO_HANDLER_S)
             except psutil.Error:
                 continue
             if ready:

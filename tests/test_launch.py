@@ -1,7 +1,9 @@
-"""pipeline.launch with stand-in ranks (seconds, no model): a stop signal that arrives while the ranks are still
-starting is held until each has installed its handler, then delivered once; the ranks' exit code comes back.
+"""pipeline.launch with stand-in ranks (seconds, no model) under `timeout`: the stop signal, sent to the launcher
+and its process group while the ranks are still starting, reaches no rank directly (DeepSpeed's launcher runs in a
+group of its own); it is held until each rank has installed its handler, then delivered once; the ranks' exit code
+comes back through launch.py, the runner, pipeline.launch and timeout.
 
-The real trainer under each delivery path is tests/test_reliability_preempt.py's."""
+The real trainer under `kill` and `kill -- -PGID` of pipeline.launch is tests/test_reliability_preempt.py's."""
 
 from __future__ import annotations
 
@@ -40,13 +42,14 @@ RANK = textwrap.dedent("""
 """)
 
 
-def test_a_signal_during_start_up_is_held_delivered_once_and_99_returned(tmp_path):
+def test_timeout_during_start_up_is_held_delivered_once_and_99_returned(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "pipeline.launch", "--num_gpus", "2", "--master_port", str(free_port())]
+    timeout = ["timeout", "--preserve-status", "-s", "TERM", "600"]
+    cmd = [*timeout, sys.executable, "-m", "pipeline.launch", "--num_gpus", "2", "--master_port", str(free_port())]
     p = subprocess.Popen(
         [*cmd, str(script), str(tmp_path)],
         cwd=REPO,
@@ -61,7 +64,8 @@ def test_a_signal_during_start_up_is_held_delivered_once_and_99_returned(tmp_pat
         while not all((tmp_path / f"started{r}").is_file() for r in (0, 1)):
             assert p.poll() is None and time.time() - t0 < 120, p.stdout.read() if p.poll() is not None else "slow"
             time.sleep(0.05)
-        os.killpg(p.pid, signal.SIGTERM)  # the launcher's group: only the launcher, the ranks have no handler yet
+        # SIGALRM is timeout's timer running out: SIGTERM to pipeline.launch, then to timeout's process group.
+        p.send_signal(signal.SIGALRM)
         out, _ = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
