@@ -1,11 +1,11 @@
 """Preemption that always checkpoints (issue 28, item 2), whichever way SIGTERM arrives.
 
-Every run here has 2 ranks of two kinds: rank 0 reads its data in the main process (num_workers 0), rank 1 through
-2 DataLoader workers (tests/train_hooks.py PILL_TEST_WORKERS_BY_RANK), so each delivery path is shown for both in
-one run. A path's run stops with a complete checkpoint at its last logged step and exit 99; the next run of the
-chain resumes from it (and is itself stopped by the next path); the last one finishes, and the whole loss curve
-equals an uninterrupted run's. The ranks sleep a little after each step (PILL_TEST_SLEEP_PER_STEP) so that the
-signal lands mid-run; the curve does not depend on it.
+One chain of runs in one run dir, one delivery path each. Every run has 2 ranks of two kinds: rank 0 reads its data
+in the main process (num_workers 0), rank 1 through 2 DataLoader workers (tests/train_hooks.py
+PILL_TEST_WORKERS_BY_RANK), so each path is shown for both in one run. A path's run stops with a complete
+checkpoint at its last logged step and exit 99; the next run resumes from it (and is itself stopped by the next
+path); the last one finishes, and the whole loss curve equals an uninterrupted run's. The ranks sleep a little
+after each step (PILL_TEST_SLEEP_PER_STEP) so that the signal lands mid-run; the curve does not depend on it.
 
 - ranks started as a job (one process group, as srun or a batch script starts them): `kill -TERM -- -PGID` and
   `timeout` reach the ranks and their DataLoader workers (which must not die of it: the main process decides);
@@ -33,7 +33,7 @@ from tests.reliability import PY, REPO, build_workdir, env, free_port, losses, w
 pytestmark = pytest.mark.slow
 
 STEPS = 400  # of a run that is to be signalled: far more than the few steps before the signal
-TOTAL = 12  # of the last run of a chain and of the uninterrupted reference
+TOTAL = 16  # of the chain's last run and of the uninterrupted reference (5 stops of 1-3 steps each before)
 HOOKS = str(REPO / "tests" / "train_hooks.py")
 SLOW = {"PILL_TEST_SLEEP_PER_STEP": "0.3"}
 
@@ -155,30 +155,26 @@ def reference(workdir) -> dict[int, float]:
     return curve
 
 
-def test_job_group_and_timeout_reach_workers_checkpoint_99_and_resume_exactly(workdir, reference):
-    name = "job"
-    run_dir, slow_cfg = workdir / name, _config(workdir, name, STEPS)
-    # kill -TERM -- -PGID: both ranks and rank 1's DataLoader workers.
-    procs = _start_ranks(workdir, slow_cfg, f"{name}1", **SLOW)
-    _wait_ranks(run_dir, 1, procs, f"{name}1")
-    assert any(psutil.Process(procs[1].pid).children()), "rank 1 has no DataLoader workers"
-    os.killpg(procs[0].pid, signal.SIGTERM)
-    rcs, out = _finish_ranks(workdir, f"{name}1", procs)
+def _job_stopped(workdir: Path, cfg: Path, name: str, after: int, timeout: bool) -> int:
+    """Ranks started as a job, stopped once they have logged a step past `after` by `kill -TERM -- -PGID` (both
+    ranks in one process group) or by `timeout` per rank (as `srun timeout ...`: SIGALRM is its timer running out;
+    it sends SIGTERM to the rank and to its process group). Either way rank 1's DataLoader workers get SIGTERM too.
+    Returns the checkpoint's step."""
+    run_dir, tag = workdir / name, f"{name}_{'timeout' if timeout else 'pgid'}"
+    # --preserve-status: the rank's exit code, not 124
+    wrap = ["timeout", "--preserve-status", "-s", "TERM", "600"] if timeout else []
+    procs = _start_ranks(workdir, cfg, tag, wrap=wrap, one_group=not timeout, **SLOW)
+    _wait_ranks(run_dir, after + 1, procs, tag)
+    rank1 = psutil.Process(procs[1].pid).children()[0] if timeout else psutil.Process(procs[1].pid)
+    assert len(rank1.children()) >= 2, "rank 1 has not its 2 DataLoader workers"
+    if timeout:
+        for p in procs:
+            p.send_signal(signal.SIGALRM)
+    else:
+        os.killpg(procs[0].pid, signal.SIGTERM)
+    rcs, out = _finish_ranks(workdir, tag, procs)
     assert rcs == [99, 99], out[-6000:]
-    step = _assert_checkpointed(run_dir, out, 0)
-    # timeout(1) per rank (as `srun timeout ...`): SIGALRM is its timer running out; it sends SIGTERM to the rank
-    # and to its process group, the workers included. --preserve-status: the rank's exit code, not 124.
-    timeout = ["timeout", "--preserve-status", "-s", "TERM", "600"]
-    procs = _start_ranks(workdir, slow_cfg, f"{name}2", wrap=timeout, one_group=False, **SLOW)
-    _wait_ranks(run_dir, step + 1, procs, f"{name}2")
-    for p in procs:
-        p.send_signal(signal.SIGALRM)
-    rcs, out = _finish_ranks(workdir, f"{name}2", procs)
-    assert rcs == [99, 99], out[-6000:]
-    step = _assert_checkpointed(run_dir, out, step)
-    rcs, out = _finish_ranks(workdir, f"{name}3", _start_ranks(workdir, _config(workdir, name, TOTAL), f"{name}3"))
-    assert rcs == [0, 0] and f"resumed at step {step} " in out, out[-6000:]
-    assert losses(run_dir) == reference
+    return _assert_checkpointed(run_dir, out, after)
 
 
 def _finish_launcher(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -202,32 +198,37 @@ def _finish_launcher(p: subprocess.Popen, timeout: float = 300) -> tuple[int, st
     return p.returncode, out
 
 
-def _signalled_launcher(workdir: Path, cfg: Path, after: int, send, launcher=None) -> tuple[int, int]:
+def _signalled_launcher(workdir: Path, cfg: Path, name: str, after: int, send, launcher=None) -> tuple[int, int]:
     """Starts a launcher run, calls send(proc) once it has logged a step past `after`; (exit code, checkpoint)."""
     p = _start_launcher(workdir, cfg, launcher) if launcher else _start_launcher(workdir, cfg)
     try:
-        wait_for_step(workdir / "launch", after + 1, p)
+        wait_for_step(workdir / name, after + 1, p)
     except AssertionError:
         _finish_launcher(p, timeout=0.1)
         raise
     send(p)
     rc, out = _finish_launcher(p)
-    return rc, _assert_checkpointed(workdir / "launch", out, after)
+    return rc, _assert_checkpointed(workdir / name, out, after)
 
 
-def test_launcher_signals_checkpoint_exit_99_and_resume_exactly(workdir, reference):
-    cfg = _config(workdir, "launch", STEPS)
+def test_every_delivery_path_checkpoints_exits_99_and_resumes_exactly(workdir, reference):
+    name = "chain"
+    cfg = _config(workdir, name, STEPS)
+    step = _job_stopped(workdir, cfg, name, 0, timeout=False)  # kill -TERM -- -PGID of a job's ranks
+    step = _job_stopped(workdir, cfg, name, step, timeout=True)  # timeout per rank
     # The plain `deepspeed` command dies of SIGTERM at once (143: DeepSpeed's runner has no handler on one node);
     # its ranks notice the end of their launcher and stop with a checkpoint all the same.
     deepspeed = [str(Path(PY).parent / "deepspeed")]
-    rc, step = _signalled_launcher(workdir, cfg, 0, lambda p: p.send_signal(signal.SIGTERM), launcher=deepspeed)
-    assert rc == -signal.SIGTERM  # a shell shows 143
+    term = signal.SIGTERM
+    rc, step = _signalled_launcher(workdir, cfg, name, step, lambda p: p.send_signal(term), launcher=deepspeed)
+    assert rc == -term  # a shell shows 143
     # pipeline.launch: kill -TERM <launcher>, kill -TERM -- -<its PGID>. (`timeout` sends SIGTERM to both, the
     # launcher and its group: tests/test_launch.py, with stand-in ranks.)
-    rc, step = _signalled_launcher(workdir, cfg, step, lambda p: p.send_signal(signal.SIGTERM))
+    rc, step = _signalled_launcher(workdir, cfg, name, step, lambda p: p.send_signal(term))
     assert rc == 99
-    rc, step = _signalled_launcher(workdir, cfg, step, lambda p: os.killpg(p.pid, signal.SIGTERM))
+    rc, step = _signalled_launcher(workdir, cfg, name, step, lambda p: os.killpg(p.pid, term))
     assert rc == 99
-    rc, out = _finish_launcher(_start_launcher(workdir, _config(workdir, "launch", TOTAL), slow=False))
+    # The last run finishes; each run resumed the previous one's checkpoint, and the curve is the uninterrupted one.
+    rc, out = _finish_launcher(_start_launcher(workdir, _config(workdir, name, TOTAL), slow=False))
     assert rc == 0 and f"resumed at step {step} " in out, out[-6000:]
-    assert losses(workdir / "launch") == reference
+    assert losses(workdir / name) == reference
