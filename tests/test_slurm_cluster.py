@@ -13,7 +13,7 @@ tiny demo model on CPU (PILL_CPU=1, gloo) as 2 tasks, which is what the 2-core C
      resumes from the checkpoint in the same run dir; it finishes with the loss curve of the run of 2. that was
      never interrupted (same config and ranks), each step once in metrics.jsonl.
 
-Needs root and either Slurm + munge installed or apt-get to install them; skipped otherwise. ~3 min on 2 cores.
+Needs root and either Slurm + munge installed or apt-get to install them; skipped otherwise. ~4 min on 2 cores.
 """
 
 from __future__ import annotations
