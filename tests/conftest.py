@@ -47,8 +47,9 @@ def dist_world_of_one():
     if dist.is_initialized():
         yield
         return
-    from pipeline.training.dist import _free_port
+    from pipeline.training.dist import _free_port, own_extension_build_dir
 
+    own_extension_build_dir()  # DeepSpeed's CPU backend builds its shm op here (pipeline.training.dist)
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))

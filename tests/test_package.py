@@ -1,7 +1,6 @@
 """The installed distribution beside its peers: Hugging Face's `kernels` package, a non-editable install."""
 
 import importlib.metadata
-import os
 import subprocess
 import sys
 import textwrap
@@ -9,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
-from torch.utils.cpp_extension import get_default_build_root
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +48,13 @@ def _stub_hub_kernels(prefix: Path, version: str = "0.18.5") -> Path:
 
 def _run(code: str, cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
     # HOME is the scratch dir (no user config leaks in), but DeepSpeed's CPU shared-memory op keeps its build cache:
-    # a fresh HOME would compile it again (30-150 s of C++), which tests nothing of ours.
+    # a fresh HOME would compile it again (30-150 s of C++), which tests nothing of ours. The same directory the
+    # ranks of this interpreter build it in (pipeline.training.dist.own_extension_build_dir, computed here with the
+    # real HOME): the bare default root would be a second copy, rebuilt by every other venv too.
+    from pipeline.training.dist import own_extension_build_dir
+
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1", "HOME": str(cwd)}
-    env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    env["TORCH_EXTENSIONS_DIR"] = own_extension_build_dir()
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     return subprocess.run(

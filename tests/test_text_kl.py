@@ -18,7 +18,6 @@ from pipeline.model import METHODS, PILLConfig, get_method, load_method, registe
 from pipeline.model.batch import IGNORE_INDEX, Batch
 from pipeline.training.config import ConfigError, LossConfig, ModelConfig, StageConfig, TextKLConfig, TrainConfig
 from pipeline.training.loss import AnswerCrossEntropy, Loss, TextKL, text_positions, training_loss
-from tests.test_mixed_ranks import ZERO2_CLIP_HANG
 from tests.test_peers_models import clip_dir, randomize  # noqa: F401  (fixture)
 
 
@@ -214,9 +213,7 @@ def test_a_short_run_with_the_kl_term_stays_closer_to_the_frozen_llm(tiny_dirs):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(
-    "method,zero", [("pill", 3), pytest.param("iaa", 2, marks=pytest.mark.skip(reason=ZERO2_CLIP_HANG))]
-)
+@pytest.mark.parametrize("method,zero", [("pill", 3), ("iaa", 2)])
 def test_text_rows_kl_where_one_rank_holds_only_chat_and_the_other_only_images(mixed_dir, method, zero):
     """tests/test_mixed_ranks.py's mixed stage (rank 0: chat rows only, rank 1: image rows only) with the KL guard on
     the text-only rows: rank 1 covers no position and still runs the teacher, so ZeRO-3's gathers stay in step; the

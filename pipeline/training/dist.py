@@ -17,9 +17,11 @@ ignore it, pipeline.data.loader.ignore_stop_signals) and SIGKILLs them 30 s late
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -51,8 +53,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def own_extension_build_dir() -> str:
+    """Point torch's JIT-extension cache (TORCH_EXTENSIONS_DIR) at a directory of this Python installation's own,
+    unless it is set already; returns the directory.
+
+    DeepSpeed's CPU backend compiles its shared-memory comm op (deepspeed_shm_comm: ~30 s of C++ on a quiet 2-core
+    machine, 120-200 s under load) at every init_distributed, into torch's default cache, one directory per Python
+    version (~/.cache/torch_extensions/py311_cpu) shared by every venv of the user. Its ninja command names the
+    venv's include paths, so two installations (a checkout and a CI clone beside it) rebuild it each time they
+    alternate, and every rank of a run waits on the build's lock file before the process group forms. Measured
+    (issue 27, the "ZeRO-2 image-free rank hang" of llama_adapter/iaa): both ranks 150+ s in
+    torch.utils.file_baton.FileBaton.wait under deepspeed.comm.torch.build_shm_op, no collective entered, while
+    the other venv compiled; the 180 s test limit ran out. Keyed by sys.prefix: one build per installation."""
+    env = os.environ
+    if not env.get("TORCH_EXTENSIONS_DIR"):
+        from torch.utils.cpp_extension import get_default_build_root
+
+        device = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+        venv = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:10]
+        tag = f"py{sys.version_info.major}{sys.version_info.minor}_{device}_{venv}"
+        env["TORCH_EXTENSIONS_DIR"] = str(Path(get_default_build_root()) / tag)
+    return env["TORCH_EXTENSIONS_DIR"]
+
+
 def init_distributed(local_rank_arg: int | None = None) -> DistContext:
     env = os.environ
+    own_extension_build_dir()
     if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
