@@ -79,6 +79,7 @@ def _launch(
             "MASTER_PORT": port,
             "DS_ACCELERATOR": "cpu",
             "PILL_TINY_DIR": str(config.parent / "tiny"),
+            "PYTHONFAULTHANDLER": "1",  # _wait's SIGABRT on a timeout makes each rank print its Python stacks
             **(hooks or {}),
         }
         procs.append(
@@ -100,9 +101,23 @@ def _wait(procs: list[subprocess.Popen], timeout: float = 180) -> tuple[list[int
         try:
             o, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # Where each rank is (which collective, which lock) is what a hang report needs: SIGABRT, whose
+            # faulthandler prints every thread's stack, then SIGKILL whatever is left.
             for q in procs:
-                q.kill()
-            raise
+                if q.poll() is None:
+                    q.send_signal(signal.SIGABRT)
+            stacks = []
+            for r, q in enumerate(procs):
+                if r < len(out):  # already collected: it had exited
+                    stacks.append(f"---- rank {r}: exited {q.returncode} ----\n{out[r][-2000:]}")
+                    continue
+                try:
+                    rest, _ = q.communicate(timeout=15)  # a retried communicate loses no output
+                except subprocess.TimeoutExpired:
+                    q.kill()
+                    rest, _ = q.communicate()
+                stacks.append(f"---- rank {r} ----\n{(rest or '')[-6000:]}")
+            raise AssertionError(f"ranks still running after {timeout:.0f} s:\n" + "\n".join(stacks)) from None
         out.append(o)
     return [p.returncode for p in procs], "\n".join(out)
 
