@@ -113,21 +113,7 @@ def fill_ds_config(
     _fill(d, "gradient_accumulation_steps", plan.grad_accum, "")
     _fill(d, "train_batch_size", plan.global_batch_size, "")
     _fill(d, "gradient_clipping", float(cfg.optim.grad_clip), "")
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ConfigError(
-            f"precision={cfg.precision!r} reached the DeepSpeed config unresolved: pipeline/train.py resolves auto "
-            "before launch (pipeline.training.precision.resolve_precision); code that builds a stage itself must too"
-        )
-    bf16 = d.setdefault("bf16", {})
-    want_bf16 = cfg.precision == "bf16"
-    if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = want_bf16
-    elif bf16["enabled"] != want_bf16:
-        raise ConfigError(f"ds_config bf16.enabled={bf16['enabled']} contradicts precision={cfg.precision!r}")
-    if want_bf16 and not bf16_supported(device):
-        raise ConfigError(
-            f"precision=bf16 but {device} has no bf16 support (pre-Ampere GPU?); use --set precision=fp32"
-        )
+    _fill_precision(d, cfg.precision, device)
     zero = d.setdefault("zero_optimization", {"stage": 0})
     stage_n = zero.get("stage", 0)
     if stage_n not in (0, 1, 2, 3):
@@ -145,8 +131,6 @@ def fill_ds_config(
     }.items():
         if zero.get(k) == "auto":
             zero[k] = v
-    if stage_n == 3 and cfg.checkpoint.every_steps and device.type == "cpu":
-        pass  # works on CPU (probed with DS 0.19.8); consolidated copy is gathered per parameter
     off = zero.get("offload_optimizer", {})
     if off and off.get("device") not in (None, "none", "cpu", "nvme"):
         raise ConfigError(f"ds_config zero_optimization.offload_optimizer.device={off.get('device')!r}: use cpu")
@@ -160,6 +144,25 @@ def fill_ds_config(
         )
     d.setdefault("steps_per_print", 10**9)
     return d
+
+
+def _fill_precision(d: dict[str, Any], precision: str, device: torch.device) -> None:
+    """The bf16 section from the resolved `precision` (never "auto" here), checked against what the device runs."""
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(
+            f"precision={precision!r} reached the DeepSpeed config unresolved: pipeline/train.py resolves auto "
+            "before launch (pipeline.training.precision.resolve_precision); code that builds a stage itself must too"
+        )
+    bf16 = d.setdefault("bf16", {})
+    want_bf16 = precision == "bf16"
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = want_bf16
+    elif bf16["enabled"] != want_bf16:
+        raise ConfigError(f"ds_config bf16.enabled={bf16['enabled']} contradicts precision={precision!r}")
+    if want_bf16 and not bf16_supported(device):
+        raise ConfigError(
+            f"precision=bf16 but {device} has no bf16 support (pre-Ampere GPU?); use --set precision=fp32"
+        )
 
 
 def uses_cpu_offload(ds: dict[str, Any]) -> bool:
