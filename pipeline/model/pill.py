@@ -23,7 +23,7 @@ from pipeline.model.batch import Batch
 from pipeline.model.block import KVCache, PILLBlock
 from pipeline.model.config import PILLConfig
 from pipeline.model.frozen import VPGSource, build_method, check_llm, meta_builder
-from pipeline.model.seq import SeqContext, same_graph_on_every_rank, scatter_visual_tokens
+from pipeline.model.seq import SeqContext, front_end_on_every_rank, same_graph_on_every_rank, scatter_visual_tokens
 from pipeline.model.vpg import VPG
 
 _STAGE_MODULES = {
@@ -100,7 +100,7 @@ class PILL(FrozenLLMMethod):
         x = self.llm.get_input_embeddings()(input_ids)
         feats = self.encode_images(pixel_values, image_features)  # (N, K, W)
         if not (image_features is None and pixel_values is not None and pixel_values.numel()):
-            self._vpg_on_every_rank()
+            front_end_on_every_rank(self.vpg, self.vpg)  # ZeRO-3: the partitioned VPG runs on every rank
         if feats is not None:
             return scatter_visual_tokens(x, modality_mask, self.projection(feats.to(self.projection.weight.dtype)))
         if same_graph_on_every_rank() and self.projection.weight.requires_grad:
@@ -108,21 +108,6 @@ class PILL(FrozenLLMMethod):
             # backward fires the same gradient hooks in the same order (ZeRO-2 reduces in that order).
             x = x + self.projection(x.new_zeros(0, self.cfg.vpg_width, dtype=self.projection.weight.dtype)).sum()
         return x
-
-    def _vpg_on_every_rank(self) -> None:
-        """The frozen VPG on one blank image, output unused, when this micro-batch did not run it, while training
-        with the VPG partitioned (ZeRO-3): each of its forwards gathers its weights collectively, so a rank whose
-        micro-batch holds no image (text-only rows) must run it as often as the ranks with images (measured
-        without: gloo "Received data size doesn't match expected size" at the first such step). ZeRO-2 keeps
-        frozen weights whole on every rank: nothing to do there."""
-        if self.vpg is None or not same_graph_on_every_rank():
-            return
-        weight = next(self.vpg.parameters())
-        if not hasattr(weight, "ds_id"):
-            return
-        s = self.vpg.image_size
-        with torch.no_grad():
-            self.vpg(weight.new_zeros(1, 3, s, s))
 
     def resolve_backends(self, device: torch.device) -> tuple[str, str]:
         if self.backends is None:

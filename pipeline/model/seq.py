@@ -177,6 +177,21 @@ def same_graph_on_every_rank() -> bool:
     return torch.is_grad_enabled()
 
 
+def front_end_on_every_rank(vpg: nn.Module | None, compute) -> None:
+    """Run the frozen front end on one blank image, output unused, for a training micro-batch that did not run it,
+    when ZeRO-3 partitions it: each of its forwards gathers the weights collectively, so a rank whose micro-batch
+    holds no image (text-only rows) must run it as often as the ranks with images (measured without: gloo "Received
+    data size doesn't match expected size" at the first such step). ZeRO-2 keeps frozen weights whole: a no-op."""
+    if vpg is None or not same_graph_on_every_rank():
+        return
+    weight = next(vpg.parameters())
+    if not hasattr(weight, "ds_id"):
+        return
+    s = vpg.image_size
+    with torch.no_grad():
+        compute(weight.new_zeros(1, 3, s, s))
+
+
 def front_end_features(
     model: nn.Module,
     pixel_values: torch.Tensor | None,
@@ -195,13 +210,8 @@ def front_end_features(
                 f"give model.vpg_path (a CLIP dir or 'tiny') or train on precomputed {kind} features"
             )
         feats = compute(pixel_values)
-    elif same_graph_on_every_rank() and model.vpg is not None and hasattr(next(model.vpg.parameters()), "ds_id"):
-        # ZeRO-3 partitions the frozen front end too and each of its forwards gathers the weights collectively: a
-        # micro-batch that does not run it (no image: text-only rows) runs it on one blank image, output unused, as
-        # often as the ranks with images (measured without: gloo "Received data size doesn't match expected size")
-        s = model.vpg.image_size
-        with torch.no_grad():
-            compute(next(model.vpg.parameters()).new_zeros(1, 3, s, s))
+    else:
+        front_end_on_every_rank(model.vpg, compute)
     if feats is None or feats.numel() == 0:
         if not same_graph_on_every_rank():
             return None
