@@ -130,6 +130,9 @@ def plot_retention(records: list[dict], out: Path) -> Path | None:
             twin = ax_ret.twinx()
             twin.plot(*zip(*kl[stage]), "s--", color="tab:red", lw=1, ms=3)
             twin.set_ylabel("mean KL (nats/token)", color="tab:red")
+            # a KL is >= 0; without a floor an all-zero curve (text path untouched) is drawn mid-axis among negatives
+            top = max(v for _, v in kl[stage])
+            twin.set_ylim(bottom=0, top=1.05 * top if top > 0 else 0.05)
         for ax in (ax_loss, ax_ret):
             ax.grid(alpha=0.3)
     return _save(fig, out / "retention.png")
