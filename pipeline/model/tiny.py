@@ -24,6 +24,7 @@ from transformers import (
     Blip2VisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
@@ -53,9 +54,18 @@ def build_once(out: Path, build: Callable[[Path], Path]) -> Path:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (out / "config.json").is_file():
                 tmp = build(out.with_name(f"{out.name}.tmp{os.getpid()}"))
+                if not (tmp / "config.json").is_file():
+                    raise RuntimeError(f"building {out} wrote no config.json in {tmp}")
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(tmp, out)
     return out
+
+
+def save_on_any_rank(model: PreTrainedModel, out_dir: str | Path) -> None:
+    """model.save_pretrained(out_dir) on whichever rank runs it. transformers >= 5 writes nothing on a
+    torch.distributed rank other than 0, and build_once builds on the rank that takes its lock first."""
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    model.save_pretrained(str(out_dir))
 
 
 def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
@@ -125,7 +135,7 @@ def build_tiny_llm(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(str(out_dir))
+    save_on_any_rank(model, out_dir)
     tok.save_pretrained(str(out_dir))
     return out_dir
 
