@@ -38,6 +38,7 @@ REQUIRES = [
     "numpy>=1.26",
     "tqdm>=4.70",
     "pyyaml>=6.0",
+    "psutil>=5.9",  # pipeline.launch finds the ranks among the runner's descendants
     "matplotlib>=3.11",
 ]
 # lifespan-free FastAPI routes and exception handlers; uvicorn.run(app, host, port)
@@ -79,6 +80,7 @@ setup(
     entry_points={
         "console_scripts": [
             "pill-train=pipeline.train:main",
+            "pill-launch=pipeline.launch:main",
             "pill-eval=pipeline.eval.cli:main",
             "pill-generate=pipeline.generate:main",
             "pill-params=pipeline.params:main",

@@ -2,6 +2,7 @@
 
     python -m pipeline.launch [deepspeed's arguments] pipeline/train.py [train.py's arguments]
     python -m pipeline.launch --num_gpus 2 --master_port 29501 pipeline/train.py --config demo
+    pill-launch ...    (the same, as installed by pip)
 
 The arguments are DeepSpeed's own (`deepspeed --help`); this runs its launcher (`deepspeed.launcher.runner`, what
 the `deepspeed` command is) and returns its exit code. Why not `deepspeed` itself: on one node its runner does not

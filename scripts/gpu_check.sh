@@ -87,7 +87,7 @@ run_stage tests "$lim_tests" "$work/tests.log" "$py" -m pytest tests -m gpu -q -
 if [[ $dry == 1 ]]; then
   run_stage kernels "$lim_kernels" "$work/kernels.log" "$py" -m kernels.bench --quick --out "$work/kernels"
   run_stage pipeline "$lim_pipeline" "$work/pipeline.log" "$py" -m pipeline.bench --no-packing \
-    --json "$work/pipeline.json"
+    --warmup 1 --steps 1 --json "$work/pipeline.json"
 else
   run_stage kernels "$lim_kernels" "$work/kernels.log" "$py" -m kernels.bench --quick --out "$work/kernels"
   # 7B stage 2 at the headline shape (4 x 512): fast path with and without checkpointing, the plain PyTorch path,

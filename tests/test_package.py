@@ -179,6 +179,7 @@ def test_console_scripts_are_installed():
     }
     assert eps == {
         "pill-train": "pipeline.train:main",
+        "pill-launch": "pipeline.launch:main",
         "pill-eval": "pipeline.eval.cli:main",
         "pill-generate": "pipeline.generate:main",
         "pill-params": "pipeline.params:main",

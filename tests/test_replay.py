@@ -170,14 +170,14 @@ def test_smollm2_answers_are_its_greedy_answers(tmp_path):
     texts = ["Give three short facts about the water cycle.", "Write a slogan for a bicycle shop."]
     prompts = write_prompts(tmp_path / "p.jsonl", texts)
     argv = ["--llm", "smollm2", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--no-progress"]
-    assert replay.main([*argv, "--max-new-tokens", "40", "--keep-truncated"]) == 0
+    assert replay.main([*argv, "--max-new-tokens", "24", "--keep-truncated"]) == 0
     recs = {r["id"]: r for r in shard_records(tmp_path / "out")}
     llm, tok = load_llm("smollm2", torch.float32)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     for i, text in enumerate(texts):
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
         ids = torch.as_tensor(ids["input_ids"] if hasattr(ids, "keys") else ids)[None]
-        out = llm.generate(input_ids=ids, max_new_tokens=40, do_sample=False, eos_token_id=[im_end, tok.eos_token_id])
+        out = llm.generate(input_ids=ids, max_new_tokens=24, do_sample=False, eos_token_id=[im_end, tok.eos_token_id])
         new = out[0, ids.shape[1] :].tolist()
         new = new[: next((j for j, t in enumerate(new) if t in (im_end, tok.eos_token_id)), len(new))]
         assert recs[f"p{i}"]["conversations"][1]["value"] == tok.decode(new, skip_special_tokens=True)
