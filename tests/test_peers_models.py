@@ -21,7 +21,7 @@ PEERS = ["llama_adapter", "lavin", "excitor", "iaa"]
 
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory):
-    from pipeline.model.clip import build_tiny_clip
+    from pipeline.model.tiny import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.model.clip import build_tiny_clip
-from pipeline.model.tiny import build_once, build_tiny_llm
+from pipeline.model.tiny import build_once, build_tiny_clip, build_tiny_llm
 
 
 def _rank(rank: int, store_file: str, out: str) -> None:

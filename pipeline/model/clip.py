@@ -7,7 +7,8 @@ runs the encoder block by block (calling each frozen layer's submodules, so ZeRO
 block's output, optionally with an adapter in front of each block's attention (LaVIN adapts CLIP too).
 
 Sources: a transformers CLIP vision checkpoint dir (CLIPVisionModel or a full CLIPModel's vision tower), or
-"tiny": a random CLIP ViT (`build_tiny_clip`) built once under $PILL_TINY_DIR by pipeline.model.frozen.load_clip.
+"tiny": a random CLIP ViT (`pipeline.model.tiny.build_tiny_clip`) built once under $PILL_TINY_DIR by
+pipeline.model.frozen.load_clip.
 Images use the data pipeline's normalisation, which is CLIP's (pipeline.constants).
 
 Legend: N images, P patches (+1 CLS at index 0), W CLIP width, L blocks.
@@ -21,8 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
-
-from pipeline.model.tiny import save_on_any_rank
 
 TINY_CLIP_VERSION = 1
 # ViT-L/14 at 224 px (openai/clip-vit-large-patch14): the shape the peers' trainable counts assume.
@@ -153,14 +152,6 @@ def tiny_clip_config() -> CLIPVisionConfig:
         projection_dim=64,
         initializer_range=0.02,
     )
-
-
-def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
-    """A random CLIPVisionModel saved with save_pretrained (the real loading code reads it back)."""
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    save_on_any_rank(CLIPVisionModel(tiny_clip_config()), out_dir)
-    return out_dir
 
 
 # ---- precomputed features (shards.encode --clip) -------------------------------------------------------------------

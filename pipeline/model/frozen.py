@@ -23,8 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from pipeline.model import gguf
-from pipeline.model.clip import TINY_CLIP_VERSION, CLIPFrontEnd, build_tiny_clip, meta_clip
-from pipeline.model.tiny import build_once, build_tiny_pill_dirs
+from pipeline.model.clip import TINY_CLIP_VERSION, CLIPFrontEnd, meta_clip
+from pipeline.model.tiny import build_once, build_tiny_clip, build_tiny_pill_dirs
 from pipeline.model.vpg import VPG
 
 VPGSource = str | Path | dict | None

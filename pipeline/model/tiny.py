@@ -22,12 +22,14 @@ from transformers import (
     Blip2Config,
     Blip2QFormerConfig,
     Blip2VisionConfig,
+    CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
+from pipeline.model.clip import tiny_clip_config
 from pipeline.model.vpg import VPG
 
 TINY_RECIPE_VERSION = 3  # bump when a tiny model's recipe changes, so cached directories are rebuilt
@@ -66,6 +68,15 @@ def save_on_any_rank(model: PreTrainedModel, out_dir: str | Path) -> None:
     torch.distributed rank other than 0, and build_once builds on the rank that takes its lock first."""
     model.should_save_on_this_rank = lambda is_main_process: is_main_process
     model.save_pretrained(str(out_dir))
+
+
+def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random CLIPVisionModel (pipeline.model.clip.tiny_clip_config) saved with save_pretrained (the real loading
+    code reads it back)."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    save_on_any_rank(CLIPVisionModel(tiny_clip_config()), out_dir)
+    return out_dir
 
 
 def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
