@@ -38,11 +38,16 @@ def recipes(base: dict[str, Any], replay: str) -> dict[str, dict[str, Any]]:
         cfg["optim"].update(optim)
         return cfg
 
+    def longer(cfg: dict[str, Any], steps: int) -> dict[str, Any]:
+        cfg["stages"][1]["max_steps"] = steps  # the same lr schedule, stretched over more steps
+        return cfg
+
     kl_rows = {"text_kl": {"weight": 1.0, "where": "text_rows"}}
     kl_all = {"text_kl": {"weight": 1.0, "where": "all_text"}}
     out = {
         "none": variant(),
         "lrscale0": variant(lr_scale=FROZEN_TEXT_PATH),
+        "lrscale0_steps300": longer(variant(lr_scale=FROZEN_TEXT_PATH), 300),
         "lrscale01": variant(lr_scale={"A_t": 0.1, "A_attn": 0.1}),
         "kl_all": {**variant(), "loss": kl_all},
         "replay_1of8": with_replay(variant(), replay, 7, 1),

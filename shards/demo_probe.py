@@ -81,14 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qtypes", default=",".join(QTYPES), help="comma list: the question types the scenes ask")
     p.add_argument("--mlp", type=int, default=0, metavar="H", help="also a one-hidden-layer probe of width H")
     a = p.parse_args(argv)
-    cfg = DemoConfig(
-        n_train=a.n_train,
-        n_val=a.n_val,
-        seed=a.seed,
-        shape_frac=a.shape_frac,
-        background=tuple(int(v) for v in a.background.split(",")),
-        qtypes=tuple(a.qtypes.split(",")),
-    )
+    try:
+        cfg = DemoConfig(
+            n_train=a.n_train,
+            n_val=a.n_val,
+            seed=a.seed,
+            shape_frac=a.shape_frac,
+            background=tuple(int(v) for v in a.background.split(",")),
+            qtypes=tuple(a.qtypes.split(",")),
+        )
+    except ValueError as e:  # before the VPG is built
+        p.error(str(e))
     torch.manual_seed(0)
     vpg = load_vpg(a.vpg, a.tiny_dir)
     xtr, mtr = features(vpg, cfg, "train", cfg.n_train)

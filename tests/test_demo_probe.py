@@ -20,3 +20,14 @@ def test_the_mlp_probe_reads_xor_and_the_linear_one_does_not():
     assert probe(xtr, xor_tr, xva, xor_va, 2) < 0.7
     assert probe(xtr, xor_tr, xva, xor_va, 2, hidden=32) > 0.95
     assert probe(xtr, first_tr, xva, first_va, 2) > 0.95
+
+
+def test_an_unknown_qtype_exits_2_naming_it_before_any_vpg_is_built(tmp_path, capsys):
+    import pytest
+
+    from shards.demo_probe import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--qtypes", "color,colour", "--tiny-dir", str(tmp_path / "tiny")])
+    assert e.value.code == 2 and "colour" in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists()

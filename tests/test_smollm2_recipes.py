@@ -15,7 +15,9 @@ def test_each_recipe_loads_and_changes_only_its_knob(tmp_path):
     replay = str(tmp_path / "replay-index.json")
     assert smollm2_recipes.main(["--out", str(tmp_path), "--replay", replay]) == 0
     cfgs = {p.stem: load_config(p) for p in tmp_path.glob("*.yaml")}
-    assert set(cfgs) == {"none", "lrscale0", "lrscale01", "kl_all", "replay_1of8", "replay_1of4", "replay_1of4_kl"}
+    assert set(cfgs) == {
+        "none", "lrscale0", "lrscale0_steps300", "lrscale01", "kl_all", "replay_1of8", "replay_1of4", "replay_1of4_kl"
+    }  # fmt: skip
     preset = load_config(REPO / "pipeline" / "configs" / "demo_smollm2.yaml")
     assert preset.optim.lr_scale == cfgs["lrscale0"].optim.lr_scale == {"A_t": 0, "A_attn": 0}  # the preset's pick
     assert cfgs["none"].optim.lr_scale == {} and cfgs["none"].loss.text_kl.weight == 0
@@ -23,5 +25,7 @@ def test_each_recipe_loads_and_changes_only_its_knob(tmp_path):
     weights = {n: [(s.name, s.weight) for s in c.stages[1].sources] for n, c in cfgs.items() if "replay" in n}
     assert weights["replay_1of8"] == [("sqa", 7), ("replay", 1)]
     assert weights["replay_1of4"] == weights["replay_1of4_kl"] == [("sqa", 3), ("replay", 1)]
+    longer = cfgs.pop("lrscale0_steps300")
+    assert longer.stages[1].max_steps == 300 and longer.optim.lr_scale == cfgs["lrscale0"].optim.lr_scale
     assert all(c.stages[1].max_steps == preset.stages[1].max_steps for c in cfgs.values())
     assert all(c.eval.retention_every == 25 for c in cfgs.values())
