@@ -26,7 +26,7 @@ from pipeline.eval.sqa_scoring import markdown_table
 from pipeline.model import load_export
 from pipeline.model.frozen import TINY
 from pipeline.training.config import TrainConfig
-from pipeline.training.dist import DistContext, all_agree_any
+from pipeline.training.dist import DistContext, all_agree_any, host_cores
 
 
 def evaluate_export(
@@ -35,7 +35,8 @@ def evaluate_export(
     result, error = None, None
     if ctx.is_main:
         try:
-            result = _evaluate(cfg, Path(export_dir), llm_path, vpg_path)
+            with host_cores(ctx.device):
+                result = _evaluate(cfg, Path(export_dir), llm_path, vpg_path)
         except Exception as e:  # re-raised below, once every rank knows
             error = e
     # The collective is the barrier and carries rank 0's outcome: with a bare barrier a failed rank 0 would leave
