@@ -4,8 +4,12 @@ ds_configs/zero2.json --config OUT/<recipe>.yaml`.
 
     python scripts/smollm2_recipes.py --out runs/recipes --replay shards/replay/replay-index.json
 
-The replay index comes from `python -m shards.replay --llm smollm2 ...` (README). Every recipe starts from the
-preset minus its `optim.lr_scale`, so "none" is the run with all trainables at the stage lr.
+The replay index comes from `python -m shards.replay --llm smollm2 ...` (README). Two kinds of rows:
+- curve rows (2026-12-04/06) start from the preset minus its `optim.lr_scale`, so "none" is the run with all
+  trainables at the stage lr; they probe retention during training (`eval.retention_every`, the curve) and score
+  by generation, as they were measured;
+- timed rows (2026-12-06, "t_" names) start from the preset as shipped (no probe, logits scoring: what the
+  preset's own wall time counts) and change one knob of its training.
 """
 
 from __future__ import annotations
@@ -57,17 +61,37 @@ def recipes(base: dict[str, Any], replay: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def timed_recipes(preset: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def variant(stage1_steps: int | None = None, stage2_steps: int | None = None, stage2_lr: float | None = None,
+                **lr_scale: float) -> dict[str, Any]:  # fmt: skip
+        cfg = copy.deepcopy(preset)
+        s1, s2 = cfg["stages"]
+        s1["max_steps"] = stage1_steps or s1["max_steps"]
+        s2["max_steps"] = stage2_steps or s2["max_steps"]
+        s2["lr"] = stage2_lr or s2["lr"]
+        cfg["optim"]["lr_scale"] = {**cfg["optim"]["lr_scale"], **lr_scale}
+        return cfg
+
+    return {
+        "t_preset": variant(),
+        "t_stage1_100": variant(stage1_steps=100, stage2_steps=150),  # captions are half as long: cheaper samples
+        "t_projection3": variant(projection=3),
+        "t_lr5e3": variant(stage2_lr=5e-3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="where the YAMLs and (under runs/) the run dirs go")
     p.add_argument("--replay", required=True, help="the replay shards' index (python -m shards.replay)")
     p.add_argument("--retention-every", type=int, default=25)
     a = p.parse_args(argv)
-    base = yaml.safe_load(PRESET.read_text())
+    preset = yaml.safe_load(PRESET.read_text())
+    base = copy.deepcopy(preset)
     base["optim"].pop("lr_scale", None)
-    base["eval"]["retention_every"] = a.retention_every
+    base["eval"].update(retention_every=a.retention_every, mode="generate")
     a.out.mkdir(parents=True, exist_ok=True)
-    for name, cfg in recipes(base, a.replay).items():
+    for name, cfg in {**recipes(base, a.replay), **timed_recipes(preset)}.items():
         cfg["name"] = f"recipe_{name}"
         cfg["output_dir"] = str(a.out / "runs" / name)
         (a.out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
