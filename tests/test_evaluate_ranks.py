@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-from pipeline.training.dist import _free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_cpu_ranks
 
 # Rank 0 stays up after its error (as a rank does whose peers are not told of its death: NCCL, or a launcher that
 # does not kill the job), so a rank left at a barrier waits until rank 0 gives up: the subprocess timeout bounds it.
@@ -39,27 +33,14 @@ for _ in range(200 if ctx.rank == 0 else 0):
 
 
 def test_an_evaluation_error_on_rank_0_reaches_every_rank(tmp_path):
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-c", textwrap.dedent(_RANK), str(tmp_path)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        logs = [p.communicate(timeout=90)[0].decode()[-3000:] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = [p.communicate()[0].decode()[-3000:] for p in procs]
-        raise AssertionError(f"a rank did not return from evaluate_export within 90 s: {logs}") from None
+    codes, logs = run_cpu_ranks(_RANK, tmp_path, timeout=90)
     files = {r: tmp_path / f"rank{r}.json" for r in (0, 1)}
     got = {r: json.loads(f.read_text()) for r, f in files.items() if f.is_file()}
     assert set(got) == {0, 1}, logs
     # Rank 0 raises its own error (the missing export, named); rank 1 learns that rank 0's evaluation failed.
     assert got[0]["error"].startswith("FileNotFoundError") and "no_export" in got[0]["error"], got
     assert got[1]["error"] and "rank 0" in got[1]["error"] and "evaluation" in got[1]["error"], (got, logs[1])
-    assert all(p.returncode == 0 for p in procs), logs
+    assert codes == [0, 0], logs
 
 
 def test_rank_0_evaluates_on_the_cores_the_waiting_ranks_leave(monkeypatch, tmp_path):

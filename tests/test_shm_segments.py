@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from pipeline.training.dist import _free_port
+from tests.helpers import run_cpu_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
 
 _RANK = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 from pipeline.training.dist import init_distributed
@@ -30,7 +26,7 @@ from pipeline.training.dist import init_distributed
 ctx = init_distributed()
 t = torch.tensor([float(ctx.rank + 1)])
 dist.all_reduce(t)  # the group still works after the names are gone
-Path(sys.argv[1], f"rank{ctx.rank}.json").write_text(json.dumps({"sum": t.item()}))
+Path(sys.argv[1], f"rank{ctx.rank}.json").write_text(json.dumps({"sum": t.item(), "port": os.environ["MASTER_PORT"]}))
 # A process that exits straight after its first collectives without this sometimes dies in gloo's teardown
 # ("terminate called without an active exception", 1 in 15 here); train.py runs long enough that it never has.
 dist.destroy_process_group()
@@ -39,21 +35,10 @@ dist.destroy_process_group()
 
 @pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm")
 def test_a_two_rank_cpu_job_leaves_no_shm_segment(tmp_path):
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2")
-        env.update(LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, DS_ACCELERATOR="cpu")
-        env["OMP_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-c", textwrap.dedent(_RANK), str(tmp_path)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        raise AssertionError("the 2-rank init did not finish in 240 s") from None
-    assert all(p.returncode == 0 for p in procs), logs
-    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["sum"] for r in (0, 1)] == [3.0, 3.0]
+    codes, logs = run_cpu_ranks(_RANK, tmp_path, timeout=240, LOCAL_SIZE="2")  # LOCAL_SIZE: as `deepspeed` sets it
+    assert codes == [0, 0], logs
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [g["sum"] for g in got] == [3.0, 3.0]
+    port = got[0]["port"]
     left = sorted(p.name for p in SHM.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
     assert left == [], f"segments left in /dev/shm: {left}"
